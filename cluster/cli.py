@@ -119,9 +119,15 @@ def cmd_keys_revoke(args: argparse.Namespace) -> None:
 
 
 def cmd_artifacts_publish(args: argparse.Namespace) -> None:
+    from cluster.artifacts import REQUIRED_FILES, parse_kind
+
     src = Path(args.path)
-    paths = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else [src]
-    files = {p.name: p.read_bytes() for p in paths if not p.name.startswith(".")}
+    if src.is_dir():
+        files = {p.name: p.read_bytes() for p in sorted(src.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    else:
+        required = REQUIRED_FILES[parse_kind(args.kind)]
+        # a single file for a single-file kind (e.g. titanic.json for a schema) takes the canonical name
+        files = {required[0] if len(required) == 1 else src.name: src.read_bytes()}
     metadata = json.loads(args.metadata) if args.metadata else {}
     ref = _registry().publish(args.tenant, args.kind, args.name, files, metadata, on_progress=print)
     print(str(ref))

@@ -82,7 +82,7 @@ def up(settings: Settings, timeout_s: float = 90.0) -> HeadInfo:
     temp_dir = ray_temp_dir(settings)
     cmd = [ray_bin, "start", "--head", "--block", f"--port={settings.ray_port}",
            f"--dashboard-host={settings.dashboard_host}", f"--dashboard-port={settings.dashboard_port}",
-           "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+           f"--dashboard-agent-listen-port={settings.agent_port}", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
            f"--object-store-memory={settings.object_store_mb * 1024 * 1024}"]
     if settings.num_cpus:
         cmd.append(f"--num-cpus={settings.num_cpus}")
@@ -107,7 +107,7 @@ def up(settings: Settings, timeout_s: float = 90.0) -> HeadInfo:
             raise ClusterError(f"ray start exited with code {proc.returncode}; last log lines:\n{tail}\n"
                                "fix: if the ports are taken by another Ray, set ATELIER_RAY_PORT / "
                                "ATELIER_DASHBOARD_PORT")
-        if dashboard_ready(settings):
+        if dashboard_ready(settings) and _agent_ready(settings):
             break
         time.sleep(0.5)
     else:
@@ -161,6 +161,15 @@ def dashboard_ready(settings: Settings) -> bool:
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _agent_ready(settings: Settings) -> bool:
+    """The head's dashboard agent serves HTTP; it registers itself for job submission just before."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{settings.agent_port}/api/healthz", timeout=2) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False

@@ -30,6 +30,8 @@ class Settings:
     """GCS port of the local head started by ``atelier up`` (outside Ray's worker port range 10002–19999)."""
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
+    agent_port: int = 52375
+    """HTTP port of the head's dashboard agent (job submission needs it; probed by ``atelier up``)."""
     serve_port: int = 8000
     num_cpus: int = 0
     """CPUs the local head advertises; 0 = all cores."""
@@ -102,6 +104,7 @@ _FIELD_DOCS = {
     "ray_port": "GCS port of the local head",
     "dashboard_host": "dashboard bind address of the local head",
     "dashboard_port": "dashboard / job-submission port",
+    "agent_port": "dashboard agent HTTP port of the local head",
     "serve_port": "Ray Serve HTTP port",
     "num_cpus": "CPUs of the local head (0 = all)",
     "object_store_mb": "object store size of the local head",

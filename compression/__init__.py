@@ -1,0 +1,49 @@
+"""Joint compression of LoRA collections ("Compress then Serve", arXiv 2407.00066) and batched serving.
+
+Modules, one idea each:
+    lora_io      PEFT LoRA directories <-> typed LoraAdapter (α/r folded into B)
+    factors      zero-padded factor stacks of one module
+    jd           SVD baseline, JD-Full, JD-Diag, projection, reconstruction error (from factors)
+    clustering   k-means over subspaces: one cluster per adapter, cost summed over modules
+    bank         the Bank dataclass and its safetensors + JSON format
+    collection   compress_collection / add_adapter / export_adapter / parameter counts
+    batched      per-row mixed-adapter forward (bank_delta, BankLinear, attach_bank)
+    synthetic    synthetic LoRA collections with planted clusters (tests, benchmarks)
+"""
+
+from compression.bank import Bank, ModuleBank, bank_param_count, load_bank, save_bank
+from compression.batched import BankHandle, BankLinear, attach_bank, bank_delta
+from compression.collection import (
+    adapter_factors,
+    add_adapter,
+    collection_param_count,
+    compress_collection,
+    export_adapter,
+)
+from compression.errors import AdapterFormatError, BankFormatError
+from compression.jd import JDConfig
+from compression.lora_io import LoraAdapter, linear_shapes, load_peft_adapter, save_peft_adapter
+
+__all__ = [
+    "AdapterFormatError",
+    "Bank",
+    "BankFormatError",
+    "BankHandle",
+    "BankLinear",
+    "JDConfig",
+    "LoraAdapter",
+    "ModuleBank",
+    "adapter_factors",
+    "add_adapter",
+    "attach_bank",
+    "bank_delta",
+    "bank_param_count",
+    "collection_param_count",
+    "compress_collection",
+    "export_adapter",
+    "linear_shapes",
+    "load_bank",
+    "load_peft_adapter",
+    "save_bank",
+    "save_peft_adapter",
+]

@@ -1,0 +1,246 @@
+"""Joint diagonalization of one (layer, module): ΔW_i = B_i A_i ≈ U Σ_i Vᵀ with U, V shared.
+
+Everything is computed from the factors (products like (Uᵀ B_i)(A_i V), R×R Gram matrices), never
+from a dense ΔW_i. The fitted objective is Σ_i ‖ΔW_i − U Σ_i Vᵀ‖² / ‖ΔW_i‖², i.e. weights
+1/‖ΔW_i‖² so every adapter counts equally; it equals the sum of the per-adapter squared relative
+errors that we report. Adapters with ΔW_i = 0 get weight 0 and error 0.
+
+- `svd_truncate`: per-adapter rank-r truncated SVD (the no-sharing baseline).
+- `jd_full`: orthonormal U, V and a full r×r Σ_i (weighted subspace iteration with QR).
+- `jd_diag`: unconstrained U, V and diagonal σ_i (alternating least squares from a JD-Full start).
+- `project`: closed-form best Σ_i for a (new) adapter given an existing basis.
+- `reconstruction_error`: squared relative Frobenius error per adapter, from factors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from compression.factors import FactorStack
+
+Method = Literal["full", "diag"]
+METHODS = ("full", "diag")
+
+
+@dataclass(frozen=True)
+class JDConfig:
+    """Iteration budget of the fits. Defaults follow the reference code (tol 1e-3 on subspace change)."""
+
+    max_iters: int = 100  # JD-Full subspace iterations
+    tol: float = 1e-3  # JD-Full stops when max(‖U − U₀U₀ᵀU‖, same for V) / √r < tol
+    diag_iters: int = 100  # JD-Diag ALS sweeps
+    diag_tol: float = 1e-6  # JD-Diag stops when the objective drops by less than this fraction
+
+    def __post_init__(self) -> None:
+        for name in ("max_iters", "diag_iters"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"JDConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("tol", "diag_tol"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"JDConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+@dataclass
+class ModuleFit:
+    """A fitted basis for one module and the coefficients of the adapters it was fitted on."""
+
+    U: Tensor  # [d_out, r]
+    V: Tensor  # [d_in, r]
+    sigma: Tensor  # [n, r, r] (full) or [n, r] (diag)
+    history: list[float] = field(default_factory=list)  # objective after each iteration
+    converged: bool = False
+
+
+@dataclass
+class SVDFit:
+    """Per-adapter truncated SVD: ΔW_i ≈ U_i diag(s_i) V_iᵀ with k = min(rank, r_i) columns."""
+
+    U: Tensor  # [n, d_out, k]
+    s: Tensor  # [n, k]
+    V: Tensor  # [n, d_in, k]
+    error: Tensor  # [n] squared relative error
+
+
+def check_method(method: str) -> None:
+    """Raise ValueError unless method is 'full' or 'diag'."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def check_rank(stack: FactorStack, rank: int) -> None:
+    """Raise ValueError unless 1 <= rank <= min(d_out, d_in) of the module."""
+    limit = min(stack.d_out, stack.d_in)
+    if not isinstance(rank, int) or not 1 <= rank <= limit:
+        raise ValueError(f"rank must be an int in [1, min(d_out, d_in)={limit}], got {rank!r}")
+
+
+def random_basis(d: int, r: int, generator: torch.Generator) -> Tensor:
+    """A random d×r matrix with orthonormal columns (QR of a Gaussian)."""
+    return torch.linalg.qr(torch.randn(d, r, generator=generator)).Q
+
+
+def _weights(sq_norms: Tensor) -> Tensor:
+    return torch.where(sq_norms > 0, 1 / sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny), 0.0)
+
+
+def _relative_error(sq_norms: Tensor, core: Tensor, S: Tensor, UtU: Tensor, VtV: Tensor) -> Tensor:
+    """(‖ΔW‖² − 2⟨ΔW, U S Vᵀ⟩ + ‖U S Vᵀ‖²) / ‖ΔW‖², with ⟨ΔW, U S Vᵀ⟩ = Σ core∘S, clamped at 0."""
+    inner = (core * S).sum((1, 2))
+    recon = (UtU @ S @ VtV * S).sum((1, 2))
+    err = (sq_norms - 2 * inner + recon).clamp_min(0)
+    return torch.where(sq_norms > 0, err / sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny), 0.0)
+
+
+def _as_matrix(sigma: Tensor) -> Tensor:
+    return torch.diag_embed(sigma) if sigma.dim() == 2 else sigma
+
+
+def reconstruction_error(stack: FactorStack, U: Tensor, V: Tensor, sigma: Tensor) -> Tensor:
+    """Squared relative Frobenius error ‖ΔW_i − U Σ_i Vᵀ‖² / ‖ΔW_i‖² per adapter, from factors. [n]
+
+    sigma is [n, r, r] (full) or [n, r] (diag). Works for any U, V (orthonormal or not).
+    """
+    return _relative_error(stack.sq_norms(), stack.core(U, V), _as_matrix(sigma), U.mT @ U, V.mT @ V)
+
+
+def _diag_sigma(stack: FactorStack, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """σ_i = [(UᵀU)∘(VᵀV)]⁻¹ diag(Uᵀ ΔW_i V): the least-squares diagonal given U, V. Returns (σ, core)."""
+    core = stack.core(U, V)
+    M = (U.mT @ U) * (V.mT @ V)
+    return core.diagonal(dim1=1, dim2=2) @ torch.linalg.pinv(M, hermitian=True), core
+
+
+def project(stack: FactorStack, U: Tensor, V: Tensor, method: Method) -> Tensor:
+    """Closed-form least-squares Σ_i of each adapter on a fixed basis (how a new adapter is added).
+
+    full: Σ_i = (UᵀU)⁻¹ Uᵀ ΔW_i V (VᵀV)⁻¹, which is Uᵀ ΔW_i V for orthonormal U, V. [n, r, r]
+    diag: σ_i = [(UᵀU)∘(VᵀV)]⁻¹ diag(Uᵀ ΔW_i V). [n, r]
+    """
+    check_method(method)
+    if method == "diag":
+        return _diag_sigma(stack, U, V)[0]
+    pinv = torch.linalg.pinv
+    return pinv(U.mT @ U, hermitian=True) @ stack.core(U, V) @ pinv(V.mT @ V, hermitian=True)
+
+
+def svd_truncate(stack: FactorStack, rank: int) -> SVDFit:
+    """Per-adapter rank-`rank` truncated SVD via QR of each factor and an R×R SVD (baseline, no sharing)."""
+    check_rank(stack, rank)
+    Qb, Rb = torch.linalg.qr(stack.B)  # B = Qb Rb
+    Qa, Ra = torch.linalg.qr(stack.A.mT)  # Aᵀ = Qa Ra, so ΔW = Qb (Rb Raᵀ) Qaᵀ
+    P, s, Wh = torch.linalg.svd(Rb @ Ra.mT)
+    k = min(rank, s.shape[1])
+    total = (s**2).sum(1)
+    error = torch.where(total > 0, (s[:, k:] ** 2).sum(1) / total.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+    return SVDFit(U=Qb @ P[..., :k], s=s[:, :k], V=Qa @ Wh.mT[..., :k], error=error)
+
+
+def _subspace_change(old: Tensor, new: Tensor) -> float:
+    return float(torch.linalg.matrix_norm(new - old @ (old.mT @ new)) / new.shape[1] ** 0.5)
+
+
+def jd_full(
+    stack: FactorStack,
+    rank: int,
+    config: JDConfig | None = None,
+    init: tuple[Tensor, Tensor] | None = None,
+    seed: int = 0,
+) -> ModuleFit:
+    """JD-Full: orthonormal U, V maximising Σ_i w_i ‖Uᵀ ΔW_i V‖², then Σ_i = Uᵀ ΔW_i V.
+
+    Weighted subspace iteration: U ← qr(Σ_i w_i ΔW_i V Vᵀ ΔW_iᵀ U), then the same for V, with
+    w_i = 1/‖ΔW_i‖². `init` (any full-rank bases, e.g. a previous fit) warm-starts; otherwise
+    random orthonormal bases from `seed`. Stops when both subspaces move by less than config.tol.
+    """
+    config = config or JDConfig()
+    check_rank(stack, rank)
+    if init is None:
+        g = torch.Generator().manual_seed(seed)
+        U, V = random_basis(stack.d_out, rank, g), random_basis(stack.d_in, rank, g)
+    else:
+        U, V = torch.linalg.qr(init[0]).Q, torch.linalg.qr(init[1]).Q
+    sq = stack.sq_norms()
+    w = _weights(sq)
+    B, A = stack.B, stack.A
+    fit = ModuleFit(U=U, V=V, sigma=stack.core(U, V), converged=not bool((w > 0).any()))
+    AV = A @ V  # [n, R, r]
+    for _ in range(0 if fit.converged else config.max_iters):
+        BtU = B.mT @ U  # [n, R, r]
+        U_new = torch.linalg.qr(stack.sum_B(AV @ (AV.mT @ BtU), w)).Q
+        BtU = B.mT @ U_new
+        V_new = torch.linalg.qr(stack.sum_At(BtU @ (BtU.mT @ AV), w)).Q
+        AV = A @ V_new
+        change = max(_subspace_change(U, U_new), _subspace_change(V, V_new))
+        U, V = U_new, V_new
+        core = BtU.mT @ AV
+        fit.history.append(float((w * (sq - (core**2).sum((1, 2)))).clamp_min(0).sum()))
+        if change < config.tol:
+            fit.converged = True
+            break
+    fit.U, fit.V, fit.sigma = U, V, stack.core(U, V)
+    return fit
+
+
+def jd_diag(stack: FactorStack, init: tuple[Tensor, Tensor], config: JDConfig | None = None) -> ModuleFit:
+    """JD-Diag: ΔW_i ≈ U diag(σ_i) Vᵀ with unconstrained U, V, by alternating least squares.
+
+    Starting from `init` (normally the JD-Full U, V), each sweep solves exactly for U given
+    (σ, V), for V given (σ, U), rescales columns of U and V to unit norm (a gauge choice that
+    keeps (UᵀU)∘(VᵀV) well conditioned), then solves for σ. The weighted objective never
+    increases; stops after config.diag_iters sweeps or when it drops by < config.diag_tol (relative).
+    """
+    config = config or JDConfig()
+    U, V = init
+    sq = stack.sq_norms()
+    w = _weights(sq)
+    B, A = stack.B, stack.A
+
+    def objective(U: Tensor, V: Tensor, sigma: Tensor, core: Tensor) -> float:
+        return float(_relative_error(sq, core, torch.diag_embed(sigma), U.mT @ U, V.mT @ V).sum())
+
+    sigma, core = _diag_sigma(stack, U, V)
+    fit = ModuleFit(
+        U=U, V=V, sigma=sigma, history=[objective(U, V, sigma, core)], converged=not bool((w > 0).any())
+    )
+    for _ in range(0 if fit.converged else config.diag_iters):
+        ss = (w[:, None] * sigma).T @ sigma  # Σ_i w_i σ_i σ_iᵀ
+        num = stack.sum_B((A @ V) * sigma[:, None, :], w)  # Σ_i w_i ΔW_i V D_i
+        U = num @ torch.linalg.pinv((V.mT @ V) * ss, hermitian=True)
+        num = stack.sum_At((B.mT @ U) * sigma[:, None, :], w)  # Σ_i w_i ΔW_iᵀ U D_i
+        V = num @ torch.linalg.pinv((U.mT @ U) * ss, hermitian=True)
+        U = U / U.norm(dim=0).clamp_min(1e-30)
+        V = V / V.norm(dim=0).clamp_min(1e-30)
+        sigma, core = _diag_sigma(stack, U, V)
+        fit.history.append(objective(U, V, sigma, core))
+        if fit.history[-2] - fit.history[-1] <= config.diag_tol * max(fit.history[-2], 1e-30):
+            fit.converged = True
+            break
+    fit.U, fit.V, fit.sigma = U, V, sigma
+    return fit
+
+
+def fit_module(
+    stack: FactorStack,
+    rank: int,
+    method: Method,
+    config: JDConfig | None = None,
+    init: tuple[Tensor, Tensor] | None = None,
+    seed: int = 0,
+) -> ModuleFit:
+    """Fit one module with the chosen method.
+
+    full: JD-Full. diag: JD-Diag ALS started from a JD-Full fit, or directly from `init` when
+    given. `init` is a previous fit's (U, V) of the same method (warm start, e.g. between
+    clustering rounds), so refitting after a small membership change is cheap.
+    """
+    check_method(method)
+    if method == "full":
+        return jd_full(stack, rank, config, init=init, seed=seed)
+    if init is None:
+        full = jd_full(stack, rank, config, seed=seed)
+        init = (full.U, full.V)
+    return jd_diag(stack, init, config)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from compression.factors import FactorStack
-from compression.jd import JDConfig, Method, check_method, fit_module, project, reconstruction_error
+from compression.jd import JDConfig, Method, check_method, fit_module, project_with_error
 
 Bases = dict[str, tuple[Tensor, Tensor]]  # module -> (U [K, d_out, r], V [K, d_in, r])
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -47,7 +47,7 @@ def assignment_costs(stacks: Mapping[str, FactorStack], bases: Bases, method: Me
     for module, stack in stacks.items():
         U, V = bases[module]
         for c in range(K):
-            costs[:, c] += reconstruction_error(stack, U[c], V[c], project(stack, U[c], V[c], method))
+            costs[:, c] += project_with_error(stack, U[c], V[c], method)[1]
     return costs
 
 

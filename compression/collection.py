@@ -21,7 +21,7 @@ from torch import Tensor
 from compression.bank import Bank, ModuleBank
 from compression.clustering import Bases, ProgressFn, assignment_costs, cluster_adapters
 from compression.factors import FactorStack, stack_factors
-from compression.jd import JDConfig, Method, project, reconstruction_error
+from compression.jd import JDConfig, Method, project_with_error
 from compression.lora_io import Factors, LoraAdapter, ModuleShapes, save_peft_adapter, validate_adapter
 
 
@@ -65,12 +65,11 @@ def _coefficients(
         U, V = bases[module]
         for c in sorted(set(clusters)):
             members = [i for i, ci in enumerate(clusters) if ci == c]
-            sub = stack.select(members)
-            sigma = project(sub, U[c], V[c], method)
+            sigma, error = project_with_error(stack.select(members), U[c], V[c], method)
             if module not in sigmas:
                 sigmas[module] = sigma.new_zeros(stack.n, *sigma.shape[1:])
             sigmas[module][members] = sigma
-            for i, e in zip(members, reconstruction_error(sub, U[c], V[c], sigma).tolist(), strict=True):
+            for i, e in zip(members, error.tolist(), strict=True):
                 errors[i][module] = e
     return sigmas, errors
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -53,8 +54,9 @@ class FactorStack:
         index = torch.as_tensor(index, dtype=torch.long)
         return FactorStack(self.B[index], self.A[index])
 
+    @cached_property
     def sq_norms(self) -> Tensor:
-        """‖ΔW_i‖²_F = Σ (BᵀB) ∘ (A Aᵀ), from R×R Gram matrices only. Shape [n]."""
+        """‖ΔW_i‖²_F = Σ (BᵀB) ∘ (A Aᵀ), from R×R Gram matrices only. Shape [n]. Computed once."""
         return (self.B.mT @ self.B * (self.A @ self.A.mT)).sum((1, 2))
 
     def core(self, U: Tensor, V: Tensor) -> Tensor:

@@ -104,14 +104,13 @@ def reconstruction_error(stack: FactorStack, U: Tensor, V: Tensor, sigma: Tensor
 
     sigma is [n, r, r] (full) or [n, r] (diag). Works for any U, V (orthonormal or not).
     """
-    return _relative_error(stack.sq_norms(), stack.core(U, V), _as_matrix(sigma), U.mT @ U, V.mT @ V)
+    return _relative_error(stack.sq_norms, stack.core(U, V), _as_matrix(sigma), U.mT @ U, V.mT @ V)
 
 
-def _diag_sigma(stack: FactorStack, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """σ_i = [(UᵀU)∘(VᵀV)]⁻¹ diag(Uᵀ ΔW_i V): the least-squares diagonal given U, V. Returns (σ, core)."""
-    core = stack.core(U, V)
-    M = (U.mT @ U) * (V.mT @ V)
-    return core.diagonal(dim1=1, dim2=2) @ torch.linalg.pinv(M, hermitian=True), core
+def _solve_sigma(core: Tensor, UtU: Tensor, VtV: Tensor, method: Method) -> Tensor:
+    if method == "diag":
+        return core.diagonal(dim1=1, dim2=2) @ torch.linalg.pinv(UtU * VtV, hermitian=True)
+    return torch.linalg.pinv(UtU, hermitian=True) @ core @ torch.linalg.pinv(VtV, hermitian=True)
 
 
 def project(stack: FactorStack, U: Tensor, V: Tensor, method: Method) -> Tensor:
@@ -121,10 +120,15 @@ def project(stack: FactorStack, U: Tensor, V: Tensor, method: Method) -> Tensor:
     diag: σ_i = [(UᵀU)∘(VᵀV)]⁻¹ diag(Uᵀ ΔW_i V). [n, r]
     """
     check_method(method)
-    if method == "diag":
-        return _diag_sigma(stack, U, V)[0]
-    pinv = torch.linalg.pinv
-    return pinv(U.mT @ U, hermitian=True) @ stack.core(U, V) @ pinv(V.mT @ V, hermitian=True)
+    return _solve_sigma(stack.core(U, V), U.mT @ U, V.mT @ V, method)
+
+
+def project_with_error(stack: FactorStack, U: Tensor, V: Tensor, method: Method) -> tuple[Tensor, Tensor]:
+    """`project` and `reconstruction_error` of the result, sharing one pass over the factors."""
+    check_method(method)
+    core, UtU, VtV = stack.core(U, V), U.mT @ U, V.mT @ V
+    sigma = _solve_sigma(core, UtU, VtV, method)
+    return sigma, _relative_error(stack.sq_norms, core, _as_matrix(sigma), UtU, VtV)
 
 
 def svd_truncate(stack: FactorStack, rank: int) -> SVDFit:
@@ -163,7 +167,7 @@ def jd_full(
         U, V = random_basis(stack.d_out, rank, g), random_basis(stack.d_in, rank, g)
     else:
         U, V = torch.linalg.qr(init[0]).Q, torch.linalg.qr(init[1]).Q
-    sq = stack.sq_norms()
+    sq = stack.sq_norms
     w = _weights(sq)
     B, A = stack.B, stack.A
     fit = ModuleFit(U=U, V=V, sigma=stack.core(U, V), converged=not bool((w > 0).any()))
@@ -195,17 +199,10 @@ def jd_diag(stack: FactorStack, init: tuple[Tensor, Tensor], config: JDConfig | 
     """
     config = config or JDConfig()
     U, V = init
-    sq = stack.sq_norms()
-    w = _weights(sq)
+    w = _weights(stack.sq_norms)
     B, A = stack.B, stack.A
-
-    def objective(U: Tensor, V: Tensor, sigma: Tensor, core: Tensor) -> float:
-        return float(_relative_error(sq, core, torch.diag_embed(sigma), U.mT @ U, V.mT @ V).sum())
-
-    sigma, core = _diag_sigma(stack, U, V)
-    fit = ModuleFit(
-        U=U, V=V, sigma=sigma, history=[objective(U, V, sigma, core)], converged=not bool((w > 0).any())
-    )
+    sigma, errors = project_with_error(stack, U, V, "diag")
+    fit = ModuleFit(U=U, V=V, sigma=sigma, history=[float(errors.sum())], converged=not bool((w > 0).any()))
     for _ in range(0 if fit.converged else config.diag_iters):
         ss = (w[:, None] * sigma).T @ sigma  # Σ_i w_i σ_i σ_iᵀ
         num = stack.sum_B((A @ V) * sigma[:, None, :], w)  # Σ_i w_i ΔW_i V D_i
@@ -214,8 +211,8 @@ def jd_diag(stack: FactorStack, init: tuple[Tensor, Tensor], config: JDConfig | 
         V = num @ torch.linalg.pinv((U.mT @ U) * ss, hermitian=True)
         U = U / U.norm(dim=0).clamp_min(1e-30)
         V = V / V.norm(dim=0).clamp_min(1e-30)
-        sigma, core = _diag_sigma(stack, U, V)
-        fit.history.append(objective(U, V, sigma, core))
+        sigma, errors = project_with_error(stack, U, V, "diag")
+        fit.history.append(float(errors.sum()))
         if fit.history[-2] - fit.history[-1] <= config.diag_tol * max(fit.history[-2], 1e-30):
             fit.converged = True
             break

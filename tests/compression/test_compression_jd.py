@@ -46,7 +46,7 @@ def test_norms_and_core_match_dense():
     dW = stack.dense()
     g = torch.Generator().manual_seed(1)
     U, V = torch.randn(D_OUT, 5, generator=g), torch.randn(D_IN, 3, generator=g)
-    torch.testing.assert_close(stack.sq_norms(), (dW**2).sum((1, 2)), rtol=1e-4, atol=0)
+    torch.testing.assert_close(stack.sq_norms, (dW**2).sum((1, 2)), rtol=1e-4, atol=0)
     torch.testing.assert_close(stack.core(U, V), U.T @ dW @ V, rtol=1e-4, atol=1e-3)
 
 

@@ -40,6 +40,7 @@ class EpochReport:
     loss: float  # mean training loss over the non-empty batches of this epoch
     steps: int  # optimizer steps so far
     epsilon: float | None  # epsilon spent so far (None without DP)
+    empty_batches: int = 0  # empty Poisson batches so far (noise-only steps)
 
 
 def _loss_fn(arch: ExpertArch) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -106,9 +107,19 @@ def train_expert(
     y_np = np.asarray(y, dtype=np.int64)
     arch = spec_config.arch() if isinstance(spec_config, ExpertSpec) else spec_config
     _check_inputs(x_np, y_np, arch, epsilon, delta, epochs, batch_size, lr, max_grad_norm)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+    # Everything below draws from a private, seeded copy of torch's global RNG (init, Opacus'
+    # loader seeds): runs are reproducible by ``seed`` and the caller's RNG state is untouched.
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ExpertMLP(arch)
+        return _train(x_np, y_np, arch, epsilon, delta, epochs, batch_size, lr, max_grad_norm, seed,
+                      secure_mode, progress, accountant, optimizer)
+
+
+def _train(x_np: np.ndarray, y_np: np.ndarray, arch: ExpertArch, epsilon: float | None, delta: float,
+           epochs: int, batch_size: int, lr: float, max_grad_norm: float, seed: int, secure_mode: bool,
+           progress: Callable[[EpochReport], None] | None, accountant: str, optimizer: str
+           ) -> tuple[ExpertMLP, DPLedger]:
+    model = ExpertMLP(arch)
     net = model.net  # trained on logits; the activation is applied by ExpertMLP.forward
     opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
     opt = opt_cls(net.parameters(), lr=lr)
@@ -145,13 +156,14 @@ def train_expert(
 def _run_epochs(net: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader,
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], epochs: int, engine, delta: float,
                 progress: Callable[[EpochReport], None] | None) -> int:
-    steps = 0
+    steps = empty = 0
     for epoch in range(1, epochs + 1):
         losses = []
         for xb, yb in loader:
             opt.zero_grad(set_to_none=True)
             if len(xb) == 0:  # empty Poisson batch: no data term, but the noisy step is still taken
                 (net(xb).sum() * 0.0).backward()
+                empty += 1
             else:
                 loss = loss_fn(net(xb), yb)
                 loss.backward()
@@ -160,7 +172,8 @@ def _run_epochs(net: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader,
             steps += 1
         if progress is not None:
             spent = float(engine.get_epsilon(delta)) if engine is not None else None
-            progress(EpochReport(epoch, epochs, float(np.mean(losses)) if losses else float("nan"), steps, spent))
+            mean_loss = float(np.mean(losses)) if losses else float("nan")
+            progress(EpochReport(epoch, epochs, mean_loss, steps, spent, empty))
     return steps
 
 

@@ -181,7 +181,8 @@ def _read_spec(directory: Path) -> ExpertSpec:
     try:
         return ExpertSpec.model_validate(data)
     except ValidationError as e:
-        raise ExpertError([f"{EXPERT_JSON}: {line}" for line in format_errors(e, root="<spec>")]) from None
+        lines = format_errors(e, root="")  # 'field.path: problem; fix: ...' (': ...' for the whole spec)
+        raise ExpertError([EXPERT_JSON + (line if line.startswith(":") else "." + line) for line in lines]) from None
 
 
 def _read_weights(directory: Path, spec: ExpertSpec) -> dict[str, torch.Tensor]:

@@ -44,8 +44,16 @@ def run_demo(settings: Settings) -> None:
         _, key = registry.create_tenant(DEMO_TENANT, "Demo tenant")
         print(f"  API key (shown once): {key}")
     schema_bytes = (ROOT / "examples" / "schemas" / "titanic.json").read_bytes()
-    ref = registry.publish(DEMO_TENANT, "schema", "titanic", {"schema.json": schema_bytes})
-    print(f"  published {ref} to {settings.store_uri}")
+    try:
+        current = registry.resolve(DEMO_TENANT, "schema", "titanic")
+        unchanged = registry.read_file(current, "schema.json") == schema_bytes
+    except NotFound:
+        current, unchanged = None, False
+    if unchanged:
+        print(f"  {current.ref} is already published and unchanged")
+    else:
+        ref = registry.publish(DEMO_TENANT, "schema", "titanic", {"schema.json": schema_bytes})
+        print(f"  published {ref} to {settings.store_uri}")
 
     _step(4, "submitting a Ray job that loads the base model on the cluster and answers a question")
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--entrypoint-num-cpus=1",

@@ -21,7 +21,8 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -193,6 +194,37 @@ class Registry:
                 self.store.delete_file(f"keys/{fname}")
                 return
         raise NotFound(f"key_id: no key {key_id!r}; fix: see `atelier keys list`")
+
+    # ---------------------------------------------------------------- locks
+    @contextmanager
+    def lock(self, name: str, stale_after_s: float = 120.0, wait_s: float = 60.0) -> Iterator[None]:
+        """A cross-process lease on ``locks/<name>`` for read-modify-publish sequences (bank updates).
+
+        Taken with "create only if absent"; a lease older than ``stale_after_s`` (a crashed
+        holder) is broken. Raises RegistryError after ``wait_s`` without the lease.
+        """
+        path = f"locks/{name}.lock"
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + wait_s
+        while not self.store.create_exclusive(path, json.dumps({"token": token, "at": time.time()}).encode()):
+            try:
+                held = json.loads(self.store.read_bytes(path))
+                if time.time() - float(held["at"]) > stale_after_s:
+                    self.store.delete_file(path)
+                    continue
+            except (FileNotFoundError, ValueError, KeyError):
+                continue
+            if time.monotonic() > deadline:
+                raise RegistryError(f"lock {name!r} is held by another writer; retry later")
+            time.sleep(0.05)
+        try:
+            yield
+        finally:
+            try:
+                if json.loads(self.store.read_bytes(path)).get("token") == token:
+                    self.store.delete_file(path)
+            except (FileNotFoundError, ValueError):
+                pass
 
     # ---------------------------------------------------------------- artifacts
     def publish(self, tenant: str, kind: ArtifactKind | str, name: str, files: Mapping[str, bytes],

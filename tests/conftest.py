@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+METRICS_PORT = 18080
 
 # In-process Ray clusters in tests run without token auth (nothing written to ~/.ray);
 # the local-cluster tests exercise token auth for real in a subprocess with their own HOME.
@@ -58,3 +59,20 @@ def smollm2():
 
     home = Path(os.path.expanduser("~/.cache/atelier"))
     return resolve_model("smollm2-135m", load_settings(home=home))
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory, atelier_home):
+    """One in-process Ray cluster for every test that needs Ray (2 CPUs, no dashboard UI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=256 * 1024 * 1024, _metrics_export_port=METRICS_PORT,
+                 _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+

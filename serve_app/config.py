@@ -1,0 +1,128 @@
+"""Typed configuration of the Serve application: model pools, limits, autoscaling.
+
+One :class:`AppConfig` drives ``build_app``; it is read from a YAML/JSON file
+(``serve run serve_app.app:build_app config=pools.yaml``) or built from defaults (one
+``default`` pool on the embedded model). Every field is documented here and in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoscalingSpec(_Strict):
+    """Ray Serve ``autoscaling_config`` for one pool (fields as in Ray's AutoscalingConfig)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4, gt=0)
+    upscale_delay_s: float = Field(5, ge=0)
+    downscale_delay_s: float = Field(60, ge=0)
+    look_back_period_s: float = Field(15, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.min_replicas must be <= max_replicas")
+        return self
+
+
+class PoolConfig(_Strict):
+    """One model pool = one ``LLMReplica`` deployment hosting one base model."""
+
+    name: str = "default"
+    model: str = "smollm2-135m"
+    """Catalog name or local Hugging Face directory (see cluster.models)."""
+    engine: Literal["torch", "vllm"] = "torch"
+    """torch runs everything (experts, bank); vllm serves base + adapters only."""
+    description: str = "SmolLM2-135M-Instruct: small and fast"
+    latency_tier: int = Field(1, ge=1, description="1 = fastest; used by model='auto' with a latency hint")
+    cost_tier: int = Field(1, ge=1, description="1 = cheapest; used by model='auto' with a cost hint")
+    bank: str | None = None
+    """Name of the adapter bank (registry ``system/bank/<name>``); default = the pool name."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int = Field(1, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_ms: float = Field(10.0, ge=0)
+    max_experts_per_replica: int = Field(8, ge=1)
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+    max_new_tokens: int = Field(512, ge=1)
+    """Upper limit of a request's max_tokens on this pool."""
+    max_prompt_tokens: int = Field(2048, ge=16)
+    bank_poll_s: float = Field(2.0, gt=0)
+    """How often a replica checks the registry for a newer bank / expert versions."""
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not POOL_NAME.match(v):
+            raise ValueError(f"pool name {v!r} must match {POOL_NAME.pattern}")
+        return v
+
+    @property
+    def bank_name(self) -> str:
+        return self.bank or self.name
+
+
+class AppConfig(_Strict):
+    """The whole application."""
+
+    pools: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig()], min_length=1)
+    default_pool: str | None = None
+    """Pool for ``model='base'`` and customizations without a pool; default = first pool."""
+    store: str | None = None
+    """Artifact store URI; default = ATELIER_STORE / the settings default."""
+    max_upload_mb: float = Field(64, gt=0)
+    auto_min_similarity: float = Field(0.12, ge=0, le=1)
+    """``model='auto'`` falls back to base when no customization is at least this similar."""
+    catalog_ttl_s: float = Field(2.0, ge=0)
+    rate_limit_rpm: int = Field(600, ge=0)
+    """Requests per minute per API key on each router replica (0 = unlimited); over it → 429."""
+    router_num_cpus: float = Field(0.25, ge=0)
+    router_replicas: int = Field(1, ge=1)
+    request_timeout_s: float = Field(300, gt=0)
+
+    @model_validator(mode="after")
+    def _pools(self) -> AppConfig:
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pools: names must be unique, got {names}")
+        if self.default_pool is not None and self.default_pool not in names:
+            raise ValueError(f"default_pool: {self.default_pool!r} is not one of {names}")
+        return self
+
+    def pool(self, name: str | None = None) -> PoolConfig:
+        name = name or self.default_pool or self.pools[0].name
+        for p in self.pools:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def load_app_config(source: str | Path | dict | None) -> AppConfig:
+    """Parse a YAML/JSON file path, a JSON string or a dict; None gives the defaults."""
+    if source is None or source == "":
+        return AppConfig()
+    if isinstance(source, dict):
+        return AppConfig.model_validate(source)
+    text = str(source)
+    if text.lstrip().startswith("{"):
+        return AppConfig.model_validate(json.loads(text))
+    path = Path(text).expanduser()
+    return AppConfig.model_validate(yaml.safe_load(path.read_text()) or {})

@@ -1,0 +1,168 @@
+"""``LLMReplica``: one Serve deployment per model pool.
+
+Each replica hosts the pool's base LLM in a :class:`serve_app.engine.TorchEngine`, the pool's
+current adapter bank (every adapter of every tenant, applied per row inside one batched
+forward) and an LRU of Llamdex experts loaded through ``@serve.multiplexed`` keyed by
+``tenant/name@version``, so Serve routes a tenant's expert traffic to replicas that already
+hold it. New bank versions are picked up without restart: the router broadcasts
+``reload_bank`` after it publishes one, ``reconfigure({"bank_version": n})`` pins a version,
+and every replica also polls the registry every ``bank_poll_s`` seconds (for banks published by
+jobs). Swaps run on the engine thread between waves, so no request fails during a swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from ray import serve
+
+from cluster.logs import get_logger
+from cluster.models import check_model_match, load_model, resolve_model
+from cluster.registry import SYSTEM_TENANT, NotFound, Registry
+from cluster.settings import load_settings
+from serve_app.config import PoolConfig
+from serve_app.engine import EngineError, Event, GenerationRequest, TorchEngine
+from serve_app.metrics import ReplicaMetrics
+
+log = get_logger("replica")
+
+
+class LLMReplica:
+    """The replica class; ``serve_app.app`` turns it into one deployment per pool."""
+
+    def __init__(self, pool: dict, store: str):
+        self.pool = PoolConfig.model_validate(pool)
+        self.registry = Registry(store)
+        self.settings = load_settings()
+        started = time.perf_counter()
+        self.model = resolve_model(self.pool.model, self.settings)
+        lm, tok = load_model(self.model, self.pool.dtype)
+        self.engine = TorchEngine(lm, tok, self.pool.max_batch_size, self.pool.batch_wait_ms,
+                                  self.pool.max_prompt_tokens, self.pool.torch_threads)
+        self.metrics = ReplicaMetrics(self.pool.name)
+        self.pinned_bank: int | None = None
+        self._bank_lock = asyncio.Lock()
+        self._poller: asyncio.Task | None = None
+        self._load_bank_sync(None)
+        self.get_expert = serve.multiplexed(max_num_models_per_replica=self.pool.max_experts_per_replica)(
+            self._expert_loader())
+        log.info("replica.ready", pool=self.pool.name, model=self.model.id, bank_version=self.engine.bank_version,
+                 seconds=round(time.perf_counter() - started, 2))
+
+    # ------------------------------------------------------------------ bank
+    def _latest_bank_version(self) -> int | None:
+        versions = self.registry.versions(SYSTEM_TENANT, "bank", self.pool.bank_name)
+        return versions[-1] if versions else None
+
+    def _read_bank(self, version: int):
+        from compression import load_bank
+
+        manifest = self.registry.resolve(SYSTEM_TENANT, "bank", self.pool.bank_name, version)
+        path = self.registry.materialize(manifest, self.settings.home / "artifact-cache")
+        bank = load_bank(Path(path))
+        check_model_match({"id": bank.base_model, "content_hash": bank.base_model_hash}, self.model, "bank")
+        return bank
+
+    def _load_bank_sync(self, version: int | None) -> None:
+        version = version or self._latest_bank_version()
+        if version is None or version == self.engine.bank_version:
+            return
+        self.engine.set_bank(self._read_bank(version), version)
+        self.metrics.bank_version.set(version, tags=self.metrics.tags)
+        log.info("replica.bank_loaded", pool=self.pool.name, version=version,
+                 adapters=len(self.engine.adapter_names()))
+
+    async def reload_bank(self, version: int | None = None) -> dict:
+        """Load ``version`` (default: latest, unless pinned) if it differs from the current one."""
+        async with self._bank_lock:
+            target = version or self.pinned_bank or await asyncio.to_thread(self._latest_bank_version)
+            if target is not None and target != self.engine.bank_version:
+                try:
+                    bank = await asyncio.to_thread(self._read_bank, target)
+                except Exception as exc:  # keep serving the old bank; say why
+                    log.error("replica.bank_rejected", pool=self.pool.name, version=target, error=str(exc))
+                    return {"bank_version": self.engine.bank_version, "error": str(exc)}
+                await asyncio.wrap_future(self.engine.run_on_engine_thread(
+                    lambda: self.engine.set_bank(bank, target)))
+                self.metrics.bank_version.set(target, tags=self.metrics.tags)
+                log.info("replica.bank_swapped", pool=self.pool.name, version=target, adapters=len(bank.adapters))
+        return {"bank_version": self.engine.bank_version}
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Serve ``user_config``: ``{"bank_version": n}`` pins a bank version (None = follow latest)."""
+        self.pinned_bank = (user_config or {}).get("bank_version")
+        await self.reload_bank(self.pinned_bank)
+
+    async def _poll_banks(self) -> None:
+        while True:
+            await asyncio.sleep(self.pool.bank_poll_s)
+            try:
+                await self.reload_bank()
+            except Exception as exc:
+                log.error("replica.poll_failed", error=repr(exc))
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll_banks())
+
+    # ------------------------------------------------------------------ experts
+    def _expert_loader(self):
+        async def load(expert_key: str):
+            self.metrics.expert_misses.inc(tags=self.metrics.tags)
+            raise EngineError(501, f"expert {expert_key}: serving Llamdex experts needs the insertion runtime, "
+                                   "which is not built yet (README, Status)")
+        return load
+
+    # ------------------------------------------------------------------ requests
+    async def generate_stream(self, req: dict) -> AsyncIterator[dict]:
+        """Stream events (dicts) for one request; the last has ``finish_reason`` or ``error``."""
+        self._ensure_poller()
+        request = GenerationRequest.model_validate(req)
+        try:
+            if request.expert:
+                await self.get_expert(request.expert)
+            if request.adapter and request.adapter not in self.engine.adapter_names():
+                await self.reload_bank()  # published a moment ago? pick it up now
+            async for event in self.engine.generate(request):
+                yield event.model_dump()
+        except EngineError as exc:
+            yield Event(error=str(exc), error_status=exc.status).model_dump()
+
+    async def generate(self, req: dict) -> dict:
+        """Non-streaming: the whole text and the final event's fields."""
+        text, last = [], None
+        async for event in self.generate_stream(req):
+            text.append(event["text"])
+            last = event
+        return {**last, "text": "".join(text)}
+
+    async def stats(self) -> dict:
+        return {"pool": self.pool.name, "model": self.model.id, "bank_version": self.engine.bank_version,
+                "adapters": len(self.engine.adapter_names()), "waves": self.engine.waves,
+                "rows_served": self.engine.rows_served}
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising restarts the replica."""
+        self._ensure_poller()
+        if not self.engine.alive:
+            raise RuntimeError("engine loop died")
+
+
+def pool_deployment(pool: PoolConfig):
+    """The Serve deployment for ``pool``: resources, autoscaling and limits from its config."""
+    a = pool.autoscaling
+    return serve.deployment(LLMReplica).options(
+        name=f"pool-{pool.name}",
+        ray_actor_options={"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
+        max_ongoing_requests=pool.max_ongoing_requests,
+        max_queued_requests=pool.max_queued_requests,
+        autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                            "initial_replicas": max(a.min_replicas, 1),
+                            "target_ongoing_requests": a.target_ongoing_requests,
+                            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+                            "look_back_period_s": a.look_back_period_s},
+        health_check_period_s=10, graceful_shutdown_timeout_s=30, graceful_shutdown_wait_loop_s=2,
+    )

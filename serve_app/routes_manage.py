@@ -1,0 +1,180 @@
+"""Management API: tenants and keys (admin), artifact uploads and listings (tenant or admin).
+
+Uploads take either ``multipart/form-data`` (one part per file, plus optional ``description``
+and ``metadata`` fields) or JSON ``{"files": {"<name>": "<base64>"}, "metadata": {...}}``; a
+schema may also be sent as its plain JSON document. Everything is validated before anything is
+stored; the response names the new version. An uploaded adapter is projected into every torch
+pool's bank at once (a new bank version, picked up by replicas within seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict
+
+from cluster.artifacts import ArtifactError, ArtifactKind, check_name
+from cluster.banks import add_to_bank
+from cluster.logs import get_logger
+from cluster.models import resolve_model
+from cluster.registry import Principal, RegistryError
+from serve_app.auth import admin, check_tenant_access, principal
+from serve_app.openai_api import OpenAIError, bad_request
+from serve_app.state import RouterState, get_state
+
+api = APIRouter()
+log = get_logger("manage")
+
+UPLOAD_KINDS = {"schemas": ArtifactKind.schema, "experts": ArtifactKind.expert, "adapters": ArtifactKind.adapter,
+                "connectors": ArtifactKind.connectors}
+
+
+class NewTenant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    display_name: str = ""
+    description: str = ""
+
+
+@api.post("/v1/admin/tenants", status_code=201)
+async def create_tenant(body: NewTenant, _: Principal = Depends(admin), state: RouterState = Depends(get_state)):
+    """Create a tenant; the response holds its first API key, shown only here."""
+    try:
+        tenant, key = await asyncio.to_thread(state.registry.create_tenant, body.id, body.display_name,
+                                              body.description)
+    except RegistryError as exc:
+        status = 409 if "already exists" in str(exc) else 400
+        raise OpenAIError(status, str(exc), param="id") from None
+    return {"tenant": tenant.model_dump(), "api_key": key}
+
+
+@api.get("/v1/admin/tenants")
+async def list_tenants(_: Principal = Depends(admin), state: RouterState = Depends(get_state)):
+    return {"data": [t.model_dump() for t in await asyncio.to_thread(state.registry.list_tenants)]}
+
+
+@api.post("/v1/admin/tenants/{tenant}/keys", status_code=201)
+async def issue_key(tenant: str, _: Principal = Depends(admin), state: RouterState = Depends(get_state)):
+    key = await asyncio.to_thread(state.registry.issue_key, tenant)
+    return {"tenant": tenant, "api_key": key}
+
+
+@api.get("/v1/tenants/{tenant}/artifacts")
+async def list_artifacts(tenant: str, who: Principal = Depends(principal), state: RouterState = Depends(get_state)):
+    check_tenant_access(who, tenant)
+    manifests = await asyncio.to_thread(state.registry.list_artifacts, tenant)
+    return {"data": [{"ref": str(m.ref), "kind": m.kind.value, "name": m.name, "version": m.version,
+                      "files": {k: v.size for k, v in m.files.items()}, "metadata": m.metadata} for m in manifests]}
+
+
+@api.post("/v1/tenants/{tenant}/{kind}/{name}", status_code=201)
+async def upload(tenant: str, kind: str, name: str, request: Request, who: Principal = Depends(principal),
+                 state: RouterState = Depends(get_state)):
+    """Validate and publish an artifact; adapters are also added to the pools' banks."""
+    check_tenant_access(who, tenant)
+    if kind not in UPLOAD_KINDS:
+        raise OpenAIError(404, f"unknown upload kind {kind!r}; use one of {sorted(UPLOAD_KINDS)}", param="kind")
+    if kind == "connectors" and not who.is_admin:
+        raise OpenAIError(403, "connectors are produced by Atelier's connectors job; tenants upload "
+                               "schemas, experts and adapters", type_="permission_error")
+    art_kind = UPLOAD_KINDS[kind]
+    try:
+        check_name(name)
+    except ArtifactError as exc:
+        raise bad_request(str(exc), "name") from None
+    files, metadata = await _read_upload(request, art_kind, state.config.max_upload_mb)
+    other = ArtifactKind.expert if art_kind == ArtifactKind.adapter else ArtifactKind.adapter
+    if art_kind in (ArtifactKind.adapter, ArtifactKind.expert) and await asyncio.to_thread(
+            state.registry.versions, tenant, other, name):
+        raise OpenAIError(409, f"{tenant}/{name} is already an {other.value}; model names are shared by adapters "
+                               "and experts, choose another name", param="name")
+    try:
+        ref = await asyncio.to_thread(state.registry.publish, tenant, art_kind, name, files, metadata)
+    except (ArtifactError, RegistryError, ValueError) as exc:
+        raise OpenAIError(422, str(exc), param="files") from None
+    result = {"ref": str(ref), "tenant": tenant, "kind": art_kind.value, "name": name, "version": ref.version}
+    if art_kind == ArtifactKind.adapter:
+        result["banks"] = await _add_to_banks(state, tenant, name)
+    state.catalog.invalidate()
+    log.info("manage.uploaded", ref=str(ref), by=who.key_id)
+    return result
+
+
+async def _add_to_banks(state: RouterState, tenant: str, name: str) -> list[dict]:
+    out = []
+    for pool in state.config.pools:
+        model = await asyncio.to_thread(resolve_model, pool.model)
+        try:
+            update = await asyncio.to_thread(add_to_bank, state.registry, pool.bank_name, model, tenant, name)
+        except (ArtifactError, ValueError) as exc:  # shapes do not fit this pool's base model
+            out.append({"pool": pool.name, "added": False, "error": str(exc)})
+            continue
+        out.append({"pool": pool.name, "added": True, "bank_version": update.version,
+                    "bank_adapters": update.adapters, "recon_error_mean": round(update.mean_error, 4)})
+        try:  # reach running replicas now; they also poll the registry
+            await state.pools[pool.name].broadcast("reload_bank", update.version)
+        except Exception as exc:
+            log.warning("manage.broadcast_failed", pool=pool.name, error=repr(exc))
+    if not any(o["added"] for o in out):
+        raise OpenAIError(422, f"adapter fits no pool's base model: {out}", param="files")
+    return out
+
+
+async def _read_upload(request: Request, kind: ArtifactKind, max_mb: float) -> tuple[dict[str, bytes], dict]:
+    limit = int(max_mb * 1024 * 1024)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise OpenAIError(413, f"upload of {int(declared)} bytes exceeds the {max_mb:g} MB limit", param="files")
+    body = await request.body()
+    if len(body) > limit:
+        raise OpenAIError(413, f"upload of {len(body)} bytes exceeds the {max_mb:g} MB limit", param="files")
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_part_size=limit)
+        files, metadata = {}, {}
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                files[value.filename or key] = await value.read()
+            elif key == "metadata":
+                metadata.update(_json_object(value, "metadata"))
+            elif key == "description":
+                metadata["description"] = str(value)
+            else:
+                raise bad_request(f"unexpected form field {key!r}; send files, 'description' or 'metadata'", key)
+        return files, metadata
+    if ctype.startswith("application/json"):
+        doc = _json_object(body, "body")
+        if "files" not in doc:
+            if kind == ArtifactKind.schema:
+                return {"schema.json": body}, {}
+            raise bad_request("JSON uploads need {'files': {name: base64}, 'metadata': {...}}", "files")
+        if not isinstance(doc["files"], dict):
+            raise bad_request("files must be an object of file name -> base64 string", "files")
+        files = {}
+        for fname, b64 in doc["files"].items():
+            try:
+                files[fname] = base64.b64decode(b64, validate=True)
+            except (binascii.Error, TypeError):
+                raise bad_request(f"files.{fname} is not valid base64", f"files.{fname}") from None
+        metadata = doc.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise bad_request("metadata must be a JSON object", "metadata")
+        if "description" in doc:
+            metadata["description"] = str(doc["description"])
+        return files, metadata
+    raise OpenAIError(415, f"content-type {ctype or 'missing'} not supported; use multipart/form-data or "
+                           "application/json", param="content-type")
+
+
+def _json_object(raw: bytes | str, field: str) -> dict:
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise bad_request(f"{field} is not valid JSON", field) from None
+    if not isinstance(value, dict):
+        raise bad_request(f"{field} must be a JSON object", field)
+    return value

@@ -1,0 +1,145 @@
+"""OpenAI-compatible endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+from ray.serve.exceptions import BackPressureError
+
+from cluster.registry import Principal
+from serve_app.auth import principal
+from serve_app.catalog import Target
+from serve_app.engine import GenerationRequest
+from serve_app.openai_api import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    TextChoice,
+    TextCompletion,
+    Usage,
+    bad_request,
+    new_id,
+    now,
+)
+from serve_app.state import RouterState, get_state
+
+api = APIRouter()
+
+
+@api.get("/v1/models", response_model=ModelList)
+async def list_models(who: Principal = Depends(principal), state: RouterState = Depends(get_state)) -> ModelList:
+    """``base``, ``auto`` and the caller's own customizations (admins see every tenant's)."""
+    cards = [ModelCard(id="base", owned_by="atelier", atelier={"kind": "base", "pools": [p.name for p in state.config.pools]}),
+             ModelCard(id="auto", owned_by="atelier", atelier={"kind": "auto"})]
+    for c in await asyncio.to_thread(state.catalog.visible, who):
+        cards.append(ModelCard(id=c.model_id, owned_by=c.tenant,
+                               atelier={"kind": c.kind, "version": c.version, "pools": list(c.pools),
+                                        "description": c.description, **c.extra}))
+    return ModelList(data=cards)
+
+
+@api.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, who: Principal = Depends(principal),
+                           state: RouterState = Depends(get_state)):
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+    return await _serve(state, who, body, "chat", last_user, messages=messages)
+
+
+@api.post("/v1/completions")
+async def completions(body: CompletionRequest, who: Principal = Depends(principal),
+                      state: RouterState = Depends(get_state)):
+    if body.echo:
+        raise bad_request("echo=true is not supported", "echo")
+    return await _serve(state, who, body, "completion", body.prompt_text(), prompt=body.prompt_text())
+
+
+async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_text: str, **content):
+    started = time.perf_counter()
+    target: Target = await asyncio.to_thread(state.catalog.resolve, who, body.model, route_text, body.atelier)
+    pool = state.config.pool(target.pool)
+    max_tokens = body.token_limit(min(256, pool.max_new_tokens))
+    if max_tokens > pool.max_new_tokens:
+        raise bad_request(f"max_tokens {max_tokens} exceeds this pool's limit of {pool.max_new_tokens}", "max_tokens")
+    req = GenerationRequest(request_id=new_id("req"), max_tokens=max_tokens, temperature=body.temperature,
+                            top_p=body.top_p, seed=body.seed, stop=body.stop_list(), adapter=target.adapter,
+                            expert=target.expert_key, tenant=who.tenant or "admin", model=target.model_id, **content)
+    handle = state.pools[target.pool]
+    if target.expert_key:
+        handle = handle.options(multiplexed_model_id=target.expert_key)
+    tags = {"tenant": req.tenant, "model": target.model_id, "endpoint": endpoint}
+    info = {"model": target.model_id, "kind": target.kind, "pool": target.pool, "routing": target.routing}
+    if body.stream:
+        gen = handle.options(stream=True).generate_stream.remote(req.model_dump())
+        return StreamingResponse(_sse(state, gen, endpoint, req, info, tags, started), media_type="text/event-stream")
+    try:
+        result = await handle.generate.remote(req.model_dump())
+    except BackPressureError:
+        raise OpenAIError(503, f"pool {target.pool!r} is at capacity; retry shortly", type_="overloaded") from None
+    if result.get("error"):
+        raise OpenAIError(result["error_status"], result["error"], type_="server_error"
+                          if result["error_status"] >= 500 else "invalid_request_error")
+    _record(state, tags, result, started, status=200)
+    usage = Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
+                  total_tokens=result["prompt_tokens"] + result["completion_tokens"])
+    if endpoint == "chat":
+        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=target.model_id, usage=usage, atelier=info,
+                              choices=[Choice(message={"role": "assistant", "content": result["text"]},
+                                              finish_reason=result["finish_reason"])])
+    return TextCompletion(id=new_id("cmpl"), created=now(), model=target.model_id, usage=usage, atelier=info,
+                          choices=[TextChoice(text=result["text"], finish_reason=result["finish_reason"])])
+
+
+async def _sse(state: RouterState, gen, endpoint: str, req: GenerationRequest, info: dict, tags: dict,
+               started: float) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+    chunk_id, created = new_id("chatcmpl" if endpoint == "chat" else "cmpl"), now()
+    obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, first: bool = False, **extra) -> str:
+        if endpoint == "chat":
+            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return "data: " + json.dumps({"id": chunk_id, "object": obj, "created": created, "model": req.model,
+                                      "choices": [choice], **extra}) + "\n\n"
+
+    yield chunk("", None, first=True, atelier=info)
+    try:
+        async for event in gen:
+            if event.get("error"):
+                err = OpenAIError(event["error_status"], event["error"], type_="server_error")
+                state.metrics and state.metrics.errors.inc(tags={**tags, "status": str(err.status)})
+                yield "data: " + json.dumps(err.body()) + "\n\n"
+                break
+            if event["text"] or event["finish_reason"]:
+                extra = {}
+                if event["finish_reason"]:
+                    extra["usage"] = {"prompt_tokens": event["prompt_tokens"],
+                                      "completion_tokens": event["completion_tokens"],
+                                      "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
+                    _record(state, tags, event, started, status=200)
+                yield chunk(event["text"], event["finish_reason"], **extra)
+    except BackPressureError:
+        yield "data: " + json.dumps(OpenAIError(503, "pool at capacity; retry shortly", "overloaded").body()) + "\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _record(state: RouterState, tags: dict, result: dict, started: float, status: int) -> None:
+    m = state.metrics
+    if m is None:
+        return
+    m.requests.inc(tags={**tags, "status": str(status)})
+    m.tokens.inc(result.get("completion_tokens", 0) or 0, tags=tags)
+    m.prompt_tokens.inc(result.get("prompt_tokens", 0) or 0, tags=tags)
+    m.latency.observe(time.perf_counter() - started, tags=tags)

@@ -1,0 +1,270 @@
+"""The Serve app as users use it: real Ray Serve, real HTTP, the official openai client.
+
+One application (two pools of the tiny random Llama) is deployed for the whole module.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from cluster.registry import Registry
+from tests.conftest import METRICS_PORT
+from tests.serve_fixtures import BASE_URL, PORT, greedy_with_peft, make_peft_adapter, upload_dir, wait_for
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parent.parent
+HI = [{"role": "user", "content": "Tell me about pirates and ships."}]
+
+
+@pytest.fixture(scope="module")
+def app(ray_session, tiny_model, tmp_path_factory):
+    from serve_app.app import build_from_config
+    from serve_app.config import load_app_config
+
+    work = tmp_path_factory.mktemp("serve")
+    registry = Registry(str(work / "store"))
+    _, key_a = registry.create_tenant("acme")
+    _, key_b = registry.create_tenant("globex")
+    admin = registry.issue_key(None, scope="admin")
+    pool = {"model": "tiny-random", "num_cpus": 0.5, "max_batch_size": 8, "batch_wait_ms": 50, "max_new_tokens": 64,
+            "bank_poll_s": 1.0, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    config = load_app_config({"pools": [{**pool, "name": "small", "latency_tier": 1, "cost_tier": 2},
+                                        {**pool, "name": "large", "latency_tier": 2, "cost_tier": 1}],
+                              "max_upload_mb": 1, "rate_limit_rpm": 100000})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_from_config(config, str(work / "store")), name="atelier", route_prefix="/")
+    adapters = {name: make_peft_adapter(tiny_model.path, work / name, seed)
+                for name, seed in (("pirate", 1), ("weather", 2), ("late", 3))}
+    yield {"registry": registry, "acme": key_a, "globex": key_b, "admin": admin, "adapters": adapters,
+           "model": tiny_model}
+    serve.delete("atelier")
+
+
+def oa(key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{BASE_URL}/v1", api_key=key, max_retries=0)
+
+
+def http() -> httpx.Client:
+    return httpx.Client(base_url=BASE_URL, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def uploaded(app):
+    """acme uploads two adapters over HTTP (multipart and JSON+base64)."""
+    with http() as c:
+        r = upload_dir(c, app["acme"], "acme", "adapters", "pirate", app["adapters"]["pirate"],
+                       description="pirate talk: ships, sailing, treasure, parrots and the sea")
+        assert r.status_code == 201, r.text
+        first = r.json()
+        files = {p.name: base64.b64encode(p.read_bytes()).decode() for p in app["adapters"]["weather"].iterdir()
+                 if p.suffix in (".json", ".safetensors")}
+        r = c.post("/v1/tenants/acme/adapters/weather", headers={"Authorization": f"Bearer {app['acme']}"},
+                   json={"files": files, "description": "weather forecasts: rain, temperature, wind and clouds"})
+        assert r.status_code == 201, r.text
+    return first, r.json()
+
+
+def test_upload_names_the_version_and_bank(uploaded):
+    first, second = uploaded
+    assert first["ref"] == "acme/adapter/pirate@1" and first["version"] == 1
+    assert {b["pool"] for b in first["banks"]} == {"small", "large"} and all(b["added"] for b in first["banks"])
+    assert first["banks"][0]["recon_error_mean"] < 1e-6  # the first adapter of a bank is exact
+    assert second["banks"][0]["bank_adapters"] == 2
+
+
+def test_models_are_listed_per_tenant(app, uploaded):
+    acme = {m.id for m in oa(app["acme"]).models.list().data}
+    assert {"base", "auto", "acme/pirate", "acme/weather"} <= acme
+    globex = {m.id for m in oa(app["globex"]).models.list().data}
+    assert globex == {"base", "auto"}
+    admin = {m.id for m in oa(app["admin"]).models.list().data}
+    assert "acme/pirate" in admin
+
+
+def test_base_chat_matches_transformers_greedy(app):
+    r = oa(app["globex"]).chat.completions.create(model="base", messages=HI, max_tokens=6, temperature=0)
+    assert r.choices[0].message.content == greedy_with_peft(app["model"].path, None, HI, 6)
+    assert r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 5
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_adapter_chat_matches_peft_and_is_isolated(app, uploaded):
+    expected = greedy_with_peft(app["model"].path, app["adapters"]["pirate"], HI, 6)
+    base = greedy_with_peft(app["model"].path, None, HI, 6)
+    assert expected != base, "the test adapter must change the output"
+    r = oa(app["acme"]).chat.completions.create(model="acme/pirate", messages=HI, max_tokens=6, temperature=0)
+    assert r.choices[0].message.content == expected and r.model == "acme/pirate"
+    with pytest.raises(openai.PermissionDeniedError, match="cannot use models of tenant 'acme'"):
+        oa(app["globex"]).chat.completions.create(model="acme/pirate", messages=HI, max_tokens=4)
+
+
+def exported(app, model: str, tmp_path: Path) -> Path | None:
+    """The bank's (compressed) version of adapter ``model`` as a PEFT directory; None for base."""
+    from cluster.banks import read_bank
+    from compression import export_adapter
+
+    if model == "base":
+        return None
+    bank, _ = read_bank(app["registry"], "small")
+    return export_adapter(bank, model, tmp_path / model.replace("/", "_"))
+
+
+def test_mixed_adapters_in_one_batch(app, uploaded, tmp_path):
+    """Concurrent requests for base and two adapters are batched together and each gets its own result."""
+    models = ["base", "acme/pirate", "acme/weather"] * 2
+    client = oa(app["acme"])
+
+    def ask(model: str) -> str:
+        r = client.chat.completions.create(model=model, messages=HI, max_tokens=5, temperature=0)
+        return r.choices[0].message.content
+
+    before = serve.get_deployment_handle("pool-small", "atelier").stats.remote().result()
+    with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
+        answers = list(pool.map(ask, models))
+    after = serve.get_deployment_handle("pool-small", "atelier").stats.remote().result()
+    refs = {m: greedy_with_peft(app["model"].path, exported(app, m, tmp_path), HI, 5) for m in set(models)}
+    assert answers == [refs[m] for m in models]
+    assert after["rows_served"] - before["rows_served"] == len(models)
+    assert after["waves"] - before["waves"] < len(models), "requests were not batched"
+
+
+def test_streaming_chat_and_completions(app, uploaded):
+    client = oa(app["acme"])
+    stream = client.chat.completions.create(model="acme/pirate", messages=HI, max_tokens=6, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert text == greedy_with_peft(app["model"].path, app["adapters"]["pirate"], HI, 6)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    r = client.completions.create(model="base", prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.usage.completion_tokens <= 5
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="base", prompt="Once upon a time", max_tokens=5, temperature=0, stream=True))
+    assert streamed == r.choices[0].text
+
+
+def test_auto_routes_by_description_and_hints(app, uploaded):
+    with http() as c:
+        def auto(content: str, hints: dict | None = None) -> dict:
+            body = {"model": "auto", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+            if hints:
+                body["atelier"] = hints
+            r = c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {app['acme']}"})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        sea = auto("Will the pirate ships find treasure at sea?")
+        assert sea["model"] == "acme/pirate" and sea["atelier"]["routing"]["chosen"] == "acme/pirate"
+        rain = auto("Is rain expected tomorrow, and how strong is the wind?")
+        assert rain["model"] == "acme/weather"
+        other = auto("Compute the integral of x squared.")
+        assert other["model"] == "base" and "threshold" in other["atelier"]["routing"]["why"]
+        fast = auto("Compute the integral of x squared.", {"latency": "low"})
+        cheap = auto("Compute the integral of x squared.", {"cost": "low"})
+        assert fast["atelier"]["pool"] == "small" and cheap["atelier"]["pool"] == "large"
+        assert "latency_tier" in fast["atelier"]["routing"]["pool_choice"]
+
+
+@pytest.mark.parametrize("headers, body, status, fragment", [
+    ({}, {"model": "base", "messages": HI}, 401, "missing API key"),
+    ({"Authorization": "Bearer atl_nope"}, {"model": "base", "messages": HI}, 401, "unknown or revoked"),
+    (None, {"model": "acme/ghost", "messages": HI}, 404, "does not exist"),
+    (None, {"model": "ghost", "messages": HI}, 404, "does not exist"),
+    (None, {"model": "base", "messages": HI, "temperature": 7}, 422, "temperature"),
+    (None, {"model": "base", "messages": []}, 422, "messages"),
+    (None, {"model": "base", "messages": HI, "n": 2}, 422, "only n=1"),
+    (None, {"model": "base", "messages": HI, "max_tokens": 5000}, 400, "max_tokens 5000 exceeds"),
+])
+def test_errors_use_the_openai_shape(app, headers, body, status, fragment):
+    headers = {"Authorization": f"Bearer {app['acme']}"} if headers is None else headers
+    with http() as c:
+        r = c.post("/v1/chat/completions", json=body, headers=headers)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_upload_refusals(app, tmp_path):
+    auth = {"Authorization": f"Bearer {app['acme']}"}
+    with http() as c:
+        too_big = c.post("/v1/tenants/acme/adapters/big", headers=auth,
+                         files={"files": ("adapter_model.safetensors", b"0" * (2 * 1024 * 1024))})
+        assert too_big.status_code == 413
+        (tmp_path / "adapter_config.json").write_text("{}")
+        (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+        r = upload_dir(c, app["acme"], "acme", "adapters", "evil", tmp_path)
+        assert r.status_code == 422 and "adapter_model.bin not allowed" in r.json()["error"]["message"]
+        r = c.post("/v1/tenants/globex/adapters/x", headers=auth, json={"files": {}})
+        assert r.status_code == 403
+        schema = json.loads((ROOT / "examples" / "schemas" / "titanic.json").read_text())
+        ok = c.post("/v1/tenants/acme/schemas/titanic", headers=auth, json=schema)
+        assert ok.status_code == 201 and ok.json()["version"] == 1
+        schema["features"][0]["type"] = "complex"
+        bad = c.post("/v1/tenants/acme/schemas/titanic", headers=auth, json=schema)
+        assert bad.status_code == 422 and "features[0]" in bad.json()["error"]["message"]
+        listing = c.get("/v1/tenants/acme/artifacts", headers=auth).json()["data"]
+        assert {a["ref"] for a in listing} >= {"acme/schema/titanic@1", "acme/adapter/pirate@1"}
+
+
+def test_admin_creates_tenants(app):
+    with http() as c:
+        r = c.post("/v1/admin/tenants", json={"id": "initech"}, headers={"Authorization": f"Bearer {app['admin']}"})
+        assert r.status_code == 201 and r.json()["api_key"].startswith("atl_")
+        key = r.json()["api_key"]
+        assert c.post("/v1/admin/tenants", json={"id": "initech"},
+                      headers={"Authorization": f"Bearer {app['admin']}"}).status_code == 409
+        assert c.post("/v1/admin/tenants", json={"id": "x2"},
+                      headers={"Authorization": f"Bearer {key}"}).status_code == 403
+    assert {m.id for m in oa(key).models.list().data} == {"base", "auto"}
+
+
+def test_new_bank_reaches_replicas_without_failures(app, uploaded):
+    """Requests keep flowing while a new adapter is uploaded (new bank version): none fails."""
+    client = oa(app["acme"])
+    stop = concurrent.futures.Future()
+    errors, served = [], []
+
+    def load() -> None:
+        while not stop.done():
+            try:
+                r = client.chat.completions.create(model="acme/pirate", messages=HI, max_tokens=3, temperature=0)
+                served.append(r.choices[0].message.content)
+            except Exception as exc:  # noqa: BLE001 — any failure is a test failure
+                errors.append(repr(exc))
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        workers = [pool.submit(load) for _ in range(3)]
+        with http() as c:
+            r = upload_dir(c, app["acme"], "acme", "adapters", "late", app["adapters"]["late"],
+                           description="late adapter")
+            assert r.status_code == 201, r.text
+            version = r.json()["banks"][0]["bank_version"]
+        handle = serve.get_deployment_handle("pool-small", "atelier")
+        wait_for(lambda: handle.stats.remote().result()["bank_version"] == version, timeout_s=20)
+        answer = client.chat.completions.create(model="acme/late", messages=HI, max_tokens=4, temperature=0)
+        stop.set_result(True)
+        for w in workers:
+            w.result()
+    assert not errors, errors[:3]
+    assert len(served) >= 3
+    assert answer.choices[0].message.content == greedy_with_peft(app["model"].path, app["adapters"]["late"], HI, 4)
+
+
+def test_custom_metrics_are_exported(app, uploaded):
+    oa(app["acme"]).chat.completions.create(model="acme/pirate", messages=HI, max_tokens=2)
+
+    def scrape() -> str | None:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).text
+        ok = "ray_atelier_requests_total" in text and 'tenant="acme"' in text and "ray_atelier_bank_version" in text
+        return text if ok else None
+
+    text = wait_for(scrape, timeout_s=45, interval_s=2)
+    assert "ray_atelier_request_latency_s_bucket" in text

@@ -167,7 +167,7 @@ class Catalog:
     def _auto(self, principal: Principal, prompt: str, hints: RoutingHints | None) -> Target:
         candidates = [c for c in self.visible(principal) if c.pools and c.description.strip()]
         scores = similarity_scores(prompt, [c.description for c in candidates])
-        ranked = sorted(zip(candidates, scores), key=lambda cs: -cs[1])
+        ranked = sorted(zip(candidates, scores, strict=True), key=lambda cs: -cs[1])
         table = [{"model": c.model_id, "kind": c.kind, "similarity": round(s, 4)} for c, s in ranked[:5]]
         threshold = self.config.auto_min_similarity
         if ranked and ranked[0][1] >= threshold:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from contextlib import nullcontext
 from collections.abc import AsyncIterator, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,7 +214,7 @@ class TorchEngine:
                                  use_cache=True)
                 logits, cache = out.logits[:, -1, :], out.past_key_values
             max_new = max(r.req.max_tokens for r in live)
-            for step in range(max_new):
+            for _ in range(max_new):
                 next_ids = self._sample(logits, live)
                 for i, row in enumerate(live):
                     if not row.done:

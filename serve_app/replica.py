@@ -21,7 +21,7 @@ from ray import serve
 
 from cluster.logs import get_logger
 from cluster.models import check_model_match, load_model, resolve_model
-from cluster.registry import SYSTEM_TENANT, NotFound, Registry
+from cluster.registry import SYSTEM_TENANT, Registry
 from cluster.settings import load_settings
 from serve_app.config import PoolConfig
 from serve_app.engine import EngineError, Event, GenerationRequest, TorchEngine

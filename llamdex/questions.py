@@ -75,8 +75,10 @@ def _cap(text: str) -> str:
 
 
 def _lower_first(text: str) -> str:
+    """'Did the ...' -> 'did the ...'; leaves 'I ...', 'pH ...', 'NASA ...' alone."""
     first = text.split(" ", 1)[0]
-    return text[:1].lower() + text[1:] if first[1:] == first[1:].lower() else text
+    keep = first == "I" or first[1:] != first[1:].lower()
+    return text if keep else text[:1].lower() + text[1:]
 
 
 @dataclass

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+
+from llamdex.datasets import load_paper_dataset
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 TOY = {
     "name": "titanic",
@@ -38,3 +43,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def paper_datasets() -> dict:
+    """name -> (schema, train_df, test_df) for the four paper datasets (loaded once per session)."""
+    return {name: load_paper_dataset(name, EXAMPLES / "datasets") for name in ("titanic", "wine", "nursery", "bank")}

@@ -14,7 +14,18 @@ from llamdex.dp_training import EpochReport, train_expert
 from llamdex.expert import ExpertArch, ExpertMLP, ExpertSpec, load_expert, predict_proba, save_expert
 from llamdex.synthetic import make_synthetic
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "warm_torch")
+
+
+@pytest.fixture(scope="module")
+def warm_torch():
+    """The first optimizer built in a process imports torch._dynamo (seconds); keep that out of timings."""
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process: timing checks that other jobs on a shared box cannot make flaky."""
+    return time.process_time()
 
 
 def _data(toy, n=1600, classes=None):
@@ -33,10 +44,10 @@ def test_no_dp_training_learns_and_says_no_dp(toy):
     xtr, ytr, xte, yte = _data(toy)
     arch = ExpertArch.from_schema(toy, hidden_sizes=(32, 16))
     reports: list[EpochReport] = []
-    start = time.perf_counter()
+    start = _cpu_seconds()
     model, ledger = train_expert(xtr, ytr, arch, epsilon=None, delta=1e-3, epochs=3, batch_size=64, lr=3e-3,
                                  max_grad_norm=1.0, seed=0, progress=reports.append)
-    assert time.perf_counter() - start < 5
+    assert _cpu_seconds() - start < 5
     assert _accuracy(model, xte, yte) > 0.85  # chance is 0.5
     assert ledger.mechanism == "none" and ledger.epsilon is None and ledger.accountant == "none"
     assert ledger.noise_multiplier == 0 and ledger.steps == 3 * 19 and ledger.epochs == 3
@@ -48,10 +59,10 @@ def test_dp_training_learns_spends_at_most_the_target_and_fills_the_ledger(toy):
     xtr, ytr, xte, yte = _data(toy)
     arch = ExpertArch.from_schema(toy, hidden_sizes=(32, 16))
     reports: list[EpochReport] = []
-    start = time.perf_counter()
+    start = _cpu_seconds()
     model, ledger = train_expert(xtr, ytr, arch, epsilon=1.0, delta=1e-3, epochs=2, batch_size=64, lr=1e-2,
                                  max_grad_norm=1.0, seed=0, accountant="rdp", progress=reports.append)
-    assert time.perf_counter() - start < 5
+    assert _cpu_seconds() - start < 5
     assert _accuracy(model, xte, yte) > 0.75  # chance is 0.5
     assert ledger.mechanism == "dp-sgd" and ledger.accountant == "rdp"
     assert 0.9 < ledger.epsilon <= 1.0  # the epsilon spent, not just the target echoed
@@ -125,7 +136,7 @@ def test_deterministic_by_seed_and_leaves_global_rng_alone(toy):
     after = torch.rand(1)
     torch.manual_seed(123)
     b, _ = train_expert(xtr, ytr, arch, seed=1, **kw)
-    c, _ = train_expert(xtr, ytr, arch, seed=2, **kw)
+    c, _ = train_expert(xtr, ytr, arch, seed=2, **(kw | {"epsilon": None}))
     torch.manual_seed(123)
     assert torch.equal(after, torch.rand(1))
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))

@@ -20,9 +20,9 @@ PAPER = ("titanic", "wine", "nursery", "bank")
 EXPECTED = {"titanic": (9, 1, 887), "wine": (13, 11, 6497), "nursery": (27, 4, 12958), "bank": (44, 1, 45211)}
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    return {name: load_paper_dataset(name, DATASETS) for name in PAPER}
+@pytest.fixture
+def loaded(paper_datasets):
+    return paper_datasets
 
 
 @pytest.mark.parametrize("name", PAPER)

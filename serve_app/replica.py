@@ -39,9 +39,7 @@ class LLMReplica:
         self.settings = load_settings()
         started = time.perf_counter()
         self.model = resolve_model(self.pool.model, self.settings)
-        lm, tok = load_model(self.model, self.pool.dtype)
-        self.engine = TorchEngine(lm, tok, self.pool.max_batch_size, self.pool.batch_wait_ms,
-                                  self.pool.max_prompt_tokens, self.pool.torch_threads)
+        self.engine = self._make_engine()
         self.metrics = ReplicaMetrics(self.pool.name)
         self.pinned_bank: int | None = None
         self._bank_lock = asyncio.Lock()
@@ -51,6 +49,19 @@ class LLMReplica:
             self._expert_loader())
         log.info("replica.ready", pool=self.pool.name, model=self.model.id, bank_version=self.engine.bank_version,
                  seconds=round(time.perf_counter() - started, 2))
+
+    def _make_engine(self):
+        if self.pool.engine == "vllm":
+            from serve_app.engine_vllm import VLLMEngine
+
+            return VLLMEngine(self.model.path, self.settings.home / "vllm-adapters" / self.pool.name,
+                              dtype=self.pool.dtype,
+                              max_lora_rank=self.pool.max_lora_rank,
+                              max_model_len=self.pool.max_prompt_tokens + self.pool.max_new_tokens,
+                              memory_fraction=self.pool.vllm_memory_fraction)
+        lm, tok = load_model(self.model, self.pool.dtype)
+        return TorchEngine(lm, tok, self.pool.max_batch_size, self.pool.batch_wait_ms,
+                           self.pool.max_prompt_tokens, self.pool.torch_threads)
 
     # ------------------------------------------------------------------ bank
     def _latest_bank_version(self) -> int | None:

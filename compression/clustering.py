@@ -37,6 +37,7 @@ class ClusterResult:
     costs: Tensor  # [n, K] summed (over modules) squared relative error of adapter i on cluster c
     rounds: int
     converged: bool
+    history: list[float]  # total cost Σ_i costs[i, assignment[i]] after each fit (non-increasing in theory)
 
 
 def assignment_costs(stacks: Mapping[str, FactorStack], bases: Bases, method: Method) -> Tensor:
@@ -141,11 +142,13 @@ def cluster_adapters(
     config: JDConfig | None = None,
     max_rounds: int = 10,
     progress: ProgressFn | None = None,
+    init_assignment: Sequence[int] | None = None,
 ) -> ClusterResult:
     """Partition n adapters into `clusters` groups and fit one basis per (group, module).
 
     `stacks` maps module name -> FactorStack, all with the same adapter order. Deterministic for a
-    given seed. Returns the assignment, the bases and the final cost matrix.
+    given seed. `init_assignment` (e.g. an existing bank's clusters) replaces the k-means++ seeding,
+    which is how a grown bank is re-clustered offline. Returns assignment, bases and cost matrix.
     """
     check_method(method)
     n = next(iter(stacks.values())).n
@@ -153,12 +156,22 @@ def cluster_adapters(
         raise ValueError(f"clusters must be an int in [1, number of adapters={n}], got {clusters!r}")
     if max_rounds < 0:
         raise ValueError(f"max_rounds must be >= 0, got {max_rounds!r}")
-    generator = torch.Generator().manual_seed(seed)
-    assignment = [0] * n if clusters == 1 else _seed_assignment(stacks, clusters, rank, config, generator)
+    if init_assignment is not None:
+        assignment = list(init_assignment)
+        if len(assignment) != n or sorted(set(assignment)) != list(range(clusters)):
+            raise ValueError(
+                f"init_assignment must give each of the {n} adapters a cluster id in [0, {clusters}) "
+                f"and use every id, got {assignment}"
+            )
+    elif clusters == 1:
+        assignment = [0] * n
+    else:
+        assignment = _seed_assignment(stacks, clusters, rank, config, torch.Generator().manual_seed(seed))
     bases = fit_clusters(stacks, assignment, clusters, rank, method, config, seed=seed)
-    rounds, converged = 0, False
+    rounds, converged, history = 0, False, []
     while True:
         costs = assignment_costs(stacks, bases, method)
+        history.append(float(costs[torch.arange(n), torch.tensor(assignment)].sum()))
         if progress is not None:
             progress("cluster", rounds, max_rounds)
         if converged or rounds == max_rounds:
@@ -169,4 +182,4 @@ def cluster_adapters(
         if not converged:
             assignment = new
             bases = fit_clusters(stacks, assignment, clusters, rank, method, config, init=bases, seed=seed)
-    return ClusterResult(assignment=assignment, bases=bases, costs=costs, rounds=rounds, converged=converged)
+    return ClusterResult(assignment, bases, costs, rounds, converged, history)

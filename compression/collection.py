@@ -87,13 +87,15 @@ def compress_collection(
     base_model: str | None = None,
     base_model_hash: str | None = None,
     progress: ProgressFn | None = None,
+    init_clusters: Sequence[int] | None = None,
 ) -> Bank:
     """Jointly compress `adapters` into a Bank of `clusters` shared bases of rank `rank` per module.
 
     Adapters may target different module subsets (a missing module is ΔW = 0). `base_shapes`
     (see lora_io.linear_shapes) validates modules against the base model. `base_model` overrides
     the adapters' base_model_name_or_path, which must otherwise agree. `progress(stage, done,
-    total)` is called once per clustering round.
+    total)` is called once per clustering round. `init_clusters` (one id per adapter, e.g. a grown
+    bank's `clusters`) starts the clustering there instead of at k-means++ seeds.
     """
     if not adapters:
         raise ValueError("compress_collection: adapters is empty")
@@ -116,7 +118,9 @@ def compress_collection(
             validate_adapter(adapter, base_shapes)
     shapes = _module_shapes(adapters)
     stacks = _stacks(adapters, shapes)
-    result = cluster_adapters(stacks, rank, clusters, method, seed, config, max_rounds, progress)
+    result = cluster_adapters(
+        stacks, rank, clusters, method, seed, config, max_rounds, progress, init_clusters
+    )
     sigmas, errors = _coefficients(stacks, result.bases, result.assignment, method)
     return Bank(
         base_model=base_model,

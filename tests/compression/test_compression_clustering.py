@@ -40,6 +40,17 @@ def test_diag_recovers_planted_clusters():
     assert same_partition(result.assignment, collection.labels)
 
 
+def test_rounds_repair_a_wrong_start_and_never_increase_the_cost():
+    # rank 4 cannot hold two 4-dim latent subspaces, so a misplaced adapter fits its cluster badly and moves
+    collection = synthetic_collection(12, SHAPES, clusters=3, r0=4, noise=0.1, seed=9)
+    start = list(collection.labels)
+    start[0], start[1], start[2] = (start[0] + 1) % 3, (start[1] + 2) % 3, (start[2] + 1) % 3
+    result = cluster_adapters(stacks_of(collection), rank=4, clusters=3, init_assignment=start)
+    assert result.assignment == collection.labels and result.rounds >= 2 and result.converged
+    assert all(b <= a + 1e-4 for a, b in zip(result.history, result.history[1:], strict=False))
+    assert result.history[-1] < 0.5 * result.history[0]
+
+
 def test_clustering_beats_a_single_shared_basis():
     collection = synthetic_collection(12, SHAPES, clusters=3, r0=4, noise=0.1, seed=4)
     stacks = stacks_of(collection)
@@ -85,7 +96,11 @@ def test_every_cluster_is_used_even_with_duplicate_adapters():
     assert sorted(set(result.assignment)) == [0, 1, 2]
 
 
-def test_invalid_cluster_count_is_rejected():
+def test_invalid_cluster_count_or_start_is_rejected():
     stacks = stacks_of(synthetic_collection(4, SHAPES, r0=2, seed=8))
     with pytest.raises(ValueError, match=r"clusters must be an int in \[1, number of adapters=4\]"):
         cluster_adapters(stacks, rank=2, clusters=5)
+    with pytest.raises(
+        ValueError, match=r"init_assignment must give each of the 4 adapters a cluster id in \[0, 2\)"
+    ):
+        cluster_adapters(stacks, rank=2, clusters=2, init_assignment=[0, 0, 0, 0])

@@ -29,3 +29,19 @@ def build_from_config(config: AppConfig, store: str | None = None) -> serve.Appl
 def build_app(args: dict) -> serve.Application:
     """Serve's application builder: ``args`` may hold ``config`` (file path or JSON) and ``store``."""
     return build_from_config(load_app_config(args.get("config")), args.get("store"))
+
+
+def _default_app() -> serve.Application:
+    """Module-level application for ``serve build serve_app.app:app`` / config files.
+
+    Reads the pools file from ``ATELIER_SERVE_CONFIG`` (defaults: one pool on the embedded
+    model). Set the same variable on the cluster, e.g. in the built YAML's
+    ``runtime_env.env_vars``, so replicas rebuild the same pools.
+    """
+    import os
+
+    return build_from_config(load_app_config(os.environ.get("ATELIER_SERVE_CONFIG")),
+                             os.environ.get("ATELIER_STORE") or None)
+
+
+app = _default_app()

@@ -27,14 +27,19 @@ def test_serve_build_then_deploy(tmp_path, tiny_model):
     pools.write_text(yaml.safe_dump({"pools": [{"name": "default", "model": "tiny-random", "num_cpus": 0.5,
                                                 "autoscaling": {"min_replicas": 1, "max_replicas": 1}}]}))
     out = tmp_path / "serve_config.yaml"
-    build = subprocess.run([str(VENV_BIN / "serve"), "build", "serve_app.app:build_app", f"config={pools}",
-                            "-o", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    build = subprocess.run([str(VENV_BIN / "serve"), "build", "serve_app.app:app", "-o", str(out)], cwd=ROOT,
+                           env={**env, "ATELIER_SERVE_CONFIG": str(pools)}, capture_output=True, text=True,
+                           timeout=180)
     assert build.returncode == 0, build.stderr
     config = yaml.safe_load(out.read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": SERVE_PORT}
     app = config["applications"][0]
-    assert app["import_path"] == "serve_app.app:build_app" and app["args"]["config"] == str(pools)
+    assert app["import_path"] == "serve_app.app:app"
     assert {d["name"] for d in app["deployments"]} == {"Router", "pool-default"}
+    pool_options = next(d for d in app["deployments"] if d["name"] == "pool-default")
+    assert pool_options["ray_actor_options"]["num_cpus"] == 0.5
+    # what an operator adds to the built file: the same pools file and store for the cluster's replicas
+    app["runtime_env"] = {"env_vars": {"ATELIER_SERVE_CONFIG": str(pools), "ATELIER_STORE": str(tmp_path / "store")}}
     out.write_text(yaml.safe_dump(config))
     try:
         up = subprocess.run([str(VENV_BIN / "atelier"), "up"], env=env, capture_output=True, text=True, timeout=180)

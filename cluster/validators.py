@@ -21,3 +21,52 @@ def _validate_schema(files: Mapping[str, bytes]) -> None:
 
 
 register_validator(ArtifactKind.schema, _validate_schema)
+
+
+def _validate_expert(files: Mapping[str, bytes]) -> None:
+    """Expert files must be self-consistent: spec valid, weights hash, tensor names/shapes, finite."""
+    import tempfile
+    from pathlib import Path
+
+    from llamdex.expert import ExpertError, load_expert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname in ("expert.json", "expert.safetensors"):
+            (Path(tmp) / fname).write_bytes(files[fname])
+        try:
+            load_expert(tmp)
+        except ExpertError as exc:
+            raise ArtifactError(f"expert: {exc}") from None
+
+
+def check_expert_for_tenant(registry, tenant: str, files: Mapping[str, bytes]) -> str:
+    """An expert must match a schema the tenant published (``schema_name`` in expert.json).
+
+    Returns the schema name. Called before publishing by the upload API and the experts job.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from cluster.registry import NotFound
+    from llamdex.expert import ExpertError, load_expert
+
+    spec = json.loads(files["expert.json"])
+    schema_name = spec.get("schema_name", "")
+    try:
+        manifest = registry.resolve(tenant, "schema", schema_name)
+    except NotFound:
+        raise ArtifactError(f"expert.json: schema_name {schema_name!r} is not a schema of tenant {tenant!r}; "
+                            "fix: publish the schema first (POST /v1/tenants/<tenant>/schemas/<name>)") from None
+    schema = registry.read_file(manifest, "schema.json").decode("utf-8")
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname in ("expert.json", "expert.safetensors"):
+            (Path(tmp) / fname).write_bytes(files[fname])
+        try:
+            load_expert(tmp, schema=schema)
+        except ExpertError as exc:
+            raise ArtifactError(f"expert does not fit schema {schema_name!r}: {exc}") from None
+    return schema_name
+
+
+register_validator(ArtifactKind.expert, _validate_expert)

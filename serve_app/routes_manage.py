@@ -22,6 +22,7 @@ from cluster.banks import add_to_bank
 from cluster.logs import get_logger
 from cluster.models import resolve_model
 from cluster.registry import Principal, RegistryError
+from cluster.validators import check_expert_for_tenant
 from serve_app.auth import admin, check_tenant_access, principal
 from serve_app.openai_api import OpenAIError, bad_request
 from serve_app.state import RouterState, get_state
@@ -93,6 +94,8 @@ async def upload(tenant: str, kind: str, name: str, request: Request, who: Princ
         raise OpenAIError(409, f"{tenant}/{name} is already an {other.value}; model names are shared by adapters "
                                "and experts, choose another name", param="name")
     try:
+        if art_kind == ArtifactKind.expert and "expert.json" in files and "expert.safetensors" in files:
+            await asyncio.to_thread(check_expert_for_tenant, state.registry, tenant, files)
         ref = await asyncio.to_thread(state.registry.publish, tenant, art_kind, name, files, metadata)
     except (ArtifactError, RegistryError, ValueError) as exc:
         raise OpenAIError(422, str(exc), param="files") from None

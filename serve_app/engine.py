@@ -100,6 +100,8 @@ class TorchEngine:
                          if isinstance(i, int) and i >= 0}
         self.waves = 0
         self.rows_served = 0
+        self.on_wave: Callable[[int], None] | None = None
+        """Called with the number of rows of every wave (metrics)."""
 
     # ------------------------------------------------------------------ control plane
     def run_on_engine_thread(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
@@ -198,6 +200,8 @@ class TorchEngine:
             return
         self.waves += 1
         self.rows_served += len(live)
+        if self.on_wave is not None:
+            self.on_wave(len(live))
         pad = self.tok.pad_token_id
         width = max(len(r.prompt_ids) for r in live)
         input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in live])

@@ -41,6 +41,8 @@ class LLMReplica:
         self.model = resolve_model(self.pool.model, self.settings)
         self.engine = self._make_engine()
         self.metrics = ReplicaMetrics(self.pool.name)
+        self.engine.on_wave = lambda rows: self.metrics.wave_rows.observe(rows, tags=self.metrics.tags)
+        self._expert_loads = 0
         self.pinned_bank: int | None = None
         self._bank_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
@@ -122,6 +124,7 @@ class LLMReplica:
     # ------------------------------------------------------------------ experts
     def _expert_loader(self):
         async def load(expert_key: str):
+            self._expert_loads += 1
             self.metrics.expert_misses.inc(tags=self.metrics.tags)
             raise EngineError(501, f"expert {expert_key}: serving Llamdex experts needs the insertion runtime, "
                                    "which is not built yet (README, Status)")
@@ -134,7 +137,10 @@ class LLMReplica:
         request = GenerationRequest.model_validate(req)
         try:
             if request.expert:
+                loads = self._expert_loads
                 await self.get_expert(request.expert)
+                if self._expert_loads == loads:
+                    self.metrics.expert_hits.inc(tags=self.metrics.tags)
             if request.adapter and request.adapter not in self.engine.adapter_names():
                 await self.reload_bank()  # published a moment ago? pick it up now
             async for event in self.engine.generate(request):

@@ -1,0 +1,184 @@
+"""The two trained connectors around a frozen expert: encoder (LLM -> features), decoder (expert -> slots).
+
+Encoder (deviation from the paper, documented): the paper decodes the layer-k hidden states to
+text with the logit lens and fine-tunes RoBERTa-large (355M, bigger than SmolLM2-135M itself)
+with one linear head per expert input column. On a 2-core CPU we instead let m learned feature
+queries (one per schema feature) cross-attend over the layer-k hidden states of the prompt
+positions (pads masked out, slots excluded), followed by a small MLP head per query. It trains in
+about a minute on cached hidden states (the probe in the Llamdex notes) and reads meaning rather
+than a lossy, shifted logit-lens string. Inputs are standardised per dimension with statistics of
+the training cache (robust to the few huge "massive activation" dimensions of small LLMs).
+Outputs are the codec's space directly, never raw units (avoids the paper's clamp dead zone):
+
+* numeric  -> sigmoid in [0, 1] (min-max scaled value);
+* category -> softmax over its K one-hot columns plus one extra "not stated" logit that is
+  dropped, so an unmentioned (missing) value comes out as the codec's all-zero block;
+* bool     -> sigmoid.
+
+Decoder (as in the paper, one deviation): SwiGLU c -> F -> n*d, reshaped to n vectors, then a
+LayerNorm without affine parameters, times ``scale``. The paper's SwiGLU has no biases at all, so
+dec(0) = 0: a confident binary expert (P(yes) ~ 0) yields near-zero vectors that LayerNorm cannot
+rescale (eps dominates) and "no" can only be signalled by absence. We give the two input
+projections biases (W3 stays bias-free) so every expert output maps to a proper vector. ``scale = 1`` is the paper's plain
+LayerNorm (per-element RMS 1); ``norm = "residual_rms"`` sets ``scale`` to the measured median
+RMS of the residual stream at layer k, so injected slots look like real tokens to later layers.
+The decoder also owns ``placeholder``: what the n slots hold at layers < k (see insertion).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.nn import functional as F
+
+from llamdex.codec import FeatureCodec
+
+FeatureKind = Literal["numeric", "category", "bool"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureHead(_Strict):
+    """One encoder head: the feature it predicts and how many codec columns it fills."""
+
+    name: str
+    kind: FeatureKind
+    width: int = Field(ge=1)
+
+
+class EncoderConfig(_Strict):
+    """Encoder hyper-parameters (defaults: 256-wide, 8 heads, 1 cross-attention block)."""
+
+    hidden_size: int = Field(ge=1)
+    features: list[FeatureHead] = Field(min_length=1)
+    width: int = Field(default=256, ge=8)
+    heads: int = Field(default=8, ge=1)
+    layers: int = Field(default=1, ge=1, le=4)
+    head_hidden: int = Field(default=128, ge=1)
+
+
+class DecoderConfig(_Strict):
+    """Decoder hyper-parameters: expert output size c, slots n of size d, SwiGLU width F."""
+
+    input_size: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    num_slots: int = Field(default=10, ge=1, le=64)
+    ffn_hidden: int = Field(default=512, ge=1)
+    norm: Literal["layernorm", "residual_rms"] = "residual_rms"
+    scale: float = Field(default=1.0, gt=0)
+
+
+def feature_heads(codec: FeatureCodec) -> list[FeatureHead]:
+    """One head per schema feature, in codec order (so concatenated outputs = codec columns)."""
+    kinds = {"int": "numeric", "float": "numeric", "category": "category", "bool": "bool"}
+    return [FeatureHead(name=f.name, kind=kinds[f.type], width=codec.slices[f.name].stop - codec.slices[f.name].start)
+            for f in codec.features]
+
+
+class _CrossBlock(nn.Module):
+    """Pre-norm block: queries attend over the (masked) prompt memory, then a small MLP."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm_m = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, q: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        q = q + self.attn(self.norm_q(q), memory, memory, key_padding_mask=pad, need_weights=False)[0]
+        return q + self.mlp(self.norm_m(q))
+
+
+class Encoder(nn.Module):
+    """Layer-k hidden states of the prompt (B, T, d) + mask (B, T) -> expert input (B, m) in codec space."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, w = cfg.hidden_size, cfg.width
+        self.register_buffer("in_mean", torch.zeros(d))
+        self.register_buffer("in_std", torch.ones(d))
+        self.proj = nn.Linear(d, w)
+        self.norm = nn.LayerNorm(w)
+        self.queries = nn.Parameter(torch.randn(len(cfg.features), w) * 0.5)
+        self.blocks = nn.ModuleList(_CrossBlock(w, cfg.heads) for _ in range(cfg.layers))
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(w), nn.Linear(w, cfg.head_hidden), nn.GELU(),
+                          nn.Linear(cfg.head_hidden, f.width + 1 if f.kind == "category" else 1))
+            for f in cfg.features)
+
+    @torch.no_grad()
+    def fit_input_stats(self, hidden: list[torch.Tensor]) -> None:
+        """Set the per-dimension standardisation from a list of (T_i, d) training hidden states."""
+        flat = torch.cat([h.float() for h in hidden])
+        self.in_mean.copy_(flat.mean(0))
+        self.in_std.copy_(flat.std(0).clamp_min(1e-4))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Raw head outputs, one (B, 1) or (B, K+1) tensor per feature (use :meth:`activate`)."""
+        x = (hidden.float() - self.in_mean) / self.in_std
+        memory = self.norm(self.proj(x))
+        q = self.queries[None].expand(hidden.shape[0], -1, -1)
+        pad = ~mask.bool()
+        for block in self.blocks:
+            q = block(q, memory, pad)
+        return [head(q[:, i]) for i, head in enumerate(self.heads)]
+
+    def activate(self, raw: list[torch.Tensor]) -> torch.Tensor:
+        """Raw outputs -> (B, m) expert input: sigmoid numerics/bools, softmax categories (missing dropped)."""
+        parts = [torch.softmax(r, dim=-1)[:, :-1] if f.kind == "category" else torch.sigmoid(r)
+                 for f, r in zip(self.cfg.features, raw, strict=True)]
+        return torch.cat(parts, dim=1)
+
+    def features(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Expert input (B, m) in codec space."""
+        return self.activate(self(hidden, mask))
+
+    def loss(self, raw: list[torch.Tensor], target: torch.Tensor, numeric_weight: float = 1.0
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean over features of MSE (numeric, scaled [0,1], times ``numeric_weight``), CE (category,
+        all-zero target = the extra 'not stated' class) and BCE (bool). Also returns per-feature values."""
+        losses: dict[str, torch.Tensor] = {}
+        col = 0
+        for f, r in zip(self.cfg.features, raw, strict=True):
+            t = target[:, col:col + f.width]
+            col += f.width
+            if f.kind == "numeric":
+                losses[f.name] = numeric_weight * F.mse_loss(torch.sigmoid(r), t)
+            elif f.kind == "bool":
+                losses[f.name] = F.binary_cross_entropy_with_logits(r, t)
+            else:
+                labels = torch.where(t.sum(1) > 0.5, t.argmax(1), torch.full_like(t[:, 0], f.width, dtype=torch.long))
+                losses[f.name] = F.cross_entropy(r, labels)
+        total = torch.stack(list(losses.values())).mean()
+        return total, {k: float(v.detach()) for k, v in losses.items()}
+
+
+class Decoder(nn.Module):
+    """Expert output (B, c) -> n slot vectors (B, n, d): SwiGLU (input biases only), LayerNorm, times ``scale``."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.w1 = nn.Linear(cfg.input_size, cfg.ffn_hidden)
+        self.w2 = nn.Linear(cfg.input_size, cfg.ffn_hidden)
+        self.w3 = nn.Linear(cfg.ffn_hidden, cfg.num_slots * cfg.hidden_size, bias=False)
+        self.register_buffer("placeholder", torch.zeros(cfg.num_slots, cfg.hidden_size))
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        y = self.w3(F.silu(self.w1(p)) * self.w2(p)).view(p.shape[0], self.cfg.num_slots, self.cfg.hidden_size)
+        return F.layer_norm(y, (self.cfg.hidden_size,)) * self.cfg.scale
+
+
+def gaussian_placeholder(embedding: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Fixed N(0, s^2) slot inputs (n, d), s = RMS of the embedding table: the paper's Gaussian pads,
+    but drawn once (seeded) so insertion and generation are deterministic, at token-embedding scale."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = embedding.detach().float().pow(2).mean().sqrt()
+    return torch.randn(n, embedding.shape[1], generator=gen) * scale

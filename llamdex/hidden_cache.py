@@ -1,0 +1,150 @@
+"""Run the frozen LLM over the training prompts ONCE and keep what the two stages need.
+
+* Stage 1 (encoder) needs the residual stream entering layer k at every prompt position:
+  ``hidden[k][i]`` is (T_i, d) for prompt i (no padding stored).
+* Stage 2 (decoder) runs only the slot positions through layers k..L-1 (see
+  :func:`llamdex.llm_ops.run_slots`), so it needs the prompt's keys/values at layers >= k:
+  ``keys[i]`` / ``values[i]`` are (L - kv_from, kv_heads, T_i, head_dim) for the prompts asked for.
+
+Several layers can be captured in one pass (for a k sweep). Prompts are batched by length
+(little padding); batches that need no keys/values stop after the deepest captured layer.
+Storage is bfloat16 by default (half the memory; the rounding is far below the encoder's error).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from llamdex.llm_ops import PrefixKV, backbone, left_pad, num_layers
+
+CacheProgress = Callable[[int, int, float], None]  # (prompts done, total, seconds so far)
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to skip the layers nobody needs."""
+
+
+@dataclass
+class PromptCache:
+    """Per-prompt hidden states at some layers and (optionally) keys/values from ``kv_from`` up."""
+
+    lengths: list[int]
+    hidden: dict[int, list[torch.Tensor]]
+    kv_from: int | None = None
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt index -> (L-kv_from, kvh, T, hd)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def hidden_batch(self, layer: int, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h (B, T, d) float32 right-padded, mask (B, T) bool) for prompts ``idx`` at ``layer``."""
+        seqs = [self.hidden[layer][i] for i in idx]
+        h = pad_sequence(seqs, batch_first=True).float()
+        lengths = torch.tensor([len(s) for s in seqs])
+        return h, torch.arange(h.shape[1])[None, :] < lengths[:, None]
+
+    def prefix_batch(self, layer: int, idx: Sequence[int], dtype: torch.dtype = torch.float32
+                     ) -> tuple[PrefixKV, torch.Tensor, torch.Tensor]:
+        """(PrefixKV for layers >= ``layer``, prefix mask (B, P) left-padded, lengths (B,)) for ``idx``."""
+        if self.kv_from is None or layer < self.kv_from:
+            raise ValueError(f"layer: keys/values were cached from layer {self.kv_from}, not {layer}; "
+                             "fix: build the cache with kv_from <= layer")
+        missing = [i for i in idx if i not in self.keys]
+        if missing:
+            raise ValueError(f"idx: prompts {missing[:5]} have no cached keys/values; fix: list them in kv_rows")
+        lengths = torch.tensor([self.lengths[i] for i in idx])
+        width = int(lengths.max())
+        off = layer - self.kv_from
+
+        def stack(store: dict[int, torch.Tensor]) -> torch.Tensor:
+            first = store[idx[0]]
+            out = torch.zeros(len(idx), first.shape[0] - off, first.shape[1], width, first.shape[3], dtype=dtype)
+            for row, i in enumerate(idx):
+                out[row, :, :, width - self.lengths[i]:] = store[i][off:]
+            return out
+
+        k, v = stack(self.keys), stack(self.values)
+        mask = torch.arange(width)[None, :] >= (width - lengths)[:, None]
+        n_layers = k.shape[1]
+        prefix = PrefixKV({layer + j: k[:, j] for j in range(n_layers)}, {layer + j: v[:, j] for j in range(n_layers)})
+        return prefix, mask, lengths
+
+    def cached(self, rows: Sequence[int]) -> list[int]:
+        """The prompts among ``rows`` whose hidden states were captured (a deadline may skip some)."""
+        first = next(iter(self.hidden.values()))
+        return [i for i in rows if first[i] is not None]
+
+    def nbytes(self) -> int:
+        """Memory held by the cache."""
+        tensors = [t for seqs in self.hidden.values() for t in seqs if t is not None]
+        tensors += list(self.keys.values()) + list(self.values.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def build_cache(model, prompts: list[list[int]], layers: Sequence[int], pad_id: int, kv_from: int | None = None,
+                kv_rows: Sequence[int] = (), batch_size: int = 16, dtype: torch.dtype = torch.bfloat16,
+                progress: CacheProgress | None = None, deadline: float | None = None) -> PromptCache:
+    """Capture the inputs of decoder ``layers`` for every prompt, and keys/values of layers >= ``kv_from``
+    for the prompts in ``kv_rows``. The model is only read (no gradients, no state change).
+
+    ``kv_rows`` are cached first; once ``deadline`` (a ``time.perf_counter()`` value) passes, the
+    remaining prompts are skipped (see :meth:`PromptCache.cached`)."""
+    n_layers = num_layers(model)
+    layers = sorted(set(layers))
+    if not layers or layers[0] < 0 or layers[-1] >= n_layers:
+        raise ValueError(f"layers: {layers} must be within 0..{n_layers - 1}; fix: pick k below the layer count")
+    kv_set = set(kv_rows) if kv_from is not None else set()
+    cache = PromptCache(lengths=[len(p) for p in prompts], hidden={k: [None] * len(prompts) for k in layers},
+                        kv_from=kv_from)
+    start, done = time.perf_counter(), 0
+    kv_group = sorted(kv_set)
+    for group in (kv_group, sorted(set(range(len(prompts))) - kv_set)):
+        order = sorted(group, key=lambda i: cache.lengths[i])
+        for b in range(0, len(order), batch_size):
+            if group is not kv_group and deadline is not None and time.perf_counter() > deadline:
+                break
+            idx = order[b:b + batch_size]
+            _run_batch(model, prompts, idx, layers, pad_id, cache, dtype, with_kv=bool(kv_set) and idx[0] in kv_set)
+            done += len(idx)
+            if progress is not None:
+                progress(done, len(prompts), time.perf_counter() - start)
+    cache.seconds = time.perf_counter() - start
+    return cache
+
+
+def _run_batch(model, prompts: list[list[int]], idx: list[int], layers: list[int], pad_id: int,
+               cache: PromptCache, dtype: torch.dtype, with_kv: bool) -> None:
+    ids, mask, pos = left_pad([prompts[i] for i in idx], pad_id)
+    blocks = backbone(model).layers
+    captured: dict[int, torch.Tensor] = {}
+
+    def make_hook(k: int):
+        def hook(module, args, kwargs):
+            captured[k] = (args[0] if args else kwargs["hidden_states"]).detach()
+            if not with_kv and k == layers[-1]:
+                raise _Stop
+        return hook
+
+    handles = [blocks[k].register_forward_pre_hook(make_hook(k), with_kwargs=True) for k in layers]
+    try:
+        # the decoder stack only: the LM head (V x d per position) is not needed here
+        out = backbone(model)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=with_kv)
+    except _Stop:
+        out = None
+    finally:
+        for h in handles:
+            h.remove()
+    width = ids.shape[1]
+    for row, i in enumerate(idx):
+        start = width - cache.lengths[i]
+        for k in layers:
+            cache.hidden[k][i] = captured[k][row, start:].to(dtype, copy=True)
+        if with_kv and cache.kv_from is not None:
+            kv_layers = out.past_key_values.layers[cache.kv_from:]
+            cache.keys[i] = torch.stack([lay.keys[row, :, start:] for lay in kv_layers]).to(dtype, copy=True)
+            cache.values[i] = torch.stack([lay.values[row, :, start:] for lay in kv_layers]).to(dtype, copy=True)

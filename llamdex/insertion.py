@@ -1,0 +1,183 @@
+"""Insertion runtime: splice a tenant's expert into the frozen LLM's forward pass (paper §1.0).
+
+A row served with an expert gets n extra *slot* positions appended after its prompt (after the
+generation prompt). At the input of decoder layer k (the bundle's layer) the slots' residual
+stream is overwritten by ``decoder(expert(encoder(h_k[prompt])))``; layers k..L-1 read the slots
+through ordinary causal attention and the answer is read at the last slot.
+
+What slots hold at layers < k: the decoder's fixed ``placeholder`` (seeded Gaussian at the
+embedding table's scale, see :func:`llamdex.connectors.gaussian_placeholder`) -- the paper's
+Gaussian pads, but drawn once instead of per forward. It never influences the slot answer (the
+prompt cannot see the slots, and their layer-k input is overwritten), but tokens generated
+*after* the slots attend to the slots' keys/values at layers < k too, so a fixed choice keeps
+generation deterministic and identical between batched and single-row serving.
+
+Batches may mix rows with different experts (even different k and n) and rows without expert:
+each row is right-aligned to the same width (extra left pads for rows with fewer slots), and rows
+without expert equal a plain forward of the model (left padding is masked out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamdex.codec import FeatureCodec
+from llamdex.connectors import Decoder, Encoder
+from llamdex.connectors_io import ConnectorsSpec, load_connectors
+from llamdex.expert import ExpertError, ExpertMLP, ExpertSpec, load_expert
+from llamdex.llm_ops import backbone, left_pad, num_layers, overwrite_at_layer
+from llamdex.prompting import chat_prompt_ids
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Everything needed to serve one tenant expert: connectors, the expert, spec and codec."""
+
+    encoder: Encoder
+    decoder: Decoder
+    expert: ExpertMLP
+    spec: ConnectorsSpec
+    codec: FeatureCodec
+    expert_spec: ExpertSpec | None = None
+
+    @torch.no_grad()
+    def slots(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt hidden states at layer k (B, T, d) + mask -> (slot vectors (B, n, d), features (B, m))."""
+        features = self.encoder.features(hidden, mask)
+        return self.decoder(self.expert(features)), features
+
+    def with_expert(self, expert: ExpertMLP, expert_spec: ExpertSpec | None = None) -> Bundle:
+        """This bundle with another expert (the tenant's real/DP one replacing the synthetic one),
+        validated to consume and produce exactly what the connectors were trained around."""
+        spec, arch = self.spec, expert.arch
+        problems = [f"expert.{name}: {got} but the connectors expect {want}; fix: use an expert trained on "
+                    f"schema {spec.tenant_schema['name']!r}" for name, got, want in (
+                        ("input_size", arch.input_size, spec.input_size),
+                        ("output_size", arch.output_size, spec.output_size)) if got != want]
+        if expert_spec is not None:
+            problems += [f"expert.json.{name}: {got!r} but the connectors expect {want!r}; fix: use an expert "
+                         "trained on the connectors' schema" for name, got, want in (
+                             ("input_columns", expert_spec.input_columns, spec.input_columns),
+                             ("class_names", expert_spec.class_names, spec.class_names)) if got != want]
+        if problems:
+            raise ExpertError(problems)
+        return replace(self, expert=expert.eval().requires_grad_(False), expert_spec=expert_spec)
+
+
+def load_bundle(expert_dir: str | Path, connectors_dir: str | Path, expected_model_hash: str) -> Bundle:
+    """Connectors (refused unless built for ``expected_model_hash``) + the tenant's expert, whose
+    layout is checked against the connectors' schema (feature order, columns, sizes, classes)."""
+    encoder, decoder, spec = load_connectors(connectors_dir, expected_model_hash)
+    expert, expert_spec = load_expert(expert_dir, schema=spec.tenant_schema)
+    bundle = Bundle(encoder, decoder, expert, spec, spec.codec())
+    return bundle.with_expert(expert, expert_spec)
+
+
+def _check(model, bundles: list[Bundle]) -> None:
+    d, n_layers = model.config.hidden_size, num_layers(model)
+    for b in bundles:
+        if b.spec.hidden_size != d or b.spec.num_layers != n_layers:
+            raise ValueError(f"connectors.json: built for {b.spec.base_model_id!r} (d={b.spec.hidden_size}, "
+                             f"{b.spec.num_layers} layers) but this model has d={d}, {n_layers} layers; "
+                             "fix: serve these connectors on their own base model")
+
+
+def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+             experts: Sequence[Bundle | None], use_cache: bool):
+    """One forward with slots appended/overwritten; returns (output, mask, positions, {row: features})."""
+    bundles = [b for b in experts if b is not None]
+    _check(model, bundles)
+    n_row = [0 if b is None else b.spec.num_slots for b in experts]
+    most = max(n_row)
+    batch, width = input_ids.shape
+    total = width + most
+    embed = backbone(model).embed_tokens
+    hidden = torch.zeros(batch, total, embed.embedding_dim, dtype=embed.weight.dtype)
+    mask = torch.zeros(batch, total, dtype=attention_mask.dtype)
+    positions = torch.zeros(batch, total, dtype=position_ids.dtype)
+    for r, (b, n) in enumerate(zip(experts, n_row, strict=True)):
+        lo, hi = most - n, most - n + width  # the prompt's columns in the new layout
+        hidden[r, lo:hi] = embed(input_ids[r])
+        mask[r, lo:hi], positions[r, lo:hi] = attention_mask[r], position_ids[r]
+        if b is not None:
+            hidden[r, hi:] = b.decoder.placeholder.to(hidden.dtype)
+            mask[r, hi:] = 1
+            positions[r, hi:] = position_ids[r, -1] + 1 + torch.arange(n)
+    features: dict[int, torch.Tensor] = {}
+
+    def overwrite(layer: int):
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            h = h.clone()
+            for bundle in {id(b): b for b in bundles if b.spec.layer == layer}.values():
+                rows = [r for r, b in enumerate(experts) if b is bundle]
+                cut = total - bundle.spec.num_slots
+                slots, feats = bundle.slots(h[rows, :cut], mask[rows, :cut])
+                h[rows, cut:] = slots.to(h.dtype)
+                features.update(zip(rows, feats, strict=True))
+            return h
+        return fn
+
+    with ExitStack() as stack:
+        for layer in sorted({b.spec.layer for b in bundles}):
+            stack.enter_context(overwrite_at_layer(model, layer, overwrite(layer)))
+        out = model(inputs_embeds=hidden, attention_mask=mask, position_ids=positions, use_cache=use_cache,
+                    logits_to_keep=1)
+    return out, mask, positions, features
+
+
+def prefill_with_experts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                         experts: Sequence[Bundle | None]):
+    """Batched prefill for a generation engine (left-padded ``input_ids`` (B, T), mask, positions).
+
+    Returns ``(last_logits (B, V), past_key_values, attention_mask, position_ids)`` over the new
+    layout (width T + max n): continue decoding by appending 1 to the mask and using
+    ``position_ids[:, -1:] + 1``, exactly as after a plain prefill. For rows with an expert the last
+    logits are read at the last slot; rows with ``None`` equal a plain forward of their prompt.
+    """
+    if len(experts) != input_ids.shape[0]:
+        raise ValueError(f"experts: {len(experts)} entries for {input_ids.shape[0]} rows; fix: one per row")
+    out, mask, positions, _ = _forward(model, input_ids, attention_mask, position_ids, experts, use_cache=True)
+    return out.logits[:, -1, :], out.past_key_values, mask, positions
+
+
+@torch.no_grad()
+def predict(model, tokenizer, bundle: Bundle, question: str) -> dict[str, Any]:
+    """Answer one question in one forward pass: the class-token argmax at the last slot.
+
+    Returns ``{"label", "probabilities" (softmax over the class tokens), "features" (what the
+    encoder read, decoded by the codec), "expert_probabilities" (the expert on those features)}``.
+    """
+    ids, mask, pos = left_pad(chat_prompt_ids(tokenizer, bundle.spec.system_prompt, [question]), 0)
+    out, _, _, feats = _forward(model, ids, mask, pos, [bundle], use_cache=False)
+    logits = out.logits[0, -1, bundle.spec.class_token_ids].float()
+    probs = torch.softmax(logits, -1).tolist()
+    expert_out = bundle.expert(feats[0][None]).float()[0]
+    expert_probs = [1 - float(expert_out[0]), float(expert_out[0])] if expert_out.numel() == 1 else expert_out.tolist()
+    names = bundle.spec.class_names
+    return {"label": names[int(logits.argmax())], "probabilities": dict(zip(names, probs, strict=True)),
+            "features": bundle.codec.decode(feats[0][None].numpy())[0],
+            "expert_probabilities": dict(zip(names, expert_probs, strict=True))}
+
+
+@torch.no_grad()
+def greedy_decode(model, last_logits: torch.Tensor, past_key_values, attention_mask: torch.Tensor,
+                  position_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy continuation (B, max_new_tokens) from a prefill's outputs (no stopping on EOS)."""
+    tokens = []
+    for step in range(max_new_tokens):
+        nxt = last_logits.argmax(-1)
+        tokens.append(nxt)
+        if step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=past_key_values, use_cache=True)
+        last_logits, past_key_values = out.logits[:, -1, :], out.past_key_values
+    return torch.stack(tokens, dim=1)

@@ -1,0 +1,245 @@
+"""Connector training from the public schema alone: synthetic rows -> questions -> cache -> two stages.
+
+1. :func:`prepare_data`: ``make_synthetic`` rows (80% train / 20% held out), the server's
+   *synthetic* expert trained on the train part without DP (``train_expert(epsilon=None)``; the
+   tenant's real/DP expert is swapped in at serving, paper §2.3), questions from the ``train``
+   phrasing family for training rows and from the disjoint ``heldout`` family for evaluation
+   rows, chat-templated with a one-word-answer system prompt and the generation prompt.
+2. :func:`cache_prompts`: one frozen-LLM pass (hidden states at layer(s) k; keys/values at layers
+   >= k for the stage-2 and evaluation prompts).
+3. :func:`fit_layer`: stage 1 (encoder), stage 2 (decoder), evaluation on held-out phrasings, spec.
+
+:func:`train_connectors` runs all three for one layer within an optional time budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from llamdex.codec import FeatureCodec
+from llamdex.connectors import (
+    Decoder,
+    DecoderConfig,
+    Encoder,
+    EncoderConfig,
+    feature_heads,
+    gaussian_placeholder,
+)
+from llamdex.connectors_io import ConnectorsSpec, TrainingReport, build_spec
+from llamdex.dp_training import train_expert
+from llamdex.expert import ExpertArch, ExpertMLP, ExpertSpec
+from llamdex.hidden_cache import PromptCache, build_cache
+from llamdex.llm_ops import num_layers
+from llamdex.prompting import AnswerTokens, answer_tokens, chat_prompt_ids
+from llamdex.questions import QuestionGenerator
+from llamdex.schema import TenantSchema, load_schema
+from llamdex.stages import (
+    FitSettings,
+    Progress,
+    StageReport,
+    decoder_accuracy,
+    encoder_features,
+    feature_fidelity,
+    train_decoder,
+    train_encoder,
+)
+from llamdex.synthetic import make_synthetic
+
+
+@dataclass(frozen=True)
+class ConnectorsConfig:
+    """Every knob of connector training, with the defaults used for SmolLM2-135M on 2 CPU cores."""
+
+    layer: int = 16  # insertion layer k (input of decoder layer k; 0 = embeddings)
+    num_slots: int = 10  # n appended slots (paper default)
+    synthetic_rows: int = 10_000  # synthetic table (paper); first 80% train, last 20% held out
+    train_questions: int = 2000  # training rows phrased with the 'train' family (stage 1)
+    stage2_questions: int = 800  # first rows of those, with cached keys/values (stage 2)
+    eval_questions: int = 200  # held-out rows phrased with the 'heldout' family (evaluation)
+    enc_width: int = 256  # encoder width (queries, memory projection)
+    enc_heads: int = 8
+    enc_layers: int = 1  # cross-attention blocks
+    enc_head_hidden: int = 128  # per-feature MLP head width
+    enc_epochs: int = 30  # paper: 30
+    enc_lr: float = 1e-3  # small encoder from scratch (the paper fine-tunes RoBERTa at 5e-5)
+    enc_batch: int = 32  # paper: 32
+    numeric_weight: float = 1.0  # weight of numeric MSE against category/bool CE
+    dec_ffn: int = 512  # SwiGLU width F (paper CLI default)
+    dec_norm: Literal["layernorm", "residual_rms"] = "residual_rms"  # "layernorm" (paper) or "residual_rms" (measured; see connectors.py)
+    dec_epochs: int = 10  # paper: 10
+    dec_lr: float = 1e-3
+    dec_batch: int = 16
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.05  # of all steps (paper: 500 steps of ~7,500)
+    expert_epochs: int = 10  # synthetic expert (paper: AdamW, lr 1e-4, batch 64, 10 epochs)
+    expert_lr: float = 1e-3
+    expert_batch: int = 64
+    cache_dtype: str = "bfloat16"  # storage of cached hidden states / keys / values
+    cache_batch: int = 16
+    time_budget_s: float | None = None  # whole run; cache <= 50%, then encoder 35% / decoder the rest
+    seed: int = 0
+
+
+@dataclass
+class ConnectorData:
+    """Everything derived from the schema: prompts (train rows, then eval rows), targets, expert."""
+
+    schema: TenantSchema
+    codec: FeatureCodec
+    answers: AnswerTokens
+    questions: list[str]
+    prompts: list[list[int]]
+    x: torch.Tensor  # (Q, m) codec-encoded true features of each prompt's row
+    y: torch.Tensor  # (Q,) synthetic labels
+    train_rows: list[int]
+    stage2_rows: list[int]
+    eval_rows: list[int]
+    expert: ExpertMLP
+    expert_spec: ExpertSpec
+
+
+@dataclass
+class TrainedConnectors:
+    """Result of :func:`fit_layer`: save with ``save_connectors`` (and ``save_expert`` for the expert)."""
+
+    encoder: Encoder
+    decoder: Decoder
+    spec: ConnectorsSpec
+    expert: ExpertMLP
+    expert_spec: ExpertSpec
+
+
+def prepare_data(tokenizer, schema: TenantSchema | dict | str, cfg: ConnectorsConfig,
+                 progress: Progress | None = None) -> ConnectorData:
+    """Synthetic rows, the synthetic expert, questions and chat prompts (see module docstring)."""
+    schema = load_schema(schema)
+    codec = FeatureCodec(schema)
+    df, labels = make_synthetic(schema, n_rows=cfg.synthetic_rows, seed=cfg.seed)
+    x_all = codec.encode(df)
+    n_train = int(0.8 * len(df))
+    arch = ExpertArch.from_schema(schema)
+    on_epoch = None if progress is None else (
+        lambda r: progress(StageReport("expert", r.epoch, r.epochs, r.loss, 0.0)))
+    expert, ledger = train_expert(x_all[:n_train], labels[:n_train], arch, epsilon=None, delta=1.0 / n_train,
+                                  epochs=cfg.expert_epochs, batch_size=cfg.expert_batch, lr=cfg.expert_lr,
+                                  max_grad_norm=1.0, seed=cfg.seed, progress=on_epoch)
+    expert.eval().requires_grad_(False)
+    train = list(range(min(cfg.train_questions, n_train)))
+    held = list(range(n_train, n_train + min(cfg.eval_questions, len(df) - n_train)))
+    gen = QuestionGenerator(schema, seed=cfg.seed)
+    questions = gen.make_many(df.iloc[train], "train") + gen.make_many(df.iloc[held], "heldout")
+    answers = answer_tokens(tokenizer, codec.class_names)
+    rows = train + held
+    q = len(train)
+    return ConnectorData(
+        schema=schema, codec=codec, answers=answers, questions=questions,
+        prompts=chat_prompt_ids(tokenizer, answers.system_prompt, questions),
+        x=torch.from_numpy(x_all[rows]), y=torch.from_numpy(labels[rows]),
+        train_rows=list(range(q)), stage2_rows=list(range(min(cfg.stage2_questions, q))),
+        eval_rows=list(range(q, len(rows))), expert=expert, expert_spec=ExpertSpec.build(schema, arch, ledger))
+
+
+def cache_prompts(model, tokenizer, data: ConnectorData, layers: list[int], cfg: ConnectorsConfig,
+                  progress: Progress | None = None, deadline: float | None = None) -> PromptCache:
+    """One frozen pass: hidden states at ``layers`` for all prompts, keys/values from min(layers)
+    for the stage-2 and evaluation prompts (cached first; the deadline only skips training prompts)."""
+    on_batch = None if progress is None else (
+        lambda done, total, sec: progress(StageReport("cache", done, total, float("nan"), sec)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return build_cache(model, data.prompts, layers, pad, kv_from=min(layers),
+                       kv_rows=data.stage2_rows + data.eval_rows, batch_size=cfg.cache_batch,
+                       dtype=getattr(torch, cfg.cache_dtype), progress=on_batch, deadline=deadline)
+
+
+def residual_rms(cache: PromptCache, layer: int, rows: list[int]) -> float:
+    """Median per-token RMS of the residual stream entering ``layer`` (robust to massive activations)."""
+    flat = torch.cat([cache.hidden[layer][i].float() for i in rows[:256]])
+    return float(flat.pow(2).mean(-1).sqrt().median())
+
+
+def init_connectors(model, codec: FeatureCodec, answers: AnswerTokens, cfg: ConnectorsConfig, *, model_id: str,
+                    model_hash: str, scale: float = 1.0) -> tuple[Encoder, Decoder, ConnectorsSpec]:
+    """Freshly initialised (untrained) connectors for ``model`` at ``cfg.layer`` and their spec.
+
+    ``scale`` multiplies the decoder's LayerNorm output (use the residual RMS for 'residual_rms').
+    """
+    d = model.config.hidden_size
+    torch.manual_seed(cfg.seed)
+    encoder = Encoder(EncoderConfig(hidden_size=d, features=feature_heads(codec), width=cfg.enc_width,
+                                    heads=cfg.enc_heads, layers=cfg.enc_layers, head_hidden=cfg.enc_head_hidden))
+    decoder = Decoder(DecoderConfig(input_size=codec.output_size, hidden_size=d, num_slots=cfg.num_slots,
+                                    ffn_hidden=cfg.dec_ffn, norm=cfg.dec_norm, scale=scale))
+    decoder.placeholder.copy_(gaussian_placeholder(model.get_input_embeddings().weight, cfg.num_slots, cfg.seed))
+    spec = build_spec(model_id=model_id, model_hash=model_hash, num_layers=num_layers(model), schema=codec.schema,
+                      layer=cfg.layer, encoder=encoder.cfg, decoder=decoder.cfg, class_token_ids=answers.ids,
+                      class_token_strings=answers.strings, system_prompt=answers.system_prompt)
+    return encoder, decoder, spec
+
+
+def fit_layer(model, data: ConnectorData, cache: PromptCache, cfg: ConnectorsConfig, *, model_id: str,
+              model_hash: str, progress: Progress | None = None, budget_s: float | None = None) -> TrainedConnectors:
+    """Stage 1 + stage 2 at ``cfg.layer`` on a cache holding it, then held-out evaluation and the spec."""
+    start = time.perf_counter()
+    layer = cfg.layer
+    rms = residual_rms(cache, layer, data.train_rows)
+    encoder, decoder, spec = init_connectors(model, data.codec, data.answers, cfg, model_id=model_id,
+                                             model_hash=model_hash,
+                                             scale=rms if cfg.dec_norm == "residual_rms" else 1.0)
+    enc_deadline = dec_deadline = None
+    if budget_s is not None:
+        enc_deadline, dec_deadline = start + 0.35 * budget_s, start + 0.92 * budget_s
+    train_rows = cache.cached(data.train_rows)
+    enc_set = FitSettings(cfg.enc_epochs, cfg.enc_lr, cfg.enc_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
+    enc_losses = train_encoder(encoder, cache, layer, data.x, train_rows, enc_set, cfg.numeric_weight,
+                               progress, enc_deadline)
+    t_enc = time.perf_counter()
+    dec_set = FitSettings(cfg.dec_epochs, cfg.dec_lr, cfg.dec_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
+    dec_losses = train_decoder(decoder, model, data.expert, cache, layer, data.x, data.y, data.stage2_rows,
+                               data.answers.ids, dec_set, progress, dec_deadline)
+    t_dec = time.perf_counter()
+    report = evaluate(model, data, cache, layer, encoder, decoder)
+    report.config = asdict(cfg) | {"residual_rms": rms, "train_prompts": len(train_rows)}
+    report.stage1_losses, report.stage2_losses = enc_losses, dec_losses
+    report.seconds = {"cache": cache.seconds, "stage1": t_enc - start, "stage2": t_dec - t_enc,
+                      "evaluation": time.perf_counter() - t_dec}
+    spec = spec.model_copy(update={"training": report})
+    return TrainedConnectors(encoder, decoder, spec, data.expert, data.expert_spec)
+
+
+def evaluate(model, data: ConnectorData, cache: PromptCache, layer: int, encoder: Encoder, decoder: Decoder
+             ) -> TrainingReport:
+    """Held-out phrasings: per-feature fidelity of the encoder, stage-2 accuracy teacher-forced
+    (true features) and end to end (encoder features), each vs the synthetic labels."""
+    rows = data.eval_rows
+    encoded = encoder_features(encoder, cache, layer, rows)
+    true = data.x[rows]
+    fidelity = feature_fidelity(data.codec, encoded, true, data.x[data.train_rows])
+    args = (decoder, model, data.expert, cache, layer)
+    forced = decoder_accuracy(*args, true, data.y, rows, data.answers.ids)
+    e2e = decoder_accuracy(*args, encoded, data.y, rows, data.answers.ids)
+    stage2 = {f"teacher_forced_{k}": v for k, v in forced.items()} | {f"end_to_end_{k}": v for k, v in e2e.items()}
+    stage2["train_label_balance"] = float(np.mean(data.y[data.train_rows].numpy() == 1))
+    return TrainingReport(fidelity=fidelity, stage2=stage2,
+                          notes=[f"evaluated on {len(rows)} held-out rows phrased with the 'heldout' family"])
+
+
+def train_connectors(model, tokenizer, schema: TenantSchema | dict | str, *, model_id: str, model_hash: str,
+                     config: ConnectorsConfig | None = None, progress: Progress | None = None) -> TrainedConnectors:
+    """The whole recipe for one layer k (``config.layer``) within ``config.time_budget_s``."""
+    cfg = config or ConnectorsConfig()
+    if not 0 <= cfg.layer < num_layers(model):
+        raise ValueError(f"config.layer: {cfg.layer} is outside 0..{num_layers(model) - 1}; fix: pick a layer "
+                         "of this model")
+    start = time.perf_counter()
+    budget = cfg.time_budget_s
+    data = prepare_data(tokenizer, schema, cfg, progress)
+    cache = cache_prompts(model, tokenizer, data, [cfg.layer], cfg, progress,
+                          None if budget is None else start + 0.5 * budget)
+    left = None if budget is None else max(1.0, start + budget - time.perf_counter())
+    return fit_layer(model, data, cache, cfg, model_id=model_id, model_hash=model_hash,
+                     progress=progress, budget_s=left)

@@ -1,0 +1,208 @@
+"""The two connector training stages (paper §2.3) and their evaluations, on a :class:`PromptCache`.
+
+* Stage 1 fits the encoder to the codec-encoded true features of each prompt's synthetic row
+  (per-type losses, see :meth:`Encoder.loss`), reading only cached layer-k hidden states.
+* Stage 2 fits the decoder with cross-entropy over the class tokens at the last slot. The
+  ground-truth features go straight into the frozen synthetic-data expert (teacher forcing), so
+  the decoder learns to *read the expert* rather than memorise random synthetic labels; only the
+  n slot positions run through layers k..L-1 against the prompt's cached keys/values (exact, see
+  :mod:`llamdex.llm_ops`).
+
+Both stages share :func:`fit`: AdamW, linear warm-up then cosine decay, shuffled mini-batches,
+a progress callback per epoch, and an optional deadline; after the first epoch the schedule is
+re-planned to the number of epochs that fit before the deadline, so the cosine still completes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from llamdex.codec import FeatureCodec
+from llamdex.connectors import Decoder, Encoder
+from llamdex.hidden_cache import PromptCache
+from llamdex.llm_ops import class_logits, run_slots
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """Passed to ``progress`` after each epoch (or cache batch): what ran, how far, how long."""
+
+    stage: str  # "cache" | "expert" | "encoder" | "decoder"
+    epoch: int
+    epochs: int
+    loss: float
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+Progress = Callable[[StageReport], None]
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Optimiser knobs of one stage."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.05
+    seed: int = 0
+
+
+def fit(params: list[nn.Parameter], n: int, settings: FitSettings, step: Callable[[list[int]], torch.Tensor],
+        stage: str, progress: Progress | None = None, deadline: float | None = None) -> list[float]:
+    """Minimise ``step(batch positions) -> loss`` over shuffled batches of range(n); returns epoch losses."""
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    per_epoch = math.ceil(n / settings.batch_size)
+    plan = {"total": settings.epochs * per_epoch}
+    warm = max(1, int(settings.warmup_frac * plan["total"]))
+
+    def factor(s: int) -> float:
+        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / plan["total"])))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    gen = torch.Generator().manual_seed(settings.seed)
+    start, losses, epochs = time.perf_counter(), [], settings.epochs
+    for epoch in range(1, settings.epochs + 1):
+        total = count = 0.0
+        for pos in torch.randperm(n, generator=gen).split(settings.batch_size):
+            loss = step(pos.tolist())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, count = total + float(loss.detach()) * len(pos), count + len(pos)
+            if deadline is not None and time.perf_counter() > deadline:
+                epochs = epoch  # hard stop: the budget is spent
+                break
+        losses.append(total / count)
+        seconds = time.perf_counter() - start
+        if epoch == 1 and epochs > 1 and deadline is not None:  # re-plan: how many epochs fit before the deadline?
+            epochs = max(1, min(settings.epochs, int((deadline - time.perf_counter()) / seconds) + 1))
+            plan["total"] = epochs * per_epoch
+        if progress is not None:
+            progress(StageReport(stage, epoch, epochs, losses[-1], seconds))
+        if epoch >= epochs:
+            break
+    return losses
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter of ``model`` requires grad inside the block (restored after); eval mode."""
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.requires_grad_(False).eval()
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def train_encoder(encoder: Encoder, cache: PromptCache, layer: int, x: torch.Tensor, rows: Sequence[int],
+                  settings: FitSettings, numeric_weight: float = 1.0, progress: Progress | None = None,
+                  deadline: float | None = None) -> list[float]:
+    """Stage 1 on prompts ``rows`` (x: (N, m) codec-encoded true features, indexed like the cache)."""
+    encoder.fit_input_stats([cache.hidden[layer][i] for i in rows[:512]])
+    encoder.train()
+
+    def step(pos: list[int]) -> torch.Tensor:
+        idx = [rows[p] for p in pos]
+        h, mask = cache.hidden_batch(layer, idx)
+        return encoder.loss(encoder(h, mask), x[idx], numeric_weight)[0]
+
+    losses = fit(list(encoder.parameters()), len(rows), settings, step, "encoder", progress, deadline)
+    encoder.eval()
+    return losses
+
+
+def slot_class_logits(model: nn.Module, cache: PromptCache, layer: int, slots: torch.Tensor, idx: Sequence[int],
+                      token_ids: list[int]) -> torch.Tensor:
+    """Class-token logits (B, C) at the last slot when ``slots`` (B, n, d) enter layer ``layer``."""
+    dtype = next(model.parameters()).dtype
+    prefix, mask, lengths = cache.prefix_batch(layer, idx, dtype)
+    positions = lengths[:, None] + torch.arange(slots.shape[1])[None, :]
+    hidden = run_slots(model, slots.to(dtype), layer, prefix, mask, positions)
+    return class_logits(model, hidden[:, -1], token_ids).float()
+
+
+def train_decoder(decoder: Decoder, model: nn.Module, expert: nn.Module, cache: PromptCache, layer: int,
+                  x: torch.Tensor, y: torch.Tensor, rows: Sequence[int], token_ids: list[int],
+                  settings: FitSettings, progress: Progress | None = None, deadline: float | None = None
+                  ) -> list[float]:
+    """Stage 2 on prompts ``rows``: CE over class tokens, true features -> frozen expert -> decoder."""
+    decoder.train()
+    with torch.no_grad():
+        p_all = expert(x[list(rows)]).float()  # the expert is frozen and sees ground truth: compute once
+
+    def step(pos: list[int]) -> torch.Tensor:
+        idx = [rows[p] for p in pos]
+        logits = slot_class_logits(model, cache, layer, decoder(p_all[pos]), idx, token_ids)
+        return F.cross_entropy(logits, y[idx])
+
+    with frozen(model):
+        losses = fit(list(decoder.parameters()), len(rows), settings, step, "decoder", progress, deadline)
+    decoder.eval()
+    return losses
+
+
+@torch.no_grad()
+def encoder_features(encoder: Encoder, cache: PromptCache, layer: int, rows: Sequence[int], batch: int = 64
+                     ) -> torch.Tensor:
+    """Encoder output (len(rows), m) for cached prompts."""
+    outs = [encoder.features(*cache.hidden_batch(layer, rows[b:b + batch])) for b in range(0, len(rows), batch)]
+    return torch.cat(outs)
+
+
+def feature_fidelity(codec: FeatureCodec, predicted: torch.Tensor, true: torch.Tensor, reference: torch.Tensor
+                     ) -> dict[str, dict[str, float]]:
+    """Per feature, on decoded values: numeric MAE in raw units (and a predict-the-mean baseline),
+    category/bool accuracy (missing counts as its own value) and a majority baseline."""
+    pred, truth = codec.decode(predicted.numpy()), codec.decode(true.numpy())
+    ref = codec.decode(reference.numpy())
+    out: dict[str, dict[str, float]] = {}
+    for f in codec.features:
+        p = [r[f.name] for r in pred]
+        t = [r[f.name] for r in truth]
+        if f.type in ("int", "float"):
+            t_arr = np.asarray(t, dtype=float)
+            mean = float(np.mean([r[f.name] for r in ref]))
+            out[f.name] = {"mae": float(np.abs(np.asarray(p, dtype=float) - t_arr).mean()),
+                           "mae_baseline": float(np.abs(mean - t_arr).mean()),
+                           "range": float(f.hi - f.lo)}
+        else:
+            values = [r[f.name] for r in ref]
+            majority = max(set(values), key=values.count)
+            out[f.name] = {"accuracy": float(np.mean([a == b for a, b in zip(p, t, strict=True)])),
+                           "accuracy_baseline": float(np.mean([majority == b for b in t]))}
+    return out
+
+
+@torch.no_grad()
+def decoder_accuracy(decoder: Decoder, model: nn.Module, expert: nn.Module, cache: PromptCache, layer: int,
+                     x_in: torch.Tensor, y: torch.Tensor, rows: Sequence[int], token_ids: list[int],
+                     batch: int = 32) -> dict[str, float]:
+    """LLM answer (argmax over class tokens at the last slot) vs the synthetic labels ``y[rows]`` and vs
+    the expert's own argmax, with ``x_in`` (len(rows), m) fed to the expert (true or encoded features)."""
+    preds, expert_preds = [], []
+    for b in range(0, len(rows), batch):
+        idx = list(rows[b:b + batch])
+        p = expert(x_in[b:b + batch]).float()
+        preds.append(slot_class_logits(model, cache, layer, decoder(p), idx, token_ids).argmax(-1))
+        expert_preds.append((p[:, 0] > 0.5).long() if p.shape[1] == 1 else p.argmax(-1))
+    pred, e_pred, truth = torch.cat(preds), torch.cat(expert_preds), y[list(rows)]
+    return {"accuracy": float((pred == truth).float().mean()),
+            "expert_accuracy": float((e_pred == truth).float().mean()),
+            "agreement_with_expert": float((pred == e_pred).float().mean())}

@@ -1,0 +1,174 @@
+"""Connectors: encoder/decoder behaviour, connectors.json + safetensors I/O and refusals, answer tokens,
+and an end-to-end training smoke run (schema -> questions -> cache -> two stages) on tiny-random."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llamdex.codec import FeatureCodec
+from llamdex.connectors_io import (
+    CONNECTORS_JSON,
+    CONNECTORS_WEIGHTS,
+    ConnectorsError,
+    load_connectors,
+    save_connectors,
+)
+from llamdex.insertion import Bundle, predict
+from llamdex.pipeline import ConnectorsConfig, init_connectors, train_connectors
+from llamdex.prompting import answer_tokens
+
+SMALL = dict(enc_width=32, enc_heads=4, enc_head_hidden=16, dec_ffn=16)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    from cluster.models import load_model
+
+    torch.set_num_threads(1)
+    model, tok = load_model(tiny_model)
+    return model, tok, tiny_model
+
+
+@pytest.fixture
+def saved(lm, toy, tmp_path):
+    model, tok, resolved = lm
+    codec = FeatureCodec(toy)
+    enc, dec, spec = init_connectors(model, codec, answer_tokens(tok, codec.class_names),
+                                     ConnectorsConfig(layer=2, num_slots=4, **SMALL), model_id=resolved.id,
+                                     model_hash=resolved.content_hash, scale=3.0)
+    save_connectors(enc, dec, spec, tmp_path)
+    return enc, dec, spec, tmp_path
+
+
+def test_encoder_outputs_live_in_codec_space(saved, toy):
+    enc, _, _, _ = saved
+    h, mask = torch.randn(3, 7, enc.cfg.hidden_size), torch.ones(3, 7, dtype=torch.bool)
+    mask[0, :4] = False
+    x = enc.features(h, mask)
+    codec = FeatureCodec(toy)
+    assert x.shape == (3, codec.m) and bool(((x >= 0) & (x <= 1)).all())
+    assert bool((x[:, codec.slices["sex"]].sum(1) < 1).all())  # the 'not stated' logit keeps some mass
+    target = torch.tensor(codec.encode([{"age": 30, "fare": 10.0, "sex": None, "alone": True}] * 3))
+    loss, per_feature = enc.loss(enc(h, mask), target)
+    assert torch.isfinite(loss) and set(per_feature) == {"age", "fare", "sex", "alone"}
+    h2 = h.clone()
+    h2[0, :4] = 1e3  # padded positions are ignored
+    torch.testing.assert_close(enc.features(h2, mask), x)
+
+
+def test_decoder_vectors_have_the_configured_scale(saved):
+    _, dec, _, _ = saved
+    out = dec(torch.rand(5, 1))
+    assert out.shape == (5, 4, dec.cfg.hidden_size)
+    rms = out.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, 3.0), atol=1e-3, rtol=0)
+
+
+def test_save_load_round_trip(saved, lm):
+    enc, dec, spec, path = saved
+    enc2, dec2, spec2 = load_connectors(path, lm[2].content_hash)
+    assert spec2.model_dump(exclude={"weights_sha256"}) == spec.model_dump(exclude={"weights_sha256"})
+    assert spec2.feature_order == ["age", "fare", "sex", "alone"] and spec2.class_names == ["no", "yes"]
+    assert not any(p.requires_grad for p in enc2.parameters())
+    for a, b in ((enc, enc2), (dec, dec2)):
+        for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert k == k2 and torch.equal(v, v2)
+    assert json.loads((path / CONNECTORS_JSON).read_text())["weights_sha256"]
+
+
+def _rewrite(path, mutate_tensors=None, mutate_json=None):
+    tensors = load_file(path / CONNECTORS_WEIGHTS)
+    if mutate_tensors:
+        mutate_tensors(tensors)
+        save_file(tensors, path / CONNECTORS_WEIGHTS)
+    spec = json.loads((path / CONNECTORS_JSON).read_text())
+    spec["weights_sha256"] = hashlib.sha256((path / CONNECTORS_WEIGHTS).read_bytes()).hexdigest()
+    if mutate_json:
+        mutate_json(spec)
+    (path / CONNECTORS_JSON).write_text(json.dumps(spec))
+
+
+def test_refuses_another_base_model(saved):
+    *_, path = saved
+    with pytest.raises(ConnectorsError, match=r"connectors\.json\.base_model_hash: built for 'tiny-random'.*fix: "
+                                              r"retrain the connectors"):
+        load_connectors(path, "f" * 64)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("nan", r"decoder\.w3\.weight\]: not finite"),
+    ("shape", r"encoder\.proj\.weight\]: shape \[3, 3\] but connectors\.json implies"),
+    ("extra", r"\[bogus\]: unexpected tensor"),
+    ("missing", r"decoder\.placeholder\]: missing tensor"),
+    ("json", r"connectors\.json\.layer: .*must be < num_layers 4"),
+    ("hash", r"SHA-256 differs"),
+])
+def test_refuses_corrupt_connectors(saved, lm, case, pattern):
+    *_, path = saved
+
+    def tensors(t):
+        if case == "nan":
+            t["decoder.w3.weight"][0, 0] = float("nan")
+        elif case == "shape":
+            t["encoder.proj.weight"] = torch.zeros(3, 3)
+        elif case == "extra":
+            t["bogus"] = torch.zeros(1)
+        elif case == "missing":
+            del t["decoder.placeholder"]
+
+    def spec(s):
+        if case == "json":
+            s["layer"] = 9
+        elif case == "hash":
+            s["weights_sha256"] = "0" * 64
+
+    _rewrite(path, tensors, spec)
+    with pytest.raises(ConnectorsError, match=pattern):
+        load_connectors(path, lm[2].content_hash)
+
+
+class WordTokenizer:
+    """Minimal tokenizer stub: whole words known as single tokens, anything else splits."""
+
+    vocab = {"No": 5, "Yes": 6, "no": 7, "maybe": 8, "A": 1, "B": 2, "C": 3}
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.vocab[text]] if text in self.vocab else [0, 0]}
+
+
+def test_answer_tokens_words_then_letters(lm):
+    words = answer_tokens(WordTokenizer(), ["no", "yes"])
+    assert words.strings == ["No", "Yes"] and words.ids == [5, 6]
+    assert words.system_prompt.endswith("only one word: No or Yes.")
+    letters = answer_tokens(WordTokenizer(), ["no", "maybe", "very_recom"])
+    assert letters.strings == ["A", "B", "C"] and letters.ids == [1, 2, 3]
+    assert "A (no), B (maybe) or C (very_recom)" in letters.system_prompt
+    tiny = answer_tokens(lm[1], ["no", "yes"])  # byte-level tokenizer: 'No' is two tokens -> letters
+    assert tiny.strings == ["A", "B"]
+
+
+def test_end_to_end_training_smoke_reduces_both_losses(lm, toy, tmp_path):
+    model, tok, resolved = lm
+    cfg = ConnectorsConfig(layer=2, num_slots=4, synthetic_rows=600, train_questions=96, stage2_questions=48,
+                           eval_questions=24, enc_epochs=6, dec_epochs=4, dec_lr=3e-3, expert_epochs=3,
+                           cache_dtype="float32", **SMALL)
+    reports = []
+    start = time.perf_counter()
+    trained = train_connectors(model, tok, toy, model_id=resolved.id, model_hash=resolved.content_hash, config=cfg,
+                               progress=reports.append)
+    assert time.perf_counter() - start < 60
+    assert {r.stage for r in reports} == {"expert", "cache", "encoder", "decoder"}
+    rep = trained.spec.training
+    assert rep.stage1_losses[-1] < rep.stage1_losses[0] and rep.stage2_losses[-1] < rep.stage2_losses[0]
+    assert set(rep.fidelity) == {"age", "fare", "sex", "alone"} and "mae" in rep.fidelity["age"]
+    assert 0 <= rep.stage2["end_to_end_accuracy"] <= 1 and rep.seconds["cache"] > 0
+    save_connectors(trained.encoder, trained.decoder, trained.spec, tmp_path)
+    enc, dec, spec = load_connectors(tmp_path, resolved.content_hash)
+    res = predict(model, tok, Bundle(enc, dec, trained.expert, spec, spec.codec()), "Age 30. Did they survive?")
+    assert res["label"] in ("no", "yes")

@@ -104,7 +104,12 @@ def _single_adapter_costs(
 
 
 def _seed_assignment(
-    stacks: Mapping[str, FactorStack], K: int, rank: int, config: JDConfig | None, generator: torch.Generator
+    stacks: Mapping[str, FactorStack],
+    K: int,
+    rank: int,
+    config: JDConfig | None,
+    generator: torch.Generator,
+    progress: ProgressFn | None,
 ) -> list[int]:
     """Greedy k-means++ over subspaces: the initial assignment to K single-adapter bases.
 
@@ -117,6 +122,8 @@ def _seed_assignment(
     seeds = [int(torch.randint(n, (1,), generator=generator))]
     columns = [_single_adapter_costs(stacks, seeds[0], rank, config)]
     while len(seeds) < K:
+        if progress is not None:
+            progress("seed", len(seeds), K)
         nearest = torch.stack(columns, 1).min(1).values.clamp_min(0)
         nearest[seeds] = 0
         if nearest.sum() <= 0:  # every adapter already fits a seed: draw among the non-seeds
@@ -166,7 +173,9 @@ def cluster_adapters(
     elif clusters == 1:
         assignment = [0] * n
     else:
-        assignment = _seed_assignment(stacks, clusters, rank, config, torch.Generator().manual_seed(seed))
+        assignment = _seed_assignment(
+            stacks, clusters, rank, config, torch.Generator().manual_seed(seed), progress
+        )
     bases = fit_clusters(stacks, assignment, clusters, rank, method, config, seed=seed)
     rounds, converged, history = 0, False, []
     while True:

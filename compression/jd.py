@@ -33,13 +33,15 @@ class JDConfig:
     max_iters: int = 100  # JD-Full subspace iterations
     tol: float = 1e-3  # JD-Full stops when max(‖U − U₀U₀ᵀU‖, same for V) / √r < tol
     diag_iters: int = 100  # JD-Diag ALS sweeps
-    diag_tol: float = 1e-6  # JD-Diag stops when the objective drops by less than this fraction
+    # Both stop when one iteration lowers the objective by less than this fraction. Needed for
+    # JD-Full too: directions past the data's rank have no eigengap and rotate without end.
+    obj_tol: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("max_iters", "diag_iters"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"JDConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
-        for name in ("tol", "diag_tol"):
+        for name in ("tol", "obj_tol"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"JDConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -83,16 +85,16 @@ def random_basis(d: int, r: int, generator: torch.Generator) -> Tensor:
     return torch.linalg.qr(torch.randn(d, r, generator=generator)).Q
 
 
-def _weights(sq_norms: Tensor) -> Tensor:
-    return torch.where(sq_norms > 0, 1 / sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny), 0.0)
+def _inverse_or_zero(x: Tensor) -> Tensor:
+    """1/x where x > 0, else 0: the fit weights 1/‖ΔW_i‖², and "zero adapter => zero error"."""
+    return torch.where(x > 0, 1 / x.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
 
 
 def _relative_error(sq_norms: Tensor, core: Tensor, S: Tensor, UtU: Tensor, VtV: Tensor) -> Tensor:
     """(‖ΔW‖² − 2⟨ΔW, U S Vᵀ⟩ + ‖U S Vᵀ‖²) / ‖ΔW‖², with ⟨ΔW, U S Vᵀ⟩ = Σ core∘S, clamped at 0."""
     inner = (core * S).sum((1, 2))
     recon = (UtU @ S @ VtV * S).sum((1, 2))
-    err = (sq_norms - 2 * inner + recon).clamp_min(0)
-    return torch.where(sq_norms > 0, err / sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny), 0.0)
+    return (sq_norms - 2 * inner + recon).clamp_min(0) * _inverse_or_zero(sq_norms)
 
 
 def _as_matrix(sigma: Tensor) -> Tensor:
@@ -138,9 +140,12 @@ def svd_truncate(stack: FactorStack, rank: int) -> SVDFit:
     Qa, Ra = torch.linalg.qr(stack.A.mT)  # Aᵀ = Qa Ra, so ΔW = Qb (Rb Raᵀ) Qaᵀ
     P, s, Wh = torch.linalg.svd(Rb @ Ra.mT)
     k = min(rank, s.shape[1])
-    total = (s**2).sum(1)
-    error = torch.where(total > 0, (s[:, k:] ** 2).sum(1) / total.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+    error = (s[:, k:] ** 2).sum(1) * _inverse_or_zero((s**2).sum(1))
     return SVDFit(U=Qb @ P[..., :k], s=s[:, :k], V=Qa @ Wh.mT[..., :k], error=error)
+
+
+def _plateaued(history: list[float], obj_tol: float) -> bool:
+    return len(history) >= 2 and history[-2] - history[-1] <= obj_tol * max(history[-2], 1e-30)
 
 
 def _subspace_change(old: Tensor, new: Tensor) -> float:
@@ -158,7 +163,8 @@ def jd_full(
 
     Weighted subspace iteration: U ← qr(Σ_i w_i ΔW_i V Vᵀ ΔW_iᵀ U), then the same for V, with
     w_i = 1/‖ΔW_i‖². `init` (any full-rank bases, e.g. a previous fit) warm-starts; otherwise
-    random orthonormal bases from `seed`. Stops when both subspaces move by less than config.tol.
+    random orthonormal bases from `seed`. Stops when both subspaces move by less than config.tol
+    or the objective plateaus (config.obj_tol).
     """
     config = config or JDConfig()
     check_rank(stack, rank)
@@ -168,7 +174,7 @@ def jd_full(
     else:
         U, V = torch.linalg.qr(init[0]).Q, torch.linalg.qr(init[1]).Q
     sq = stack.sq_norms
-    w = _weights(sq)
+    w = _inverse_or_zero(sq)
     B, A = stack.B, stack.A
     fit = ModuleFit(U=U, V=V, sigma=stack.core(U, V), converged=not bool((w > 0).any()))
     AV = A @ V  # [n, R, r]
@@ -182,7 +188,7 @@ def jd_full(
         U, V = U_new, V_new
         core = BtU.mT @ AV
         fit.history.append(float((w * (sq - (core**2).sum((1, 2)))).clamp_min(0).sum()))
-        if change < config.tol:
+        if change < config.tol or _plateaued(fit.history, config.obj_tol):
             fit.converged = True
             break
     fit.U, fit.V, fit.sigma = U, V, stack.core(U, V)
@@ -195,11 +201,11 @@ def jd_diag(stack: FactorStack, init: tuple[Tensor, Tensor], config: JDConfig | 
     Starting from `init` (normally the JD-Full U, V), each sweep solves exactly for U given
     (σ, V), for V given (σ, U), rescales columns of U and V to unit norm (a gauge choice that
     keeps (UᵀU)∘(VᵀV) well conditioned), then solves for σ. The weighted objective never
-    increases; stops after config.diag_iters sweeps or when it drops by < config.diag_tol (relative).
+    increases; stops after config.diag_iters sweeps or when it drops by < config.obj_tol (relative).
     """
     config = config or JDConfig()
     U, V = init
-    w = _weights(stack.sq_norms)
+    w = _inverse_or_zero(stack.sq_norms)
     B, A = stack.B, stack.A
     sigma, errors = project_with_error(stack, U, V, "diag")
     fit = ModuleFit(U=U, V=V, sigma=sigma, history=[float(errors.sum())], converged=not bool((w > 0).any()))
@@ -213,7 +219,7 @@ def jd_diag(stack: FactorStack, init: tuple[Tensor, Tensor], config: JDConfig | 
         V = V / V.norm(dim=0).clamp_min(1e-30)
         sigma, errors = project_with_error(stack, U, V, "diag")
         fit.history.append(float(errors.sum()))
-        if fit.history[-2] - fit.history[-1] <= config.diag_tol * max(fit.history[-2], 1e-30):
+        if _plateaued(fit.history, config.obj_tol):
             fit.converged = True
             break
     fit.U, fit.V, fit.sigma = U, V, sigma

@@ -216,3 +216,9 @@ def test_compress_collection_input_errors(collection):
         compress_collection(adapters[:2], rank=17)
     with pytest.raises(ValueError, match="method must be one of"):
         compress_collection(adapters[:2], rank=2, method="sparse")
+
+
+def test_progress_callback_reports_seeding_and_rounds(collection):
+    events = []
+    compress_collection(collection.adapters, rank=4, clusters=2, progress=lambda *e: events.append(e))
+    assert ("seed", 1, 2) in events and events[-1][0] == "cluster" and events[-1][2] == 10

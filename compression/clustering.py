@@ -6,8 +6,9 @@ loop alternates (1) a JD fit per cluster and module, warm-started from the previ
 (2) reassignment to the cheapest cluster, until assignments are stable or max_rounds is hit.
 Both steps lower the same objective (sum of relative errors), so it converges.
 
-Initialisation is k-means++-like: seed clusters with single adapters, each next seed drawn with
-probability proportional to its projection error on the nearest existing seed basis.
+Initialisation is greedy k-means++ over subspaces: clusters are seeded with single adapters, each
+next seed drawn with probability proportional to its projection error on the nearest seed basis.
+Empty clusters are re-seeded with the worst-fitting adapter of a cluster that can spare one.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class ClusterResult:
     costs: Tensor  # [n, K] summed (over modules) squared relative error of adapter i on cluster c
     rounds: int
     converged: bool
-    history: list[float]  # total cost Σ_i costs[i, assignment[i]] after each fit (non-increasing in theory)
+    history: list[float]  # Σ_i costs[i, assignment[i]] after each fit (non-increasing in theory)
 
 
 def assignment_costs(stacks: Mapping[str, FactorStack], bases: Bases, method: Method) -> Tensor:

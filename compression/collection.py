@@ -94,8 +94,9 @@ def compress_collection(
     Adapters may target different module subsets (a missing module is ΔW = 0). `base_shapes`
     (see lora_io.linear_shapes) validates modules against the base model. `base_model` overrides
     the adapters' base_model_name_or_path, which must otherwise agree. `progress(stage, done,
-    total)` is called per k-means++ seed ("seed") and per clustering round ("cluster"). `init_clusters` (one id per adapter, e.g. a grown
-    bank's `clusters`) starts the clustering there instead of at k-means++ seeds.
+    total)` is called per k-means++ seed ("seed") and per clustering round ("cluster").
+    `init_clusters` (one id per adapter, e.g. a grown bank's `clusters`) starts the clustering
+    there instead of at k-means++ seeds: the offline re-clustering path.
     """
     if not adapters:
         raise ValueError("compress_collection: adapters is empty")

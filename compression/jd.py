@@ -171,6 +171,11 @@ def jd_full(
     if init is None:
         g = torch.Generator().manual_seed(seed)
         U, V = random_basis(stack.d_out, rank, g), random_basis(stack.d_in, rank, g)
+    elif init[0].shape != (stack.d_out, rank) or init[1].shape != (stack.d_in, rank):
+        raise ValueError(
+            f"init bases must be U [{stack.d_out}, {rank}] and V [{stack.d_in}, {rank}], got "
+            f"{tuple(init[0].shape)} and {tuple(init[1].shape)}"
+        )
     else:
         U, V = torch.linalg.qr(init[0]).Q, torch.linalg.qr(init[1]).Q
     sq = stack.sq_norms

@@ -25,3 +25,18 @@ def tiny_llama():
         return LlamaForCausalLM(config).eval()
 
     return build
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Run the compression tests on one intra-op thread (restored after each test module).
+
+    The fits are many tiny matmuls; on a small shared CI box, torch's thread pool spends more
+    time synchronising than computing, and oversubscription makes timings erratic.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from transformers import DynamicCache
 
 from llamdex.llm_ops import PrefixKV, backbone, left_pad, num_layers
 
@@ -102,6 +103,7 @@ def build_cache(model, prompts: list[list[int]], layers: Sequence[int], pad_id: 
     cache = PromptCache(lengths=[len(p) for p in prompts], hidden={k: [None] * len(prompts) for k in layers},
                         kv_from=kv_from)
     start, done = time.perf_counter(), 0
+    shared = _shared_prefix(model, prompts, layers)
     kv_group = sorted(kv_set)
     for group in (kv_group, sorted(set(range(len(prompts))) - kv_set)):
         order = sorted(group, key=lambda i: cache.lengths[i])
@@ -109,7 +111,8 @@ def build_cache(model, prompts: list[list[int]], layers: Sequence[int], pad_id: 
             if group is not kv_group and deadline is not None and time.perf_counter() > deadline:
                 break
             idx = order[b:b + batch_size]
-            _run_batch(model, prompts, idx, layers, pad_id, cache, dtype, with_kv=bool(kv_set) and idx[0] in kv_set)
+            _run_batch(model, prompts, idx, layers, pad_id, cache, dtype, shared,
+                       with_kv=bool(kv_set) and idx[0] in kv_set)
             done += len(idx)
             if progress is not None:
                 progress(done, len(prompts), time.perf_counter() - start)
@@ -117,34 +120,77 @@ def build_cache(model, prompts: list[list[int]], layers: Sequence[int], pad_id: 
     return cache
 
 
-def _run_batch(model, prompts: list[list[int]], idx: list[int], layers: list[int], pad_id: int,
-               cache: PromptCache, dtype: torch.dtype, with_kv: bool) -> None:
-    ids, mask, pos = left_pad([prompts[i] for i in idx], pad_id)
-    blocks = backbone(model).layers
+@dataclass
+class _Shared:
+    """The token prefix every prompt starts with (system prompt + chat header), run once."""
+
+    length: int
+    hidden: dict[int, torch.Tensor]  # layer -> (P, d)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kvh, P, hd) keys, values
+
+
+def _forward(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, layers: list[int], past,
+             stop_early: bool):
+    """Decoder stack only (no LM head); captures the inputs of ``layers``; optionally stops after the last."""
     captured: dict[int, torch.Tensor] = {}
 
     def make_hook(k: int):
         def hook(module, args, kwargs):
             captured[k] = (args[0] if args else kwargs["hidden_states"]).detach()
-            if not with_kv and k == layers[-1]:
+            if stop_early and k == layers[-1]:
                 raise _Stop
         return hook
 
+    blocks = backbone(model).layers
     handles = [blocks[k].register_forward_pre_hook(make_hook(k), with_kwargs=True) for k in layers]
     try:
-        # the decoder stack only: the LM head (V x d per position) is not needed here
-        out = backbone(model)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=with_kv)
+        out = backbone(model)(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                              use_cache=past is not None or not stop_early)
     except _Stop:
         out = None
     finally:
         for h in handles:
             h.remove()
+    return captured, out
+
+
+def _shared_prefix(model, prompts: list[list[int]], layers: list[int]) -> _Shared:
+    """Longest common token prefix (leaving >= 1 own token per prompt), computed once: saves its
+    share of every prompt's forward (~20% for the chat-templated questions)."""
+    n = 0
+    limit = min(len(p) for p in prompts) - 1
+    while n < limit and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    if n < 4:
+        return _Shared(0, {}, [])
+    ids = torch.tensor([prompts[0][:n]])
+    captured, out = _forward(model, ids, torch.ones_like(ids), torch.arange(n)[None], layers, None, False)
+    return _Shared(n, {k: captured[k][0] for k in layers},
+                   [(lay.keys, lay.values) for lay in out.past_key_values.layers])
+
+
+def _run_batch(model, prompts: list[list[int]], idx: list[int], layers: list[int], pad_id: int,
+               cache: PromptCache, dtype: torch.dtype, shared: _Shared, with_kv: bool) -> None:
+    p = shared.length
+    ids, mask, pos = left_pad([prompts[i][p:] for i in idx], pad_id)
+    past = None
+    if p:  # continue from the shared prefix: [prefix ; left pads ; own tokens], pads masked out
+        b = len(idx)
+        past = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in shared.kv])
+        mask, pos = torch.cat([torch.ones(b, p, dtype=mask.dtype), mask], dim=1), pos + p
+    captured, out = _forward(model, ids, mask, pos, layers, past, stop_early=not with_kv)
     width = ids.shape[1]
     for row, i in enumerate(idx):
-        start = width - cache.lengths[i]
+        start = width - (cache.lengths[i] - p)
         for k in layers:
-            cache.hidden[k][i] = captured[k][row, start:].to(dtype, copy=True)
+            own = captured[k][row, start:]
+            cache.hidden[k][i] = (torch.cat([shared.hidden[k], own]) if p else own).to(dtype, copy=True)
         if with_kv and cache.kv_from is not None:
             kv_layers = out.past_key_values.layers[cache.kv_from:]
-            cache.keys[i] = torch.stack([lay.keys[row, :, start:] for lay in kv_layers]).to(dtype, copy=True)
-            cache.values[i] = torch.stack([lay.values[row, :, start:] for lay in kv_layers]).to(dtype, copy=True)
+            cache.keys[i] = torch.stack([_strip(lay.keys, row, p, start) for lay in kv_layers]).to(dtype, copy=True)
+            cache.values[i] = torch.stack([_strip(lay.values, row, p, start) for lay in kv_layers]).to(dtype, copy=True)
+
+
+def _strip(t: torch.Tensor, row: int, p: int, start: int) -> torch.Tensor:
+    """Row ``row`` of cached keys/values (B, kvh, p + width, hd) without its left pads: (kvh, T, hd)."""
+    return torch.cat([t[row, :, :p], t[row, :, p + start:]], dim=1)

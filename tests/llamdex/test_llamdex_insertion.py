@@ -78,16 +78,20 @@ def test_slot_only_forward_equals_full_forward(lm, toy, layer):
         torch.testing.assert_close(fast[i], ref, atol=ATOL, rtol=1e-4)
 
 
-def test_cached_hidden_states_are_what_the_encoder_sees(lm, toy):
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_cached_hidden_states_are_what_the_encoder_sees(lm, toy, shared_prefix):
     model, tok, _ = lm
     bundle = make_bundle(lm, toy, layer=2, n=3)
     prompts = chat_prompt_ids(tok, bundle.spec.system_prompt, QUESTIONS)
-    cache = build_cache(model, prompts, [2], tok.pad_token_id, dtype=torch.float32)
+    if not shared_prefix:  # no common prefix: every prompt runs in full
+        prompts = [[100 + i] + p for i, p in enumerate(prompts)]
+    cache = build_cache(model, prompts, [0, 2], tok.pad_token_id, kv_from=2, kv_rows=[1], dtype=torch.float32)
     ids, mask, pos = left_pad(prompts, tok.pad_token_id)
     with torch.no_grad():
         hs = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states[2]
     for i, p in enumerate(prompts):
         torch.testing.assert_close(cache.hidden[2][i], hs[i, -len(p):], atol=ATOL, rtol=1e-4)
+    assert list(cache.keys) == [1] and cache.keys[1].shape[2] == len(prompts[1])
 
 
 def test_mixed_batch_equals_single_rows_and_plain_rows(lm, toy):

@@ -105,8 +105,11 @@ def build_cache(model, prompts: list[list[int]], layers: Sequence[int], pad_id: 
     start, done = time.perf_counter(), 0
     shared = _shared_prefix(model, prompts, layers)
     kv_group = sorted(kv_set)
-    for group in (kv_group, sorted(set(range(len(prompts))) - kv_set)):
-        order = sorted(group, key=lambda i: cache.lengths[i])
+    for group in (kv_group, [i for i in range(len(prompts)) if i not in kv_set]):
+        # sort by length (little padding) within chunks taken in the given order, so that a deadline
+        # drops a random subset (the caller's order), not systematically the longest prompts
+        chunks = [group[c:c + 8 * batch_size] for c in range(0, len(group), 8 * batch_size)]
+        order = [i for chunk in chunks for i in sorted(chunk, key=lambda i: cache.lengths[i])]
         for b in range(0, len(order), batch_size):
             if group is not kv_group and deadline is not None and time.perf_counter() > deadline:
                 break

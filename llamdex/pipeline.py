@@ -2,9 +2,11 @@
 
 1. :func:`prepare_data`: ``make_synthetic`` rows (80% train / 20% held out), the server's
    *synthetic* expert trained on the train part without DP (``train_expert(epsilon=None)``; the
-   tenant's real/DP expert is swapped in at serving, paper §2.3), questions from the ``train``
-   phrasing family for training rows and from the disjoint ``heldout`` family for evaluation
-   rows, chat-templated with a one-word-answer system prompt and the generation prompt.
+   tenant's real/DP expert is swapped in at serving, paper §2.3), plus coverage rows (values
+   spread over each range, :mod:`llamdex.coverage`; labelled by the synthetic expert's argmax);
+   questions from the ``train`` phrasing family for training rows and from the disjoint
+   ``heldout`` family for evaluation rows, chat-templated with a one-word-answer system prompt
+   and the generation prompt.
 2. :func:`cache_prompts`: one frozen-LLM pass (hidden states at layer(s) k; keys/values at layers
    >= k for the stage-2 and evaluation prompts).
 3. :func:`fit_layer`: stage 1 (encoder), stage 2 (decoder), evaluation on held-out phrasings, spec.
@@ -19,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 
 from llamdex.codec import FeatureCodec
@@ -31,8 +34,9 @@ from llamdex.connectors import (
     gaussian_placeholder,
 )
 from llamdex.connectors_io import ConnectorsSpec, TrainingReport, build_spec
+from llamdex.coverage import coverage_rows
 from llamdex.dp_training import train_expert
-from llamdex.expert import ExpertArch, ExpertMLP, ExpertSpec
+from llamdex.expert import ExpertArch, ExpertMLP, ExpertSpec, predict_proba
 from llamdex.hidden_cache import PromptCache, build_cache
 from llamdex.llm_ops import num_layers
 from llamdex.prompting import AnswerTokens, answer_tokens, chat_prompt_ids
@@ -61,6 +65,7 @@ class ConnectorsConfig:
     train_questions: int = 2000  # training rows phrased with the 'train' family (stage 1)
     stage2_questions: int = 800  # first rows of those, with cached keys/values (stage 2)
     eval_questions: int = 200  # held-out rows phrased with the 'heldout' family (evaluation)
+    coverage_share: float = 0.5  # share of train/eval rows from coverage_rows (see llamdex.coverage)
     enc_width: int = 256  # encoder width (queries, memory projection)
     enc_heads: int = 8
     enc_layers: int = 1  # cross-attention blocks
@@ -130,19 +135,30 @@ def prepare_data(tokenizer, schema: TenantSchema | dict | str, cfg: ConnectorsCo
                                   epochs=cfg.expert_epochs, batch_size=cfg.expert_batch, lr=cfg.expert_lr,
                                   max_grad_norm=1.0, seed=cfg.seed, progress=on_epoch)
     expert.eval().requires_grad_(False)
-    train = list(range(min(cfg.train_questions, n_train)))
-    held = list(range(n_train, n_train + min(cfg.eval_questions, len(df) - n_train)))
+    cov_train = round(cfg.train_questions * cfg.coverage_share)
+    cov_eval = round(cfg.eval_questions * cfg.coverage_share)
+    syn_train = list(range(min(cfg.train_questions - cov_train, n_train)))
+    syn_held = list(range(n_train, n_train + min(cfg.eval_questions - cov_eval, len(df) - n_train)))
+    cov = coverage_rows(schema, cov_train + cov_eval, seed=cfg.seed)
+    x_cov = codec.encode(cov)
+    y_cov = predict_proba(expert, x_cov).argmax(1)  # coverage rows have no synthetic label: the expert's
+    order = np.random.default_rng(cfg.seed).permutation(len(syn_train) + cov_train)  # mix both kinds
+    train_df = pd.concat([df.iloc[syn_train], cov.iloc[:cov_train]], ignore_index=True).iloc[order]
+    held_df = pd.concat([df.iloc[syn_held], cov.iloc[cov_train:]], ignore_index=True)
+    x = np.concatenate([x_all[syn_train], x_cov[:cov_train]])[order]
+    y = np.concatenate([labels[syn_train], y_cov[:cov_train]])[order]
+    x = np.concatenate([x, x_all[syn_held], x_cov[cov_train:]])
+    y = np.concatenate([y, labels[syn_held], y_cov[cov_train:]])
     gen = QuestionGenerator(schema, seed=cfg.seed)
-    questions = gen.make_many(df.iloc[train], "train") + gen.make_many(df.iloc[held], "heldout")
+    questions = gen.make_many(train_df, "train") + gen.make_many(held_df, "heldout")
     answers = answer_tokens(tokenizer, codec.class_names)
-    rows = train + held
-    q = len(train)
+    q = len(train_df)
     return ConnectorData(
         schema=schema, codec=codec, answers=answers, questions=questions,
         prompts=chat_prompt_ids(tokenizer, answers.system_prompt, questions),
-        x=torch.from_numpy(x_all[rows]), y=torch.from_numpy(labels[rows]),
+        x=torch.from_numpy(x), y=torch.from_numpy(y.astype(np.int64)),
         train_rows=list(range(q)), stage2_rows=list(range(min(cfg.stage2_questions, q))),
-        eval_rows=list(range(q, len(rows))), expert=expert, expert_spec=ExpertSpec.build(schema, arch, ledger))
+        eval_rows=list(range(q, len(questions))), expert=expert, expert_spec=ExpertSpec.build(schema, arch, ledger))
 
 
 def cache_prompts(model, tokenizer, data: ConnectorData, layers: list[int], cfg: ConnectorsConfig,
@@ -225,8 +241,9 @@ def evaluate(model, data: ConnectorData, cache: PromptCache, layer: int, encoder
     e2e = decoder_accuracy(*args, encoded, data.y, rows, data.answers.ids)
     stage2 = {f"teacher_forced_{k}": v for k, v in forced.items()} | {f"end_to_end_{k}": v for k, v in e2e.items()}
     stage2["train_label_balance"] = float(np.mean(data.y[data.train_rows].numpy() == 1))
-    return TrainingReport(fidelity=fidelity, stage2=stage2,
-                          notes=[f"evaluated on {len(rows)} held-out rows phrased with the 'heldout' family"])
+    return TrainingReport(fidelity=fidelity, stage2=stage2, notes=[
+        f"evaluated on {len(rows)} held-out rows (synthetic + coverage) phrased with the 'heldout' family; "
+        "labels: synthetic labels, or the synthetic expert's argmax for coverage rows"])
 
 
 def train_connectors(model, tokenizer, schema: TenantSchema | dict | str, *, model_id: str, model_hash: str,

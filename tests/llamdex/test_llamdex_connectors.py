@@ -19,6 +19,7 @@ from llamdex.connectors_io import (
     load_connectors,
     save_connectors,
 )
+from llamdex.coverage import coverage_rows
 from llamdex.insertion import Bundle, predict
 from llamdex.pipeline import ConnectorsConfig, init_connectors, train_connectors
 from llamdex.prompting import answer_tokens
@@ -172,3 +173,12 @@ def test_end_to_end_training_smoke_reduces_both_losses(lm, toy, tmp_path):
     enc, dec, spec = load_connectors(tmp_path, resolved.content_hash)
     res = predict(model, tok, Bundle(enc, dec, trained.expert, spec, spec.codec()), "Age 30. Did they survive?")
     assert res["label"] in ("no", "yes")
+
+
+def test_coverage_rows_reach_the_range_ends(toy):
+    rows = coverage_rows(toy, 400, seed=1)
+    assert list(rows.columns) == ["age", "fare", "sex", "alone"]
+    assert rows["age"].between(0, 100).all() and (rows["age"] <= 2).sum() > 10  # the lower end is covered
+    assert rows["fare"].between(0, 600).all() and (rows["fare"] == rows["fare"].round(0)).sum() > 50
+    assert rows["sex"].isna().sum() > 10 and set(rows["sex"].dropna()) == {"male", "female"}
+    FeatureCodec(toy).encode(rows)  # valid for the codec

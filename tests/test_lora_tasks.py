@@ -59,6 +59,7 @@ def test_smollm2_answers_are_single_distinct_tokens():
         assert len({i[0] for i in ids}) == len(ids)
     ids = lt.encode_prompt(tok, lt.make_task(0).train[0].messages)
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    assert lt.end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +86,10 @@ def test_split_and_shared_prefix_forward_are_exact(tiny):
                 if "lora_B" in n:
                     p.normal_(std=0.05)
         assert lt.first_adapted_layer(pm) == total - 2
-        ids = lt._prompt_ids(pm, tok, exs)
+        ids = lt._seq_ids(pm, tok, exs)  # prompt + answer token
+        assert all(int(i[-1]) == tok.encode(ex.answer)[0] for i, ex in zip(ids, exs, strict=True))
         with torch.no_grad():
-            single = torch.cat([pm(input_ids=i[None]).logits[:, -1] for i in ids])
+            single = torch.cat([pm(input_ids=i[None]).logits[:, -2:] for i in ids])
             for shared in (True, False):
                 states = lt._lower_states(pm, tok, exs, total - 2, 4, shared_prefix=shared)
                 split = lt._last_logits(pm, tok, exs, total - 2, False, states, shared_prefix=shared)

@@ -70,7 +70,10 @@ def report_rounds(n_tasks: int, world: int, report_every: int) -> int:
 
 
 def fingerprint(task_dump: dict, cfg_dump: dict, model_hash: str) -> str:
-    blob = json.dumps({"task": task_dump, "config": cfg_dump, "model": model_hash}, sort_keys=True)
+    from train_jobs.lora_tasks import OBJECTIVE
+
+    blob = json.dumps({"task": task_dump, "config": cfg_dump, "model": model_hash, "objective": OBJECTIVE},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

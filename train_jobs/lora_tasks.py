@@ -15,25 +15,44 @@ from the pool and maps each to an answer with a seeded, balanced random assignme
 Phrasings are split: the first ``TRAIN_TEMPLATES`` of each family are used for training and for
 the primary metric ("the tenant's questions"); the rest are paraphrases held out from training.
 
-Metric
-------
-Exact match of the greedy first answer token: the argmax over the FULL vocabulary at the
-assistant's first position must be the answer token. Every answer is a single token without a
-leading space, so this is exact match of greedy decoding of the answer word. ``choice_accuracy``
-(argmax restricted to the family's answer vocabulary) is reported too; its chance level is
-1 / len(vocabulary).
+Objective and metric
+--------------------
+The training sequence is prompt + answer token; the loss is the cross-entropy of the answer token
+at the last prompt position plus that of the end-of-turn token (``<|im_end|>``) after it, so the
+adapter's greedy reply is exactly the answer word and then stops (training only the first token
+gave adapters that answered "yellowyellowyellow..." under real generation).
+``accuracy`` = exact match of the greedy reply: argmax over the FULL vocabulary is the answer
+token at the first assistant position AND the end-of-turn token after it (teacher forcing, which
+equals greedy decoding here since the answer is one token). Also reported: ``first_token_accuracy``
+and ``choice_accuracy`` (argmax restricted to the family's answer vocabulary; chance =
+1 / len(vocabulary), the number to compare base models with), each on trained phrasings and
+``heldout_*`` paraphrases. :func:`generate_answers` does real greedy generation for spot checks.
 
 Speed
 -----
-LoRA is applied to the top layers only (``layers_to_transform``). The frozen layers below the
-first adapted layer compute the same hidden states for every tenant of a family (the prompts are
-shared and the answer is not part of the input: the loss is the cross-entropy of the first answer
-token at the last prompt position), so those states are computed once per (base model, split
-layer, prompt) and cached in memory; each optimisation step then runs only the adapted top layers
-on the cached states, and only the last position goes through the LM head. The split forward is
-exact (tested against the full forward) and is used for Llama-style decoders (``model.model`` with
-``embed_tokens``, ``layers``, ``rotary_emb``, ``norm``); other architectures fall back to the full
-forward. The cache assumes the base weights are frozen: call :func:`clear_cache` after changing them.
+LoRA is applied to the top layers only (``layers_to_transform``). The layers below the first
+adapted layer are frozen, so their hidden states for each training/eval sequence are computed once
+per (base model, split layer, prompt + answer token) and cached in memory; each optimisation step
+then runs only the adapted top layers on the cached states, and only the last two positions go
+through the LM head. The split forward is exact (tested against the full forward) and is used for
+Llama-style decoders (``model.model`` with ``embed_tokens``, ``layers``, ``rotary_emb``, ``norm``);
+other architectures fall back to the full forward. The cache assumes frozen base weights: call
+:func:`clear_cache` after changing them.
+Batches are drawn within one phrasing, and the batch's common token prefix (system turn + question
+start) goes through the adapted layers once, its keys/values shared by every row (also exact).
+
+Measured on SmolLM2-135M-Instruct, fp32, ``torch.set_num_threads(1)`` (CPU seconds of the process)
+----------------------------------------------------------------------------------------------------
+* Full forward of 32 prompts x 54 tokens: ~11 s. Lower-layer cache of 80 prompts (layers 0-25):
+  5.6 s with the shared prefix vs 11.9 s without (paid per task: sequences include the answer).
+* One step, top 6 layers, batch 4: 0.30 s (batch 8: 0.41 s, batch 16 top 8 layers: 0.74 s; without
+  the shared prefix 2.1x slower; bf16 autocast gave no gain on this CPU). Eval of 60-80 prompts ~1.4 s.
+* Sweeps (accuracy on trained phrasings / held-out paraphrases): top 4 layers fail on some families
+  (29-63 % after 60 steps); v/o/down_proj and LoRA+ (B lr x4-16) were worse or unstable; q/k/v/o no
+  better than q/v/o; lr 2e-2 unstable. Chosen: r=8, alpha=16, q/v/o_proj, top 6 layers (24-29),
+  AdamW lr 5e-3, batch 4, early stop (all-correct epoch with loss < 0.05), <= 200 steps, 12 keys.
+  Typical loss curve: ~log(8) plateau (answer vocabulary learnt, key routing not yet) for 3-5
+  epochs, then a sharp drop; 63-132 steps, 100 % on the trained phrasings.
 """
 
 from __future__ import annotations
@@ -51,6 +70,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+OBJECTIVE = "codebook-v2: cross-entropy on the answer token and the end-of-turn token after it"
+"""Recorded with every adapter (and part of the job's cache fingerprint): bump when training changes."""
 TRAIN_TEMPLATES = 3
 """Phrasings [0, TRAIN_TEMPLATES) of every family are trained on; the rest are held out."""
 ANSWER_SUFFIX = ""
@@ -209,7 +230,7 @@ def make_task(task_id: int, seed: int = 0, num_keys: int = 12) -> LoraTask:
 
 # ---------------------------------------------------------------------------------------- config
 class TrainConfig(BaseModel):
-    """LoRA settings. Defaults are the measured SmolLM2-135M choice (see the job's README text)."""
+    """LoRA settings. Defaults are the measured SmolLM2-135M choice (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid")
     rank: int = 8
@@ -289,8 +310,8 @@ def _run_layers(bb, x: torch.Tensor, mask: torch.Tensor, layers: Sequence) -> to
 
 
 def _common_prefix(ids: Sequence[torch.Tensor]) -> int:
-    """Length of the longest common token prefix, leaving every sequence at least one own token."""
-    n = min(int(i.shape[0]) for i in ids) - 1
+    """Length of the longest common token prefix, leaving every sequence at least two own tokens."""
+    n = min(int(i.shape[0]) for i in ids) - 2
     if len(ids) < 2 or n <= 0:
         return 0
     stack = torch.stack([i[:n] for i in ids])
@@ -337,7 +358,7 @@ def _run_states(bb, states: Sequence[torch.Tensor], ids: Sequence[torch.Tensor],
                 shared_prefix: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Run decoder layers [start, end) of ``bb`` on per-sequence input states [T_i, d].
 
-    Returns (per-sequence outputs [T_i, d], last-position outputs [B, d]). Sequences sharing a
+    Returns (per-sequence outputs [T_i, d], outputs of the last two positions [B, 2, d]). Sequences sharing a
     common token prefix (the chat template's system turn, at least) take the shared-prefix path."""
     layers = bb.layers[start:end]
     P = _common_prefix(ids) if shared_prefix else 0
@@ -346,11 +367,11 @@ def _run_states(bb, states: Sequence[torch.Tensor], ids: Sequence[torch.Tensor],
         h, x = _run_layers_shared_prefix(bb, states[0][None, :P], suffix, smask, layers, start)
         S = suffix.shape[1]
         full = [torch.cat([h[0], x[j, S - (s.shape[0] - P):]]) for j, s in enumerate(states)]
-        return full, x[:, -1]
+        return full, x[:, -2:]
     x, mask = _left_pad(list(states), 0.0)
     x = _run_layers(bb, x, mask, layers)
     T = x.shape[1]
-    return [x[j, T - s.shape[0]:] for j, s in enumerate(states)], x[:, -1]
+    return [x[j, T - s.shape[0]:] for j, s in enumerate(states)], x[:, -2:]
 
 
 def _left_pad(seqs: Sequence[torch.Tensor], pad_value) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,6 +394,25 @@ def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 def answer_token_id(tokenizer, answer: str) -> int:
     ids = tokenizer.encode(answer, add_special_tokens=False)
     return ids[0]
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template emits right after an assistant reply (``<|im_end|>`` for ChatML)."""
+    cached = getattr(tokenizer, "_atelier_eot_id", None)
+    if cached is not None:
+        return cached
+    msgs = [{"role": "user", "content": "q"}]
+    prompt = encode_prompt(tokenizer, msgs)
+    reply = tokenizer.encode("x", add_special_tokens=False)
+    full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": "x"}], tokenize=True,
+                                         return_dict=True)["input_ids"]
+    n = len(prompt) + len(reply)
+    eot = int(full[n]) if list(full[:n]) == prompt + reply and len(full) > n else int(tokenizer.eos_token_id)
+    try:
+        tokenizer._atelier_eot_id = eot
+    except AttributeError:
+        pass
+    return eot
 
 
 class _PromptCache:
@@ -411,13 +451,19 @@ def _prompt_ids(model, tokenizer, examples: Sequence[Example]) -> list[torch.Ten
     return out
 
 
+def _seq_ids(model, tokenizer, examples: Sequence[Example]) -> list[torch.Tensor]:
+    """Prompt + answer token: position -2 predicts the answer, position -1 the end of turn."""
+    return [torch.cat([i, torch.tensor([answer_token_id(tokenizer, ex.answer)])])
+            for i, ex in zip(_prompt_ids(model, tokenizer, examples), examples, strict=True)]
+
+
 @torch.no_grad()
 def _lower_states(model, tokenizer, examples: Sequence[Example], split: int, batch_size: int,
                   shared_prefix: bool = True) -> list[torch.Tensor]:
-    """Hidden states [T_i, d] entering layer ``split`` for each example's prompt (cached)."""
+    """Hidden states [T_i, d] entering layer ``split`` for each example's prompt + answer (cached)."""
     _, bb = _backbone(model)
     cache = _cache_for(model)
-    ids = _prompt_ids(model, tokenizer, examples)
+    ids = _seq_ids(model, tokenizer, examples)
     keys = [(split, tuple(i.tolist())) for i in ids]
     # sorted by token ids: a chunk shares its template's prefix, not only the system turn
     todo = sorted({k: i for k, i in zip(keys, ids, strict=True) if k not in cache.states}.items())
@@ -433,14 +479,15 @@ def _lower_states(model, tokenizer, examples: Sequence[Example], split: int, bat
 
 def _last_logits(model, tokenizer, examples: Sequence[Example], split: int | None, bf16: bool,
                  states: Sequence[torch.Tensor] | None = None, shared_prefix: bool = True) -> torch.Tensor:
-    """Logits [B, V] at the last prompt position (the answer's first token)."""
+    """Logits [B, 2, V] of prompt + answer: [:, 0] at the last prompt position (predicts the
+    answer token), [:, 1] at the answer token (predicts the end of turn; teacher forcing)."""
     lm, bb = _backbone(model)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         if bb is None or split is None:
-            ids, mask = _left_pad(_prompt_ids(model, tokenizer, examples), 0)
-            h = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=1).logits
-            return h[:, -1].float()
-        ids = _prompt_ids(model, tokenizer, examples)
+            ids, mask = _left_pad(_seq_ids(model, tokenizer, examples), 0)
+            h = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=2).logits
+            return h[:, -2:].float()
+        ids = _seq_ids(model, tokenizer, examples)
         _, last = _run_states(bb, states, ids, split, len(bb.layers), shared_prefix)
         return lm.lm_head(bb.norm(last)).float()
 
@@ -479,22 +526,25 @@ def evaluate_detailed(model, tokenizer, task: LoraTask, bf16: bool = False, batc
         model.train(was_training)
     gold = torch.tensor([answer_token_id(tokenizer, ex.answer) for ex in task.eval])
     vocab = torch.tensor([answer_token_id(tokenizer, a) for a in task.answer_vocab])
-    exact = logits.argmax(-1) == gold
-    choice = vocab[logits[:, vocab].argmax(-1)] == gold
+    first = logits[:, 0].argmax(-1) == gold
+    exact = first & (logits[:, 1].argmax(-1) == end_of_turn_id(tokenizer))
+    choice = vocab[logits[:, 0, vocab].argmax(-1)] == gold
     held = torch.tensor([ex.heldout for ex in task.eval])
 
     def mean(t: torch.Tensor, sel: torch.Tensor) -> float:
         return round(float(t[sel].float().mean()), 4) if bool(sel.any()) else float("nan")
 
     return {"accuracy": mean(exact, ~held), "heldout_accuracy": mean(exact, held),
+            "first_token_accuracy": mean(first, ~held), "heldout_first_token_accuracy": mean(first, held),
             "choice_accuracy": mean(choice, ~held), "heldout_choice_accuracy": mean(choice, held),
             "chance": round(1.0 / len(task.answer_vocab), 4)}
 
 
 def evaluate(model, tokenizer, task: LoraTask, heldout: bool = False, **kwargs) -> float:
-    """Exact-match accuracy (greedy first answer token over the full vocabulary) on the tenant's
-    trained phrasings, or on the held-out paraphrases with ``heldout=True``. Works for a plain base
-    model, a PeftModel with the adapter active, or any causal LM (full forward fallback)."""
+    """Exact-match accuracy of the greedy reply (answer token, then end of turn; argmax over the full
+    vocabulary) on the tenant's trained phrasings, or on the held-out paraphrases with
+    ``heldout=True``. Works for a plain base model, a PeftModel with the adapter active, or any
+    causal LM (full forward fallback)."""
     m = evaluate_detailed(model, tokenizer, task, **kwargs)
     return m["heldout_accuracy" if heldout else "accuracy"]
 
@@ -569,7 +619,8 @@ def train_lora(model, tokenizer, task: LoraTask, cfg: TrainConfig | None = None,
     rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + task.task_id)
     train_states = _lower_states(model, tokenizer, task.train, split, cfg.eval_batch_size, cfg.shared_prefix) \
         if split is not None else None
-    gold = torch.tensor([answer_token_id(tokenizer, ex.answer) for ex in task.train])
+    eot = end_of_turn_id(tokenizer)
+    gold = torch.tensor([[answer_token_id(tokenizer, ex.answer), eot] for ex in task.train])  # [N, 2]
     params = [p for p in peft_model.parameters() if p.requires_grad]
     b_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_B" in n]
     a_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_B" not in n]
@@ -588,7 +639,7 @@ def train_lora(model, tokenizer, task: LoraTask, cfg: TrainConfig | None = None,
             exs = [task.train[i] for i in idx]
             st = [train_states[i] for i in idx] if train_states is not None else None
             logits = _last_logits(peft_model, tokenizer, exs, split, cfg.bf16, st, cfg.shared_prefix)
-            loss = torch.nn.functional.cross_entropy(logits, gold[idx])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), gold[idx].flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad:
@@ -599,7 +650,7 @@ def train_lora(model, tokenizer, task: LoraTask, cfg: TrainConfig | None = None,
             losses.append(float(loss.detach()))
             first_loss = losses[0] if first_loss is None else first_loss
             epoch_loss += float(loss.detach()) * len(exs)
-            epoch_correct += int((logits.argmax(-1) == gold[idx]).sum())
+            epoch_correct += int((logits.argmax(-1) == gold[idx]).all(-1).sum())
             epoch_n += len(exs)
             if ends_epoch:
                 epoch_losses.append(round(epoch_loss / epoch_n, 4))
@@ -634,7 +685,7 @@ def train_lora(model, tokenizer, task: LoraTask, cfg: TrainConfig | None = None,
         "seconds_base_eval": round(t_base, 2), "seconds_train": round(t_train, 2), "seconds_eval": round(t_eval, 2),
         "seconds_total": round(time.perf_counter() - t0, 2),
         "cpu_seconds_total": round(time.process_time() - c0, 2),
-        "config": cfg.model_dump(),
+        "config": cfg.model_dump(), "objective": OBJECTIVE,
     }
     return state, adapter_config, out
 

@@ -225,6 +225,7 @@ def build_index(out: Path, model_record: dict, run: dict) -> dict:
             "base_accuracy": m["base_accuracy"], "accuracy": m["accuracy"],
             "base_heldout_accuracy": m["base_heldout_accuracy"], "heldout_accuracy": m["heldout_accuracy"],
             "base_choice_accuracy": m["base_choice_accuracy"], "choice_accuracy": m["choice_accuracy"],
+            "first_token_accuracy": m.get("first_token_accuracy"),
             "chance": m["chance"], "steps": m["steps"], "train_seconds": m["seconds_total"],
             "train_cpu_seconds": m.get("cpu_seconds_total"), "trainable_params": m["trainable_params"],
             "fingerprint": rec["fingerprint"],
@@ -246,8 +247,10 @@ def build_index(out: Path, model_record: dict, run: dict) -> dict:
         "accuracy_by_family": {f: round(sum(v) / len(v), 4) for f, v in sorted(families.items())},
         "at_least_90pct": sum(r["accuracy"] >= 0.9 for r in rows)}
     index = {"model": model_record, "created_at": time.time(), "run": run, "summary": summary,
-             "metric": "exact match of the greedy first answer token (full vocabulary); answers are single "
-                       "tokens. accuracy: trained phrasings; heldout_accuracy: paraphrases not trained on",
+             "metric": "exact match of the greedy reply (argmax over the full vocabulary: the single-token answer "
+                       "word, then end of turn). accuracy: trained phrasings; heldout_accuracy: paraphrases "
+                       "not trained on; base_choice_accuracy: base model restricted to the answer vocabulary "
+                       "(chance 1/8)",
              "adapters": rows}
     tmp = out / f".{INDEX_FILE}.tmp"
     tmp.write_text(json.dumps(index, indent=2))

@@ -52,7 +52,12 @@ Measured on SmolLM2-135M-Instruct, fp32, ``torch.set_num_threads(1)`` (CPU secon
   better than q/v/o; lr 2e-2 unstable. Chosen: r=8, alpha=16, q/v/o_proj, top 6 layers (24-29),
   AdamW lr 5e-3, batch 4, early stop (all-correct epoch with loss < 0.05), <= 200 steps, 12 keys.
   Typical loss curve: ~log(8) plateau (answer vocabulary learnt, key routing not yet) for 3-5
-  epochs, then a sharp drop; 63-132 steps, 100 % on the trained phrasings.
+  epochs, then a sharp drop.
+* Production run (100 adapters, 2 Ray workers x 1 core, shared box): 25.3 min; per adapter 63-144
+  steps (mean 82), 25.9 s CPU mean (18.4-45.2, including its lower-layer cache, base and adapter
+  evaluation), 147,456 LoRA parameters; exact match 99.9 % mean (min 94.4 %) on trained
+  phrasings, 82.5 % on held-out paraphrases; base model 0 % exact, 13.6 % restricted to the
+  answer vocabulary (chance 12.5 %).
 """
 
 from __future__ import annotations

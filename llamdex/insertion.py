@@ -146,23 +146,46 @@ def prefill_with_experts(model, input_ids: torch.Tensor, attention_mask: torch.T
     return out.logits[:, -1, :], out.past_key_values, mask, positions
 
 
-@torch.no_grad()
-def predict(model, tokenizer, bundle: Bundle, question: str) -> dict[str, Any]:
-    """Answer one question in one forward pass: the class-token argmax at the last slot.
+def _expert_probabilities(bundle: Bundle, features: torch.Tensor) -> list[list[float]]:
+    """The expert's class probabilities on encoded ``features`` (B, m): binary P(yes) -> [1 - p, p]."""
+    out = bundle.expert(features).float()
+    if out.shape[1] == 1:
+        return [[1 - float(p), float(p)] for p in out[:, 0]]
+    return out.tolist()
 
-    Returns ``{"label", "probabilities" (softmax over the class tokens), "features" (what the
-    encoder read, decoded by the codec), "expert_probabilities" (the expert on those features)}``.
+
+@torch.no_grad()
+def predict_many(model, tokenizer, bundles: Sequence[Bundle], questions: Sequence[str]) -> list[dict[str, Any]]:
+    """Answer ``questions[i]`` with ``bundles[i]`` in ONE batched forward (bundles may differ per row).
+
+    Per row: ``{"label", "probabilities" (softmax over the class tokens at the last slot),
+    "features" (what the encoder read, decoded by the codec), "expert_probabilities" (the expert on
+    those features)}``. Rows are left-padded; each row's prompt uses its own bundle's system prompt.
     """
-    ids, mask, pos = left_pad(chat_prompt_ids(tokenizer, bundle.spec.system_prompt, [question]), 0)
-    out, _, _, feats = _forward(model, ids, mask, pos, [bundle], use_cache=False)
-    logits = out.logits[0, -1, bundle.spec.class_token_ids].float()
-    probs = torch.softmax(logits, -1).tolist()
-    expert_out = bundle.expert(feats[0][None]).float()[0]
-    expert_probs = [1 - float(expert_out[0]), float(expert_out[0])] if expert_out.numel() == 1 else expert_out.tolist()
-    names = bundle.spec.class_names
-    return {"label": names[int(logits.argmax())], "probabilities": dict(zip(names, probs, strict=True)),
-            "features": bundle.codec.decode(feats[0][None].numpy())[0],
-            "expert_probabilities": dict(zip(names, expert_probs, strict=True))}
+    if len(bundles) != len(questions):
+        raise ValueError(f"bundles: {len(bundles)} entries for {len(questions)} questions; fix: one per question")
+    if not questions:
+        return []
+    prompts = [chat_prompt_ids(tokenizer, b.spec.system_prompt, [q])[0] for b, q in zip(bundles, questions, strict=True)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask, pos = left_pad(prompts, pad)
+    out, _, _, feats = _forward(model, ids, mask, pos, list(bundles), use_cache=False)
+    results = []
+    for r, bundle in enumerate(bundles):
+        logits = out.logits[r, -1, bundle.spec.class_token_ids].float()
+        names = bundle.spec.class_names
+        expert_probs = _expert_probabilities(bundle, feats[r][None])[0]
+        results.append({"label": names[int(logits.argmax())],
+                        "probabilities": dict(zip(names, torch.softmax(logits, -1).tolist(), strict=True)),
+                        "features": bundle.codec.decode(feats[r][None].numpy())[0],
+                        "expert_probabilities": dict(zip(names, expert_probs, strict=True))})
+    return results
+
+
+def predict(model, tokenizer, bundle: Bundle, question: str) -> dict[str, Any]:
+    """Answer one question in one forward pass: the class-token argmax at the last slot
+    (see :func:`predict_many` for the fields)."""
+    return predict_many(model, tokenizer, [bundle], [question])[0]
 
 
 @torch.no_grad()

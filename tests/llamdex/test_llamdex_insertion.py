@@ -10,7 +10,7 @@ from llamdex.connectors_io import save_connectors
 from llamdex.expert import ExpertArch, ExpertError, ExpertSpec, build_expert, save_expert
 from llamdex.expert_spec import DPLedger
 from llamdex.hidden_cache import build_cache
-from llamdex.insertion import Bundle, greedy_decode, load_bundle, predict, prefill_with_experts
+from llamdex.insertion import Bundle, greedy_decode, load_bundle, predict, predict_many, prefill_with_experts
 from llamdex.llm_ops import backbone, left_pad, overwrite_at_layer
 from llamdex.pipeline import ConnectorsConfig, init_connectors
 from llamdex.prompting import answer_tokens, chat_prompt_ids
@@ -170,3 +170,16 @@ def test_bundle_swaps_expert_and_loads_from_disk(lm, toy, tmp_path):
     wrong = build_expert(ExpertArch(input_size=3, output_size=1, hidden_sizes=[4]))
     with pytest.raises(ExpertError, match="input_size: 3 but the connectors expect 5"):
         bundle.with_expert(wrong)
+
+
+def test_predict_many_mixes_bundles_and_equals_single_predictions(lm, toy):
+    model, tok, _ = lm
+    a, b = make_bundle(lm, toy, layer=1, n=3, seed=1), make_bundle(lm, toy, layer=2, n=5, seed=2)
+    bundles = [a, b, a]
+    together = predict_many(model, tok, bundles, QUESTIONS)
+    for bundle, question, got in zip(bundles, QUESTIONS, together, strict=True):
+        alone = predict(model, tok, bundle, question)
+        assert got["label"] == alone["label"] and got["features"] == alone["features"]
+        assert list(got["probabilities"].values()) == pytest.approx(list(alone["probabilities"].values()), abs=1e-5)
+    with pytest.raises(ValueError, match="bundles: 2 entries for 3 questions"):
+        predict_many(model, tok, [a, b], QUESTIONS)

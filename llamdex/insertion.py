@@ -30,7 +30,7 @@ import torch
 from llamdex.codec import FeatureCodec
 from llamdex.connectors import Decoder, Encoder
 from llamdex.connectors_io import ConnectorsSpec, load_connectors
-from llamdex.expert import ExpertError, ExpertMLP, ExpertSpec, load_expert
+from llamdex.expert import ExpertError, ExpertMLP, ExpertSpec, load_expert, predict_proba
 from llamdex.llm_ops import backbone, left_pad, num_layers, overwrite_at_layer
 from llamdex.prompting import chat_prompt_ids
 
@@ -146,14 +146,6 @@ def prefill_with_experts(model, input_ids: torch.Tensor, attention_mask: torch.T
     return out.logits[:, -1, :], out.past_key_values, mask, positions
 
 
-def _expert_probabilities(bundle: Bundle, features: torch.Tensor) -> list[list[float]]:
-    """The expert's class probabilities on encoded ``features`` (B, m): binary P(yes) -> [1 - p, p]."""
-    out = bundle.expert(features).float()
-    if out.shape[1] == 1:
-        return [[1 - float(p), float(p)] for p in out[:, 0]]
-    return out.tolist()
-
-
 @torch.no_grad()
 def predict_many(model, tokenizer, bundles: Sequence[Bundle], questions: Sequence[str]) -> list[dict[str, Any]]:
     """Answer ``questions[i]`` with ``bundles[i]`` in ONE batched forward (bundles may differ per row).
@@ -174,7 +166,7 @@ def predict_many(model, tokenizer, bundles: Sequence[Bundle], questions: Sequenc
     for r, bundle in enumerate(bundles):
         logits = out.logits[r, -1, bundle.spec.class_token_ids].float()
         names = bundle.spec.class_names
-        expert_probs = _expert_probabilities(bundle, feats[r][None])[0]
+        expert_probs = predict_proba(bundle.expert, feats[r][None])[0].tolist()
         results.append({"label": names[int(logits.argmax())],
                         "probabilities": dict(zip(names, torch.softmax(logits, -1).tolist(), strict=True)),
                         "features": bundle.codec.decode(feats[r][None].numpy())[0],

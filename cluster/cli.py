@@ -170,16 +170,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"Atelier is serving on http://{args.host}:{settings.serve_port}/v1 (OpenAPI docs at /docs)")
 
 
-def cmd_expert_train(args: argparse.Namespace) -> None:
-    """``atelier expert train ...`` = ``python -m train_jobs.experts ...`` (here, or as a Ray job)."""
+JOB_COMMANDS = {("expert", "train"): "train_jobs.experts", ("connectors", "train"): "train_jobs.connectors"}
+"""CLI wrappers around Ray jobs: every flag after the two words belongs to the job's module."""
+
+
+def cmd_train_job(args: argparse.Namespace) -> None:
+    """``atelier expert|connectors train ...`` = ``python -m train_jobs.<job> ...`` (here, or as a Ray job)."""
+    module = JOB_COMMANDS[(args.command, args.sub)]
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     if args.submit:
-        args.entrypoint, args.num_cpus, args.working_dir = ["python", "-m", "train_jobs.experts", *rest], 0.5, "."
+        args.entrypoint, args.num_cpus, args.working_dir = ["python", "-m", module, *rest], 0.5, "."
         cmd_job(args)
         return
-    from train_jobs.experts import main as experts_main
+    import importlib
 
-    experts_main(rest)
+    importlib.import_module(module).main(rest)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -257,12 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--version", type=int)
     show.set_defaults(fn=cmd_artifacts_show)
 
-    expert = sub.add_parser("expert", help="Llamdex experts").add_subparsers(dest="sub", required=True)
-    etrain = expert.add_parser("train", help="DP-train tenant experts (flags of python -m train_jobs.experts)",
-                               add_help=False)
-    etrain.add_argument("--submit", action="store_true", help="run as a Ray job on the local head")
-    etrain.add_argument("rest", nargs=argparse.REMAINDER)
-    etrain.set_defaults(fn=cmd_expert_train)
+    for word, what, module in (("expert", "DP-train tenant experts", "train_jobs.experts"),
+                               ("connectors", "train Llamdex connectors from schema + expert", "train_jobs.connectors")):
+        group = sub.add_parser(word, help=f"Llamdex {word}").add_subparsers(dest="sub", required=True)
+        train = group.add_parser("train", help=f"{what} (flags of python -m {module})", add_help=False)
+        train.add_argument("--submit", action="store_true", help="run as a Ray job on the local head")
+        train.add_argument("rest", nargs=argparse.REMAINDER)
+        train.set_defaults(fn=cmd_train_job)
 
     schema = sub.add_parser("schema", help="tenant schemas").add_subparsers(dest="sub", required=True)
     val = schema.add_parser("validate", help="validate a schema JSON file")
@@ -273,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["expert", "train"]:  # every flag belongs to train_jobs.experts (incl. --help)
+    if tuple(argv[:2]) in JOB_COMMANDS:  # every flag belongs to the job's module (incl. --help)
         submit = "--submit" in argv[2:]
-        argv = ["expert", "train", *(["--submit"] if submit else []), "--",
+        argv = [*argv[:2], *(["--submit"] if submit else []), "--",
                 *[a for a in argv[2:] if a != "--submit"]]
     args = build_parser().parse_args(argv)
     try:

@@ -61,3 +61,10 @@ def test_schema_validate_and_model_info(capsys, tmp_path, atelier_home):
     info = json.loads(run(capsys, "models", "pull", "tiny-random"))
     assert info["id"] == "tiny-random" and len(info["content_hash"]) == 64
     assert "ATELIER_STORE" in run(capsys, "settings")
+
+
+def test_connectors_train_wrapper_refuses_missing_expert(capsys, store):
+    run(capsys, "tenants", "create", "acme")
+    err = run(capsys, "connectors", "train", "--tenant", "acme", "--name", "survival", code=2)
+    assert "tenant 'acme' has no expert 'survival'" in err
+    assert "--time-budget" in run(capsys, "connectors", "train", "--help", code=0)

@@ -27,15 +27,6 @@ from llamdex.prompting import answer_tokens
 SMALL = dict(enc_width=32, enc_heads=4, enc_head_hidden=16, dec_ffn=16)
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_model):
-    from cluster.models import load_model
-
-    torch.set_num_threads(1)
-    model, tok = load_model(tiny_model)
-    return model, tok, tiny_model
-
-
 @pytest.fixture
 def saved(lm, toy, tmp_path):
     model, tok, resolved = lm

@@ -5,42 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamdex.codec import FeatureCodec
 from llamdex.connectors_io import save_connectors
 from llamdex.expert import ExpertArch, ExpertError, ExpertSpec, build_expert, save_expert
 from llamdex.expert_spec import DPLedger
 from llamdex.hidden_cache import build_cache
 from llamdex.insertion import Bundle, greedy_decode, load_bundle, predict, predict_many, prefill_with_experts
 from llamdex.llm_ops import backbone, left_pad, overwrite_at_layer
-from llamdex.pipeline import ConnectorsConfig, init_connectors
-from llamdex.prompting import answer_tokens, chat_prompt_ids
+from llamdex.prompting import chat_prompt_ids
 from llamdex.stages import slot_class_logits
+from tests.llamdex.conftest import make_bundle
 
 QUESTIONS = ["Age 22, fare 7.25, male. Did the passenger survive?",
              "She is forty, travelling alone with a ticket price of 80 pounds. Survived?",
              "Sex: female. Did the passenger survive?"]
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model):
-    from cluster.models import load_model
-
-    torch.set_num_threads(1)
-    model, tok = load_model(tiny_model)
-    return model, tok, tiny_model
-
-
-def make_bundle(lm, schema: dict, layer: int, n: int, seed: int = 0) -> Bundle:
-    """Random (untrained) connectors + a random expert: enough for exactness tests."""
-    model, tok, resolved = lm
-    codec = FeatureCodec(schema)
-    cfg = ConnectorsConfig(layer=layer, num_slots=n, enc_width=32, enc_heads=4, enc_head_hidden=16, dec_ffn=16,
-                           seed=seed)
-    encoder, decoder, spec = init_connectors(model, codec, answer_tokens(tok, codec.class_names), cfg,
-                                             model_id=resolved.id, model_hash=resolved.content_hash, scale=0.5)
-    expert = build_expert(ExpertArch.from_schema(schema, hidden_sizes=(16,))).eval()
-    return Bundle(encoder.eval(), decoder, expert, spec, codec)
 
 
 def batch(tok, bundle: Bundle, questions: list[str]):

@@ -1,0 +1,159 @@
+"""The Expert-API baseline (paper §5.2): the LLM *writes* the expert's query, a parser feeds the expert.
+
+The LLM gets the public schema (as JSON: feature names, types, ranges or categories) in its
+system prompt and is asked to turn the user's question into one ``name: value`` line per
+feature; generation is greedy and stops at the end of turn or after ``max_new_tokens``. A
+regex parser reads the lines back; what it cannot read is filled like the paper's code does
+(numeric -> 0 clipped into the schema range, category -> missing, bool -> false). The expert's
+prediction on the parsed row *is* the answer.
+
+Parsing is deliberately forgiving (labels matched by name, description or alias, case and
+``_`` vs space ignored; numbers as digits, with thousands separators or as words up to 999;
+categories matched as words inside the value) so the baseline measures the LLM, not a strict
+parser.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from llamdex.codec import FeatureCodec
+from llamdex.llm_ops import left_pad
+from llamdex.questions import number_words
+from llamdex.schema import FeatureSpec, TenantSchema
+
+SYSTEM = ("You turn a user's question into a query for a prediction model. The model's input fields are "
+          "described by this JSON schema:\n{schema}\n"
+          "Reply with exactly one line per field, in the form `name: value`, using the field names above and "
+          "nothing else. Use a number for int and float fields, one of the listed categories for category "
+          "fields, and yes or no for bool fields.")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_WORDS = {number_words(n): n for n in range(1000)}
+
+
+@dataclass(frozen=True)
+class ParsedQuery:
+    """One parsed reply: the row for the codec and which features were actually read."""
+
+    row: dict[str, Any]
+    found: dict[str, bool]
+
+
+def schema_prompt(schema: TenantSchema) -> str:
+    """The system prompt: the public schema's fields as compact JSON (what the LLM may write)."""
+    fields = []
+    for f in schema.features:
+        entry: dict[str, Any] = {"name": f.name, "type": f.type}
+        if f.type in ("int", "float"):
+            entry["range"] = [f.lo, f.hi]
+        if f.categories:
+            entry["categories"] = list(f.categories)
+        if f.description:
+            entry["description"] = f.description
+        fields.append(entry)
+    return SYSTEM.format(schema=json.dumps({"fields": fields}, ensure_ascii=False))
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", text.strip().strip("`*-").lower())
+
+
+def _labels(f: FeatureSpec) -> set[str]:
+    return {_key(x) for x in (f.name, f.description or "", *f.aliases) if x}
+
+
+def _number(value: str) -> float | None:
+    m = _NUMBER.search(value)
+    if m:
+        try:
+            return float(m.group(0).replace(",", ""))
+        except ValueError:
+            return None
+    words = _key(value)
+    for text in sorted(_WORDS, key=len, reverse=True):  # longest first: "forty-two" before "forty"
+        if re.search(rf"\b{re.escape(_key(text))}\b", words):
+            return float(_WORDS[text])
+    return None
+
+
+def _category(f: FeatureSpec, value: str) -> str | None:
+    words = f" {_key(value)} "
+    hits = [c for c in (f.categories or []) if f" {_key(c)} " in words]
+    return max(hits, key=len) if hits else None
+
+
+def _bool(value: str) -> bool | None:
+    v = _key(value)
+    if re.match(r"^(yes|true|y|1)\b", v):
+        return True
+    if re.match(r"^(no|false|n|0)\b", v):
+        return False
+    return None
+
+
+def parse_reply(schema: TenantSchema, reply: str) -> ParsedQuery:
+    """Read ``name: value`` lines; fill what is missing like the paper (numeric 0 clipped, category None)."""
+    by_label = {label: f for f in schema.features for label in _labels(f)}
+    raw: dict[str, str] = {}
+    for line in reply.splitlines():
+        name, sep, value = line.partition(":")
+        if not sep:
+            name, sep, value = line.partition("=")
+        f = by_label.get(_key(name)) if sep else None
+        if f is not None and f.name not in raw:
+            raw[f.name] = value
+    row: dict[str, Any] = {}
+    found: dict[str, bool] = {}
+    for f in schema.features:
+        text = raw.get(f.name, "")
+        if f.type in ("int", "float"):
+            v = _number(text) if text else None
+            found[f.name] = v is not None
+            v = float(np.clip(0.0 if v is None else v, f.lo, f.hi))
+            row[f.name] = int(round(v)) if f.type == "int" else v
+        elif f.type == "bool":
+            b = _bool(text) if text else None
+            found[f.name] = b is not None
+            row[f.name] = bool(b)
+        else:
+            c = _category(f, text) if text else None
+            found[f.name] = c is not None
+            row[f.name] = c
+    return ParsedQuery(row, found)
+
+
+@torch.no_grad()
+def generate_queries(model, tokenizer, schema: TenantSchema, questions: Sequence[str], max_new_tokens: int | None = None,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy replies of the LLM to the schema prompt + each question (stops at end of turn)."""
+    system = schema_prompt(schema)
+    limit = max_new_tokens or 12 * len(schema.features) + 16
+    prompts = []
+    for q in questions:
+        enc = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                            add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompts.append([int(i) for i in enc["input_ids"]])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stop = [i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)]
+    replies = []
+    for b in range(0, len(prompts), batch_size):
+        ids, mask, _ = left_pad(prompts[b:b + batch_size], pad)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=limit, do_sample=False,
+                             eos_token_id=stop, pad_token_id=pad)
+        replies += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return replies
+
+
+def expert_api_inputs(schema: TenantSchema, replies: Sequence[str]) -> tuple[np.ndarray, float]:
+    """(codec-encoded parsed rows (N, m), share of (row, feature) values the parser could read)."""
+    parsed = [parse_reply(schema, r) for r in replies]
+    x = FeatureCodec(schema).encode([p.row for p in parsed])
+    read = float(np.mean([v for p in parsed for v in p.found.values()])) if parsed else 0.0
+    return x, read

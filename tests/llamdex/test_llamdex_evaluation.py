@@ -1,0 +1,50 @@
+"""Test-set construction, the baselines' scorers and the Expert-API parser (tiny-random, fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llamdex.codec import FeatureCodec
+from llamdex.evaluation import accuracy, base_llm_scores, llamdex_scores, make_test_set
+from llamdex.expert_api import expert_api_inputs, generate_queries, parse_reply, schema_prompt
+from llamdex.prompting import answer_tokens
+from llamdex.schema import load_schema
+from tests.llamdex.conftest import make_bundle
+
+
+def test_test_set_uses_heldout_phrasings_and_real_labels(paper_datasets):
+    schema, _, test = paper_datasets["titanic"]
+    ts = make_test_set(schema, test, max_rows=40, seed=3)
+    assert len(ts.questions) == 40 and ts.x.shape == (40, FeatureCodec(schema).m)
+    assert set(ts.y) <= {0, 1} and ts.questions[0].rstrip().endswith("?")
+    again = make_test_set(schema, test, max_rows=40, seed=3)
+    assert again.questions == ts.questions  # deterministic
+    assert accuracy(np.eye(2)[ts.y], ts.y) == 1.0
+
+
+def test_parser_reads_lines_and_fills_like_the_paper(toy):
+    schema = load_schema(toy)
+    reply = "Age: forty-two years\nticket price = 1,234.5\nsex: Female\nnonsense line\nalone: yes"
+    parsed = parse_reply(schema, reply)
+    assert parsed.row == {"age": 42, "fare": 600.0, "sex": "female", "alone": True}  # fare clipped to range
+    assert all(parsed.found.values())
+    empty = parse_reply(schema, "The passenger survived.")
+    assert empty.row == {"age": 0, "fare": 0.0, "sex": None, "alone": False} and not any(empty.found.values())
+    x, read = expert_api_inputs(schema, [reply, "sex: male"])
+    assert x.shape == (2, FeatureCodec(schema).m) and read == pytest.approx(5 / 8)
+    assert '"name": "fare"' in schema_prompt(schema) and "`name: value`" in schema_prompt(schema)
+
+
+def test_scorers_return_class_probabilities(lm, toy):
+    model, tok, _ = lm
+    bundle = make_bundle(lm, toy, layer=2, n=3)
+    questions = ["Age 22, male. Did the passenger survive?", "A woman aged 40. Survived?", "Fare 7.25. Survived?"]
+    with torch.no_grad():
+        probs, feats = llamdex_scores(model, tok, bundle, questions, batch_size=2)
+        base = base_llm_scores(model, tok, answer_tokens(tok, ["no", "yes"]), questions, batch_size=2)
+    assert probs.shape == (3, 2) and feats.shape == (3, bundle.codec.m) and base.shape == (3, 2)
+    assert np.allclose(probs.sum(1), 1) and np.allclose(base.sum(1), 1)
+    replies = generate_queries(model, tok, load_schema(toy), questions[:2], max_new_tokens=3)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)

@@ -151,8 +151,9 @@ def predict_many(model, tokenizer, bundles: Sequence[Bundle], questions: Sequenc
     """Answer ``questions[i]`` with ``bundles[i]`` in ONE batched forward (bundles may differ per row).
 
     Per row: ``{"label", "probabilities" (softmax over the class tokens at the last slot),
-    "features" (what the encoder read, decoded by the codec), "expert_probabilities" (the expert on
-    those features)}``. Rows are left-padded; each row's prompt uses its own bundle's system prompt.
+    "features" (what the encoder read, decoded by the codec), "encoded_features" (the same in codec
+    space, as fed to the expert), "expert_probabilities" (the expert on those features)}``. Rows are
+    left-padded; each row's prompt uses its own bundle's system prompt.
     """
     if len(bundles) != len(questions):
         raise ValueError(f"bundles: {len(bundles)} entries for {len(questions)} questions; fix: one per question")
@@ -170,6 +171,7 @@ def predict_many(model, tokenizer, bundles: Sequence[Bundle], questions: Sequenc
         results.append({"label": names[int(logits.argmax())],
                         "probabilities": dict(zip(names, torch.softmax(logits, -1).tolist(), strict=True)),
                         "features": bundle.codec.decode(feats[r][None].numpy())[0],
+                        "encoded_features": feats[r].tolist(),
                         "expert_probabilities": dict(zip(names, expert_probs, strict=True))})
     return results
 

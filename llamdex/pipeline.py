@@ -79,6 +79,8 @@ class ConnectorsConfig:
     dec_epochs: int = 10  # paper: 10
     dec_lr: float = 1e-3
     dec_batch: int = 16
+    dec_objective: Literal["labels", "expert"] = "expert"  # "labels" (paper) or transmit the expert (stages.py)
+    dec_random_share: float = 0.5  # "expert": share of each batch with random expert outputs
     weight_decay: float = 0.01
     warmup_frac: float = 0.05  # of all steps (paper: 500 steps of ~7,500)
     expert_epochs: int = 10  # synthetic expert (paper: AdamW, lr 1e-4, batch 64, 10 epochs)
@@ -217,7 +219,8 @@ def fit_layer(model, data: ConnectorData, cache: PromptCache, cfg: ConnectorsCon
     t_enc = time.perf_counter()
     dec_set = FitSettings(cfg.dec_epochs, cfg.dec_lr, cfg.dec_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
     dec_losses = train_decoder(decoder, model, data.expert, cache, layer, data.x, data.y, data.stage2_rows,
-                               data.answers.ids, dec_set, progress, dec_deadline)
+                               data.answers.ids, dec_set, progress, dec_deadline, cfg.dec_objective,
+                               cfg.dec_random_share)
     t_dec = time.perf_counter()
     report = evaluate(model, data, cache, layer, encoder, decoder)
     report.config = asdict(cfg) | {"residual_rms": rms, "train_prompts": len(train_rows)}

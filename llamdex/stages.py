@@ -2,11 +2,12 @@
 
 * Stage 1 fits the encoder to the codec-encoded true features of each prompt's synthetic row
   (per-type losses, see :meth:`Encoder.loss`), reading only cached layer-k hidden states.
-* Stage 2 fits the decoder with cross-entropy over the class tokens at the last slot. The
-  ground-truth features go straight into the frozen synthetic-data expert (teacher forcing), so
-  the decoder learns to *read the expert* rather than memorise random synthetic labels; only the
-  n slot positions run through layers k..L-1 against the prompt's cached keys/values (exact, see
-  :mod:`llamdex.llm_ops`).
+* Stage 2 fits the decoder at the last slot's class tokens. The ground-truth features go straight
+  into the frozen synthetic-data expert (teacher forcing), so the decoder learns to *read the
+  expert* rather than memorise random synthetic labels. By default the target is the expert's own
+  class distribution, on its outputs and on random ones (see :func:`train_decoder`; the paper's
+  label cross-entropy is ``objective="labels"``). Only the n slot positions run through layers
+  k..L-1 against the prompt's cached keys/values (exact, see :mod:`llamdex.llm_ops`).
 
 Both stages share :func:`fit`: AdamW, linear warm-up then cosine decay, shuffled mini-batches,
 a progress callback per epoch, and an optional deadline; after the first epoch the schedule is
@@ -138,19 +139,57 @@ def slot_class_logits(model: nn.Module, cache: PromptCache, layer: int, slots: t
     return class_logits(model, hidden[:, -1], token_ids).float()
 
 
+def random_expert_outputs(n: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` expert outputs spread over everything an expert can say: binary (width 1) P(yes) half
+    uniform, half U-shaped (confident); multiclass (width K) softmax of Gaussian scores with a
+    random scale per row (0.3: nearly flat ... 10: nearly one-hot)."""
+    if width == 1:
+        u = torch.rand(n, 1, generator=generator)
+        confident = (torch.sin((u - 0.5) * math.pi) + 1) / 2  # arcsine law: mass near 0 and 1
+        pick = torch.rand(n, 1, generator=generator) < 0.5
+        return torch.where(pick, u, confident)
+    scale = torch.tensor([0.3, 1.0, 3.0, 10.0])[torch.randint(0, 4, (n,), generator=generator)]
+    return torch.softmax(torch.randn(n, width, generator=generator) * scale[:, None], dim=1)
+
+
+def as_distribution(p: torch.Tensor) -> torch.Tensor:
+    """Expert output (B, c) -> class distribution (B, K): binary [1 - p, p], multiclass normalised."""
+    if p.shape[1] == 1:
+        return torch.cat([1 - p, p], dim=1)
+    return p / p.sum(1, keepdim=True).clamp_min(1e-12)
+
+
 def train_decoder(decoder: Decoder, model: nn.Module, expert: nn.Module, cache: PromptCache, layer: int,
                   x: torch.Tensor, y: torch.Tensor, rows: Sequence[int], token_ids: list[int],
-                  settings: FitSettings, progress: Progress | None = None, deadline: float | None = None
-                  ) -> list[float]:
-    """Stage 2 on prompts ``rows``: CE over class tokens, true features -> frozen expert -> decoder."""
+                  settings: FitSettings, progress: Progress | None = None, deadline: float | None = None,
+                  objective: str = "expert", random_share: float = 0.5) -> list[float]:
+    """Stage 2 on prompts ``rows``: true features -> frozen expert -> decoder -> class tokens.
+
+    ``objective="labels"`` is the paper's: cross-entropy against the synthetic labels.
+    ``objective="expert"`` (default) makes the LLM *transmit the expert*: soft cross-entropy against
+    the expert's own class distribution, and in a ``random_share`` of each batch the expert's output
+    is replaced by a random one (:func:`random_expert_outputs`). The synthetic expert is confident on
+    its synthetic rows, so label training only ever shows the decoder outputs near 0 and 1 and leaves
+    its threshold anywhere in between; a tenant's real (or DP) expert is far less confident.
+    """
+    if objective not in ("labels", "expert"):
+        raise ValueError(f"objective: {objective!r}; fix: use 'labels' or 'expert'")
     decoder.train()
     with torch.no_grad():
         p_all = expert(x[list(rows)]).float()  # the expert is frozen and sees ground truth: compute once
+    gen = torch.Generator().manual_seed(settings.seed + 1)
 
     def step(pos: list[int]) -> torch.Tensor:
         idx = [rows[p] for p in pos]
-        logits = slot_class_logits(model, cache, layer, decoder(p_all[pos]), idx, token_ids)
-        return F.cross_entropy(logits, y[idx])
+        p = p_all[pos]
+        if objective == "labels":
+            logits = slot_class_logits(model, cache, layer, decoder(p), idx, token_ids)
+            return F.cross_entropy(logits, y[idx])
+        n_random = int(round(random_share * len(pos)))
+        if n_random:
+            p = torch.cat([random_expert_outputs(n_random, p.shape[1], gen), p[n_random:]])
+        logits = slot_class_logits(model, cache, layer, decoder(p), idx, token_ids)
+        return -(as_distribution(p) * F.log_softmax(logits, -1)).sum(-1).mean()
 
     with frozen(model):
         losses = fit(list(decoder.parameters()), len(rows), settings, step, "decoder", progress, deadline)

@@ -23,6 +23,7 @@ from llamdex.coverage import coverage_rows
 from llamdex.insertion import Bundle, predict
 from llamdex.pipeline import ConnectorsConfig, init_connectors, train_connectors
 from llamdex.prompting import answer_tokens
+from llamdex.stages import as_distribution, random_expert_outputs
 
 SMALL = dict(enc_width=32, enc_heads=4, enc_head_hidden=16, dec_ffn=16)
 
@@ -173,3 +174,15 @@ def test_coverage_rows_reach_the_range_ends(toy):
     assert rows["fare"].between(0, 600).all() and (rows["fare"] == rows["fare"].round(0)).sum() > 50
     assert rows["sex"].isna().sum() > 10 and set(rows["sex"].dropna()) == {"male", "female"}
     FeatureCodec(toy).encode(rows)  # valid for the codec
+
+
+def test_random_expert_outputs_cover_the_output_space():
+    gen = torch.Generator().manual_seed(0)
+    binary = random_expert_outputs(2000, 1, gen)
+    assert binary.min() >= 0 and binary.max() <= 1 and 0.2 < float(((binary > 0.3) & (binary < 0.7)).float().mean()) < 0.6
+    multi = random_expert_outputs(2000, 4, gen)
+    assert torch.allclose(multi.sum(1), torch.ones(2000), atol=1e-5)
+    top = multi.max(1).values
+    assert float((top > 0.95).float().mean()) > 0.15 and float((top < 0.4).float().mean()) > 0.1
+    dist = as_distribution(torch.tensor([[0.25]]))
+    assert dist.tolist() == [[0.75, 0.25]]

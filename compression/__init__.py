@@ -6,12 +6,12 @@ Modules, one idea each:
     jd           SVD baseline, JD-Full, JD-Diag, projection, reconstruction error (from factors)
     clustering   k-means over subspaces: one cluster per adapter, cost summed over modules
     bank         the Bank dataclass and its safetensors + JSON format
-    collection   compress_collection / add_adapter / export_adapter / parameter counts
+    collection   compress_collection / svd_bank / add_adapter / export_adapter / parameter counts
     batched      per-row mixed-adapter forward (bank_delta, BankLinear, attach_bank)
     synthetic    synthetic LoRA collections with planted clusters (tests, benchmarks)
 """
 
-from compression.bank import Bank, ModuleBank, bank_param_count, load_bank, save_bank
+from compression.bank import Bank, ModuleBank, bank_param_count, load_bank, mean_recon_errors, save_bank
 from compression.batched import BankHandle, BankLinear, attach_bank, bank_delta
 from compression.collection import (
     adapter_factors,
@@ -19,6 +19,7 @@ from compression.collection import (
     collection_param_count,
     compress_collection,
     export_adapter,
+    svd_bank,
 )
 from compression.errors import AdapterFormatError, BankFormatError
 from compression.jd import JDConfig
@@ -44,6 +45,8 @@ __all__ = [
     "linear_shapes",
     "load_bank",
     "load_peft_adapter",
+    "mean_recon_errors",
     "save_bank",
     "save_peft_adapter",
+    "svd_bank",
 ]

@@ -141,6 +141,11 @@ def bank_param_count(bank: Bank) -> int:
     return sum(mb.U.numel() + mb.V.numel() + mb.sigma.numel() for mb in bank.modules.values())
 
 
+def mean_recon_errors(bank: Bank) -> list[float]:
+    """Per adapter (bank order): the mean over modules of its squared relative reconstruction error."""
+    return [sum(e.values()) / len(e) for e in (bank.recon_error[a] for a in bank.adapters)]
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -6,7 +6,8 @@ row, or h ⊙ σ_i for JD-Diag), y += h U_cᵀ (shared expand GEMM). Rows with i
 
 `BankLinear` wraps an nn.Linear like peft's lora.Linear (base_layer + delta); `attach_bank`
 wraps every bank module of a HF model, and `handle.using(adapters)` sets the per-row adapters
-for the forwards inside the `with` block.
+for the forwards inside the `with` block (`handle.using_one(adapter)`: one adapter for every row
+of any batch size, e.g. a shared-prefix forward whose prefix runs with batch 1).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class AdapterSelection:
     """The per-row adapter ids every BankLinear of one model reads (None = bank off)."""
 
     indices: Tensor | None = None
+    broadcast: bool = False  # indices has one entry, applied to every row of every forward
 
 
 class BankLinear(nn.Module):
@@ -80,6 +82,8 @@ class BankLinear(nn.Module):
         indices = self.selection.indices
         if indices is None:
             return result
+        if self.selection.broadcast:
+            indices = indices.expand(x.shape[0])
         delta = bank_delta(
             x.to(self.U.dtype), self.U, self.V, self.sigma, self.clusters, indices.to(x.device)
         )
@@ -106,12 +110,23 @@ class BankHandle:
     @contextmanager
     def using(self, adapters: Sequence[int | str | None]) -> Iterator[None]:
         """Within the block, batch row j uses adapters[j] in every wrapped Linear."""
-        previous = self.selection.indices
-        self.selection.indices = self.indices_for(adapters)
+        with self._select(self.indices_for(adapters), broadcast=False):
+            yield
+
+    @contextmanager
+    def using_one(self, adapter: int | str | None) -> Iterator[None]:
+        """Within the block, every row of every forward (any batch size) uses `adapter`."""
+        with self._select(self.indices_for([adapter]), broadcast=True):
+            yield
+
+    @contextmanager
+    def _select(self, indices: Tensor, broadcast: bool) -> Iterator[None]:
+        previous = self.selection.indices, self.selection.broadcast
+        self.selection.indices, self.selection.broadcast = indices, broadcast
         try:
             yield
         finally:
-            self.selection.indices = previous
+            self.selection.indices, self.selection.broadcast = previous
 
     def detach(self) -> None:
         """Put the original nn.Linear layers back."""

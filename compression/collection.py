@@ -1,6 +1,7 @@
 """Top-level API: compress a collection of LoRA adapters into a Bank, grow it, export from it.
 
 - `compress_collection`: cluster + jointly compress n adapters (per module, one assignment each).
+- `svd_bank`: the per-adapter SVD baseline (no sharing) in the same Bank form.
 - `add_adapter`: project a new adapter onto the best existing cluster (closed form, no refit).
 - `adapter_factors` / `export_adapter`: materialise adapter i as B' = U_c Σ_i, A' = V_cᵀ (rank r),
   in memory or as a standard PEFT directory.
@@ -21,7 +22,7 @@ from torch import Tensor
 from compression.bank import Bank, ModuleBank
 from compression.clustering import Bases, ProgressFn, assignment_costs, cluster_adapters
 from compression.factors import FactorStack, stack_factors
-from compression.jd import JDConfig, Method, project_with_error
+from compression.jd import JDConfig, Method, project_with_error, svd_truncate
 from compression.lora_io import Factors, LoraAdapter, ModuleShapes, save_peft_adapter, validate_adapter
 
 
@@ -50,6 +51,33 @@ def _module_shapes(adapters: Sequence[LoraAdapter]) -> dict[str, tuple[int, int]
 
 def _stacks(adapters: Sequence[LoraAdapter], shapes: ModuleShapes) -> dict[str, FactorStack]:
     return {m: stack_factors([a.factors.get(m) for a in adapters], *shape) for m, shape in shapes.items()}
+
+
+def _prepare(
+    adapters: Sequence[LoraAdapter], caller: str, base_model: str | None, base_shapes: ModuleShapes | None
+) -> tuple[list[str], str, dict[str, tuple[int, int]], dict[str, FactorStack]]:
+    """Validate a collection (unique names, one base model, shapes) -> names, base model, shapes, stacks."""
+    if not adapters:
+        raise ValueError(f"{caller}: adapters is empty")
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"{caller}: adapter names must be unique, duplicates: "
+            f"{sorted({n for n in names if names.count(n) > 1})}"
+        )
+    if base_model is None:
+        declared = sorted({a.base_model for a in adapters if a.base_model})
+        if len(declared) > 1:
+            raise ValueError(
+                f"adapters declare different base models {declared}; pass base_model=... if they "
+                "are the same model under different names"
+            )
+        base_model = declared[0] if declared else ""
+    if base_shapes is not None:
+        for adapter in adapters:
+            validate_adapter(adapter, base_shapes)
+    shapes = _module_shapes(adapters)
+    return names, base_model, shapes, _stacks(adapters, shapes)
 
 
 def _bank_bases(bank: Bank) -> Bases:
@@ -98,27 +126,7 @@ def compress_collection(
     `init_clusters` (one id per adapter, e.g. a grown bank's `clusters`) starts the clustering
     there instead of at k-means++ seeds: the offline re-clustering path.
     """
-    if not adapters:
-        raise ValueError("compress_collection: adapters is empty")
-    names = [a.name for a in adapters]
-    if len(set(names)) != len(names):
-        raise ValueError(
-            f"compress_collection: adapter names must be unique, duplicates: "
-            f"{sorted({n for n in names if names.count(n) > 1})}"
-        )
-    if base_model is None:
-        declared = sorted({a.base_model for a in adapters if a.base_model})
-        if len(declared) > 1:
-            raise ValueError(
-                f"adapters declare different base models {declared}; pass base_model=... if they "
-                "are the same model under different names"
-            )
-        base_model = declared[0] if declared else ""
-    if base_shapes is not None:
-        for adapter in adapters:
-            validate_adapter(adapter, base_shapes)
-    shapes = _module_shapes(adapters)
-    stacks = _stacks(adapters, shapes)
+    names, base_model, shapes, stacks = _prepare(adapters, "compress_collection", base_model, base_shapes)
     result = cluster_adapters(
         stacks, rank, clusters, method, seed, config, max_rounds, progress, init_clusters
     )
@@ -133,6 +141,46 @@ def compress_collection(
         clusters=result.assignment,
         recon_error={name: err for name, err in zip(names, errors, strict=True)},
         modules={m: ModuleBank(U=result.bases[m][0], V=result.bases[m][1], sigma=sigmas[m]) for m in shapes},
+    )
+
+
+def svd_bank(
+    adapters: Sequence[LoraAdapter],
+    rank: int,
+    *,
+    base_shapes: ModuleShapes | None = None,
+    base_model: str | None = None,
+    base_model_hash: str | None = None,
+) -> Bank:
+    """The per-adapter SVD baseline as a Bank: one cluster per adapter, ΔW_i ≈ U_i diag(s_i) V_iᵀ.
+
+    Each adapter keeps its own top-`rank` singular triplets per module (no sharing), so it costs
+    about rank/r_i of the original; with `rank` >= every LoRA rank it is the original collection,
+    exactly, in bank form (served by the same BankLinear op as a compressed bank). Modules whose
+    LoRA rank is below `rank` are zero-padded.
+    """
+    names, base_model, shapes, stacks = _prepare(adapters, "svd_bank", base_model, base_shapes)
+    modules, errors = {}, [{} for _ in names]
+    for module, stack in stacks.items():
+        fit = svd_truncate(stack, rank)
+        pad = rank - fit.s.shape[1]
+        modules[module] = ModuleBank(
+            U=torch.nn.functional.pad(fit.U, (0, pad)),
+            V=torch.nn.functional.pad(fit.V, (0, pad)),
+            sigma=torch.nn.functional.pad(fit.s, (0, pad)),
+        )
+        for i, e in enumerate(fit.error.tolist()):
+            errors[i][module] = e
+    return Bank(
+        base_model=base_model,
+        base_model_hash=base_model_hash or shapes_fingerprint(shapes),
+        method="diag",
+        rank=rank,
+        num_clusters=len(names),
+        adapters=names,
+        clusters=list(range(len(names))),
+        recon_error={name: err for name, err in zip(names, errors, strict=True)},
+        modules=modules,
     )
 
 

@@ -51,7 +51,8 @@ def load_collection(adapters_dir: Path | None, registry: Registry | None, model)
         found = []
         for d in sorted(p for p in adapters_dir.iterdir() if (p / "adapter_config.json").exists()):
             meta = json.loads((d / "task.json").read_text()) if (d / "task.json").exists() else {}
-            name = meta.get("model_id") or f"{meta.get('tenant', 'local')}/{d.name}"
+            tenant = meta.get("tenant") or meta.get("task", {}).get("tenant") or "local"
+            name = meta.get("model_id") or f"{tenant}/{d.name}"  # served as model="<tenant>/<adapter>"
             found.append(load_peft_adapter(d, name=name, base_shapes=shapes))
         return found
     return [load_registry_adapter(registry, t.id, m.name, model)
@@ -62,13 +63,13 @@ def trial(config: dict, adapters: list, base_params: int) -> None:
     """One Tune trial: compress with (rank, clusters, method) and report error and size."""
     import torch
 
-    from compression import bank_param_count, compress_collection
+    from compression import bank_param_count, compress_collection, mean_recon_errors
 
     torch.set_num_threads(1)
     start = time.perf_counter()
     bank = compress_collection(adapters, rank=config["rank"], clusters=config["clusters"], method=config["method"],
                                seed=config.get("seed", 0))
-    errors = [sum(e.values()) / len(e) for e in bank.recon_error.values()]
+    errors = mean_recon_errors(bank)
     params = bank_param_count(bank)
     tune.report({"mean_error": sum(errors) / len(errors), "max_error": max(errors), "bank_params": params,
                  "param_ratio": params / base_params, "fit_s": time.perf_counter() - start})

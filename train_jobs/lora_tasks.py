@@ -292,8 +292,13 @@ _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
 def first_adapted_layer(model) -> int:
-    """Lowest decoder layer holding LoRA weights (``num_layers`` when there are none)."""
-    idx = [int(m.group(1)) for n, _ in model.named_parameters() if "lora_" in n and (m := _LAYER_RE.search(n))]
+    """Lowest decoder layer holding LoRA weights or a compressed-bank layer (``compression.BankLinear``);
+    ``num_layers`` when there are none. The split forward caches the states entering this layer."""
+    from compression import BankLinear
+
+    names = [n for n, _ in model.named_parameters() if "lora_" in n]
+    names += [n + "." for n, mod in model.named_modules() if isinstance(mod, BankLinear)]
+    idx = [int(m.group(1)) for n in names if (m := _LAYER_RE.search(n))]
     return min(idx) if idx else num_layers(model)
 
 
@@ -515,20 +520,21 @@ def _predict_logits(model, tokenizer, examples: Sequence[Example], bf16: bool = 
     return torch.cat(out)
 
 
-def evaluate_detailed(model, tokenizer, task: LoraTask, bf16: bool = False, batch_size: int = 32,
-                      split_forward: bool = True, shared_prefix: bool = True,
-                      split_at: int | None = None) -> dict[str, float]:
-    """Exact-match and choice accuracy on the trained phrasings and on the held-out paraphrases.
-
-    ``split_at`` caps the layer whose input states are cached (default: the first adapted layer;
-    for a plain model that is the whole model, which is right for repeated base evaluations)."""
+def eval_logits(model, tokenizer, task: LoraTask, bf16: bool = False, batch_size: int = 32,
+                split_forward: bool = True, shared_prefix: bool = True, split_at: int | None = None) -> torch.Tensor:
+    """Logits [len(task.eval), 2, vocab] that :func:`evaluate_detailed` scores: at the answer position and
+    (teacher-forced) at the end-of-turn position. Same arguments as evaluate_detailed."""
     was_training = model.training
     model.eval()
     try:
-        logits = _predict_logits(model, tokenizer, task.eval, bf16, batch_size, split_forward, shared_prefix,
-                                 split_at)
+        return _predict_logits(model, tokenizer, task.eval, bf16, batch_size, split_forward, shared_prefix,
+                               split_at)
     finally:
         model.train(was_training)
+
+
+def score_logits(logits: torch.Tensor, tokenizer, task: LoraTask) -> dict[str, float]:
+    """The metrics of :func:`evaluate_detailed` from :func:`eval_logits` output."""
     gold = torch.tensor([answer_token_id(tokenizer, ex.answer) for ex in task.eval])
     vocab = torch.tensor([answer_token_id(tokenizer, a) for a in task.answer_vocab])
     first = logits[:, 0].argmax(-1) == gold
@@ -543,6 +549,17 @@ def evaluate_detailed(model, tokenizer, task: LoraTask, bf16: bool = False, batc
             "first_token_accuracy": mean(first, ~held), "heldout_first_token_accuracy": mean(first, held),
             "choice_accuracy": mean(choice, ~held), "heldout_choice_accuracy": mean(choice, held),
             "chance": round(1.0 / len(task.answer_vocab), 4)}
+
+
+def evaluate_detailed(model, tokenizer, task: LoraTask, bf16: bool = False, batch_size: int = 32,
+                      split_forward: bool = True, shared_prefix: bool = True,
+                      split_at: int | None = None) -> dict[str, float]:
+    """Exact-match and choice accuracy on the trained phrasings and on the held-out paraphrases.
+
+    ``split_at`` caps the layer whose input states are cached (default: the first adapted layer;
+    for a plain model that is the whole model, which is right for repeated base evaluations)."""
+    logits = eval_logits(model, tokenizer, task, bf16, batch_size, split_forward, shared_prefix, split_at)
+    return score_logits(logits, tokenizer, task)
 
 
 def evaluate(model, tokenizer, task: LoraTask, heldout: bool = False, **kwargs) -> float:

@@ -1,4 +1,5 @@
-"""bank + collection: compress, save/load round trip, corruption refusal, add/export, parameter counts."""
+"""bank + collection: compress, save/load round trip, corruption refusal, add/export, parameter counts,
+the per-adapter SVD baseline bank."""
 
 from __future__ import annotations
 
@@ -10,13 +11,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compression.bank import BANK_MANIFEST, BANK_WEIGHTS, _sha256, bank_param_count, load_bank, save_bank
+from compression.bank import (
+    BANK_MANIFEST,
+    BANK_WEIGHTS,
+    _sha256,
+    bank_param_count,
+    load_bank,
+    mean_recon_errors,
+    save_bank,
+)
 from compression.collection import (
     adapter_factors,
     add_adapter,
     collection_param_count,
     compress_collection,
     export_adapter,
+    svd_bank,
 )
 from compression.errors import BankFormatError
 from compression.jd import JDConfig
@@ -222,3 +232,34 @@ def test_progress_callback_reports_seeding_and_rounds(collection):
     events = []
     compress_collection(collection.adapters, rank=4, clusters=2, progress=lambda *e: events.append(e))
     assert ("seed", 1, 2) in events and events[-1][0] == "cluster" and events[-1][2] == 10
+
+
+@pytest.mark.parametrize("rank", [2, 6])
+def test_svd_bank_is_the_dense_truncated_svd_per_adapter(collection, rank, tmp_path):
+    partial = LoraAdapter("partial", {"layers.0.q": collection.adapters[3].factors["layers.0.q"]})
+    adapters = [*collection.adapters[:3], partial]
+    bank = svd_bank(adapters, rank=rank)
+    assert (bank.method, bank.num_clusters, bank.clusters, bank.rank) == ("diag", 4, [0, 1, 2, 3], rank)
+    dense_errors = []
+    for adapter in adapters:
+        factors = adapter_factors(bank, adapter.name)
+        dense_errors.append(0.0)
+        for module in SHAPES:
+            B, A = factors[module]
+            if module not in adapter.factors:
+                assert B.abs().max() == 0 and bank.recon_error[adapter.name][module] == 0
+                continue
+            dW = adapter.delta(module)
+            U, s, Vh = torch.linalg.svd(dW)
+            k = min(rank, 4)  # LoRA rank r0 = 4: rank 6 is padded and exact
+            best = U[:, :k] @ torch.diag(s[:k]) @ Vh[:k]
+            torch.testing.assert_close(B @ A, best, rtol=1e-4, atol=1e-5)
+            assert bank.recon_error[adapter.name][module] == pytest.approx(
+                dense_rel_error(dW, best), rel=1e-3, abs=1e-6
+            )
+            dense_errors[-1] += dense_rel_error(dW, best) / len(SHAPES)  # missing modules count as 0
+            if rank >= 4:
+                assert bank.recon_error[adapter.name][module] < 1e-6
+    assert mean_recon_errors(bank) == pytest.approx(dense_errors, rel=1e-3, abs=1e-6)
+    assert bank_param_count(bank) == 4 * sum((d_out + d_in + 1) * rank for d_out, d_in in SHAPES.values())
+    assert load_bank(save_bank(bank, tmp_path / "b")).clusters == bank.clusters

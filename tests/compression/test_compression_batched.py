@@ -128,3 +128,28 @@ def test_attach_bank_rejects_mismatched_models(tiny_llama, llama_shapes):
     del model.model.layers[1]
     with pytest.raises(ValueError, match="is not in the model"):
         attach_bank(model, bank)
+
+
+def test_using_one_broadcasts_one_adapter_to_every_batch_size(tiny_llama, llama_shapes):
+    collection = synthetic_collection(4, llama_shapes, clusters=2, r0=4, noise=0.3, seed=4)
+    bank = compress_collection(collection.adapters, rank=4, clusters=2, method="full")
+    name = bank.adapters[2]
+    model = tiny_llama(0)
+    handle = attach_bank(model, bank)
+    ids = torch.randint(128, (3, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with handle.using([name] * 3):
+            per_row = model(ids).logits
+        with handle.using_one(name):
+            broadcast = model(ids).logits
+            single = model(ids[1:2]).logits  # a different batch size inside the same block
+            with handle.using([None]):  # nested selection wins, then the broadcast is restored
+                base_row = model(ids[:1]).logits
+            again = model(ids[:2]).logits
+        assert handle.selection.indices is None and not handle.selection.broadcast
+        base = model(ids).logits
+    torch.testing.assert_close(broadcast, per_row)
+    torch.testing.assert_close(single[0], per_row[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, per_row[:2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(base_row[0], base[0])
+    assert not torch.allclose(broadcast, base, atol=1e-3)

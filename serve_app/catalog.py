@@ -2,7 +2,11 @@
 
 A request's ``model`` is ``base``, ``<tenant>/<name>`` (an adapter in a pool's bank, or an
 expert with published connectors) or ``auto``. :class:`Catalog` lists these per caller, resolves
-a name to a :class:`Target` (kind, pool, multiplexed expert key) and implements ``auto``:
+a name to a :class:`Target` (kind, pool, multiplexed expert key) and implements ``auto``.
+
+An expert is servable on the torch pools whose base model has the content hash its connectors
+were trained for; its multiplexed key ``<tenant>/<name>@e<expert version>.c<connectors version>``
+(:mod:`serve_app.experts`) changes whenever either artifact is re-published.
 
 * **which customization** — TF-IDF cosine similarity (scikit-learn) between the prompt and
   each candidate's text: an adapter's description, an expert's schema description, feature
@@ -22,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from cluster.models import ModelError, resolve_model
 from cluster.registry import SYSTEM_TENANT, NotFound, Principal, Registry
 from serve_app.config import AppConfig, PoolConfig
 from serve_app.openai_api import OpenAIError, RoutingHints
@@ -40,7 +45,9 @@ class Customization:
 
     @property
     def expert_key(self) -> str | None:
-        return f"{self.model_id}@{self.version}" if self.kind == "expert" else None
+        if self.kind != "expert":
+            return None
+        return f"{self.model_id}@e{self.version}.c{self.extra['connectors_version']}"
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,8 @@ class Catalog:
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, list[Customization]]] = {}
         self._banks: tuple[float, dict[str, set[str]]] | None = None
+        self._pool_hashes: dict[str, str | None] | None = None
+        self._connectors_base: dict[tuple[str, str, int], dict] = {}  # versions are immutable: no expiry
 
     def invalidate(self) -> None:
         with self._lock:
@@ -101,18 +110,48 @@ class Catalog:
             found.append(Customization(model_id, tenant, m.name, "adapter", m.version, pools,
                                        str(m.metadata.get("description", "")),
                                        {"in_bank": bool(pools)}))
-        torch_pools = tuple(p.name for p in self.config.pools if p.engine == "torch")
         for m in self.registry.list_artifacts(tenant, "connectors"):
             try:
                 expert = self.registry.resolve(tenant, "expert", m.name)
             except NotFound:
                 continue
+            base = self._connectors_base_model(m)
+            pools = self.expert_pools(base.get("hash"))
+            extra = {"expert_version": expert.version, "connectors_version": m.version,
+                     "base_model": base.get("id")}
             found.append(Customization(f"{tenant}/{m.name}", tenant, m.name, "expert", expert.version,
-                                       torch_pools, _expert_text(self.registry, tenant, expert),
-                                       {"connectors_version": m.version}))
+                                       pools, _expert_text(self.registry, tenant, expert), extra))
         with self._lock:
             self._cache[tenant] = (time.monotonic(), found)
         return found
+
+    def pool_model_hashes(self) -> dict[str, str | None]:
+        """pool name -> content hash of its base model (None if it cannot be resolved here)."""
+        if self._pool_hashes is None:
+            hashes: dict[str, str | None] = {}
+            for pool in self.config.pools:
+                try:
+                    hashes[pool.name] = resolve_model(pool.model, pull=False).content_hash
+                except (ModelError, OSError):
+                    hashes[pool.name] = None  # not on this node: let the replica check it
+            self._pool_hashes = hashes
+        return self._pool_hashes
+
+    def expert_pools(self, connectors_hash: str | None) -> tuple[str, ...]:
+        """Torch pools whose base model the connectors were trained for."""
+        hashes = self.pool_model_hashes()
+        return tuple(p.name for p in self.config.pools if p.engine == "torch"
+                     and hashes.get(p.name) in (None, connectors_hash))
+
+    def _connectors_base_model(self, manifest) -> dict:
+        key = (manifest.tenant, manifest.name, manifest.version)
+        if key not in self._connectors_base:
+            try:
+                spec = json.loads(self.registry.read_file(manifest, "connectors.json"))
+                self._connectors_base[key] = {"id": spec.get("base_model_id"), "hash": spec.get("base_model_hash")}
+            except (NotFound, ValueError):
+                self._connectors_base[key] = {}
+        return self._connectors_base[key]
 
     def visible(self, principal: Principal) -> list[Customization]:
         if principal.is_admin:
@@ -141,6 +180,13 @@ class Catalog:
         return self._target(match, hints, reason=None)
 
     def _target(self, c: Customization, hints: RoutingHints | None, reason: dict | None) -> Target:
+        if not c.pools and c.kind == "expert":
+            running = {p.name: p.model for p in self.config.pools if p.engine == "torch"}
+            raise OpenAIError(422, f"{c.model_id}: its connectors (version {c.extra['connectors_version']}) were "
+                                   f"trained for base model {c.extra.get('base_model')!r}, but no torch pool runs "
+                                   f"that model (pools: {running}); fix: train connectors against a pool's base "
+                                   "model (the connectors job) or add a pool running that model",
+                              param="model", code="model_not_servable")
         if not c.pools:
             raise OpenAIError(503, f"{c.model_id} is uploaded but not in any pool's adapter bank yet; retry "
                                    "after the bank job (or the automatic projection) publishes", type_="unavailable")

@@ -4,8 +4,10 @@ An asyncio loop collects requests into *waves* (up to ``max_batch_size`` rows, w
 ``batch_wait_ms`` for company), and one worker thread runs each wave: left-padded prefill,
 then token-by-token decoding with the KV cache. Each row carries its own adapter index into
 the compressed bank (applied inside the same forward by ``compression.BankLinear``), its own
-sampling settings and stop conditions, and streams its text deltas back through its own
-queue. Bank swaps happen on the same thread between waves, so no request ever sees half a bank.
+Llamdex expert bundle or None (through ``expert_prompt`` / ``prefill_hook``, see
+:mod:`serve_app.experts`), its own sampling settings and stop conditions, and streams its text
+deltas back through its own queue. Bank swaps happen on the same thread between waves, so no
+request ever sees half a bank.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ class _Row:
     emitted: int = 0
     done: bool = False
     generator: torch.Generator | None = None
+    expert: Any = None
+    """The row's Llamdex bundle (``llamdex.insertion.Bundle``) or None."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Sent with the final event (e.g. an expert's prediction)."""
 
     def push(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -91,7 +97,10 @@ class TorchEngine:
         self.bank_handle = None
         self.bank_version: int | None = None
         self.prefill_hook: Callable | None = None
-        """Optional ``(model, rows, input_ids, attention_mask, position_ids) -> logits, cache`` for experts."""
+        """``(model, rows, input_ids, attention_mask, position_ids) -> logits, cache, mask, positions``:
+        the prefill of waves holding expert rows (``row.expert`` set)."""
+        self.expert_prompt: Callable | None = None
+        """``(tokenizer, bundle, request) -> prompt ids`` for expert rows."""
         self._pending: asyncio.Queue[_Row] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loop_task: asyncio.Task | None = None
@@ -127,12 +136,14 @@ class TorchEngine:
         return self._loop_task is None or not self._loop_task.done()
 
     # ------------------------------------------------------------------ data plane
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
-        """Queue ``req`` for the next wave and yield its events as they are produced."""
+    async def generate(self, req: GenerationRequest, expert: Any = None) -> AsyncIterator[Event]:
+        """Queue ``req`` (with its expert bundle, if any) for the next wave and yield its events."""
+        if expert is not None and (self.prefill_hook is None or self.expert_prompt is None):
+            raise EngineError(501, "this engine has no expert runtime (prefill_hook / expert_prompt unset)")
         if self._pending is None:
             self._pending = asyncio.Queue()
             self._loop_task = asyncio.get_running_loop().create_task(self._wave_loop())
-        row = _Row(req=req, queue=asyncio.Queue(), loop=asyncio.get_running_loop())
+        row = _Row(req=req, queue=asyncio.Queue(), loop=asyncio.get_running_loop(), expert=expert)
         await self._pending.put(row)
         while True:
             event = await row.queue.get()
@@ -154,6 +165,7 @@ class TorchEngine:
                 except asyncio.TimeoutError:
                     break
             await loop.run_in_executor(self._executor, self._run_wave_safely, rows)
+            del rows  # do not keep the last wave's rows (and their expert bundles) alive while idle
 
     def _run_wave_safely(self, rows: list[_Row]) -> None:
         try:
@@ -171,6 +183,8 @@ class TorchEngine:
     # ------------------------------------------------------------------ one wave
     def _encode(self, row: _Row) -> list[int]:
         req = row.req
+        if row.expert is not None:
+            return list(self.expert_prompt(self.tok, row.expert, req))
         if req.messages is not None:
             ids = self.tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]
@@ -210,7 +224,7 @@ class TorchEngine:
         adapters = [r.req.adapter for r in live]
         bank_ctx = self.bank_handle.using(adapters) if self.bank_handle else nullcontext()
         with torch.inference_mode(), bank_ctx:
-            if self.prefill_hook is not None and any(r.req.expert for r in live):
+            if any(r.expert is not None for r in live):
                 logits, cache, attention, positions = self.prefill_hook(
                     self.model, live, input_ids, attention, positions)
             else:
@@ -272,6 +286,6 @@ class TorchEngine:
         if finish:
             row.done = True
             row.push(Event(text=delta, finish_reason=finish, prompt_tokens=len(row.prompt_ids),
-                           completion_tokens=len(row.generated)))
+                           completion_tokens=len(row.generated), extra=row.extra))
         elif delta:
             row.push(Event(text=delta))

@@ -1,7 +1,7 @@
 """Custom metrics (Ray's Prometheus endpoint, prefix ``ray_``; reserved tags added by Serve).
 
 Router: requests / tokens / latency / errors per tenant and model. Replica: expert cache
-hits and misses, bank version, wave (batch) sizes.
+hits and misses, resident experts, bank version, wave (batch) sizes.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ class RouterMetrics:
 class ReplicaMetrics:
     def __init__(self, pool: str) -> None:
         self.pool = pool
-        self.expert_hits = Counter("atelier_expert_cache_hits", description="expert LRU hits", tag_keys=("pool",))
-        self.expert_misses = Counter("atelier_expert_cache_misses", description="expert loads",
-                                     tag_keys=("pool",))
+        self.expert_hits = Counter("atelier_expert_cache_hits", description="expert requests whose expert was "
+                                   "resident", tag_keys=("pool",))
+        self.expert_misses = Counter("atelier_expert_cache_misses", description="expert requests that waited "
+                                     "for a load", tag_keys=("pool",))
+        self.experts_resident = Gauge("atelier_experts_resident", description="experts in the replica's LRU",
+                                      tag_keys=("pool",))
         self.bank_version = Gauge("atelier_bank_version", description="adapter bank version served",
                                   tag_keys=("pool",))
         self.wave_rows = Histogram("atelier_wave_rows", description="rows per batched forward wave",

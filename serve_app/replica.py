@@ -2,9 +2,10 @@
 
 Each replica hosts the pool's base LLM in a :class:`serve_app.engine.TorchEngine`, the pool's
 current adapter bank (every adapter of every tenant, applied per row inside one batched
-forward) and an LRU of Llamdex experts loaded through ``@serve.multiplexed`` keyed by
-``tenant/name@version``, so Serve routes a tenant's expert traffic to replicas that already
-hold it. New bank versions are picked up without restart: the router broadcasts
+forward) and an LRU of Llamdex experts + connectors loaded through ``@serve.multiplexed`` keyed by
+``tenant/name@e<expert version>.c<connectors version>`` (:mod:`serve_app.experts`), so Serve
+routes a tenant's expert traffic to replicas that already hold it. Expert rows join the same
+batched waves as base and adapter rows; ``predict`` batches expert predictions. New bank versions are picked up without restart: the router broadcasts
 ``reload_bank`` after it publishes one, ``reconfigure({"bank_version": n})`` pins a version,
 and every replica also polls the registry every ``bank_poll_s`` seconds (for banks published by
 jobs). Swaps run on the engine thread between waves, so no request fails during a swap.
@@ -13,6 +14,7 @@ jobs). Swaps run on the engine thread between waves, so no request fails during 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +27,16 @@ from cluster.registry import SYSTEM_TENANT, Registry
 from cluster.settings import load_settings
 from serve_app.config import PoolConfig
 from serve_app.engine import EngineError, Event, GenerationRequest, TorchEngine
+from serve_app.experts import (
+    ExpertKey,
+    ExpertRegistry,
+    LoadedExpert,
+    PredictBatcher,
+    expert_prompt_ids,
+    load_expert_bundle,
+    prefill_hook,
+    question_of,
+)
 from serve_app.metrics import ReplicaMetrics
 
 log = get_logger("replica")
@@ -42,7 +54,12 @@ class LLMReplica:
         self.engine = self._make_engine()
         self.metrics = ReplicaMetrics(self.pool.name)
         self.engine.on_wave = lambda rows: self.metrics.wave_rows.observe(rows, tags=self.metrics.tags)
-        self._expert_loads = 0
+        self.experts = ExpertRegistry()
+        self.predictor: PredictBatcher | None = None
+        if isinstance(self.engine, TorchEngine):
+            self.engine.prefill_hook, self.engine.expert_prompt = prefill_hook, expert_prompt_ids
+            self.predictor = PredictBatcher(self.engine.model, self.engine.tok, self.pool.max_batch_size,
+                                            self.pool.batch_wait_ms / 1000, self.engine.run_on_engine_thread)
         self.pinned_bank: int | None = None
         self._bank_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
@@ -123,12 +140,47 @@ class LLMReplica:
 
     # ------------------------------------------------------------------ experts
     def _expert_loader(self):
-        async def load(expert_key: str):
-            self._expert_loads += 1
-            self.metrics.expert_misses.inc(tags=self.metrics.tags)
-            raise EngineError(501, f"expert {expert_key}: serving Llamdex experts needs the insertion runtime, "
-                                   "which is not built yet (README, Status)")
+        async def load(expert_key: str) -> LoadedExpert:
+            key = ExpertKey.parse(expert_key)
+            started = time.perf_counter()
+            try:
+                bundle = await asyncio.to_thread(load_expert_bundle, self.registry, key, self.model,
+                                                 self.settings.home / "artifact-cache")
+            except EngineError as exc:
+                log.error("replica.expert_rejected", pool=self.pool.name, expert=expert_key, error=str(exc))
+                raise
+            except Exception as exc:  # storage trouble etc.: say so, do not crash the replica
+                log.error("replica.expert_load_failed", pool=self.pool.name, expert=expert_key, error=repr(exc))
+                raise EngineError(503, f"expert {expert_key}: loading failed ({exc!r}); retry shortly") from None
+            entry = LoadedExpert(key, bundle, time.perf_counter() - started, self._expert_evicted)
+            self.experts.loaded(entry)
+            self.metrics.experts_resident.set(len(self.experts.resident), tags=self.metrics.tags)
+            log.info("replica.expert_loaded", pool=self.pool.name, expert=expert_key, seconds=round(entry.seconds, 3),
+                     layer=bundle.spec.layer, slots=bundle.spec.num_slots)
+            return entry
         return load
+
+    def _expert_evicted(self, expert_key: str) -> None:
+        self.experts.evicted(expert_key)
+        self.metrics.experts_resident.set(len(self.experts.resident), tags=self.metrics.tags)
+        log.info("replica.expert_evicted", pool=self.pool.name, expert=expert_key)
+
+    async def _expert(self, expert_key: str):
+        """The bundle for ``expert_key`` from the LRU (loading it on a miss); counts hits and misses."""
+        if self.predictor is None:
+            raise EngineError(400, f"pool {self.pool.name!r} runs the {self.pool.engine} engine, which cannot run "
+                                   "Llamdex experts; send expert traffic to a torch pool")
+        hit = expert_key in self.experts.resident
+        entry = await self.get_expert(expert_key)
+        bundle = entry.bundle
+        if bundle is None:  # evicted between the LRU's answer and now: load it again
+            hit, bundle = False, (await self.get_expert(expert_key)).bundle
+        (self.metrics.expert_hits if hit else self.metrics.expert_misses).inc(tags=self.metrics.tags)
+        if hit:
+            self.experts.hits += 1
+        else:
+            self.experts.misses += 1
+        return bundle
 
     # ------------------------------------------------------------------ requests
     async def generate_stream(self, req: dict) -> AsyncIterator[dict]:
@@ -136,14 +188,14 @@ class LLMReplica:
         self._ensure_poller()
         request = GenerationRequest.model_validate(req)
         try:
+            bundle = None
             if request.expert:
-                loads = self._expert_loads
-                await self.get_expert(request.expert)
-                if self._expert_loads == loads:
-                    self.metrics.expert_hits.inc(tags=self.metrics.tags)
+                question_of(request)  # refuse a request without a question before loading anything
+                bundle = await self._expert(request.expert)
             if request.adapter and request.adapter not in self.engine.adapter_names():
                 await self.reload_bank()  # published a moment ago? pick it up now
-            async for event in self.engine.generate(request):
+            stream = self.engine.generate(request, bundle) if bundle is not None else self.engine.generate(request)
+            async for event in stream:
                 yield event.model_dump()
         except EngineError as exc:
             yield Event(error=str(exc), error_status=exc.status).model_dump()
@@ -156,10 +208,40 @@ class LLMReplica:
             last = event
         return {**last, "text": "".join(text)}
 
+    async def predict(self, req: dict) -> dict:
+        """One expert prediction (batched with concurrent ones): label, probabilities, features."""
+        self._ensure_poller()
+        try:
+            key = ExpertKey.parse(req.get("expert", ""))
+            question = str(req.get("question", ""))
+            if not question.strip():
+                raise EngineError(400, "question: must be a non-empty string")
+            bundle = await self._expert(str(key))
+            if self.predictor is None:
+                raise EngineError(400, "this pool cannot run experts")
+            n_tokens = len(expert_prompt_ids(self.engine.tok, bundle, GenerationRequest(
+                request_id="-", prompt=question)))
+            if n_tokens > self.pool.max_prompt_tokens:
+                raise EngineError(400, f"question: {n_tokens} prompt tokens, more than this pool's limit of "
+                                       f"{self.pool.max_prompt_tokens}; shorten it")
+            result = await self.predictor.predict(bundle, question)
+        except EngineError as exc:
+            return {"error": str(exc), "error_status": exc.status}
+        return {**result, "expert": str(key), "expert_version": key.expert_version,
+                "connectors_version": key.connectors_version, "layer": bundle.spec.layer,
+                "num_slots": bundle.spec.num_slots, "prompt_tokens": n_tokens}
+
     async def stats(self) -> dict:
-        return {"pool": self.pool.name, "model": self.model.id, "bank_version": self.engine.bank_version,
+        gc.collect()  # so 'experts_alive' counts only bundles something still references
+        e = self.experts
+        return {"pool": self.pool.name, "model": self.model.id, "replica": serve.get_replica_context().replica_id.unique_id,
+                "bank_version": self.engine.bank_version,
                 "adapters": len(self.engine.adapter_names()), "waves": self.engine.waves,
-                "rows_served": self.engine.rows_served}
+                "rows_served": self.engine.rows_served,
+                "experts_resident": sorted(e.resident), "experts_alive": e.alive(), "expert_loads": e.loads,
+                "expert_hits": e.hits, "expert_misses": e.misses, "expert_evictions": e.evictions,
+                "expert_last_load_s": e.last_load_s,
+                "predict_batches": self.predictor.batches if self.predictor else 0}
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising restarts the replica."""

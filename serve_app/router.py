@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.logs import get_logger
 from cluster.registry import Registry
-from serve_app import routes_manage, routes_openai
+from serve_app import routes_experts, routes_manage, routes_openai
 from serve_app.catalog import Catalog
 from serve_app.config import AppConfig
 from serve_app.metrics import RouterMetrics
@@ -26,6 +26,7 @@ def create_api() -> FastAPI:
     api = FastAPI(title="Atelier", version="0.1.0",
                   description="OpenAI-compatible serving of per-tenant LLM customizations")
     api.include_router(routes_openai.api)
+    api.include_router(routes_experts.api)
     api.include_router(routes_manage.api)
 
     @api.get("/healthz")

@@ -1,4 +1,9 @@
-"""OpenAI-compatible endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``."""
+"""OpenAI-compatible endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
+
+For an expert model the response's ``atelier`` object also holds ``expert_key`` and
+``prediction`` (label, answer token, class probabilities at the last slot); streams send it in
+the final chunk.
+"""
 
 from __future__ import annotations
 
@@ -78,6 +83,8 @@ async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_
         handle = handle.options(multiplexed_model_id=target.expert_key)
     tags = {"tenant": req.tenant, "model": target.model_id, "endpoint": endpoint}
     info = {"model": target.model_id, "kind": target.kind, "pool": target.pool, "routing": target.routing}
+    if target.expert_key:
+        info["expert_key"] = target.expert_key
     if body.stream:
         gen = handle.options(stream=True).generate_stream.remote(req.model_dump())
         return StreamingResponse(_sse(state, gen, endpoint, req, info, tags, started), media_type="text/event-stream")
@@ -86,9 +93,10 @@ async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_
     except BackPressureError:
         raise OpenAIError(503, f"pool {target.pool!r} is at capacity; retry shortly", type_="overloaded") from None
     if result.get("error"):
-        raise OpenAIError(result["error_status"], result["error"], type_="server_error"
-                          if result["error_status"] >= 500 else "invalid_request_error")
-    _record(state, tags, result, started, status=200)
+        raise replica_error(state, tags, result)
+    record_success(state, tags, result, started, status=200)
+    if (result.get("extra") or {}).get("prediction"):
+        info["prediction"] = result["extra"]["prediction"]
     usage = Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
                   total_tokens=result["prompt_tokens"] + result["completion_tokens"])
     if endpoint == "chat":
@@ -125,21 +133,32 @@ async def _sse(state: RouterState, gen, endpoint: str, req: GenerationRequest, i
             if event["text"] or event["finish_reason"]:
                 extra = {}
                 if event["finish_reason"]:
+                    if (event.get("extra") or {}).get("prediction"):
+                        extra["atelier"] = {"prediction": event["extra"]["prediction"]}
                     extra["usage"] = {"prompt_tokens": event["prompt_tokens"],
                                       "completion_tokens": event["completion_tokens"],
                                       "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
-                    _record(state, tags, event, started, status=200)
+                    record_success(state, tags, event, started, status=200)
                 yield chunk(event["text"], event["finish_reason"], **extra)
     except BackPressureError:
         yield "data: " + json.dumps(OpenAIError(503, "pool at capacity; retry shortly", "overloaded").body()) + "\n\n"
     yield "data: [DONE]\n\n"
 
 
-def _record(state: RouterState, tags: dict, result: dict, started: float, status: int) -> None:
+def replica_error(state: RouterState, tags: dict, result: dict) -> OpenAIError:
+    """The OpenAI error for a replica's error result, counted in the error metric."""
+    status = int(result.get("error_status") or 500)
+    if state.metrics is not None:
+        state.metrics.errors.inc(tags={**tags, "status": str(status)})
+    return OpenAIError(status, result["error"], type_="server_error" if status >= 500 else "invalid_request_error")
+
+
+def record_success(state: RouterState, tags: dict, result: dict, started: float, status: int) -> None:
     m = state.metrics
     if m is None:
         return
     m.requests.inc(tags={**tags, "status": str(status)})
-    m.tokens.inc(result.get("completion_tokens", 0) or 0, tags=tags)
-    m.prompt_tokens.inc(result.get("prompt_tokens", 0) or 0, tags=tags)
+    for counter, n in ((m.tokens, result.get("completion_tokens")), (m.prompt_tokens, result.get("prompt_tokens"))):
+        if n:  # Ray counters refuse inc(0)
+            counter.inc(n, tags=tags)
     m.latency.observe(time.perf_counter() - started, tags=tags)

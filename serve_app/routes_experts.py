@@ -1,0 +1,92 @@
+"""``POST /v1/experts/{tenant}/{name}/predict``: a Llamdex expert's class answer to one question.
+
+The question is answered exactly as in training (the connectors' system prompt + the question,
+slots appended, one forward): the label is the class answer token with the highest probability
+at the last slot. The response also carries what the encoder read from the question (decoded
+features), the tenant expert's own probabilities on those features, and the versions used.
+Same keys, isolation and errors as the chat API; concurrent predictions are batched on the
+replica into one forward (even across experts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve.exceptions import BackPressureError
+
+from cluster.registry import Principal
+from serve_app.auth import check_tenant_access, principal
+from serve_app.openai_api import OpenAIError, RoutingHints, new_id, now
+from serve_app.routes_openai import record_success, replica_error
+from serve_app.state import RouterState, get_state
+
+api = APIRouter()
+
+
+class PredictRequest(BaseModel):
+    """Body of a predict call."""
+
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1, max_length=20_000, description="the question, in natural language")
+    atelier: RoutingHints | None = None
+
+
+class ExpertVersions(BaseModel):
+    expert: int
+    connectors: int
+    key: str = Field(description="multiplexed id: <tenant>/<name>@e<expert version>.c<connectors version>")
+
+
+class PredictUsage(BaseModel):
+    prompt_tokens: int
+
+
+class PredictResponse(BaseModel):
+    """The expert's answer to one question."""
+
+    id: str
+    object: Literal["expert.prediction"] = "expert.prediction"
+    created: int
+    model: str
+    label: str = Field(description="argmax class of the LLM's answer tokens at the last slot")
+    probabilities: dict[str, float] = Field(description="softmax over the class answer tokens")
+    features: dict[str, Any] = Field(description="what the encoder read from the question (None = not stated)")
+    expert_probabilities: dict[str, float] = Field(description="the tenant expert's output on those features")
+    versions: ExpertVersions
+    pool: str
+    usage: PredictUsage
+    atelier: dict = Field(default_factory=dict)
+
+
+@api.post("/v1/experts/{tenant}/{name}/predict", response_model=PredictResponse)
+async def predict(tenant: str, name: str, body: PredictRequest, who: Principal = Depends(principal),
+                  state: RouterState = Depends(get_state)) -> PredictResponse:
+    started = time.perf_counter()
+    check_tenant_access(who, tenant)
+    model = f"{tenant}/{name}"
+    target = await asyncio.to_thread(state.catalog.resolve, who, model, body.question, body.atelier)
+    if target.kind != "expert":
+        raise OpenAIError(400, f"{model} is an {target.kind}, not an expert; predict serves Llamdex experts "
+                               "(use /v1/chat/completions for adapters)", param="name")
+    tags = {"tenant": who.tenant or "admin", "model": model, "endpoint": "predict"}
+    handle = state.pools[target.pool].options(multiplexed_model_id=target.expert_key)
+    try:
+        result = await handle.predict.remote({"expert": target.expert_key, "question": body.question})
+    except BackPressureError:
+        raise OpenAIError(503, f"pool {target.pool!r} is at capacity; retry shortly", type_="overloaded") from None
+    if result.get("error"):
+        raise replica_error(state, tags, result)
+    record_success(state, tags, {"prompt_tokens": result["prompt_tokens"]}, started, status=200)
+    return PredictResponse(
+        id=new_id("pred"), created=now(), model=model, label=result["label"],
+        probabilities=result["probabilities"], features=result["features"],
+        expert_probabilities=result["expert_probabilities"],
+        versions=ExpertVersions(expert=result["expert_version"], connectors=result["connectors_version"],
+                                key=result["expert"]),
+        pool=target.pool, usage=PredictUsage(prompt_tokens=result["prompt_tokens"]),
+        atelier={"batch_rows": result["batch_rows"], "layer": result["layer"], "num_slots": result["num_slots"],
+                 "routing": target.routing})

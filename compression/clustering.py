@@ -6,8 +6,9 @@ loop alternates (1) a JD fit per cluster and module, warm-started from the previ
 (2) reassignment to the cheapest cluster, until assignments are stable or max_rounds is hit.
 Both steps lower the same objective (sum of relative errors), so it converges.
 
-Initialisation is greedy k-means++ over subspaces: clusters are seeded with single adapters, each
-next seed drawn with probability proportional to its projection error on the nearest seed basis.
+Initialisation is greedy k-means++ over subspaces: clusters are seeded with single adapters (their
+basis refitted on a few nearest neighbours when the rank exceeds the LoRA rank), each next seed
+drawn with probability proportional to its projection error on the nearest seed basis.
 Empty clusters are re-seeded with the worst-fitting adapter of a cluster that can spare one.
 """
 
@@ -104,6 +105,17 @@ def _single_adapter_costs(
     return assignment_costs(stacks, fit_clusters(single, [0], 1, rank, "full", config, seed=i), "full")[:, 0]
 
 
+def _neighbourhood_costs(
+    stacks: Mapping[str, FactorStack], i: int, single: Tensor, size: int, rank: int, config: JDConfig | None
+) -> Tensor:
+    """Costs [n] on a JD-Full basis fitted to adapter i and its size − 1 nearest adapters (by `single`)."""
+    if size <= 1:
+        return single
+    members = [i, *[j for j in single.argsort().tolist() if j != i][: size - 1]]
+    group = {module: stack.select(members) for module, stack in stacks.items()}
+    return assignment_costs(stacks, fit_clusters(group, [0] * size, 1, rank, "full", config, seed=i), "full")[:, 0]
+
+
 def _seed_assignment(
     stacks: Mapping[str, FactorStack],
     K: int,
@@ -112,16 +124,23 @@ def _seed_assignment(
     generator: torch.Generator,
     progress: ProgressFn | None,
 ) -> list[int]:
-    """Greedy k-means++ over subspaces: the initial assignment to K single-adapter bases.
+    """Greedy k-means++ over subspaces: the initial assignment to K seed bases.
 
     Each new seed is the best (lowest total cost) of 2 + ln K candidates drawn ∝ their error on
     the nearest existing seed basis. Seeding always compares subspaces (JD-Full costs): a diagonal
-    basis fitted to one adapter cannot express its neighbours' cross terms.
+    basis fitted to one adapter cannot express its neighbours' cross terms. When the rank exceeds
+    the adapters' LoRA rank R, one adapter fills only R of a seed basis' r directions, so its
+    neighbours look barely closer than other groups and draws often land twice in one group: the
+    chosen seed's basis is then refitted on its ⌈2r/R⌉ nearest adapters (at most n/2K) before the
+    next draw, which sharpens the sampling weights.
     """
     n = next(iter(stacks.values())).n
     trials = 2 + int(math.log(K))
+    lora_rank = max(stack.B.shape[2] for stack in stacks.values())
+    size = max(1, min(n // (2 * K), math.ceil(2 * rank / lora_rank)))
     seeds = [int(torch.randint(n, (1,), generator=generator))]
-    columns = [_single_adapter_costs(stacks, seeds[0], rank, config)]
+    single = _single_adapter_costs(stacks, seeds[0], rank, config)
+    columns = [_neighbourhood_costs(stacks, seeds[0], single, size, rank, config)]
     while len(seeds) < K:
         if progress is not None:
             progress("seed", len(seeds), K)
@@ -134,7 +153,7 @@ def _seed_assignment(
         candidates = [(int(i), _single_adapter_costs(stacks, int(i), rank, config)) for i in draws]
         best, column = min(candidates, key=lambda ic: float(torch.minimum(nearest, ic[1]).sum()))
         seeds.append(best)
-        columns.append(column)
+        columns.append(_neighbourhood_costs(stacks, best, column, size, rank, config))
     assignment = torch.stack(columns, 1).argmin(1).tolist()
     for k, i in enumerate(seeds):
         assignment[i] = k

@@ -16,7 +16,10 @@ were trained for; its multiplexed key ``<tenant>/<name>@e<expert version>.c<conn
   serve the target, a cost hint the lowest ``cost_tier``; otherwise the customization's own
   pool or the default pool.
 
-Listings are cached for ``catalog_ttl_s`` and invalidated when the router itself publishes.
+Listings are cached for ``catalog_ttl_s`` and invalidated when the router itself publishes. A
+request naming a model the cached listing lacks (or has without a pool yet) re-reads the
+registry if the listing is older than ``catalog_miss_refresh_s``, so artifacts published by
+jobs straight into the registry are served within that bound instead of the TTL.
 """
 
 from __future__ import annotations
@@ -80,10 +83,11 @@ class Catalog:
             self._banks = None
 
     # ------------------------------------------------------------------ listings
-    def bank_members(self) -> dict[str, set[str]]:
-        """pool name -> adapter ids in that pool's latest bank."""
+    def bank_members(self, max_age_s: float | None = None) -> dict[str, set[str]]:
+        """pool name -> adapter ids in that pool's latest bank (cached at most ``max_age_s``, default the TTL)."""
+        max_age_s = self.config.catalog_ttl_s if max_age_s is None else min(max_age_s, self.config.catalog_ttl_s)
         with self._lock:
-            if self._banks and time.monotonic() - self._banks[0] < self.config.catalog_ttl_s:
+            if self._banks and time.monotonic() - self._banks[0] < max_age_s:
                 return self._banks[1]
         members: dict[str, set[str]] = {}
         for pool in self.config.pools:
@@ -96,13 +100,14 @@ class Catalog:
             self._banks = (time.monotonic(), members)
         return members
 
-    def customizations(self, tenant: str) -> list[Customization]:
-        """Every servable adapter and expert of ``tenant`` (cached)."""
+    def customizations(self, tenant: str, max_age_s: float | None = None) -> list[Customization]:
+        """Every servable adapter and expert of ``tenant`` (cached at most ``max_age_s``, default the TTL)."""
+        max_age_s = self.config.catalog_ttl_s if max_age_s is None else min(max_age_s, self.config.catalog_ttl_s)
         with self._lock:
             hit = self._cache.get(tenant)
-            if hit and time.monotonic() - hit[0] < self.config.catalog_ttl_s:
+            if hit and time.monotonic() - hit[0] < max_age_s:
                 return hit[1]
-        banks = self.bank_members()
+        banks = self.bank_members(max_age_s)
         found: list[Customization] = []
         for m in self.registry.list_artifacts(tenant, "adapter"):
             model_id = f"{tenant}/{m.name}"
@@ -173,11 +178,18 @@ class Catalog:
         if not principal.is_admin and tenant != principal.tenant:
             raise OpenAIError(403, f"this API key belongs to tenant {principal.tenant!r} and cannot use "
                                    f"models of tenant {tenant!r}", type_="permission_error", param="model")
-        try:
-            match = next(c for c in self.customizations(tenant) if c.name == name)
-        except (StopIteration, ValueError):
-            raise OpenAIError(404, f"model {model!r} does not exist", param="model", code="model_not_found") from None
+        match = self._find(tenant, name)
+        if match is None or not match.pools:  # published a moment ago by a job? re-read a stale-ish listing
+            match = self._find(tenant, name, self.config.catalog_miss_refresh_s)
+        if match is None:
+            raise OpenAIError(404, f"model {model!r} does not exist", param="model", code="model_not_found")
         return self._target(match, hints, reason=None)
+
+    def _find(self, tenant: str, name: str, max_age_s: float | None = None) -> Customization | None:
+        try:
+            return next((c for c in self.customizations(tenant, max_age_s) if c.name == name), None)
+        except ValueError:  # not a valid tenant id
+            return None
 
     def _target(self, c: Customization, hints: RoutingHints | None, reason: dict | None) -> Target:
         if not c.pools and c.kind == "expert":

@@ -96,6 +96,10 @@ class AppConfig(_Strict):
     auto_min_similarity: float = Field(0.12, ge=0, le=1)
     """``model='auto'`` falls back to base when no customization is at least this similar."""
     catalog_ttl_s: float = Field(2.0, ge=0)
+    """How long the router caches a tenant's listing (artifacts, bank members)."""
+    catalog_miss_refresh_s: float = Field(0.25, ge=0)
+    """A request for a model missing from (or not yet servable in) the cached listing re-reads the
+    registry if the listing is older than this (bounds registry reads caused by unknown names)."""
     rate_limit_rpm: int = Field(600, ge=0)
     """Requests per minute per API key on each router replica (0 = unlimited); over it → 429."""
     router_num_cpus: float = Field(0.25, ge=0)

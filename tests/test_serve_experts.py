@@ -173,6 +173,18 @@ def test_isolation_and_refusals(app):
         assert c.post("/v1/tenants/acme/connectors/x", headers=bearer(app["acme"]), json={"files": {}}).status_code == 403
 
 
+def test_auto_can_choose_the_expert(app):
+    with http() as c:
+        r = c.post("/v1/chat/completions", headers=bearer(app["acme"]), json={
+            "model": "auto", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "Did the Titanic passenger survive? Age 30, travelling alone."}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "acme/survival" and body["atelier"]["routing"]["chosen"] == "acme/survival"
+    assert body["atelier"]["prediction"]["label"] in ("no", "yes")
+    assert json.dumps(body["atelier"])  # the routing explanation is plain JSON
+
+
 def test_connectors_for_another_base_model_are_refused(app, tmp_path):
     from llamdex.connectors_io import read_spec, save_connectors
 
@@ -298,16 +310,18 @@ def test_lru_evicts_and_frees_bundles(app):
     assert out["expert_version"] == 1 and pool_stats()["expert_misses"] == before + 1
 
 
-def test_auto_can_choose_the_expert(app):
-    with http() as c:
-        r = c.post("/v1/chat/completions", headers=bearer(app["acme"]), json={
-            "model": "auto", "max_tokens": 4,
-            "messages": [{"role": "user", "content": "Did the Titanic passenger survive? Age 30, travelling alone."}]})
+def test_job_published_expert_is_served_at_once(app):
+    """Expert + connectors written straight into the registry (as the jobs do, no HTTP, no cache
+    invalidation): a request soon after is served although the router's listing is still cached."""
+    import time
+
+    assert "acme/late" not in {m.id for m in oa(app["acme"]).models.list().data}  # listing cached now
+    for kind, directory in (("expert", app["expert_dir"]), ("connectors", app["connectors_dir"])):
+        app["registry"].publish("acme", kind, "late", {p.name: p.read_bytes() for p in directory.iterdir()})
+    time.sleep(0.5)  # > catalog_miss_refresh_s (0.25 s), < catalog_ttl_s (2 s)
+    r = predict(app["acme"], model="acme/late")
     assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["model"] == "acme/survival" and body["atelier"]["routing"]["chosen"] == "acme/survival"
-    assert body["atelier"]["prediction"]["label"] in ("no", "yes")
-    assert json.dumps(body["atelier"])  # the routing explanation is plain JSON
+    assert r.json()["versions"]["key"] == "acme/late@e1.c1"
 
 
 def test_artifact_listing_names_both_versions(app):

@@ -123,7 +123,9 @@ def main() -> None:
     notes = (f"Each request generates {args.max_tokens} token(s) on `{args.model}`, so the difference between the "
              "two paths is the router's cost: HTTP parsing, key check, catalog lookup, a second Serve hop. "
              f"Ratio of medians (routed / direct): {sh['p50_ms'] / sd['p50_ms']:.2f}. Replica bank polling "
-             "interval 0.5 s. Publishing a new expert is not measured yet (Llamdex serving is not built).")
+             "interval 0.5 s. Publish-to-first-request for new experts and banks, with more repetitions and "
+             "serving CPU time: bench/serve_publish.py (docs/bench/serve_publish_*.md). Machine load average "
+             f"(1/5/15 min) at the end: {tuple(round(x, 1) for x in os.getloadavg())}, 2 cores shared with other jobs.")
     json_path, md_path = write_results(Path(args.out), "serve_overhead",
                                        {"direct": sd, "routed": sh, "overhead": overhead, "upload_s": upload_s,
                                         "first_request_s": first_s, "bank_poll_s": poll_s, "args": vars(args),

@@ -261,8 +261,9 @@ def main() -> None:
     command = f"python -m bench.serve_publish --model {args.model} --reps {args.reps}"
     notes = (
         f"`{args.model}`, one pool replica (1 CPU, 1 torch thread), requests generate 1 token. Times run from the "
-        "publish call (for HTTP uploads: from sending the upload, so they include validation, and for adapters "
-        "the projection into the bank and the broadcast) to the first 200 response; attempts every "
+        "publish call to the first 200 response (HTTP uploads: from sending the upload, so they include "
+        "validation and, for adapters, the projection into the bank and the broadcast; the job bank path: from "
+        "publishing the adapter, so it includes the job's projection and bank publish); attempts every "
         f"{args.poll_ms:g} ms; `vs_warm_p50` = median / the warm median of the same request kind. Router catalog "
         f"TTL {args.catalog_ttl_s:g} s, re-read on a request for a model it lacks once older than "
         f"{args.catalog_miss_refresh_s:g} s (that bounds the job paths; HTTP uploads invalidate it at once), "

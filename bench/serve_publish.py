@@ -118,7 +118,7 @@ def main() -> None:
                    help="router re-reads the registry for an unknown model if its listing is older than this "
                         "(AppConfig.catalog_miss_refresh_s)")
     p.add_argument("--bank-poll-s", type=float, default=2.0, help="replica bank polling (PoolConfig.bank_poll_s)")
-    p.add_argument("--port", type=int, default=18950)
+    p.add_argument("--port", type=int, default=18950, help="Serve HTTP port of the bench cluster")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="results directory")
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -39,11 +39,15 @@ PAPER = ("Compress then Serve (arXiv 2407.00066, v4 / ICML 2025) claims: up to 1
          "over 95 % compression with 500 and with 1000 LoRAs (slides); \"up to 50 % reconstruction error "
          "preserves the performance\" (slides; squared relative Frobenius error in the official code). "
          "Their setting: Mistral-7B, r=16 q/k/v LoRAs on Natural-Instructions tasks.")
-DEFAULTS = {"limit": 0, "full_ranks": "1,2,4,8,16,32", "diag_ranks": "4,16,64", "clusters": "1,2,4,8",
-            "diag_clusters": "1,4", "svd_ranks": "1,2,4", "peft_checks": 3, "synthetic_n": 1000,
+DEFAULTS = {"limit": 0, "peft_checks": 3, "synthetic_n": 1000,
+            # bank % of 100 SmolLM2 adapters (r=8, q/v/o of 6 layers) from 0.7 % to 19 %, Full vs Diag at equal
+            # per-adapter size (full r=4 ~ diag r=16, full r=8 ~ diag r=64), SVD baseline at 12.5 % and 25 %
+            "grid": "full:4:1,full:8:1,full:16:1,full:32:1,full:8:2,full:16:2,full:24:2,full:4:4,full:8:4,"
+                    "full:12:4,full:16:4,full:24:4,full:8:8,full:12:8,full:16:8,full:8:16,diag:16:1,diag:64:1,"
+                    "diag:128:1,diag:16:4,diag:32:4,svd:1,svd:2",
             "synthetic_grid": "full:16:4,full:16:8,full:8:8,diag:32:8,diag:16:16"}
-QUICK = {"limit": 8, "full_ranks": "2,4", "diag_ranks": "4", "clusters": "1,2", "diag_clusters": "1",
-         "svd_ranks": "1", "peft_checks": 1, "synthetic_n": 40, "synthetic_grid": "full:4:2,diag:4:2"}
+QUICK = {"limit": 8, "peft_checks": 1, "synthetic_n": 40, "grid": "full:2:1,full:4:1,full:2:2,diag:4:1,svd:1",
+         "synthetic_grid": "full:4:2,diag:4:2"}
 
 
 @dataclass(frozen=True)
@@ -61,11 +65,14 @@ class Spec:
         return f"{self.method} r={self.rank} K={self.clusters}"
 
 
-def grid(args, n: int) -> list[Spec]:
-    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
-    specs = [Spec("full", r, k) for k in ints(args.clusters) for r in ints(args.full_ranks)]
-    specs += [Spec("diag", r, k) for k in ints(args.diag_clusters) for r in ints(args.diag_ranks)]
-    specs += [Spec("svd", r, n) for r in ints(args.svd_ranks)]
+def parse_grid(text: str, n: int) -> list[Spec]:
+    """'method:r:K,...' (svd: 'svd:r') -> specs; K > n is dropped."""
+    specs = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        parts = item.split(":")
+        if parts[0] not in ("full", "diag", "svd") or len(parts) != (2 if parts[0] == "svd" else 3):
+            raise SystemExit(f"--grid item {item!r}: expected full:r:K, diag:r:K or svd:r")
+        specs.append(Spec(parts[0], int(parts[1]), n if parts[0] == "svd" else int(parts[2])))
     return [s for s in specs if s.clusters <= n]
 
 
@@ -222,16 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N adapters by task id (0 = all)")
     p.add_argument("--eval-adapters", type=int, default=0,
                    help="measure accuracy on the first N adapters only (0 = all); banks are fitted on all")
-    p.add_argument("--full-ranks", default=None, help=f"JD-Full ranks (default {DEFAULTS['full_ranks']})")
-    p.add_argument("--clusters", default=None, help=f"JD-Full cluster counts K (default {DEFAULTS['clusters']})")
-    p.add_argument("--diag-ranks", default=None, help=f"JD-Diag ranks (default {DEFAULTS['diag_ranks']})")
-    p.add_argument("--diag-clusters", default=None, help=f"JD-Diag K (default {DEFAULTS['diag_clusters']})")
-    p.add_argument("--svd-ranks", default=None, help=f"per-adapter SVD baseline ranks (default {DEFAULTS['svd_ranks']})")
+    p.add_argument("--grid", default=None, help="banks to fit and evaluate: method:r:K,... with method full or "
+                   f"diag, and svd:r for the per-adapter SVD baseline (default {DEFAULTS['grid']})")
     p.add_argument("--target-accuracy", type=float, default=0.95, help="share of the originals' accuracy to keep")
     p.add_argument("--target-params", type=float, default=0.20, help="max bank size as a share of the adapters")
     p.add_argument("--peft-checks", type=int, default=None, help="adapters exported + evaluated through peft (default 3)")
     p.add_argument("--synthetic-n", type=int, default=None, help="synthetic adapters for the scale test (0 = skip)")
-    p.add_argument("--synthetic-grid", default=None, help="method:r:K,... fitted on the synthetic collection")
+    p.add_argument("--synthetic-grid", default=None, help="method:r:K,... fitted on the synthetic collection "
+                   f"(default {DEFAULTS['synthetic_grid']})")
     p.add_argument("--synthetic-clusters", type=int, default=8, help="planted groups in the synthetic collection")
     p.add_argument("--synthetic-latent-rank", type=int, default=16, help="dimension of each group's subspaces")
     p.add_argument("--synthetic-r0", type=int, default=8, help="LoRA rank of the synthetic adapters")
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("bench.original", eval_s=eval_original_s, **{k: v for k, v in rows[0].items()})
 
     banks = {}
-    for spec in grid(args, len(adapters)):
+    for spec in parse_grid(args.grid, len(adapters)):
         bank, wall, cpu = build_bank(spec, adapters, model_ref, args.seed)
         errors = mean_recon_errors(bank)
         row = {"config": spec.label, "method": spec.method, "rank": spec.rank,

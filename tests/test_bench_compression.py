@@ -21,12 +21,20 @@ def test_suggested_budget_is_the_error_below_which_every_bank_keeps_the_target()
     assert bench.suggest_budget([{"mean_error": 0.1}], 0.95) is None  # rows without accuracy are ignored
 
 
+def test_grid_spec_is_parsed_and_checked():
+    assert bench.parse_grid("full:16:4, diag:64:1,svd:2,full:8:200", 100) == [
+        bench.Spec("full", 16, 4), bench.Spec("diag", 64, 1), bench.Spec("svd", 2, 100)]
+    for bad in ("full:16", "svd:2:3", "sparse:4:1"):
+        with pytest.raises(SystemExit, match="--grid item"):
+            bench.parse_grid(bad, 10)
+
+
 def test_help_lists_every_knob(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--adapters", "--limit", "--eval-adapters", "--full-ranks", "--clusters", "--diag-ranks",
-                 "--svd-ranks", "--peft-checks", "--synthetic-n", "--synthetic-grid", "--quick", "--out"):
+    for flag in ("--adapters", "--limit", "--eval-adapters", "--grid", "--target-accuracy", "--target-params",
+                 "--peft-checks", "--synthetic-n", "--synthetic-grid", "--quick", "--out"):
         assert flag in text
 
 
@@ -47,7 +55,8 @@ def tiny_adapters(tiny_model, tmp_path_factory):
 def test_quick_bench_measures_banks_through_the_serving_op(tiny_adapters, tmp_path):
     out = tmp_path / "out"
     payload = bench.main(["--quick", "--model", "tiny-random", "--adapters", str(tiny_adapters), "--out", str(out),
-                          "--full-ranks", "2,8", "--synthetic-n", "12", "--synthetic-grid", "full:4:2"])
+                          "--grid", "full:2:1,full:8:1,full:2:2,diag:4:1,svd:1,full:2:9", "--synthetic-n", "12",
+                          "--synthetic-grid", "full:4:2"])
     rows = {r["config"]: r for r in payload["banks"]}
     original = rows["original adapters (exact bank)"]
     # the originals through BankLinear reproduce the training job's own (PEFT) evaluation exactly
@@ -57,7 +66,8 @@ def test_quick_bench_measures_banks_through_the_serving_op(tiny_adapters, tmp_pa
     # rank 8 >= the LoRA rank 4 with K=1 shares one basis but is still near-lossless; rank 2 is not
     assert rows["full r=8 K=1"]["mean_error"] < rows["full r=2 K=1"]["mean_error"]
     assert rows["full r=8 K=1"]["answer_agreement"] >= rows["full r=2 K=1"]["answer_agreement"]
-    assert {"svd r=1", "diag r=4 K=1", "full r=2 K=2"} <= set(rows)
+    assert set(rows) == {"original adapters (exact bank)", "full r=2 K=1", "full r=8 K=1", "full r=2 K=2",
+                         "diag r=4 K=1", "svd r=1"}  # K=9 > 4 adapters is dropped
     for r in payload["banks"][1:]:
         assert 0 <= r["mean_error"] <= r["max_error"] <= 1 and r["fit_cpu_s"] >= 0
     # exported PEFT dirs (original and compressed) give the same answers as the bank op

@@ -7,7 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
+from train_jobs import lora_forward as lf
 from train_jobs import lora_tasks as lt
+from train_jobs import lora_train as ltr
 
 
 def test_make_task_is_deterministic_and_seeded():
@@ -79,22 +81,22 @@ def test_split_and_shared_prefix_forward_are_exact(tiny):
     cfg = lt.TrainConfig(num_layers=2)
     total = lt.num_layers(model)
     lt.clear_cache()
-    pm = get_peft_model(model, lt.lora_config(cfg, total))
+    pm = get_peft_model(model, ltr.lora_config(cfg, total))
     try:
         with torch.no_grad():
             for n, p in pm.named_parameters():
                 if "lora_B" in n:
                     p.normal_(std=0.05)
         assert lt.first_adapted_layer(pm) == total - 2
-        ids = lt._seq_ids(pm, tok, exs)  # prompt + answer token
+        ids = lf.seq_ids(pm, tok, exs)  # prompt + answer token
         assert all(int(i[-1]) == tok.encode(ex.answer)[0] for i, ex in zip(ids, exs, strict=True))
         with torch.no_grad():
             single = torch.cat([pm(input_ids=i[None]).logits[:, -2:] for i in ids])
             for shared in (True, False):
-                states = lt._lower_states(pm, tok, exs, total - 2, 4, shared_prefix=shared)
-                split = lt._last_logits(pm, tok, exs, total - 2, False, states, shared_prefix=shared)
+                states = lf.lower_states(pm, tok, exs, total - 2, 4, shared_prefix=shared)
+                split = lf.last_logits(pm, tok, exs, total - 2, False, states, shared_prefix=shared)
                 assert torch.allclose(split, single, atol=1e-4), shared
-            full = lt._last_logits(pm, tok, exs, None, False)
+            full = lf.last_logits(pm, tok, exs, None, False)
             assert torch.allclose(full, single, atol=1e-4)
     finally:
         pm.unload()
@@ -107,11 +109,11 @@ def test_train_lora_reduces_loss_and_writes_loadable_peft_dir(tiny, tmp_path):
     model, tok = tiny
     names_before = [n for n, _ in model.named_parameters()]
     task = lt.make_task(1, num_keys=8)
-    probe = lt._prompt_ids(model, tok, task.eval[:2])[0][None]
+    probe = lf.prompt_ids(model, tok, task.eval[:2])[0][None]
     with torch.no_grad():
         before = model(input_ids=probe).logits
     cfg = lt.TrainConfig(num_layers=2, steps=25, lr=1e-2, batch_size=8, rank=4, alpha=8)
-    state, adapter_config, metrics = lt.train_lora(model, tok, task, cfg)
+    state, adapter_config, metrics = ltr.train_lora(model, tok, task, cfg)
 
     assert metrics["loss_last"] < metrics["loss_first"]
     assert metrics["steps"] <= 25 and 0.0 <= metrics["accuracy"] <= 1.0
@@ -127,7 +129,7 @@ def test_train_lora_reduces_loss_and_writes_loadable_peft_dir(tiny, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids=probe).logits, before)
 
-    out = lt.write_adapter_dir(tmp_path / task.name, state, adapter_config)
+    out = ltr.write_adapter_dir(tmp_path / task.name, state, adapter_config)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     loaded = PeftModel.from_pretrained(model, str(out))
     try:
@@ -144,7 +146,7 @@ def test_train_lora_reduces_loss_and_writes_loadable_peft_dir(tiny, tmp_path):
 
 def test_batches_share_a_phrasing_and_cover_each_epoch_once():
     templates = [0] * 10 + [1] * 10 + [2] * 10
-    gen = lt._batches(templates, 4, torch.Generator().manual_seed(0))
+    gen = ltr._batches(templates, 4, torch.Generator().manual_seed(0))
     for _ in range(2):
         seen = []
         while True:

@@ -130,7 +130,8 @@ def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
     import torch
 
     from cluster.models import ResolvedModel, load_model
-    from train_jobs.lora_tasks import TrainConfig, make_task, train_lora, write_adapter_dir
+    from train_jobs.lora_tasks import TrainConfig, make_task
+    from train_jobs.lora_train import train_lora, write_adapter_dir
 
     torch.set_num_threads(int(config["threads"]))
     model_rec = config["model"]

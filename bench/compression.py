@@ -317,6 +317,14 @@ def main(argv: list[str] | None = None) -> dict:
              and r["accuracy_retained"] >= args.target_accuracy]
     best = min(meets, key=lambda r: r["bank_pct"]) if meets else None
     budget = suggest_budget([r for r in compressed if r["method"] != "svd"], args.target_accuracy)
+    failing = [r for r in compressed if r["method"] != "svd"
+               and min(r["accuracy_retained"], r["heldout_accuracy_retained"]) < args.target_accuracy]
+    first_failure = min(failing, key=lambda r: r["mean_error"]) if failing else None
+    pairs = [{"K": f["clusters"], "per-adapter numbers per module": f["rank"] ** 2,
+              "full": f"{f['config']}: err {f['mean_error']}, kept {f['accuracy_retained']}, {f['bank_pct']} %",
+              "diag": f"{d['config']}: err {d['mean_error']}, kept {d['accuracy_retained']}, {d['bank_pct']} %"}
+             for f in compressed if f["method"] == "full" for d in compressed
+             if d["method"] == "diag" and d["clusters"] == f["clusters"] and d["rank"] == f["rank"] ** 2]
 
     checks = []
     jd = [r for r in compressed if r["method"] != "svd"]
@@ -348,8 +356,13 @@ def main(argv: list[str] | None = None) -> dict:
                f">= {100 * args.target_accuracy:.0f} % of the accuracy.")
     budget_text = (f"Error budget: every measured JD bank with mean error <= **{budget}** kept >= "
                    f"{100 * args.target_accuracy:.0f} % of the accuracy on both trained and held-out phrasings "
-                   "(`suggested_budget`; `train_jobs.bank_sweep.DEFAULT_BUDGET` is set from it)."
-                   if budget is not None else "Error budget: no measured JD bank kept the target accuracy.")
+                   "(`suggested_budget`; `train_jobs.bank_sweep.DEFAULT_BUDGET` is set from it)"
+                   if budget is not None else "Error budget: no measured JD bank kept the target accuracy")
+    if first_failure:
+        budget_text += (f"; the lowest-error bank that missed it is `{first_failure['config']}` (mean error "
+                        f"{first_failure['mean_error']}, kept {100 * first_failure['accuracy_retained']:.1f} % / "
+                        f"{100 * first_failure['heldout_accuracy_retained']:.1f} % held-out)")
+    budget_text += "."
     syn = synthetic[0] if synthetic else None
     notes = "\n\n".join(filter(None, [
         verdict, budget_text,
@@ -361,6 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
         "training job; original = the adapters as an exact bank (per-adapter SVD at their own rank). "
         "`kept` = mean accuracy of the bank's adapters / mean of the originals; `agree` = share of questions "
         "whose greedy answer (answer token + end of turn) equals the original adapter's.",
+        "JD-Full vs JD-Diag at equal per-adapter size (Σ_i: r² numbers for Full, r for Diag):\n\n"
+        + markdown_table(pairs, list(pairs[0])) if pairs else "",
         "PEFT export checks (bank op vs the same adapter loaded by `peft`):\n\n" + markdown_table(
             checks, ["bank", "adapter", "peft_dir", "answers_equal", "max_abs_logit_diff", "logit_scale"]) if checks else "",
         (f"Scale ({syn['adapters']} STRUCTURED SYNTHETIC adapters, `compression.synthetic_collection`: "
@@ -383,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
                "lora_rank": lora_rank, "recorded_mean_accuracy": sum(recorded) / len(recorded),
                "banks": rows, "target": {"accuracy": args.target_accuracy, "params": args.target_params,
                                          "met_by": best, "met": best is not None},
-               "suggested_budget": budget, "peft_checks": checks, "synthetic": synthetic, "paper": PAPER,
+               "suggested_budget": budget, "first_failure": first_failure, "full_vs_diag": pairs, "peft_checks": checks, "synthetic": synthetic, "paper": PAPER,
                "run": {"wall_s": round(wall_run, 1), "cpu_s": round(cpu_run, 1), "load_start": load_start,
                        "load_end": os.getloadavg(), "threads": args.threads}}
     write_results(out, "compression", payload, [{v: r.get(k, "") for k, v in cols.items()} for r in rows],

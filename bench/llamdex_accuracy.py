@@ -275,7 +275,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     command = "python -m bench.llamdex_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     tolerance = {"titanic": 3, "nursery": 3, "wine": 5, "bank": 5}
     out = Path(args.out)
-    plot(results, out / f"{args.name}.png") if results else None
+    out.mkdir(parents=True, exist_ok=True)
+    if results:
+        plot(results, out / f"{args.name}.png")
     sizes = ", ".join(f"{r['dataset']} {r['test_rows']}/{r['test_split_rows']}" for r in results)
     notes = "\n".join([
         f"Accuracy (%) on real test rows ({sizes} rows; Expert-API on the first {args.api_rows}); "

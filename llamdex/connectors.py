@@ -27,6 +27,7 @@ The decoder also owns ``placeholder``: what the n slots hold at layers < k (see 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -60,6 +61,13 @@ class EncoderConfig(_Strict):
     heads: int = Field(default=8, ge=1)
     layers: int = Field(default=1, ge=1, le=4)
     head_hidden: int = Field(default=128, ge=1)
+    self_layers: int = Field(default=0, ge=0, le=6)
+    """Bidirectional self-attention layers over the prompt memory before the feature queries read it."""
+    token_inputs: bool = False
+    """Also read the prompt's token embeddings (the LLM's layer-0 states: exact token identities)."""
+    positions: bool = False
+    """Add sinusoidal positions (counted over real tokens, so left/right padding does not matter)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
 
 
 class DecoderConfig(_Strict):
@@ -95,8 +103,24 @@ class _CrossBlock(nn.Module):
         return q + self.mlp(self.norm_m(q))
 
 
+def sinusoid(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """Transformer sinusoidal encodings (…, width) of integer ``positions`` (…)."""
+    half = width // 2
+    freq = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+    angles = positions.float()[..., None] * freq
+    out = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return F.pad(out, (0, width - 2 * half))
+
+
 class Encoder(nn.Module):
-    """Layer-k hidden states of the prompt (B, T, d) + mask (B, T) -> expert input (B, m) in codec space."""
+    """Layer-k hidden states of the prompt (B, T, d) + mask (B, T) [+ token embeddings (B, T, d)]
+    -> expert input (B, m) in codec space.
+
+    Memory = LayerNorm(proj(standardised h_k) [+ proj(token embeddings)] [+ positions]), optionally
+    contextualised by ``self_layers`` bidirectional layers (a causal LM's state at "zero" cannot know
+    that "... is the figure given for parents" follows); then one learned query per feature
+    cross-attends over it and a small MLP head per feature reads the result.
+    """
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -105,7 +129,12 @@ class Encoder(nn.Module):
         self.register_buffer("in_mean", torch.zeros(d))
         self.register_buffer("in_std", torch.ones(d))
         self.proj = nn.Linear(d, w)
+        self.token_proj = nn.Linear(d, w) if cfg.token_inputs else None
         self.norm = nn.LayerNorm(w)
+        self.context = nn.ModuleList(
+            nn.TransformerEncoderLayer(w, cfg.heads, 2 * w, dropout=cfg.dropout, activation="gelu", batch_first=True,
+                                       norm_first=True)
+            for _ in range(cfg.self_layers))
         self.queries = nn.Parameter(torch.randn(len(cfg.features), w) * 0.5)
         self.blocks = nn.ModuleList(_CrossBlock(w, cfg.heads) for _ in range(cfg.layers))
         self.heads = nn.ModuleList(
@@ -120,12 +149,22 @@ class Encoder(nn.Module):
         self.in_mean.copy_(flat.mean(0))
         self.in_std.copy_(flat.std(0).clamp_min(1e-4))
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None
+                ) -> list[torch.Tensor]:
         """Raw head outputs, one (B, 1) or (B, K+1) tensor per feature (use :meth:`activate`)."""
-        x = (hidden.float() - self.in_mean) / self.in_std
-        memory = self.norm(self.proj(x))
-        q = self.queries[None].expand(hidden.shape[0], -1, -1)
+        x = self.proj((hidden.float() - self.in_mean) / self.in_std)
+        if self.token_proj is not None:
+            if embeds is None:
+                raise ValueError("embeds: these connectors read token embeddings too; fix: pass the prompt's "
+                                 "input embeddings (the LLM's embed_tokens of its ids)")
+            x = x + self.token_proj(embeds.float())
+        if self.cfg.positions:
+            x = x + sinusoid((mask.long().cumsum(-1) - 1).clamp(min=0), x.shape[-1])
+        memory = self.norm(x)
         pad = ~mask.bool()
+        for layer in self.context:
+            memory = layer(memory, src_key_padding_mask=pad)
+        q = self.queries[None].expand(hidden.shape[0], -1, -1)
         for block in self.blocks:
             q = block(q, memory, pad)
         return [head(q[:, i]) for i, head in enumerate(self.heads)]
@@ -136,9 +175,10 @@ class Encoder(nn.Module):
                  for f, r in zip(self.cfg.features, raw, strict=True)]
         return torch.cat(parts, dim=1)
 
-    def features(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def features(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         """Expert input (B, m) in codec space."""
-        return self.activate(self(hidden, mask))
+        return self.activate(self(hidden, mask, embeds))
 
     def loss(self, raw: list[torch.Tensor], target: torch.Tensor, numeric_weight: float = 1.0
              ) -> tuple[torch.Tensor, dict[str, float]]:

@@ -36,6 +36,7 @@ class PromptCache:
 
     lengths: list[int]
     hidden: dict[int, list[torch.Tensor]]
+    tokens: list[list[int]] = field(default_factory=list)  # prompt token ids (for encoders reading tokens)
     kv_from: int | None = None
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt index -> (L-kv_from, kvh, T, hd)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -47,6 +48,10 @@ class PromptCache:
         h = pad_sequence(seqs, batch_first=True).float()
         lengths = torch.tensor([len(s) for s in seqs])
         return h, torch.arange(h.shape[1])[None, :] < lengths[:, None]
+
+    def tokens_batch(self, idx: Sequence[int]) -> torch.Tensor:
+        """Token ids (B, T) of prompts ``idx``, right-padded with 0 like :meth:`hidden_batch`."""
+        return pad_sequence([torch.tensor(self.tokens[i], dtype=torch.long) for i in idx], batch_first=True)
 
     def prefix_batch(self, layer: int, idx: Sequence[int], dtype: torch.dtype = torch.float32
                      ) -> tuple[PrefixKV, torch.Tensor, torch.Tensor]:
@@ -101,7 +106,7 @@ def build_cache(model, prompts: list[list[int]], layers: Sequence[int], pad_id: 
         raise ValueError(f"layers: {layers} must be within 0..{n_layers - 1}; fix: pick k below the layer count")
     kv_set = set(kv_rows) if kv_from is not None else set()
     cache = PromptCache(lengths=[len(p) for p in prompts], hidden={k: [None] * len(prompts) for k in layers},
-                        kv_from=kv_from)
+                        tokens=[list(p) for p in prompts], kv_from=kv_from)
     start, done = time.perf_counter(), 0
     shared = _shared_prefix(model, prompts, layers)
     kv_group = sorted(kv_set)

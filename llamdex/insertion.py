@@ -47,9 +47,11 @@ class Bundle:
     expert_spec: ExpertSpec | None = None
 
     @torch.no_grad()
-    def slots(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt hidden states at layer k (B, T, d) + mask -> (slot vectors (B, n, d), features (B, m))."""
-        features = self.encoder.features(hidden, mask)
+    def slots(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt hidden states at layer k (B, T, d) + mask [+ the prompt's input embeddings]
+        -> (slot vectors (B, n, d), features (B, m))."""
+        features = self.encoder.features(hidden, mask, embeds)
         return self.decoder(self.expert(features)), features
 
     def with_expert(self, expert: ExpertMLP, expert_spec: ExpertSpec | None = None) -> Bundle:
@@ -117,7 +119,7 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
             for bundle in {id(b): b for b in bundles if b.spec.layer == layer}.values():
                 rows = [r for r, b in enumerate(experts) if b is bundle]
                 cut = total - bundle.spec.num_slots
-                slots, feats = bundle.slots(h[rows, :cut], mask[rows, :cut])
+                slots, feats = bundle.slots(h[rows, :cut], mask[rows, :cut], hidden[rows, :cut])
                 h[rows, cut:] = slots.to(h.dtype)
                 features.update(zip(rows, feats, strict=True))
             return h

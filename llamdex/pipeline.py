@@ -70,6 +70,10 @@ class ConnectorsConfig:
     enc_heads: int = 8
     enc_layers: int = 1  # cross-attention blocks
     enc_head_hidden: int = 128  # per-feature MLP head width
+    enc_self_layers: int = 2  # bidirectional self-attention layers over the prompt memory (0 = none)
+    enc_token_inputs: bool = True  # also read token embeddings (exact digits; the paper reads logit-lens text)
+    enc_positions: bool = True  # sinusoidal positions over real tokens
+    enc_dropout: float = 0.1
     enc_epochs: int = 30  # paper: 30
     enc_lr: float = 1e-3  # small encoder from scratch (the paper fine-tunes RoBERTa at 5e-5)
     enc_batch: int = 32  # paper: 32
@@ -190,7 +194,9 @@ def init_connectors(model, codec: FeatureCodec, answers: AnswerTokens, cfg: Conn
     d = model.config.hidden_size
     torch.manual_seed(cfg.seed)
     encoder = Encoder(EncoderConfig(hidden_size=d, features=feature_heads(codec), width=cfg.enc_width,
-                                    heads=cfg.enc_heads, layers=cfg.enc_layers, head_hidden=cfg.enc_head_hidden))
+                                    heads=cfg.enc_heads, layers=cfg.enc_layers, head_hidden=cfg.enc_head_hidden,
+                                    self_layers=cfg.enc_self_layers, token_inputs=cfg.enc_token_inputs,
+                                    positions=cfg.enc_positions, dropout=cfg.enc_dropout))
     decoder = Decoder(DecoderConfig(input_size=codec.output_size, hidden_size=d, num_slots=cfg.num_slots,
                                     ffn_hidden=cfg.dec_ffn, norm=cfg.dec_norm, scale=scale))
     decoder.placeholder.copy_(gaussian_placeholder(model.get_input_embeddings().weight, cfg.num_slots, cfg.seed))
@@ -215,7 +221,7 @@ def fit_layer(model, data: ConnectorData, cache: PromptCache, cfg: ConnectorsCon
     train_rows = cache.cached(data.train_rows)
     enc_set = FitSettings(cfg.enc_epochs, cfg.enc_lr, cfg.enc_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
     enc_losses = train_encoder(encoder, cache, layer, data.x, train_rows, enc_set, cfg.numeric_weight,
-                               progress, enc_deadline)
+                               progress, enc_deadline, embed=model.get_input_embeddings())
     t_enc = time.perf_counter()
     dec_set = FitSettings(cfg.dec_epochs, cfg.dec_lr, cfg.dec_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
     dec_losses = train_decoder(decoder, model, data.expert, cache, layer, data.x, data.y, data.stage2_rows,
@@ -236,7 +242,7 @@ def evaluate(model, data: ConnectorData, cache: PromptCache, layer: int, encoder
     """Held-out phrasings: per-feature fidelity of the encoder, stage-2 accuracy teacher-forced
     (true features) and end to end (encoder features), each vs the synthetic labels."""
     rows = data.eval_rows
-    encoded = encoder_features(encoder, cache, layer, rows)
+    encoded = encoder_features(encoder, cache, layer, rows, embed=model.get_input_embeddings())
     true = data.x[rows]
     fidelity = feature_fidelity(data.codec, encoded, true, data.x[data.train_rows])
     args = (decoder, model, data.expert, cache, layer)

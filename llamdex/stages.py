@@ -112,17 +112,31 @@ def frozen(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def encoder_inputs(encoder: Encoder, cache: PromptCache, layer: int, idx: Sequence[int], embed: nn.Module | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(hidden, mask, token embeddings or None) of cached prompts ``idx``: what ``encoder`` reads.
+
+    ``embed`` is the LLM's (frozen) input embedding, needed when the encoder reads token embeddings.
+    """
+    h, mask = cache.hidden_batch(layer, idx)
+    if not encoder.cfg.token_inputs:
+        return h, mask, None
+    if embed is None:
+        raise ValueError("embed: this encoder reads token embeddings; fix: pass model.get_input_embeddings()")
+    with torch.no_grad():
+        return h, mask, embed(cache.tokens_batch(idx)).float()
+
+
 def train_encoder(encoder: Encoder, cache: PromptCache, layer: int, x: torch.Tensor, rows: Sequence[int],
                   settings: FitSettings, numeric_weight: float = 1.0, progress: Progress | None = None,
-                  deadline: float | None = None) -> list[float]:
+                  deadline: float | None = None, embed: nn.Module | None = None) -> list[float]:
     """Stage 1 on prompts ``rows`` (x: (N, m) codec-encoded true features, indexed like the cache)."""
     encoder.fit_input_stats([cache.hidden[layer][i] for i in rows[:512]])
     encoder.train()
 
     def step(pos: list[int]) -> torch.Tensor:
         idx = [rows[p] for p in pos]
-        h, mask = cache.hidden_batch(layer, idx)
-        return encoder.loss(encoder(h, mask), x[idx], numeric_weight)[0]
+        return encoder.loss(encoder(*encoder_inputs(encoder, cache, layer, idx, embed)), x[idx], numeric_weight)[0]
 
     losses = fit(list(encoder.parameters()), len(rows), settings, step, "encoder", progress, deadline)
     encoder.eval()
@@ -198,10 +212,11 @@ def train_decoder(decoder: Decoder, model: nn.Module, expert: nn.Module, cache: 
 
 
 @torch.no_grad()
-def encoder_features(encoder: Encoder, cache: PromptCache, layer: int, rows: Sequence[int], batch: int = 64
-                     ) -> torch.Tensor:
+def encoder_features(encoder: Encoder, cache: PromptCache, layer: int, rows: Sequence[int], batch: int = 64,
+                     embed: nn.Module | None = None) -> torch.Tensor:
     """Encoder output (len(rows), m) for cached prompts."""
-    outs = [encoder.features(*cache.hidden_batch(layer, rows[b:b + batch])) for b in range(0, len(rows), batch)]
+    outs = [encoder.features(*encoder_inputs(encoder, cache, layer, rows[b:b + batch], embed))
+            for b in range(0, len(rows), batch)]
     return torch.cat(outs)
 
 

@@ -41,18 +41,26 @@ def saved(lm, toy, tmp_path):
 
 def test_encoder_outputs_live_in_codec_space(saved, toy):
     enc, _, _, _ = saved
-    h, mask = torch.randn(3, 7, enc.cfg.hidden_size), torch.ones(3, 7, dtype=torch.bool)
+    assert enc.cfg.token_inputs and enc.cfg.positions and enc.cfg.self_layers == 2  # the training recipe
+    enc.eval()
+    d = enc.cfg.hidden_size
+    h, e, mask = torch.randn(3, 7, d), torch.randn(3, 7, d), torch.ones(3, 7, dtype=torch.bool)
     mask[0, :4] = False
-    x = enc.features(h, mask)
+    x = enc.features(h, mask, e)
     codec = FeatureCodec(toy)
     assert x.shape == (3, codec.m) and bool(((x >= 0) & (x <= 1)).all())
     assert bool((x[:, codec.slices["sex"]].sum(1) < 1).all())  # the 'not stated' logit keeps some mass
     target = torch.tensor(codec.encode([{"age": 30, "fare": 10.0, "sex": None, "alone": True}] * 3))
-    loss, per_feature = enc.loss(enc(h, mask), target)
+    loss, per_feature = enc.loss(enc(h, mask, e), target)
     assert torch.isfinite(loss) and set(per_feature) == {"age", "fare", "sex", "alone"}
-    h2 = h.clone()
-    h2[0, :4] = 1e3  # padded positions are ignored
-    torch.testing.assert_close(enc.features(h2, mask), x)
+    h2, e2 = h.clone(), e.clone()
+    h2[0, :4], e2[0, :4] = 1e3, -1e3  # padded positions are ignored
+    torch.testing.assert_close(enc.features(h2, mask, e2), x)
+    right = torch.roll(mask[:1], -4, dims=1)  # the same 3 tokens right-padded: same features (positions count tokens)
+    torch.testing.assert_close(enc.features(torch.roll(h[:1], -4, 1), right, torch.roll(e[:1], -4, 1)), x[:1],
+                               atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="embeds: these connectors read token embeddings"):
+        enc.features(h, mask)
 
 
 def test_decoder_vectors_have_the_configured_scale(saved):

@@ -102,7 +102,8 @@ def test_decoding_after_slots_matches_uncached_recompute(lm, toy):
     with torch.no_grad():
         out = greedy_decode(model, *prefill_with_experts(model, ids, mask, pos, [bundle]), 3)[0].tolist()
         t = ids.shape[1]
-        slots, _ = bundle.slots(model(input_ids=ids, output_hidden_states=True).hidden_states[2], mask)
+        slots, _ = bundle.slots(model(input_ids=ids, output_hidden_states=True).hidden_states[2], mask,
+                                backbone(model).embed_tokens(ids))
         emb = backbone(model).embed_tokens
         generated: list[int] = []
         for _ in range(3):

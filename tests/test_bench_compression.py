@@ -12,13 +12,15 @@ from bench import compression as bench
 
 
 def test_suggested_budget_is_the_error_below_which_every_bank_keeps_the_target():
-    rows = [{"mean_error": e, "accuracy_retained": a, "heldout_accuracy_retained": h}
-            for e, a, h in [(0.05, 1.0, 0.99), (0.2, 0.97, 0.96), (0.35, 0.99, 0.93), (0.5, 0.96, 0.97),
-                            (0.8, 0.4, 0.3)]]
-    assert bench.suggest_budget(rows, 0.95) == 0.2  # held-out drops below 95 % at 0.35: stop there
-    assert bench.suggest_budget(rows, 0.9) == 0.5
-    assert bench.suggest_budget(rows[2:3], 0.95) is None
-    assert bench.suggest_budget([{"mean_error": 0.1}], 0.95) is None  # rows without accuracy are ignored
+    rows = [{"config": c, "mean_error": e, "accuracy_retained": a, "heldout_accuracy_retained": h}
+            for c, e, a, h in [("a", 0.05, 1.0, 0.99), ("b", 0.2, 0.97, 0.96), ("c", 0.35, 0.99, 0.93),
+                               ("d", 0.5, 0.96, 0.97), ("e", 0.8, 0.4, 0.3), ("f", 0.6, 0.9, 0.9)]]
+    assert bench.suggest_budget(rows, 0.95) == (0.5, rows[5])  # f (0.6) misses on the trained phrasings
+    both = ("accuracy_retained", "heldout_accuracy_retained")
+    assert bench.suggest_budget(rows, 0.95, both) == (0.2, rows[2])  # held-out drops below 95 % at 0.35
+    assert bench.suggest_budget(rows, 0.3) == (0.8, None)
+    assert bench.suggest_budget(rows[4:5], 0.95) == (None, rows[4])
+    assert bench.suggest_budget([{"mean_error": 0.1}], 0.95) == (None, None)  # rows without accuracy are ignored
 
 
 def test_grid_spec_is_parsed_and_checked():

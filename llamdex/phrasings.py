@@ -5,6 +5,13 @@ Two disjoint families: ``train`` phrasings are used to build connector-training 
 that a connector which memorised token positions instead of meaning is caught (see the phrasing
 probe in the Llamdex notes: 3 fixed templates -> held-out age error of 20 years).
 
+Besides templates, the ``train`` family builds half of its value clauses *procedurally*: the label
+and the value joined by 1-3 random connector words in either order (``forward_words`` /
+``backward_words``), so the encoder learns "the value next to this label" rather than a handful of
+fixed connecting phrases (measured: with templates only, the real titanic test questions' "it
+amounts to 0" was read as 8-10 parents/children). The held-out family has no procedural clauses,
+and no connector word occurs in its fixed text (tested).
+
 Placeholders: ``{label}`` (a feature label), ``{value}`` (a rendered value, with unit),
 ``{answer}`` (a yes/no word), ``{a_subject}`` / ``{subject}``, ``{q}`` / ``{ql}`` (the target
 question, as written / with a lower-case first letter). Fixed text must never contain digits,
@@ -34,6 +41,8 @@ class PhrasingFamily:
     openers: tuple[str, ...]  # first sentence
     distractors: tuple[str, ...]  # irrelevant sentences
     closers: tuple[str, ...]  # wrap the target question
+    forward_words: tuple[str, ...] = ()  # procedural clauses "{label} w1 [w2 [w3]] {value}"
+    backward_words: tuple[str, ...] = ()  # procedural clauses "{value} w1 [w2] {label}"
 
 
 TRAIN = PhrasingFamily(
@@ -68,6 +77,14 @@ TRAIN = PhrasingFamily(
     ),
     closers=("{q}", "{q}", "Question: {q}", "Based on this, {ql}", "Given these facts, {ql}", "So, {ql}",
              "My question: {q}"),
+    forward_words=("registered", "listed", "noted", "shown", "logged", "measured", "marked", "reported", "set",
+                   "put", "valued", "totalling", "around", "roughly", "exactly", "approximately", "currently",
+                   "officially", "was", "of", "with", "on", "by", "has", "so", "then", "now", "reading", "value",
+                   "number", "level", "count", "total", "entered", "written", "recorded", "shows", "sits", "lies",
+                   "near", "stated", "declared", "known", "basically", "just", ":", "-", "=", "~", "->"),
+    backward_words=("for", "under", "as its", "being its", "is its", "was its", "noted", "listed", "logged",
+                    "marks", "of", "on", "by", "->", "=", "regarding", "makes up the", "goes with",
+                    "belongs to", "recorded under", "entered under"),
 )
 
 HELDOUT = PhrasingFamily(
@@ -88,3 +105,5 @@ HELDOUT = PhrasingFamily(
 )
 
 PHRASINGS: dict[str, PhrasingFamily] = {"train": TRAIN, "heldout": HELDOUT}
+PROCEDURAL_SHARE = 0.5
+"""Share of numeric/category clauses built from connector words, in families that have them."""

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from llamdex.codec import is_missing, to_bool
-from llamdex.phrasings import FAMILIES, PHRASINGS, Family, PhrasingFamily
+from llamdex.phrasings import FAMILIES, PHRASINGS, PROCEDURAL_SHARE, Family, PhrasingFamily
 from llamdex.schema import FeatureSpec, TenantSchema, load_schema
 
 _LIST_MARKS = {"dashes": "-", "stars": "*"}  # list markers carry no digits (numbers are values)
@@ -160,8 +160,21 @@ class QuestionGenerator:
             text = value if isinstance(value, str) else str(value)
             if f.categories is not None and text not in f.categories:
                 raise ValueError(f"{f.name}: unknown category {value!r}; fix: use one of {f.categories}")
-            return rng.choice(ph.category).format(label=label, value=text.replace("_", " "))
-        return rng.choice(ph.numeric).format(label=label, value=self._number(f, value, rng))
+            rendered, templates = text.replace("_", " "), ph.category
+        else:
+            rendered, templates = self._number(f, value, rng), ph.numeric
+        if ph.forward_words and rng.random() < PROCEDURAL_SHARE:
+            return self._procedural(label, rendered, ph, rng)
+        return rng.choice(templates).format(label=label, value=rendered)
+
+    @staticmethod
+    def _procedural(label: str, value: str, ph: PhrasingFamily, rng: random.Random) -> str:
+        """``label w.. value`` or ``value w.. label`` with 1-3 (1-2 backwards) random connector words."""
+        if rng.random() < 0.7:
+            words = [rng.choice(ph.forward_words) for _ in range(rng.choice((1, 1, 2, 2, 3)))]
+            return " ".join([label, *words, value])
+        words = [rng.choice(ph.backward_words) for _ in range(rng.choice((1, 1, 2)))]
+        return " ".join([value, *words, label])
 
     @staticmethod
     def _number(f: FeatureSpec, value: Any, rng: random.Random) -> str:

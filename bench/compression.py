@@ -186,6 +186,27 @@ def synthetic_scale(shapes: dict, args) -> list[dict]:
     return rows
 
 
+def versus_paper(jd: list[dict], synthetic: list[dict], n: int) -> str:
+    """This run's numbers next to the paper's two headline claims (50 % error; > 95 % compression)."""
+    near = [r for r in jd if 0.4 <= r["mean_error"] <= 0.6 and "accuracy_retained" in r]
+    small = [r for r in jd if r["bank_pct"] <= 5 and "accuracy_retained" in r]
+    parts = []
+    if near:
+        lo, hi = min(r["accuracy_retained"] for r in near), max(r["accuracy_retained"] for r in near)
+        parts.append(f"Here, JD banks with mean error 0.4-0.6 ({len(near)} banks) kept only {100 * lo:.0f}-"
+                     f"{100 * hi:.0f} % of the accuracy")
+    if small:
+        top = max(small, key=lambda r: r["accuracy_retained"])
+        parts.append(f"at >= 95 % compression of the {n} trained adapters the best bank (`{top['config']}`, "
+                     f"{top['bank_pct']} %) kept {100 * top['accuracy_retained']:.1f} %")
+    reach = [r for r in synthetic if r["reduction_pct"] >= 95]
+    if reach:
+        slowest = max(r["fit_wall_s"] for r in reach)
+        parts.append(f"{reach[0]['adapters']} synthetic adapters: {len(reach)} of the {len(synthetic)} scale-grid "
+                     f"banks compress >= 95 % (fits <= {slowest} s wall)")
+    return ("; ".join(parts) + ".") if parts else ""
+
+
 def plot(rows: list[dict], budget: float | None, path: Path) -> None:
     """Accuracy kept vs bank size and vs mean reconstruction error (trained phrasings, held-out paraphrases)."""
     import matplotlib
@@ -353,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     bank_sweep.plot([r for r in compressed if r["method"] != "svd"], base_params,
                     budget if budget is not None else bank_sweep.DEFAULT_BUDGET, out / "compression_error.png")
     plot(compressed, budget, out / "compression.png")
-    command = "python -m bench.compression " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python -m bench.compression", *(sys.argv[1:] if argv is None else argv)])
     pct = lambda r, k="accuracy_retained": f"{100 * r[k]:.1f} %"  # noqa: E731
     verdict = (f"**Target met** (>= {100 * args.target_accuracy:.0f} % of the originals' mean exact-match accuracy "
                f"on the trained phrasings at <= {100 * args.target_params:.0f} % of their parameters): smallest such "
@@ -399,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
          f"so their errors say nothing about task accuracy); torch threads {args.threads}, 2-core box shared with "
          "other jobs (1-min load average before-after each fit):\n\n" + markdown_table(synthetic, list(synthetic[0])))
         if syn else "",
-        PAPER,
+        PAPER + " " + versus_paper(jd, synthetic, len(adapters)),
         f"Whole run: {wall_run / 60:.1f} min wall, {cpu_run / 60:.1f} min CPU (this process); load average "
         f"{load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end on {os.cpu_count()} cores. Plots: "
         "`compression.png` (accuracy kept vs size and vs error), `compression_error.png` (error vs size per K).",
@@ -416,6 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
                "suggested_budget": budget, "first_failure": first_failure,
                "budget_with_heldout": strict, "first_failure_with_heldout": strict_failure, "full_vs_diag": pairs,
                "peft_checks": checks, "synthetic": synthetic, "paper": PAPER,
+               "versus_paper": versus_paper(jd, synthetic, len(adapters)),
                "run": {"wall_s": round(wall_run, 1), "cpu_s": round(cpu_run, 1), "load_start": load_start,
                        "load_end": os.getloadavg(), "threads": args.threads}}
     write_results(out, "compression", payload, [{v: r.get(k, "") for k, v in cols.items()} for r in rows],

@@ -247,15 +247,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="~/.cache/atelier/bench/llamdex", help="experts + connectors cache")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="results directory")
     p.add_argument("--name", default="llamdex_accuracy", help="result file stem")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="instead of running: merge these runs' JSON results (e.g. datasets run as separate "
+                        "processes) into one table under --out/--name")
     return p
+
+
+def report(results: list[dict], out: Path, name: str, command: str, api_rows: int, model_id: str,
+           args: dict) -> None:
+    """Write the one table (JSON + Markdown + PNG) for ``results`` and print it."""
+    from bench.common import write_results
+
+    tolerance = {"titanic": 3, "nursery": 3, "wine": 5, "bank": 5}
+    out.mkdir(parents=True, exist_ok=True)
+    if results:
+        plot(results, out / f"{name}.png")
+    sizes = ", ".join(f"{r['dataset']} {r['test_rows']}/{r['test_split_rows']}" for r in results)
+    notes = "\n".join([
+        f"Accuracy (%) on real test rows ({sizes} rows; Expert-API on the first {api_rows}); "
+        f"model {model_id}.", "", "Targets:",
+        *verdicts(results, tolerance), "", "Extraction fidelity of the encoder on the test questions:", "",
+        *fidelity_table(results),
+        "", "Connector training time (s): " + ", ".join(
+            f"{r['dataset']} {sum((r['connectors_training']['seconds'] or {}).values()):.0f}" for r in results)])
+    write_results(out, name, {"results": results, "args": args}, table(results),
+                  "Llamdex accuracy on the paper's datasets", command, notes)
+    print((out / f"{name}.md").read_text())
+
+
+def merge(paths: list[str], out: Path, name: str) -> list[dict]:
+    """One table from several runs' JSON (datasets run as separate processes), in DATASETS order."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    by_name = {r["dataset"]: r for run in runs for r in run["results"]}
+    results = [by_name[d] for d in DATASETS if d in by_name]
+    commands = " ; ".join(run.get("command", "?") for run in runs)
+    args = runs[0]["args"]
+    report(results, out, name, commands, args["api_rows"], args["model"], {"merged": paths, "runs": [r["args"] for r in runs]})
+    return results
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out), args.name)
     args.epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
     import torch
 
-    from bench.common import write_results
     from cluster.models import load_model, resolve_model
     from llamdex.pipeline import ConnectorsConfig
 
@@ -265,30 +302,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model.eval().requires_grad_(False)
     common = json.loads(args.connectors)
     per_dataset = json.loads(args.connectors_per_dataset)
-    results = []
+    results: list[dict] = []
+    command = "python -m bench.llamdex_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         cfg = ConnectorsConfig(**{**common, **per_dataset.get(name, {})})
         start = time.perf_counter()
         results.append(evaluate_dataset(name, model, tok, resolved, args, cfg))
         log("dataset.done", dataset=name, seconds=round(time.perf_counter() - start, 1),
             **{k: round(v["accuracy"], 4) for k, v in results[-1]["rows"].items()})
-    command = "python -m bench.llamdex_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
-    tolerance = {"titanic": 3, "nursery": 3, "wine": 5, "bank": 5}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if results:
-        plot(results, out / f"{args.name}.png")
-    sizes = ", ".join(f"{r['dataset']} {r['test_rows']}/{r['test_split_rows']}" for r in results)
-    notes = "\n".join([
-        f"Accuracy (%) on real test rows ({sizes} rows; Expert-API on the first {args.api_rows}); "
-        f"model {resolved.id}.", "", "Targets:",
-        *verdicts(results, tolerance), "", "Extraction fidelity of the encoder on the test questions:", "",
-        *fidelity_table(results),
-        "", "Connector training time (s): " + ", ".join(
-            f"{r['dataset']} {sum((r['connectors_training']['seconds'] or {}).values()):.0f}" for r in results)])
-    write_results(out, args.name, {"results": results, "args": vars(args)}, table(results),
-                  "Llamdex accuracy on the paper's datasets", command, notes)
-    print((out / f"{args.name}.md").read_text())
+        # rewritten after every dataset, so a long run that dies keeps what it finished
+        report(results, Path(args.out), args.name, command, args.api_rows, resolved.id, vars(args))
     return results
 
 

@@ -152,17 +152,18 @@ def cmd_schema_validate(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Deploy the Serve app on the local head (it keeps running after this command returns)."""
+    settings = load_settings()
+    head = local.read_head(settings)
+    if head is None:
+        raise local.ClusterError("no local head; fix: run `atelier up` first")
+    # before importing ray: its auth mode is read once, at import
+    os.environ.update({k: v for k, v in local.client_env(settings).items() if k == "RAY_AUTH_MODE"})
     import ray
     from ray import serve
 
     from serve_app.app import build_from_config
     from serve_app.config import load_app_config
 
-    settings = load_settings()
-    head = local.read_head(settings)
-    if head is None:
-        raise local.ClusterError("no local head; fix: run `atelier up` first")
-    os.environ.update({k: v for k, v in local.client_env(settings).items() if k == "RAY_AUTH_MODE"})
     ray.init(address=head.gcs_address, log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": settings.serve_port})
     serve.run(build_from_config(load_app_config(args.config), settings.store_uri), name="atelier", route_prefix="/",
@@ -190,7 +191,7 @@ def cmd_train_job(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from cluster.demo import run_demo
 
-    run_demo(load_settings())
+    run_demo(load_settings(), args.budget, args.retrain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("up", help="start a local Ray head (dashboard on 127.0.0.1)").set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop the head started by `atelier up` (only that one)").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="is the local head running; its resources").set_defaults(fn=cmd_status)
-    sub.add_parser("demo", help="the main job on the embedded default model").set_defaults(fn=cmd_demo)
+    demo = sub.add_parser("demo", help="the main job on the embedded default model (expert, connectors, serving)")
+    demo.add_argument("--budget", type=float, default=600.0, help="connector training budget in seconds (default 600)")
+    demo.add_argument("--retrain", action="store_true", help="retrain the expert and connectors even if published")
+    demo.set_defaults(fn=cmd_demo)
     srv = sub.add_parser("serve", help="deploy the Serve app (router + pools) on the local head")
     srv.add_argument("--config", help="pools YAML/JSON (see serve_app/config.py); default: one smollm2 pool")
     srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address")

@@ -1,15 +1,23 @@
-"""``make demo``: what exists of the main job, end to end on the embedded default model.
+"""``make demo``: the main job end to end on the embedded default model, as users run it.
 
-Steps: start the local Ray head, pull the embedded SmolLM2-135M-Instruct, register a demo
-tenant with the titanic schema, run a Ray job (through ``ray job submit``, as users do) that
-loads the base model on the cluster and answers a question, then print where to look.
-The README lists what is not built yet (training jobs, banks, serving).
+1. start the local Ray head (``atelier up``) and resolve SmolLM2-135M-Instruct;
+2. register tenant ``demo`` (a fresh API key is printed) and publish the titanic schema;
+3. tenant side: ``ray job submit -- python -m train_jobs.experts`` trains a DP expert (ε = 1) on
+   the titanic training split, standing in for the tenant's private data;
+4. server side: ``ray job submit -- python -m train_jobs.connectors`` trains the connectors from
+   the schema and the expert artifact only, within ``--budget`` seconds;
+5. deploy the Serve app (``atelier serve``) and ask the expert over HTTP: an OpenAI chat
+   completion with ``model="demo/survival"`` and ``POST /v1/experts/demo/survival/predict``.
+
+Steps 3-4 are skipped when their artifacts already exist (``--retrain`` forces them).
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cluster import local
@@ -18,53 +26,106 @@ from cluster.registry import NotFound, Registry
 from cluster.settings import Settings
 
 DEMO_TENANT = "demo"
+EXPERT = "survival"
 ROOT = Path(__file__).resolve().parent.parent
+QUESTIONS = ["A four year old girl travelled in second class with her mother and a sister; the ticket cost "
+             "26 pounds. Did the passenger survive the sinking?",
+             "Passenger: a 40 year old man in third class, travelling alone, fare 7.9 pounds. "
+             "Did the passenger survive the sinking?"]
 
 
 def _step(n: int, text: str) -> None:
-    print(f"\n[demo {n}/5] {text}", flush=True)
+    print(f"\n[demo {n}/6] {text}", flush=True)
 
 
-def run_demo(settings: Settings) -> None:
+def _submit(settings: Settings, module: str, *args: str) -> None:
+    """``ray job submit -- python -m <module> ...`` against the local head; raises if the job fails."""
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--entrypoint-num-cpus=0.5", "--",
+           sys.executable, "-m", module, *args]
+    print("  $ " + " ".join(["ray job submit --", "python -m", module, *args]), flush=True)
+    code = subprocess.call(cmd, env=local.client_env(settings), cwd=ROOT)
+    if code != 0:
+        raise local.ClusterError(f"the {module} job failed (exit {code}); see its logs in the dashboard (Jobs)")
+
+
+def _latest(registry: Registry, kind: str):
+    try:
+        return registry.resolve(DEMO_TENANT, kind, EXPERT)
+    except NotFound:
+        return None
+
+
+def _wait_http(url: str, timeout_s: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise local.ClusterError(f"the Serve app did not answer at {url} within {timeout_s:.0f} s; see the Serve tab")
+
+
+def run_demo(settings: Settings, budget_s: float = 600.0, retrain: bool = False) -> None:
     """Run the demo; raises on the first failing step with the reason."""
-    _step(1, "starting the local Ray head (atelier up)")
+    import httpx
+
+    _step(1, "starting the local Ray head (atelier up) and resolving the embedded model")
     info = local.up(settings)
     print(f"  dashboard: {info.dashboard_url}  (GCS {info.gcs_address}, auth {info.auth})")
-
-    _step(2, f"resolving the embedded default model {settings.default_model}")
     model = resolve_model(settings.default_model, settings, progress=lambda m: print(f"  {m}", flush=True))
     print(f"  {model.id}: {model.num_layers} layers, hidden {model.hidden_size}, hash {model.content_hash[:16]}…")
 
-    _step(3, f"registering tenant {DEMO_TENANT!r} and publishing the titanic schema")
+    _step(2, f"registering tenant {DEMO_TENANT!r}, issuing an API key, publishing the titanic schema")
     registry = Registry(settings.store_uri)
     try:
         registry.get_tenant(DEMO_TENANT)
-        print("  tenant exists already (its key was shown when it was created)")
     except NotFound:
-        _, key = registry.create_tenant(DEMO_TENANT, "Demo tenant")
-        print(f"  API key (shown once): {key}")
-    schema_bytes = (ROOT / "examples" / "schemas" / "titanic.json").read_bytes()
-    try:
-        current = registry.resolve(DEMO_TENANT, "schema", "titanic")
-        unchanged = registry.read_file(current, "schema.json") == schema_bytes
-    except NotFound:
-        current, unchanged = None, False
-    if unchanged:
-        print(f"  {current.ref} is already published and unchanged")
-    else:
-        ref = registry.publish(DEMO_TENANT, "schema", "titanic", {"schema.json": schema_bytes})
-        print(f"  published {ref} to {settings.store_uri}")
+        registry.create_tenant(DEMO_TENANT, "Demo tenant")
+    key = registry.issue_key(DEMO_TENANT, label="make demo")
+    print(f"  API key for tenant {DEMO_TENANT!r} (shown once): {key}")
+    schema_path = ROOT / "examples" / "schemas" / "titanic.json"
 
-    _step(4, "submitting a Ray job that loads the base model on the cluster and answers a question")
-    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--entrypoint-num-cpus=1",
-           "--", sys.executable, "-m", "cluster.smoke", "--model", str(model.path)]
-    code = subprocess.call(cmd, env=local.client_env(settings), cwd=ROOT)
+    _step(3, "tenant side: DP expert (ε = 1) on the titanic training split, as a Ray Train job")
+    if retrain or _latest(registry, "expert") is None:
+        _submit(settings, "train_jobs.experts", "--tenant", DEMO_TENANT, "--name", EXPERT, "--schema",
+                str(schema_path), "--paper-dataset", "titanic", "--epsilon", "1", "--store", settings.store_uri)
+    expert = _latest(registry, "expert")
+    print(f"  {expert.ref}: ε spent {expert.metadata.get('epsilon')}")
+
+    _step(4, f"server side: connectors from the schema + expert only (budget {budget_s:.0f} s)")
+    conn = _latest(registry, "connectors")
+    if retrain or conn is None or conn.metadata.get("expert_version") != expert.version:
+        _submit(settings, "train_jobs.connectors", "--tenant", DEMO_TENANT, "--name", EXPERT, "--model",
+                model.id, "--time-budget", str(budget_s), "--threads", "2", "--cpus-per-tenant", "1",
+                "--store", settings.store_uri)
+        conn = _latest(registry, "connectors")
+    print(f"  {conn.ref}: held-out synthetic accuracy {conn.metadata.get('heldout_synthetic', {})}")
+
+    _step(5, "deploying the Serve app (atelier serve)")
+    code = subprocess.call([str(Path(sys.executable).with_name("atelier")), "serve"], cwd=ROOT,
+                           env=local.client_env(settings))
     if code != 0:
-        raise local.ClusterError(f"the demo job failed (exit {code}); see the job logs in the dashboard")
+        raise local.ClusterError(f"atelier serve failed (exit {code})")
+    url = f"http://127.0.0.1:{settings.serve_port}"
+    _wait_http(url)
 
-    _step(5, "done")
-    print(f"  Ray dashboard:  {info.dashboard_url}   (Jobs tab shows the job above)")
+    _step(6, f"asking {DEMO_TENANT}/{EXPERT} over HTTP")
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=url, headers=auth, timeout=300) as client:
+        for q in QUESTIONS:
+            chat = client.post("/v1/chat/completions", json={
+                "model": f"{DEMO_TENANT}/{EXPERT}", "messages": [{"role": "user", "content": q}], "max_tokens": 8})
+            chat.raise_for_status()
+            pred = client.post(f"/v1/experts/{DEMO_TENANT}/{EXPERT}/predict", json={"question": q})
+            pred.raise_for_status()
+            body = pred.json()
+            print(f"  Q: {q}\n  chat answer: {chat.json()['choices'][0]['message']['content']!r}")
+            print(f"  predict: {json.dumps({k: body.get(k) for k in ('label', 'probabilities', 'features')})}")
+    print(f"\n  Ray dashboard:  {info.dashboard_url}   (Jobs, Train and Serve tabs)")
+    print(f"  OpenAI API:     {url}/v1   (key above; docs at {url}/docs)")
     print(f"  artifact store: {settings.store_uri}")
-    print("  stop the head:  atelier down")
-    print("  Not built yet: DP expert / connector / LoRA / bank training jobs and the Serve app;")
-    print("  see README.md, 'Status'.")
+    print("  stop everything: atelier down")

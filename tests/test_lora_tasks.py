@@ -45,16 +45,10 @@ def test_families_share_question_space_and_answer_vocabulary():
 
 
 @pytest.mark.realmodel
-def test_smollm2_answers_are_single_distinct_tokens():
-    from cluster.models import ModelError, resolve_model
-
-    try:
-        model = resolve_model("smollm2-135m", pull=False)
-    except ModelError:
-        pytest.skip("SmolLM2 not pulled")
+def test_smollm2_answers_are_single_distinct_tokens(smollm2):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model.path)
+    tok = AutoTokenizer.from_pretrained(smollm2.path)
     for fam in lt.FAMILIES:
         ids = [tok.encode(a, add_special_tokens=False) for a in fam.answers]
         assert all(len(i) == 1 for i in ids), fam.name

@@ -42,7 +42,7 @@ def _setup(tmp_path) -> tuple[Registry, str]:
     reg = Registry(uri)
     reg.create_tenant("acme")
     proc = _spawn(uri, 1, 1)
-    assert proc.wait(60) == 0
+    assert proc.wait(300) == 0
     return reg, uri
 
 
@@ -65,7 +65,7 @@ def test_writer_killed_after_data_before_manifest_leaves_previous_version(tmp_pa
     assert len(reg.orphan_blobs("acme", "connectors", "c")) == 1
     # the store stays usable: the next publish gets version 2
     proc = _spawn(uri, 5, 1)
-    assert proc.wait(60) == 0 and reg.versions("acme", "connectors", "c") == [1, 2]
+    assert proc.wait(300) == 0 and reg.versions("acme", "connectors", "c") == [1, 2]
 
 
 def test_writer_killed_mid_file_write_leaves_previous_version(tmp_path):
@@ -84,7 +84,7 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path):
     reg.create_tenant("acme")
     writers, per_writer = 4, 5
     procs = [_spawn(uri, w + 1, per_writer) for w in range(writers)]
-    assert all(p.wait(120) == 0 for p in procs)
+    assert all(p.wait(300) == 0 for p in procs)
     versions = reg.versions("acme", "connectors", "c")
     assert versions == list(range(1, writers * per_writer + 1))
     seen = set()

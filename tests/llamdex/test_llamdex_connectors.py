@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llamdex.codec import FeatureCodec
+from llamdex.connectors import Encoder
 from llamdex.connectors_io import (
     CONNECTORS_JSON,
     CONNECTORS_WEIGHTS,
@@ -19,7 +20,6 @@ from llamdex.connectors_io import (
     load_connectors,
     save_connectors,
 )
-from llamdex.connectors import Encoder
 from llamdex.coverage import coverage_rows
 from llamdex.insertion import Bundle, predict
 from llamdex.pipeline import ConnectorsConfig, init_connectors, train_connectors

@@ -1,0 +1,38 @@
+"""bench.llamdex_accuracy's report: target verdicts and merging per-process runs into one table."""
+
+from __future__ import annotations
+
+import json
+
+from bench import llamdex_accuracy as bench
+
+
+def _result(name: str, llamdex: float, bound: float, base: float, api: float) -> dict:
+    rows = {"base LLM": {"accuracy": base}, "Llamdex, non-DP expert": {"accuracy": llamdex},
+            "non-DP expert on true features": {"accuracy": bound}, "Expert-API, non-DP expert": {"accuracy": api}}
+    return {"dataset": name, "test_rows": 10, "test_split_rows": 20, "rows": rows,
+            "fidelity": {"age": {"mae": 1.5, "mae_baseline": 3.0, "range": 100.0},
+                         "sex": {"accuracy": 0.9, "accuracy_baseline": 0.6}},
+            "connectors_training": {"seconds": {"cache": 10.0, "encoder": 5.0}}}
+
+
+def test_verdicts_apply_each_datasets_tolerance():
+    tol = {"titanic": 3, "wine": 5}
+    lines = bench.verdicts([_result("titanic", 0.76, 0.80, 0.6, 0.4), _result("wine", 0.52, 0.56, 0.5, 0.53)], tol)
+    assert "gap 4.0 pts (target ≤ 3: MISSED)" in lines[0] and lines[0].endswith(": yes")
+    assert "gap 4.0 pts (target ≤ 5: met)" in lines[1] and lines[1].endswith(": NO")  # below Expert-API
+
+
+def test_merge_orders_datasets_and_keeps_every_run(tmp_path):
+    for stem, names in (("a", ["nursery", "titanic"]), ("b", ["bank"])):
+        payload = {"command": f"run {stem}", "args": {"api_rows": 5, "model": "tiny-random"},
+                   "results": [_result(n, 0.8, 0.81, 0.5, 0.3) for n in names]}
+        (tmp_path / f"{stem}.json").write_text(json.dumps(payload))
+    out = tmp_path / "out"
+    merged = bench.merge([str(tmp_path / "a.json"), str(tmp_path / "b.json")], out, "all")
+    assert [r["dataset"] for r in merged] == ["titanic", "nursery", "bank"]
+    md = (out / "all.md").read_text()
+    assert "run a ; run b" in md and "| method | titanic | nursery | bank |" in md
+    assert md.count("(target ≤ 3: met)") == 2 and "(target ≤ 5: met)" in md
+    assert json.loads((out / "all.json").read_text())["args"]["merged"][1].endswith("b.json")
+    assert (out / "all.png").stat().st_size > 0

@@ -28,10 +28,12 @@ from cluster.settings import Settings
 DEMO_TENANT = "demo"
 EXPERT = "survival"
 ROOT = Path(__file__).resolve().parent.parent
-QUESTIONS = ["A four year old girl travelled in second class with her mother and a sister; the ticket cost "
-             "26 pounds. Did the passenger survive the sinking?",
-             "Passenger: a 40 year old man in third class, travelling alone, fare 7.9 pounds. "
-             "Did the passenger survive the sinking?"]
+# phrased with the schema's own words ("female", "ticket class"): category synonyms such as
+# "girl" are not in the schema, so the connectors never learnt them (README, Llamdex limits)
+QUESTIONS = ["A four year old female passenger travelled in second class with one parent and one sibling; "
+             "her ticket cost 26 pounds. Did the passenger survive the sinking?",
+             "Passenger: male, 40 years old, third class, no siblings or spouses aboard, no parents or "
+             "children aboard, fare 7.9 pounds. Did the passenger survive the sinking?"]
 
 
 def _step(n: int, text: str) -> None:

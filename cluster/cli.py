@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -63,9 +62,7 @@ def cmd_job(args: argparse.Namespace) -> None:
     entry = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     if not entry:
         raise ValueError("entrypoint: nothing to run; fix: atelier job -- python -m train_jobs.<job> ...")
-    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit",
-           f"--entrypoint-num-cpus={args.num_cpus}", "--working-dir", args.working_dir, "--", *entry]
-    sys.exit(subprocess.call(cmd, env=local.client_env(settings)))
+    sys.exit(local.submit_job(settings, entry, args.num_cpus, args.working_dir))
 
 
 def cmd_models_pull(args: argparse.Namespace) -> None:

@@ -42,10 +42,8 @@ def _step(n: int, text: str) -> None:
 
 def _submit(settings: Settings, module: str, *args: str) -> None:
     """``ray job submit -- python -m <module> ...`` against the local head; raises if the job fails."""
-    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--entrypoint-num-cpus=0.5", "--",
-           sys.executable, "-m", module, *args]
     print("  $ " + " ".join(["ray job submit --", "python -m", module, *args]), flush=True)
-    code = subprocess.call(cmd, env=local.client_env(settings), cwd=ROOT)
+    code = local.submit_job(settings, [sys.executable, "-m", module, *args], cwd=ROOT)
     if code != 0:
         raise local.ClusterError(f"the {module} job failed (exit {code}); see its logs in the dashboard (Jobs)")
 

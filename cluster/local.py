@@ -59,6 +59,16 @@ def client_env(settings: Settings, base: dict | None = None) -> dict[str, str]:
     return env
 
 
+def submit_job(settings: Settings, entrypoint: list[str], num_cpus: float = 0.5, working_dir: str | None = None,
+               cwd: str | Path | None = None) -> int:
+    """``ray job submit [--working-dir D] -- <entrypoint>`` against this head (auth + address set);
+    blocks while the job runs, tailing its logs, and returns the CLI's exit code."""
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", f"--entrypoint-num-cpus={num_cpus}"]
+    if working_dir is not None:
+        cmd += ["--working-dir", working_dir]
+    return subprocess.call([*cmd, "--", *entrypoint], env=client_env(settings), cwd=cwd)
+
+
 def read_head(settings: Settings) -> HeadInfo | None:
     """The recorded head if its process is still alive, else None (stale records are removed)."""
     state = settings.cluster_dir / "head.json"

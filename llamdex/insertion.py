@@ -31,6 +31,7 @@ from llamdex.codec import FeatureCodec
 from llamdex.connectors import Decoder, Encoder
 from llamdex.connectors_io import ConnectorsSpec, load_connectors
 from llamdex.expert import ExpertError, ExpertMLP, ExpertSpec, load_expert, predict_proba
+from llamdex.literals import LiteralBatch, left_padded
 from llamdex.llm_ops import backbone, left_pad, num_layers, overwrite_at_layer
 from llamdex.prompting import chat_prompt_ids
 
@@ -47,11 +48,11 @@ class Bundle:
     expert_spec: ExpertSpec | None = None
 
     @torch.no_grad()
-    def slots(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def slots(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None,
+              literals: LiteralBatch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt hidden states at layer k (B, T, d) + mask [+ the prompt's input embeddings]
-        -> (slot vectors (B, n, d), features (B, m))."""
-        features = self.encoder.features(hidden, mask, embeds)
+        [+ its literal channels] -> (slot vectors (B, n, d), features (B, m))."""
+        features = self.encoder.features(hidden, mask, embeds, literals)
         return self.decoder(self.expert(features)), features
 
     def with_expert(self, expert: ExpertMLP, expert_spec: ExpertSpec | None = None) -> Bundle:
@@ -91,10 +92,16 @@ def _check(model, bundles: list[Bundle]) -> None:
 
 
 def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-             experts: Sequence[Bundle | None], use_cache: bool):
+             experts: Sequence[Bundle | None], use_cache: bool, tokenizer=None):
     """One forward with slots appended/overwritten; returns (output, mask, positions, {row: features})."""
     bundles = [b for b in experts if b is not None]
     _check(model, bundles)
+    literals = None
+    if any(b.encoder.copied for b in bundles):
+        if tokenizer is None:
+            raise ValueError("tokenizer: these connectors copy literals from the prompt; fix: pass the model's "
+                             "tokenizer")
+        literals = left_padded(tokenizer, input_ids, attention_mask)
     n_row = [0 if b is None else b.spec.num_slots for b in experts]
     most = max(n_row)
     batch, width = input_ids.shape
@@ -103,9 +110,13 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
     hidden = torch.zeros(batch, total, embed.embedding_dim, dtype=embed.weight.dtype)
     mask = torch.zeros(batch, total, dtype=attention_mask.dtype)
     positions = torch.zeros(batch, total, dtype=position_ids.dtype)
+    kinds = torch.zeros(batch, total, dtype=torch.long)
+    values = torch.zeros(batch, total, dtype=torch.float64)
     for r, (b, n) in enumerate(zip(experts, n_row, strict=True)):
         lo, hi = most - n, most - n + width  # the prompt's columns in the new layout
         hidden[r, lo:hi] = embed(input_ids[r])
+        if literals is not None:
+            kinds[r, lo:hi], values[r, lo:hi] = literals.kinds[r], literals.values[r]
         mask[r, lo:hi], positions[r, lo:hi] = attention_mask[r], position_ids[r]
         if b is not None:
             hidden[r, hi:] = b.decoder.placeholder.to(hidden.dtype)
@@ -119,7 +130,8 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
             for bundle in {id(b): b for b in bundles if b.spec.layer == layer}.values():
                 rows = [r for r, b in enumerate(experts) if b is bundle]
                 cut = total - bundle.spec.num_slots
-                slots, feats = bundle.slots(h[rows, :cut], mask[rows, :cut], hidden[rows, :cut])
+                lits = LiteralBatch(kinds[rows, :cut], values[rows, :cut]) if bundle.encoder.copied else None
+                slots, feats = bundle.slots(h[rows, :cut], mask[rows, :cut], hidden[rows, :cut], lits)
                 h[rows, cut:] = slots.to(h.dtype)
                 features.update(zip(rows, feats, strict=True))
             return h
@@ -134,17 +146,19 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
 
 
 def prefill_with_experts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                         experts: Sequence[Bundle | None]):
+                         experts: Sequence[Bundle | None], tokenizer=None):
     """Batched prefill for a generation engine (left-padded ``input_ids`` (B, T), mask, positions).
 
     Returns ``(last_logits (B, V), past_key_values, attention_mask, position_ids)`` over the new
     layout (width T + max n): continue decoding by appending 1 to the mask and using
     ``position_ids[:, -1:] + 1``, exactly as after a plain prefill. For rows with an expert the last
     logits are read at the last slot; rows with ``None`` equal a plain forward of their prompt.
+    ``tokenizer`` is needed when a bundle's encoder copies literals (it parses the prompt's tokens).
     """
     if len(experts) != input_ids.shape[0]:
         raise ValueError(f"experts: {len(experts)} entries for {input_ids.shape[0]} rows; fix: one per row")
-    out, mask, positions, _ = _forward(model, input_ids, attention_mask, position_ids, experts, use_cache=True)
+    out, mask, positions, _ = _forward(model, input_ids, attention_mask, position_ids, experts, use_cache=True,
+                                       tokenizer=tokenizer)
     return out.logits[:, -1, :], out.past_key_values, mask, positions
 
 
@@ -164,7 +178,7 @@ def predict_many(model, tokenizer, bundles: Sequence[Bundle], questions: Sequenc
     prompts = [chat_prompt_ids(tokenizer, b.spec.system_prompt, [q])[0] for b, q in zip(bundles, questions, strict=True)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask, pos = left_pad(prompts, pad)
-    out, _, _, feats = _forward(model, ids, mask, pos, list(bundles), use_cache=False)
+    out, _, _, feats = _forward(model, ids, mask, pos, list(bundles), use_cache=False, tokenizer=tokenizer)
     results = []
     for r, bundle in enumerate(bundles):
         logits = out.logits[r, -1, bundle.spec.class_token_ids].float()

@@ -57,10 +57,13 @@ TRAIN = PhrasingFamily(
         "{label} was {value}", "{label} recorded as {value}", "{label} - {value}",
         "{value} for {label}", "{label} listed as {value}",
     ),
-    boolean=("{label}: {answer}", "{label}? {answer}", "{label} = {answer}", "{label} - {answer}"),
+    boolean=("{label}: {answer}", "{label}? {answer}", "{label} = {answer}", "{label} - {answer}",
+             "{label} is {answer}", "{label} was {answer}", "{label} recorded as {answer}", "{answer} for {label}",
+             "{label} marked {answer}"),
     yes_no=(("yes", "no"), ("true", "false")),
-    separators=(", ", "; ", " | "),
-    styles=("inline", "inline", "sentences", "dashes"),
+    separators=(", ", "; ", " | ", " & ", " and ", " - ", " ~ ", " :: ", " · ", " • ", " ... ", " also ", " || ",
+                ", and ", " ; then "),
+    styles=("inline", "inline", "inline", "sentences", "dashes", "bullets", "arrows"),
     leadins=("", "", "Details: ", "The facts are these: ", "What we know: ", "Profile: ",
              "Here is the data: "),
     openers=(
@@ -81,10 +84,14 @@ TRAIN = PhrasingFamily(
                    "put", "valued", "totalling", "around", "roughly", "exactly", "approximately", "currently",
                    "officially", "was", "of", "with", "on", "by", "has", "so", "then", "now", "reading", "value",
                    "number", "level", "count", "total", "entered", "written", "recorded", "shows", "sits", "lies",
-                   "near", "stated", "declared", "known", "basically", "just", ":", "-", "=", "~", "->"),
+                   "near", "stated", "declared", "known", "basically", "just", ":", "-", "=", "~", "->",
+                   "at", "to", "is", "the", "gives", "holds", "equals", "hits", "reaching", "standing", "showing",
+                   "being", "field", "item", "data", "stat", "metric", "noted as", "equal to", "set at", "(", ")"),
     backward_words=("for", "under", "as its", "being its", "is its", "was its", "noted", "listed", "logged",
                     "marks", "of", "on", "by", "->", "=", "regarding", "makes up the", "goes with",
-                    "belongs to", "recorded under", "entered under"),
+                    "belongs to", "recorded under", "entered under", "for the", "as the", "which is the",
+                    "that is its", "being the", "is the", "stands for", "was the", "in the field", "as value of",
+                    "the", "its"),
 )
 
 HELDOUT = PhrasingFamily(

@@ -38,6 +38,7 @@ from llamdex.coverage import coverage_rows
 from llamdex.dp_training import train_expert
 from llamdex.expert import ExpertArch, ExpertMLP, ExpertSpec, predict_proba
 from llamdex.hidden_cache import PromptCache, build_cache
+from llamdex.literals import NO, NUMBER, YES, PromptLiterals, token_literals, value_tokens
 from llamdex.llm_ops import num_layers
 from llamdex.prompting import AnswerTokens, answer_tokens, chat_prompt_ids
 from llamdex.questions import QuestionGenerator
@@ -45,6 +46,7 @@ from llamdex.schema import TenantSchema, load_schema
 from llamdex.stages import (
     FitSettings,
     Progress,
+    PromptExtras,
     StageReport,
     decoder_accuracy,
     encoder_features,
@@ -75,6 +77,10 @@ class ConnectorsConfig:
     enc_positions: bool = False  # sinusoidal positions over real tokens
     enc_dropout: float = 0.0  # (self-attention layers + token inputs + positions generalised worse to the
     #                           held-out phrasings on titanic: age MAE 7.4 vs 5.9, 8x the training time)
+    enc_conv_layers: int = 0  # bidirectional local context over the memory (connectors.py)
+    enc_conv_kernel: int = 9
+    enc_anchor: bool = False  # copied features also find their label; distance bias (connectors.py)
+    enc_copy_literals: bool = True  # numeric/bool features copy the literal the encoder points at (literals.py)
     enc_epochs: int = 30  # paper: 30
     enc_lr: float = 1e-3  # small encoder from scratch (the paper fine-tunes RoBERTa at 5e-5)
     enc_batch: int = 32  # paper: 32
@@ -113,6 +119,13 @@ class ConnectorData:
     eval_rows: list[int]
     expert: ExpertMLP
     expert_spec: ExpertSpec
+    literals: list[PromptLiterals]  # per prompt: literal kind/value of each token
+    value_tokens: list[dict[str, list[int]]]  # per prompt: numeric/bool feature -> tokens of its written value
+    label_tokens: list[dict[str, list[int]]]  # ... and of its written label
+
+    def extras(self, model) -> PromptExtras:
+        """What the encoder reads besides hidden states (see :class:`llamdex.stages.PromptExtras`)."""
+        return PromptExtras(model.get_input_embeddings(), self.literals, self.value_tokens, self.label_tokens)
 
 
 @dataclass
@@ -157,15 +170,24 @@ def prepare_data(tokenizer, schema: TenantSchema | dict | str, cfg: ConnectorsCo
     x = np.concatenate([x, x_all[syn_held], x_cov[cov_train:]])
     y = np.concatenate([y, labels[syn_held], y_cov[cov_train:]])
     gen = QuestionGenerator(schema, seed=cfg.seed)
-    questions = gen.make_many(train_df, "train") + gen.make_many(held_df, "heldout")
+    composed = [gen.compose(r, "train") for r in train_df.to_dict(orient="records")]
+    composed += [gen.compose(r, "heldout") for r in held_df.to_dict(orient="records")]
+    questions = [c.text for c in composed]
     answers = answer_tokens(tokenizer, codec.class_names)
+    prompts = chat_prompt_ids(tokenizer, answers.system_prompt, questions)
+    literals = [token_literals(tokenizer, p) for p in prompts]
+    kinds = {f.name: (NUMBER,) if f.type in ("int", "float") else (YES, NO)
+             for f in schema.features if f.type != "category"}
     q = len(train_df)
     return ConnectorData(
-        schema=schema, codec=codec, answers=answers, questions=questions,
-        prompts=chat_prompt_ids(tokenizer, answers.system_prompt, questions),
+        schema=schema, codec=codec, answers=answers, questions=questions, prompts=prompts,
         x=torch.from_numpy(x), y=torch.from_numpy(y.astype(np.int64)),
         train_rows=list(range(q)), stage2_rows=list(range(min(cfg.stage2_questions, q))),
-        eval_rows=list(range(q, len(questions))), expert=expert, expert_spec=ExpertSpec.build(schema, arch, ledger))
+        eval_rows=list(range(q, len(questions))), expert=expert, expert_spec=ExpertSpec.build(schema, arch, ledger),
+        literals=literals, value_tokens=[value_tokens(lit, c.text, c.spans, kinds)
+                                         for lit, c in zip(literals, composed, strict=True)],
+        label_tokens=[value_tokens(lit, c.text, c.label_spans, dict.fromkeys(kinds))
+                      for lit, c in zip(literals, composed, strict=True)])
 
 
 def cache_prompts(model, tokenizer, data: ConnectorData, layers: list[int], cfg: ConnectorsConfig,
@@ -197,7 +219,9 @@ def init_connectors(model, codec: FeatureCodec, answers: AnswerTokens, cfg: Conn
     encoder = Encoder(EncoderConfig(hidden_size=d, features=feature_heads(codec), width=cfg.enc_width,
                                     heads=cfg.enc_heads, layers=cfg.enc_layers, head_hidden=cfg.enc_head_hidden,
                                     self_layers=cfg.enc_self_layers, token_inputs=cfg.enc_token_inputs,
-                                    positions=cfg.enc_positions, dropout=cfg.enc_dropout))
+                                    positions=cfg.enc_positions, dropout=cfg.enc_dropout,
+                                    conv_layers=cfg.enc_conv_layers, conv_kernel=cfg.enc_conv_kernel, anchor=cfg.enc_anchor,
+                                    copy_literals=cfg.enc_copy_literals))
     decoder = Decoder(DecoderConfig(input_size=codec.output_size, hidden_size=d, num_slots=cfg.num_slots,
                                     ffn_hidden=cfg.dec_ffn, norm=cfg.dec_norm, scale=scale))
     decoder.placeholder.copy_(gaussian_placeholder(model.get_input_embeddings().weight, cfg.num_slots, cfg.seed))
@@ -222,7 +246,7 @@ def fit_layer(model, data: ConnectorData, cache: PromptCache, cfg: ConnectorsCon
     train_rows = cache.cached(data.train_rows)
     enc_set = FitSettings(cfg.enc_epochs, cfg.enc_lr, cfg.enc_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
     enc_losses = train_encoder(encoder, cache, layer, data.x, train_rows, enc_set, cfg.numeric_weight,
-                               progress, enc_deadline, embed=model.get_input_embeddings())
+                               progress, enc_deadline, data.extras(model))
     t_enc = time.perf_counter()
     dec_set = FitSettings(cfg.dec_epochs, cfg.dec_lr, cfg.dec_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
     dec_losses = train_decoder(decoder, model, data.expert, cache, layer, data.x, data.y, data.stage2_rows,
@@ -243,7 +267,7 @@ def evaluate(model, data: ConnectorData, cache: PromptCache, layer: int, encoder
     """Held-out phrasings: per-feature fidelity of the encoder, stage-2 accuracy teacher-forced
     (true features) and end to end (encoder features), each vs the synthetic labels."""
     rows = data.eval_rows
-    encoded = encoder_features(encoder, cache, layer, rows, embed=model.get_input_embeddings())
+    encoded = encoder_features(encoder, cache, layer, rows, extras=data.extras(model))
     true = data.x[rows]
     fidelity = feature_fidelity(data.codec, encoded, true, data.x[data.train_rows])
     args = (decoder, model, data.expert, cache, layer)

@@ -15,6 +15,7 @@ connector training and ``heldout`` for evaluation/test questions only.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from llamdex.codec import is_missing, to_bool
 from llamdex.phrasings import FAMILIES, PHRASINGS, PROCEDURAL_SHARE, Family, PhrasingFamily
 from llamdex.schema import FeatureSpec, TenantSchema, load_schema
 
-_LIST_MARKS = {"dashes": "-", "stars": "*"}  # list markers carry no digits (numbers are values)
+_LIST_MARKS = {"dashes": "-", "stars": "*", "bullets": "•", "arrows": ">"}  # list markers carry no digits (numbers are values)
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
          "fifteen sixteen seventeen eighteen nineteen").split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
@@ -70,8 +71,37 @@ def _article(word: str) -> str:
 
 def _cap(text: str) -> str:
     """Upper-case the first letter unless the first word already has capitals (e.g. 'pH')."""
+    if text[:1] in _OPENS:  # a marker (see _mark) is not a letter: capitalise what it wraps
+        return text[:2] + _cap(text[2:])
     first = text.split(" ", 1)[0]
     return text[:1].upper() + text[1:] if text[:1].islower() and first == first.lower() else text
+
+
+_VALUE, _LABEL, _CLOSE, _INDEX_BASE = "\x02", "\x04", "\x03", 0xE000
+_OPENS = (_VALUE, _LABEL)
+_MARKS = re.compile("([\x02\x04])(.)(.*?)\x03", re.DOTALL)
+
+
+def _mark(index: int, text: str, what: str = _VALUE) -> str:
+    """Wrap feature ``index``'s rendered value (or label) in markers that :func:`_unmark` turns into a span."""
+    return f"{what}{chr(_INDEX_BASE + index)}{text}{_CLOSE}"
+
+
+def _unmark(text: str) -> tuple[str, dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
+    """Strip :func:`_mark` markers: (plain text, feature index -> character span of its value, and of its label)."""
+    parts: list[str] = []
+    spans: dict[str, dict[int, tuple[int, int]]] = {_VALUE: {}, _LABEL: {}}
+    pos = last = 0
+    for m in _MARKS.finditer(text):
+        parts.append(text[last:m.start()])
+        pos += m.start() - last
+        inner = m.group(3)
+        spans[m.group(1)][ord(m.group(2)) - _INDEX_BASE] = (pos, pos + len(inner))
+        parts.append(inner)
+        pos += len(inner)
+        last = m.end()
+    parts.append(text[last:])
+    return "".join(parts), spans[_VALUE], spans[_LABEL]
 
 
 def _lower_first(text: str) -> str:
@@ -83,11 +113,14 @@ def _lower_first(text: str) -> str:
 
 @dataclass
 class Question:
-    """A generated question: full ``text`` plus the clause written for each present feature."""
+    """A generated question: full ``text``, the clause written for each present feature and the
+    character spans of each present feature's value and label in ``text`` (for the encoder's copy pointer)."""
 
     text: str
     family: Family
     clauses: dict[str, str] = field(default_factory=dict)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    label_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class QuestionGenerator:
@@ -114,11 +147,11 @@ class QuestionGenerator:
         ph = PHRASINGS[family]
         rng = self.rng
         clauses: dict[str, str] = {}
-        for f in self.schema.features:
+        for i, f in enumerate(self.schema.features):
             if f.name not in row:
                 raise ValueError(f"row: feature {f.name!r} is absent; fix: include it (None/NaN if unknown)")
             if not is_missing(row[f.name]):
-                clauses[f.name] = self._clause(f, row[f.name], ph, rng)
+                clauses[f.name] = self._clause(i, f, row[f.name], ph, rng)
         order = list(clauses.values())
         rng.shuffle(order)
         subject = self.schema.subject
@@ -133,7 +166,11 @@ class QuestionGenerator:
         q = self.schema.target.question.strip()
         blocks.append(_cap(rng.choice(ph.closers).format(q=q, ql=_lower_first(q))))
         joiner = "\n" if style in _LIST_MARKS else " "
-        return Question(text=joiner.join(blocks), family=family, clauses=clauses)
+        text, spans, label_spans = _unmark(joiner.join(blocks))
+        names = [f.name for f in self.schema.features]
+        return Question(text=text, family=family, clauses={k: _unmark(c)[0] for k, c in clauses.items()},
+                        spans={names[i]: span for i, span in spans.items()},
+                        label_spans={names[i]: span for i, span in label_spans.items()})
 
     def _body(self, clauses: list[str], style: str, ph: PhrasingFamily, rng: random.Random) -> list[str]:
         if not clauses:
@@ -150,12 +187,15 @@ class QuestionGenerator:
             body = ", ".join(clauses[:-1]) + " and " + clauses[-1]
         return [_cap(leadin + body) + "."]
 
-    def _clause(self, f: FeatureSpec, value: Any, ph: PhrasingFamily, rng: random.Random) -> str:
+    def _clause(self, index: int, f: FeatureSpec, value: Any, ph: PhrasingFamily, rng: random.Random) -> str:
         labels = list(dict.fromkeys(x for x in (f.description, f.name.replace("_", " "), *f.aliases) if x))
-        label = rng.choice(labels)
+        label = _mark(index, rng.choice(labels), _LABEL)
         if f.type == "bool":
             yes, no = rng.choice(ph.yes_no)
-            return rng.choice(ph.boolean).format(label=label, answer=yes if to_bool(value, f.name) else no)
+            answer = _mark(index, yes if to_bool(value, f.name) else no)
+            if ph.forward_words and rng.random() < PROCEDURAL_SHARE:
+                return self._procedural(label, answer, ph, rng)
+            return rng.choice(ph.boolean).format(label=label, answer=answer)
         if f.type == "category":
             text = value if isinstance(value, str) else str(value)
             if f.categories is not None and text not in f.categories:
@@ -163,17 +203,18 @@ class QuestionGenerator:
             rendered, templates = text.replace("_", " "), ph.category
         else:
             rendered, templates = self._number(f, value, rng), ph.numeric
+        rendered = _mark(index, rendered)
         if ph.forward_words and rng.random() < PROCEDURAL_SHARE:
             return self._procedural(label, rendered, ph, rng)
         return rng.choice(templates).format(label=label, value=rendered)
 
     @staticmethod
     def _procedural(label: str, value: str, ph: PhrasingFamily, rng: random.Random) -> str:
-        """``label w.. value`` or ``value w.. label`` with 1-3 (1-2 backwards) random connector words."""
-        if rng.random() < 0.7:
-            words = [rng.choice(ph.forward_words) for _ in range(rng.choice((1, 1, 2, 2, 3)))]
+        """``label w.. value`` (1-5 random connector words) or ``value w.. label`` (1-4 connectors)."""
+        if rng.random() < 0.65:
+            words = [rng.choice(ph.forward_words) for _ in range(rng.choice((1, 1, 2, 2, 3, 3, 4, 5)))]
             return " ".join([label, *words, value])
-        words = [rng.choice(ph.backward_words) for _ in range(rng.choice((1, 1, 2)))]
+        words = [rng.choice(ph.backward_words) for _ in range(rng.choice((1, 1, 2, 2, 3, 4)))]
         return " ".join([value, *words, label])
 
     @staticmethod

@@ -28,8 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from llamdex.codec import FeatureCodec
-from llamdex.connectors import Decoder, Encoder
+from llamdex.connectors import Decoder, Encoder, EncoderRaw
 from llamdex.hidden_cache import PromptCache
+from llamdex.literals import LiteralBatch, PromptLiterals, right_padded, target_mask
 from llamdex.llm_ops import class_logits, run_slots
 
 
@@ -112,31 +113,58 @@ def frozen(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def encoder_inputs(encoder: Encoder, cache: PromptCache, layer: int, idx: Sequence[int], embed: nn.Module | None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(hidden, mask, token embeddings or None) of cached prompts ``idx``: what ``encoder`` reads.
+@dataclass(frozen=True)
+class PromptExtras:
+    """What an encoder may read besides the cached hidden states, per cached prompt: the LLM's input
+    embedding (for ``token_inputs``), the prompts' literals and, for training, the literal tokens
+    where each copied feature's value is written (for ``copy_literals``)."""
 
-    ``embed`` is the LLM's (frozen) input embedding, needed when the encoder reads token embeddings.
-    """
+    embed: nn.Module | None = None
+    literals: list[PromptLiterals] | None = None
+    value_tokens: list[dict[str, list[int]]] | None = None
+    label_tokens: list[dict[str, list[int]]] | None = None
+
+
+def encoder_run(encoder: Encoder, cache: PromptCache, layer: int, idx: Sequence[int], extras: PromptExtras
+                ) -> EncoderRaw:
+    """The encoder's raw outputs on cached prompts ``idx`` (hidden states + whatever else it reads)."""
     h, mask = cache.hidden_batch(layer, idx)
-    if not encoder.cfg.token_inputs:
-        return h, mask, None
-    if embed is None:
-        raise ValueError("embed: this encoder reads token embeddings; fix: pass model.get_input_embeddings()")
-    with torch.no_grad():
-        return h, mask, embed(cache.tokens_batch(idx)).float()
+    embeds: torch.Tensor | None = None
+    literals: LiteralBatch | None = None
+    if encoder.cfg.token_inputs:
+        if extras.embed is None:
+            raise ValueError("embed: this encoder reads token embeddings; fix: pass model.get_input_embeddings()")
+        with torch.no_grad():
+            embeds = extras.embed(cache.tokens_batch(idx)).float()
+    if encoder.copied:
+        if extras.literals is None:
+            raise ValueError("literals: this encoder copies literals; fix: pass the prompts' token_literals")
+        literals = right_padded([extras.literals[i] for i in idx])
+    return encoder(h, mask, embeds, literals)
 
 
 def train_encoder(encoder: Encoder, cache: PromptCache, layer: int, x: torch.Tensor, rows: Sequence[int],
                   settings: FitSettings, numeric_weight: float = 1.0, progress: Progress | None = None,
-                  deadline: float | None = None, embed: nn.Module | None = None) -> list[float]:
+                  deadline: float | None = None, extras: PromptExtras | None = None) -> list[float]:
     """Stage 1 on prompts ``rows`` (x: (N, m) codec-encoded true features, indexed like the cache)."""
+    extras = extras or PromptExtras()
     encoder.fit_input_stats([cache.hidden[layer][i] for i in rows[:512]])
     encoder.train()
+    copied = [encoder.cfg.features[i].name for i in encoder.copied]
+    if copied and extras.value_tokens is None:
+        raise ValueError("extras.value_tokens: this encoder copies literals; fix: pass where each value is written")
 
     def step(pos: list[int]) -> torch.Tensor:
         idx = [rows[p] for p in pos]
-        return encoder.loss(encoder(*encoder_inputs(encoder, cache, layer, idx, embed)), x[idx], numeric_weight)[0]
+        raw = encoder_run(encoder, cache, layer, idx, extras)
+        targets = anchors = None
+        if copied:
+            assert extras.value_tokens is not None and raw.pointer_logits is not None
+            width = raw.pointer_logits.shape[-1]
+            targets = target_mask([extras.value_tokens[i] for i in idx], copied, width)
+            if raw.anchor_logits is not None and extras.label_tokens is not None:
+                anchors = target_mask([extras.label_tokens[i] for i in idx], copied, width)
+        return encoder.loss(raw, x[idx], numeric_weight, targets, anchors)[0]
 
     losses = fit(list(encoder.parameters()), len(rows), settings, step, "encoder", progress, deadline)
     encoder.eval()
@@ -213,9 +241,10 @@ def train_decoder(decoder: Decoder, model: nn.Module, expert: nn.Module, cache: 
 
 @torch.no_grad()
 def encoder_features(encoder: Encoder, cache: PromptCache, layer: int, rows: Sequence[int], batch: int = 64,
-                     embed: nn.Module | None = None) -> torch.Tensor:
+                     extras: PromptExtras | None = None) -> torch.Tensor:
     """Encoder output (len(rows), m) for cached prompts."""
-    outs = [encoder.features(*encoder_inputs(encoder, cache, layer, rows[b:b + batch], embed))
+    extras = extras or PromptExtras()
+    outs = [encoder.activate(encoder_run(encoder, cache, layer, rows[b:b + batch], extras))
             for b in range(0, len(rows), batch)]
     return torch.cat(outs)
 

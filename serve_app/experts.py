@@ -163,13 +163,16 @@ def class_answer(bundle, last_logits: torch.Tensor) -> tuple[dict[str, Any], int
              "probabilities": dict(zip(spec.class_names, probs, strict=True))}, spec.class_token_ids[best])
 
 
-def prefill_hook(model, rows, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor):
+def prefill_hook(model, rows, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                 tokenizer=None):
     """The engine's prefill for waves holding expert rows: one forward for every row (base, adapter
-    or expert), expert rows' first token forced to their predicted class answer token."""
+    or expert), expert rows' first token forced to their predicted class answer token. ``tokenizer``
+    parses the prompts' literals for connectors that copy them."""
     from llamdex.insertion import prefill_with_experts
 
     bundles = [row.expert for row in rows]
-    logits, cache, attention, positions = prefill_with_experts(model, input_ids, attention, positions, bundles)
+    logits, cache, attention, positions = prefill_with_experts(model, input_ids, attention, positions, bundles,
+                                                               tokenizer)
     logits = logits.clone()
     for i, (row, bundle) in enumerate(zip(rows, bundles, strict=True)):
         if bundle is None:

@@ -14,6 +14,7 @@ jobs). Swaps run on the engine thread between waves, so no request fails during 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import time
 from collections.abc import AsyncIterator
@@ -57,7 +58,8 @@ class LLMReplica:
         self.experts = ExpertRegistry()
         self.predictor: PredictBatcher | None = None
         if isinstance(self.engine, TorchEngine):
-            self.engine.prefill_hook, self.engine.expert_prompt = prefill_hook, expert_prompt_ids
+            self.engine.prefill_hook = functools.partial(prefill_hook, tokenizer=self.engine.tok)
+            self.engine.expert_prompt = expert_prompt_ids
             self.predictor = PredictBatcher(self.engine.model, self.engine.tok, self.pool.max_batch_size,
                                             self.pool.batch_wait_ms / 1000, self.engine.run_on_engine_thread)
         self.pinned_bank: int | None = None

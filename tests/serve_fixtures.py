@@ -108,7 +108,7 @@ def expert_reference(model_path: Path, expert_dir: Path, connectors_dir: Path, q
     ids, mask, pos = left_pad(chat_prompt_ids(tok, bundle.spec.system_prompt, [question]), tok.pad_token_id or 0)
     stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
     with torch.no_grad():
-        logits, cache, mask, pos = prefill_with_experts(model, ids, mask, pos, [bundle])
+        logits, cache, mask, pos = prefill_with_experts(model, ids, mask, pos, [bundle], tok)
         scores = logits[0, bundle.spec.class_token_ids]
         best = int(scores.argmax())
         prediction = {"label": bundle.spec.class_names[best], "answer": bundle.spec.class_token_strings[best],

@@ -42,7 +42,8 @@ def saved(lm, toy, tmp_path):
 
 def test_encoder_outputs_live_in_codec_space(saved, toy):
     enc, _, _, _ = saved
-    enc = Encoder(enc.cfg.model_copy(update={"token_inputs": True, "positions": True, "self_layers": 2})).eval()
+    enc = Encoder(enc.cfg.model_copy(update={"token_inputs": True, "positions": True, "self_layers": 2,
+                                           "copy_literals": False})).eval()
     d = enc.cfg.hidden_size
     h, e, mask = torch.randn(3, 7, d), torch.randn(3, 7, d), torch.ones(3, 7, dtype=torch.bool)
     mask[0, :4] = False

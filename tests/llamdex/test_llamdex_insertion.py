@@ -10,6 +10,7 @@ from llamdex.expert import ExpertArch, ExpertError, ExpertSpec, build_expert, sa
 from llamdex.expert_spec import DPLedger
 from llamdex.hidden_cache import build_cache
 from llamdex.insertion import Bundle, greedy_decode, load_bundle, predict, predict_many, prefill_with_experts
+from llamdex.literals import left_padded
 from llamdex.llm_ops import backbone, left_pad, overwrite_at_layer
 from llamdex.prompting import chat_prompt_ids
 from llamdex.stages import slot_class_logits
@@ -78,11 +79,11 @@ def test_mixed_batch_equals_single_rows_and_plain_rows(lm, toy):
     experts = [a, None, b]
     ids, mask, pos = batch(tok, a, QUESTIONS)
     with torch.no_grad():
-        logits, cache, mask2, pos2 = prefill_with_experts(model, ids, mask, pos, experts)
+        logits, cache, mask2, pos2 = prefill_with_experts(model, ids, mask, pos, experts, tok)
         steps = greedy_decode(model, logits, cache, mask2, pos2, 4)
         for i, bundle in enumerate(experts):
             one = batch(tok, a, [QUESTIONS[i]])
-            l1, c1, m1, p1 = prefill_with_experts(model, *one, [bundle])
+            l1, c1, m1, p1 = prefill_with_experts(model, *one, [bundle], tok)
             torch.testing.assert_close(logits[i], l1[0], atol=ATOL, rtol=1e-4)
             assert steps[i].tolist() == greedy_decode(model, l1, c1, m1, p1, 4)[0].tolist()
             if bundle is None:  # a row without expert is exactly the plain model
@@ -100,10 +101,10 @@ def test_decoding_after_slots_matches_uncached_recompute(lm, toy):
     bundle = make_bundle(lm, toy, layer=2, n=3)
     ids, mask, pos = batch(tok, bundle, QUESTIONS[:1])
     with torch.no_grad():
-        out = greedy_decode(model, *prefill_with_experts(model, ids, mask, pos, [bundle]), 3)[0].tolist()
+        out = greedy_decode(model, *prefill_with_experts(model, ids, mask, pos, [bundle], tok), 3)[0].tolist()
         t = ids.shape[1]
         slots, _ = bundle.slots(model(input_ids=ids, output_hidden_states=True).hidden_states[2], mask,
-                                backbone(model).embed_tokens(ids))
+                                backbone(model).embed_tokens(ids), left_padded(tok, ids, mask))
         emb = backbone(model).embed_tokens
         generated: list[int] = []
         for _ in range(3):
@@ -130,7 +131,7 @@ def test_predict_is_one_forward_with_readable_outputs(lm, toy):
     assert set(res["features"]) == {"age", "fare", "sex", "alone"}
     ids, mask, pos = batch(tok, bundle, QUESTIONS[:1])
     with torch.no_grad():
-        logits = prefill_with_experts(model, ids, mask, pos, [bundle])[0][0, bundle.spec.class_token_ids]
+        logits = prefill_with_experts(model, ids, mask, pos, [bundle], tok)[0][0, bundle.spec.class_token_ids]
     assert torch.softmax(logits, -1).tolist() == pytest.approx(list(res["probabilities"].values()), abs=1e-5)
 
 

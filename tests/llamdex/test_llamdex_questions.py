@@ -83,8 +83,10 @@ def test_every_present_value_is_recoverable(rows_by_schema, family):
                     continue
                 clause = q.clauses[f.name]
                 assert clause.lower() in q.text.lower()  # sentence starts may be capitalised
-                if f.type == "bool":
-                    assert clause.split()[-1] in (("yes", "true") if value else ("no", "false")), clause
+                if f.type == "bool":  # the answer word, at either end of the clause
+                    answer = q.text[slice(*q.spans[f.name])].lower()
+                    assert answer in (("yes", "true") if value else ("no", "false")), clause
+                    assert answer in (clause.split()[-1], clause.split()[0].lower()), clause
                 elif f.type == "category":
                     assert value.replace("_", " ") in clause, (value, clause)
                 else:

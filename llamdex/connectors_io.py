@@ -22,7 +22,8 @@ from safetensors.torch import save as st_save
 
 from llamdex._validation import format_errors, parse_json_strict, rules_error
 from llamdex.codec import FeatureCodec
-from llamdex.connectors import Decoder, DecoderConfig, Encoder, EncoderConfig
+from llamdex.connectors import Decoder, DecoderConfig
+from llamdex.encoder import Encoder, EncoderConfig
 from llamdex.expert import _atomic_write
 from llamdex.schema import TenantSchema
 

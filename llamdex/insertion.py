@@ -28,10 +28,11 @@ from typing import Any
 import torch
 
 from llamdex.codec import FeatureCodec
-from llamdex.connectors import Decoder, Encoder
+from llamdex.connectors import Decoder
 from llamdex.connectors_io import ConnectorsSpec, load_connectors
+from llamdex.encoder import Encoder
 from llamdex.expert import ExpertError, ExpertMLP, ExpertSpec, load_expert, predict_proba
-from llamdex.literals import LiteralBatch, left_padded
+from llamdex.literals import LiteralBatch, layout, token_literals
 from llamdex.llm_ops import backbone, left_pad, num_layers, overwrite_at_layer
 from llamdex.prompting import chat_prompt_ids
 
@@ -96,12 +97,13 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
     """One forward with slots appended/overwritten; returns (output, mask, positions, {row: features})."""
     bundles = [b for b in experts if b is not None]
     _check(model, bundles)
-    literals = None
-    if any(b.encoder.copied for b in bundles):
+    prompt_literals = None
+    if any(b.encoder.copies for b in bundles):
         if tokenizer is None:
-            raise ValueError("tokenizer: these connectors copy literals from the prompt; fix: pass the model's "
+            raise ValueError("tokenizer: these connectors copy values from the prompt; fix: pass the model's "
                              "tokenizer")
-        literals = left_padded(tokenizer, input_ids, attention_mask)
+        prompt_literals = {r: token_literals(tokenizer, input_ids[r][attention_mask[r].bool()].tolist())
+                           for r, b in enumerate(experts) if b is not None and b.encoder.copies}
     n_row = [0 if b is None else b.spec.num_slots for b in experts]
     most = max(n_row)
     batch, width = input_ids.shape
@@ -110,13 +112,9 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
     hidden = torch.zeros(batch, total, embed.embedding_dim, dtype=embed.weight.dtype)
     mask = torch.zeros(batch, total, dtype=attention_mask.dtype)
     positions = torch.zeros(batch, total, dtype=position_ids.dtype)
-    kinds = torch.zeros(batch, total, dtype=torch.long)
-    values = torch.zeros(batch, total, dtype=torch.float64)
     for r, (b, n) in enumerate(zip(experts, n_row, strict=True)):
         lo, hi = most - n, most - n + width  # the prompt's columns in the new layout
         hidden[r, lo:hi] = embed(input_ids[r])
-        if literals is not None:
-            kinds[r, lo:hi], values[r, lo:hi] = literals.kinds[r], literals.values[r]
         mask[r, lo:hi], positions[r, lo:hi] = attention_mask[r], position_ids[r]
         if b is not None:
             hidden[r, hi:] = b.decoder.placeholder.to(hidden.dtype)
@@ -130,7 +128,9 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
             for bundle in {id(b): b for b in bundles if b.spec.layer == layer}.values():
                 rows = [r for r, b in enumerate(experts) if b is bundle]
                 cut = total - bundle.spec.num_slots
-                lits = LiteralBatch(kinds[rows, :cut], values[rows, :cut]) if bundle.encoder.copied else None
+                lits = None
+                if prompt_literals is not None and bundle.encoder.copies:  # real tokens end at column `cut`
+                    lits = layout([prompt_literals[r] for r in rows], bundle.encoder.cfg.category_lists, cut, left=True)
                 slots, feats = bundle.slots(h[rows, :cut], mask[rows, :cut], hidden[rows, :cut], lits)
                 h[rows, cut:] = slots.to(h.dtype)
                 features.update(zip(rows, feats, strict=True))

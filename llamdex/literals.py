@@ -15,7 +15,9 @@ the value of the literal the token belongs to. Numbers are digits with an option
 and thousands separators ("-1,234.5"), or English number words 0..999 ("forty-two", "two hundred
 and five", the forms :func:`llamdex.questions.number_words` writes). Yes-words: yes/true; no-words:
 no/false (case-insensitive, whole words). The system prompt's "Yes or No" is tagged too: the
-pointer learns to look past it.
+pointer learns to look past it. For category features, :meth:`PromptLiterals.mentions` marks the
+tokens of each mention of one of the feature's categories (as the grammar writes them, "_" as a
+space; whole words, case-insensitive, longest first), so categories are copied too.
 """
 
 from __future__ import annotations
@@ -105,6 +107,17 @@ class PromptLiterals:
     text: str
     offsets: list[int]
 
+    def mentions(self, categories: list[list[str]]) -> torch.Tensor:
+        """(len(categories), T) int64: per category feature, the index of the category whose mention
+        each token is part of, else -1."""
+        out = torch.full((len(categories), len(self.kinds)), -1, dtype=torch.long)
+        for j, names in enumerate(categories):
+            spelled = {n.replace("_", " ").lower(): k for k, n in enumerate(names)}
+            pattern = "|".join(re.escape(n) for n in sorted(spelled, key=len, reverse=True))
+            for m in re.finditer(rf"(?<!\w)(?:{pattern})(?!\w)", self.text, re.IGNORECASE):
+                out[j, self.tokens_in(m.start(), m.end())] = spelled[m.group(0).lower()]
+        return out
+
     def tokens_in(self, start: int, end: int, kind: int | None = None) -> list[int]:
         """Token positions overlapping characters [start, end) of :attr:`text` (of ``kind`` if given)."""
         ends = [max(a, b) for a, b in zip(self.offsets, self.offsets[1:] + [len(self.text)], strict=True)]
@@ -137,35 +150,27 @@ def token_literals(tokenizer, ids: list[int]) -> PromptLiterals:
 
 @dataclass(frozen=True)
 class LiteralBatch:
-    """Literal channels of a batch laid out like the hidden states: kinds (B, T), values (B, T)."""
+    """Literal channels of a batch laid out like the hidden states: kinds (B, T), values (B, T) and
+    category mentions (B, F_cat, T) for one schema's category features."""
 
     kinds: torch.Tensor
     values: torch.Tensor
-
-    def rows(self, rows: list[int], stop: int | None = None) -> LiteralBatch:
-        """The batch restricted to ``rows`` and the first ``stop`` columns."""
-        return LiteralBatch(self.kinds[rows, :stop], self.values[rows, :stop])
+    mentions: torch.Tensor
 
 
-def right_padded(items: list[PromptLiterals]) -> LiteralBatch:
-    """Stack prompts' literals right-padded (matching :meth:`PromptCache.hidden_batch`)."""
-    width = max(len(p.kinds) for p in items)
+def layout(items: list[PromptLiterals], categories: list[list[str]], width: int | None = None,
+           left: bool = False) -> LiteralBatch:
+    """Stack prompts' literals into a batch of ``width`` columns, right-padded (as
+    :meth:`PromptCache.hidden_batch`) or left-padded (as a serving batch); pads are kind NONE."""
+    width = width or max(len(p.kinds) for p in items)
     kinds = torch.zeros(len(items), width, dtype=torch.long)
     values = torch.zeros(len(items), width, dtype=torch.float64)
+    mentions = torch.full((len(items), len(categories), width), -1, dtype=torch.long)
     for r, p in enumerate(items):
-        kinds[r, :len(p.kinds)], values[r, :len(p.values)] = p.kinds, p.values
-    return LiteralBatch(kinds, values)
-
-
-def left_padded(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LiteralBatch:
-    """Literals of a left-padded batch (B, T): each row's real tokens parsed, pads left at kind NONE."""
-    kinds = torch.zeros(input_ids.shape, dtype=torch.long)
-    values = torch.zeros(input_ids.shape, dtype=torch.float64)
-    for r in range(input_ids.shape[0]):
-        real = attention_mask[r].bool()
-        lits = token_literals(tokenizer, input_ids[r][real].tolist())
-        kinds[r, real], values[r, real] = lits.kinds, lits.values
-    return LiteralBatch(kinds, values)
+        cols = slice(width - len(p.kinds), width) if left else slice(0, len(p.kinds))
+        kinds[r, cols], values[r, cols] = p.kinds, p.values
+        mentions[r, :, cols] = p.mentions(categories)
+    return LiteralBatch(kinds, values, mentions)
 
 
 def value_tokens(lits: PromptLiterals, question: str, spans: dict[str, tuple[int, int]],
@@ -186,10 +191,15 @@ def value_tokens(lits: PromptLiterals, question: str, spans: dict[str, tuple[int
     return out
 
 
-def target_mask(targets: list[dict[str, list[int]]], names: list[str], width: int) -> torch.Tensor:
-    """(B, len(names), width) bool: True at the tokens each row's feature ``names[j]`` points to."""
-    mask = torch.zeros(len(targets), len(names), width, dtype=torch.bool)
+def target_mask(targets: list[dict[str, list[int]]], names: list[str], width: int,
+                null_when_absent: frozenset[str] = frozenset()) -> torch.Tensor:
+    """(B, len(names), width + 1) bool: True at the tokens each row's feature ``names[j]`` is written
+    at; the last column ("not stated") is True for features in ``null_when_absent`` that a row lacks."""
+    mask = torch.zeros(len(targets), len(names), width + 1, dtype=torch.bool)
     for r, row in enumerate(targets):
         for j, name in enumerate(names):
-            mask[r, j, row.get(name, [])] = True
+            if name in row:
+                mask[r, j, row[name]] = True
+            elif name in null_when_absent:
+                mask[r, j, width] = True
     return mask

@@ -25,17 +25,11 @@ import pandas as pd
 import torch
 
 from llamdex.codec import FeatureCodec
-from llamdex.connectors import (
-    Decoder,
-    DecoderConfig,
-    Encoder,
-    EncoderConfig,
-    feature_heads,
-    gaussian_placeholder,
-)
+from llamdex.connectors import Decoder, DecoderConfig, gaussian_placeholder
 from llamdex.connectors_io import ConnectorsSpec, TrainingReport, build_spec
 from llamdex.coverage import coverage_rows
 from llamdex.dp_training import train_expert
+from llamdex.encoder import Encoder, EncoderConfig, feature_heads
 from llamdex.expert import ExpertArch, ExpertMLP, ExpertSpec, predict_proba
 from llamdex.hidden_cache import PromptCache, build_cache
 from llamdex.literals import NO, NUMBER, YES, PromptLiterals, token_literals, value_tokens
@@ -176,8 +170,8 @@ def prepare_data(tokenizer, schema: TenantSchema | dict | str, cfg: ConnectorsCo
     answers = answer_tokens(tokenizer, codec.class_names)
     prompts = chat_prompt_ids(tokenizer, answers.system_prompt, questions)
     literals = [token_literals(tokenizer, p) for p in prompts]
-    kinds = {f.name: (NUMBER,) if f.type in ("int", "float") else (YES, NO)
-             for f in schema.features if f.type != "category"}
+    kinds = {f.name: {"int": (NUMBER,), "float": (NUMBER,), "bool": (YES, NO), "category": None}[f.type]
+             for f in schema.features}
     q = len(train_df)
     return ConnectorData(
         schema=schema, codec=codec, answers=answers, questions=questions, prompts=prompts,

@@ -28,9 +28,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from llamdex.codec import FeatureCodec
-from llamdex.connectors import Decoder, Encoder, EncoderRaw
+from llamdex.connectors import Decoder
+from llamdex.encoder import Encoder, EncoderRaw
 from llamdex.hidden_cache import PromptCache
-from llamdex.literals import LiteralBatch, PromptLiterals, right_padded, target_mask
+from llamdex.literals import LiteralBatch, PromptLiterals, layout, target_mask
 from llamdex.llm_ops import class_logits, run_slots
 
 
@@ -136,10 +137,10 @@ def encoder_run(encoder: Encoder, cache: PromptCache, layer: int, idx: Sequence[
             raise ValueError("embed: this encoder reads token embeddings; fix: pass model.get_input_embeddings()")
         with torch.no_grad():
             embeds = extras.embed(cache.tokens_batch(idx)).float()
-    if encoder.copied:
+    if encoder.copies:
         if extras.literals is None:
-            raise ValueError("literals: this encoder copies literals; fix: pass the prompts' token_literals")
-        literals = right_padded([extras.literals[i] for i in idx])
+            raise ValueError("literals: this encoder copies values; fix: pass the prompts' token_literals")
+        literals = layout([extras.literals[i] for i in idx], encoder.cfg.category_lists, h.shape[1])
     return encoder(h, mask, embeds, literals)
 
 
@@ -150,20 +151,21 @@ def train_encoder(encoder: Encoder, cache: PromptCache, layer: int, x: torch.Ten
     extras = extras or PromptExtras()
     encoder.fit_input_stats([cache.hidden[layer][i] for i in rows[:512]])
     encoder.train()
-    copied = [encoder.cfg.features[i].name for i in encoder.copied]
-    if copied and extras.value_tokens is None:
-        raise ValueError("extras.value_tokens: this encoder copies literals; fix: pass where each value is written")
+    names = [f.name for f in encoder.cfg.features]
+    categories = frozenset(f.name for f in encoder.cfg.features if f.kind == "category")
+    if encoder.copies and extras.value_tokens is None:
+        raise ValueError("extras.value_tokens: this encoder copies values; fix: pass where each value is written")
 
     def step(pos: list[int]) -> torch.Tensor:
         idx = [rows[p] for p in pos]
         raw = encoder_run(encoder, cache, layer, idx, extras)
         targets = anchors = None
-        if copied:
+        if encoder.copies:
             assert extras.value_tokens is not None and raw.pointer_logits is not None
-            width = raw.pointer_logits.shape[-1]
-            targets = target_mask([extras.value_tokens[i] for i in idx], copied, width)
+            width = raw.pointer_logits.shape[-1] - 1
+            targets = target_mask([extras.value_tokens[i] for i in idx], names, width, categories)
             if raw.anchor_logits is not None and extras.label_tokens is not None:
-                anchors = target_mask([extras.label_tokens[i] for i in idx], copied, width)
+                anchors = target_mask([extras.label_tokens[i] for i in idx], names, width)[..., :-1]
         return encoder.loss(raw, x[idx], numeric_weight, targets, anchors)[0]
 
     losses = fit(list(encoder.parameters()), len(rows), settings, step, "encoder", progress, deadline)

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llamdex.codec import FeatureCodec
-from llamdex.connectors import Encoder
 from llamdex.connectors_io import (
     CONNECTORS_JSON,
     CONNECTORS_WEIGHTS,
@@ -21,6 +20,7 @@ from llamdex.connectors_io import (
     save_connectors,
 )
 from llamdex.coverage import coverage_rows
+from llamdex.encoder import Encoder
 from llamdex.insertion import Bundle, predict
 from llamdex.pipeline import ConnectorsConfig, init_connectors, train_connectors
 from llamdex.prompting import answer_tokens

@@ -10,7 +10,7 @@ from llamdex.expert import ExpertArch, ExpertError, ExpertSpec, build_expert, sa
 from llamdex.expert_spec import DPLedger
 from llamdex.hidden_cache import build_cache
 from llamdex.insertion import Bundle, greedy_decode, load_bundle, predict, predict_many, prefill_with_experts
-from llamdex.literals import left_padded
+from llamdex.literals import layout, token_literals
 from llamdex.llm_ops import backbone, left_pad, overwrite_at_layer
 from llamdex.prompting import chat_prompt_ids
 from llamdex.stages import slot_class_logits
@@ -104,7 +104,8 @@ def test_decoding_after_slots_matches_uncached_recompute(lm, toy):
         out = greedy_decode(model, *prefill_with_experts(model, ids, mask, pos, [bundle], tok), 3)[0].tolist()
         t = ids.shape[1]
         slots, _ = bundle.slots(model(input_ids=ids, output_hidden_states=True).hidden_states[2], mask,
-                                backbone(model).embed_tokens(ids), left_padded(tok, ids, mask))
+                                backbone(model).embed_tokens(ids),
+                                layout([token_literals(tok, ids[0].tolist())], bundle.encoder.cfg.category_lists))
         emb = backbone(model).embed_tokens
         generated: list[int] = []
         for _ in range(3):

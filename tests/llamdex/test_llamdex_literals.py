@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llamdex.codec import FeatureCodec
-from llamdex.connectors import Encoder, EncoderConfig, FeatureHead
+from llamdex.encoder import Encoder, EncoderConfig, FeatureHead, feature_heads
 from llamdex.literals import (
     NO,
     NONE,
@@ -15,8 +15,7 @@ from llamdex.literals import (
     YES,
     LiteralBatch,
     find_literals,
-    left_padded,
-    right_padded,
+    layout,
     target_mask,
     token_literals,
     value_tokens,
@@ -51,15 +50,36 @@ def test_token_literals_tag_the_tokens_of_each_literal(lm):
     tagged = "".join(tok.decode([i]) for i, k in zip(ids, lits.kinds.tolist(), strict=True) if k == NUMBER)
     assert tagged == "1,234.5" and set(lits.values[lits.kinds == NUMBER].tolist()) == {1234.5}
     assert int(lits.kinds[-1]) == YES and int(lits.kinds[0]) == NONE
-    batch = left_padded(tok, torch.tensor([[0, 0] + ids]), torch.tensor([[0, 0] + [1] * len(ids)]))
-    assert batch.kinds[0, :2].tolist() == [NONE, NONE] and batch.kinds[0, 2:].tolist() == lits.kinds.tolist()
-    assert right_padded([lits, token_literals(tok, ids[:3])]).kinds.shape == (2, len(ids))
+    short = token_literals(tok, ids[:3])
+    left, right = layout([lits, short], [], left=True), layout([lits, short], [])
+    assert left.kinds.shape == right.kinds.shape == (2, len(ids)) and left.mentions.shape == (2, 0, len(ids))
+    assert left.kinds[1, -3:].tolist() == right.kinds[1, :3].tolist() == short.kinds.tolist()
+    assert left.kinds[1, :-3].eq(NONE).all() and right.kinds[1, 3:].eq(NONE).all()
     text = "• fare 12 €, alone: no"  # multi-byte characters split over byte-level tokens
     lits = token_literals(tok, tok(text, add_special_tokens=False)["input_ids"])
     assert lits.text == text
     numbers = lits.tokens_in(text.index("12"), text.index("12") + 2, NUMBER)
     assert len(numbers) == 2 and lits.values[numbers].tolist() == [12.0, 12.0]
     assert lits.tokens_in(text.index("no"), len(text), NO)
+
+
+def test_category_mentions_are_whole_words_longest_first(lm):
+    _, tok, _ = lm
+    text = "Housing: less proper; form is complete, not incomplete. Sex: female"
+    lits = token_literals(tok, tok(text, add_special_tokens=False)["input_ids"])
+    mentions = lits.mentions([["proper", "less_proper", "improper"], ["complete", "incomplete"], ["male", "female"]])
+
+    def said(j: int) -> list[tuple[str, int]]:
+        runs: dict[int, list[int]] = {}
+        for t, k in enumerate(mentions[j].tolist()):
+            if k >= 0:
+                runs.setdefault(k, []).append(t)
+        ends = lits.offsets[1:] + [len(lits.text)]
+        return sorted((lits.text[lits.offsets[ts[0]]:ends[ts[-1]]], k) for k, ts in runs.items())
+
+    assert said(0) == [("less proper", 1)]
+    assert said(1) == [("complete", 0), ("incomplete", 1)]
+    assert said(2) == [("female", 1)]  # "male" inside "female" is not a mention
 
 
 @pytest.mark.parametrize("family", ["train", "heldout"])
@@ -101,7 +121,8 @@ def _copy_task(n: int, gen: torch.Generator, d: int = 16, t: int = 14):
         hidden[r, pos[0], 0] += 3.0
         hidden[r, pos[3], 1] += 3.0
         x_true[r], flag_true[r] = values[r, pos[0]], float(kinds[r, pos[3]] == YES)
-    return hidden, LiteralBatch(kinds, values), torch.stack([x_true / 100, flag_true], 1).float()
+    mentions = torch.zeros(n, 0, t, dtype=torch.long)
+    return hidden, LiteralBatch(kinds, values, mentions), torch.stack([x_true / 100, flag_true], 1).float()
 
 
 def test_encoder_learns_to_copy_the_marked_literal_exactly(one_thread):
@@ -115,8 +136,8 @@ def test_encoder_learns_to_copy_the_marked_literal_exactly(one_thread):
         hidden, lits, target = _copy_task(64, gen)
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
         raw = enc(hidden, mask, literals=lits)
-        marked = torch.stack([hidden[..., 0] > 1.5, hidden[..., 1] > 1.5], 1) & raw.candidates
-        loss, parts = enc.loss(raw, target, pointer_targets=marked)
+        marked = torch.stack([hidden[..., 0] > 1.5, hidden[..., 1] > 1.5], 1)
+        loss, parts = enc.loss(raw, target, pointer_targets=torch.cat([marked, torch.zeros_like(marked[..., :1])], -1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -130,20 +151,29 @@ def test_encoder_learns_to_copy_the_marked_literal_exactly(one_thread):
 
 def test_copy_falls_back_to_the_regression_head_without_literals(toy):
     codec = FeatureCodec(toy)
-    from llamdex.connectors import feature_heads
-
     enc = Encoder(EncoderConfig(hidden_size=8, features=feature_heads(codec), width=16, heads=2, head_hidden=8,
                                 copy_literals=True)).eval()
     hidden, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
-    none = LiteralBatch(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.float64))
+    nothing = torch.full((2, 1, 5), -1)
+    none = LiteralBatch(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.float64), nothing)
     kinds = none.kinds.clone()
     kinds[:, 1] = NUMBER
-    one = LiteralBatch(kinds, torch.full((2, 5), 30.0, dtype=torch.float64))
+    one = LiteralBatch(kinds, torch.full((2, 5), 30.0, dtype=torch.float64), nothing)
     with torch.no_grad():
         fallback, copied = enc.features(hidden, mask, literals=none), enc.features(hidden, mask, literals=one)
         heads = torch.sigmoid(enc(hidden, mask, literals=none).heads[0])[:, 0]
     assert torch.allclose(fallback[:, 0], heads)  # age from the regression head
     assert torch.allclose(copied[:, 0], torch.full((2,), 0.3)) and torch.allclose(copied[:, 1], torch.full((2,), 0.05))
-    with pytest.raises(ValueError, match="literals: these connectors copy literals"):
+    sex = codec.slices["sex"]
+    assert copied[:, sex].eq(0).all()  # no mention of a category: "not stated" (all zeros)
+    said = nothing.clone()
+    said[:, 0, 3] = 1  # token 3 mentions "female"
+    with torch.no_grad():
+        raw = enc(hidden, mask, literals=LiteralBatch(kinds, one.values, said))
+        raw.pointer_logits[:, 2, 3] = 1e3  # the pointer picks that mention
+        assert enc.activate(raw)[:, sex].tolist() == [[0.0, 1.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match="literals: these connectors copy values"):
         enc.features(hidden, mask)
     assert target_mask([{"age": [1]}, {}], ["age", "fare"], 5).sum() == 1
+    absent = target_mask([{"age": [1]}, {}], ["age", "sex"], 5, frozenset({"sex"}))
+    assert absent[:, 1, 5].tolist() == [True, True] and absent[0, 0, 1] and not absent[1, 0].any()

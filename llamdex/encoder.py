@@ -1,0 +1,339 @@
+"""The encoder connector: the LLM's layer-k hidden states of a prompt -> the expert's input features.
+
+Deviation from the paper (documented in docs/llamdex.md): the paper decodes the layer-k hidden
+states to text with the logit lens and fine-tunes RoBERTa-large (355M, bigger than SmolLM2-135M
+itself) with one linear head per expert input column. On a 2-core CPU we instead let one learned
+query per schema feature cross-attend over the layer-k hidden states of the prompt positions
+(pads masked out, slots excluded). Inputs are standardised per dimension with statistics of the
+training cache (robust to the few huge "massive activation" dimensions of small LLMs).
+
+**Copying values** (``copy_literals``, the default): a small LLM's state at the last digit of
+"0.045" does not hold the number exactly, and regressing values from it read wine's decimals and
+bank's counts worse than predicting the mean. So each feature *points* at a token of the prompt
+and copies what is written there (:mod:`llamdex.literals`), like pointer-generator networks:
+
+* numeric  -> a number literal (digits or number words); its exact value, min-max scaled;
+* bool     -> a yes/no word; 1 or 0;
+* category -> a mention of one of the feature's categories, or a learned "not stated" option;
+  the one-hot of the mentioned category (all zeros if not stated).
+
+The pointer is trained on where the grammar wrote each value. Two inductive biases help it bind a
+value to the right label when the phrasing is new: ``conv_layers`` residual depthwise convolutions
+give every token a window on *both* sides (a causal LM's state at "861" in "861 is the figure
+given for balance" cannot see the label that follows), and ``anchor`` lets each feature also find
+its own label (trained on where the label is written) and adds a learned bias by signed token
+distance from it. The regression/classification heads below are kept as an auxiliary loss and as
+the fallback when a prompt has no literal of the right kind.
+
+Without copying, outputs come from the heads, in the codec's [0, 1] space (never raw units, which
+avoids the paper's clamp dead zone): numeric -> sigmoid; category -> softmax over its K columns
+plus a dropped "not stated" logit; bool -> sigmoid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from torch.nn import functional as F
+
+from llamdex.codec import FeatureCodec
+from llamdex.literals import KINDS, NUMBER, YES, LiteralBatch
+
+FeatureKind = Literal["numeric", "category", "bool"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureHead(_Strict):
+    """One encoder output: the feature, its kind, how many codec columns it fills, and what copying
+    needs to know (the numeric range, the category names)."""
+
+    name: str
+    kind: FeatureKind
+    width: int = Field(ge=1)
+    lo: float | None = None
+    hi: float | None = None
+    categories: list[str] | None = None
+
+
+class EncoderConfig(_Strict):
+    """Encoder hyper-parameters (see the module docstring for the options)."""
+
+    hidden_size: int = Field(ge=1)
+    features: list[FeatureHead] = Field(min_length=1)
+    width: int = Field(default=256, ge=8)
+    heads: int = Field(default=8, ge=1)
+    layers: int = Field(default=1, ge=1, le=4)
+    head_hidden: int = Field(default=128, ge=1)
+    self_layers: int = Field(default=0, ge=0, le=6)
+    """Bidirectional self-attention layers over the prompt memory before the feature queries read it."""
+    token_inputs: bool = False
+    """Also read the prompt's token embeddings (the LLM's layer-0 states: exact token identities)."""
+    positions: bool = False
+    """Add sinusoidal positions (counted over real tokens, so left/right padding does not matter)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    conv_layers: int = Field(default=0, ge=0, le=6)
+    conv_kernel: int = Field(default=9, ge=3, le=31)
+    anchor: bool = False
+    anchor_reach: int = Field(default=24, ge=1, le=256)
+    copy_literals: bool = False
+
+    @model_validator(mode="after")
+    def _copy_needs_layout(self) -> EncoderConfig:
+        if self.copy_literals and any((f.kind == "numeric" and (f.lo is None or f.hi is None))
+                                      or (f.kind == "category" and f.categories is None) for f in self.features):
+            raise ValueError("features: copy_literals needs lo/hi on numeric and categories on category features; "
+                             "fix: build the heads with feature_heads(codec)")
+        return self
+
+    @property
+    def category_lists(self) -> list[list[str]]:
+        """Category names of each category feature, in feature order (for :meth:`PromptLiterals.mentions`)."""
+        return [list(f.categories or []) for f in self.features if f.kind == "category"]
+
+
+def feature_heads(codec: FeatureCodec) -> list[FeatureHead]:
+    """One head per schema feature, in codec order (so concatenated outputs = codec columns)."""
+    kinds = {"int": "numeric", "float": "numeric", "category": "category", "bool": "bool"}
+    return [FeatureHead(name=f.name, kind=kinds[f.type], width=codec.slices[f.name].stop - codec.slices[f.name].start,
+                        lo=f.lo if f.range else None, hi=f.hi if f.range else None,
+                        categories=list(f.categories) if f.categories else None)
+            for f in codec.features]
+
+
+@dataclass
+class EncoderRaw:
+    """Raw encoder outputs: one head output per feature ((B, 1) or (B, K+1)) and, when copying,
+    pointer logits (B, F, T+1) over the prompt's tokens plus "not stated", their candidate mask,
+    the literals they index and the label finder's logits (B, F, T)."""
+
+    heads: list[torch.Tensor]
+    pointer_logits: torch.Tensor | None = None
+    candidates: torch.Tensor | None = None
+    literals: LiteralBatch | None = None
+    anchor_logits: torch.Tensor | None = None
+
+
+class _CrossBlock(nn.Module):
+    """Pre-norm block: queries attend over the (masked) prompt memory, then a small MLP."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm_m = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, q: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        q = q + self.attn(self.norm_q(q), memory, memory, key_padding_mask=pad, need_weights=False)[0]
+        return q + self.mlp(self.norm_m(q))
+
+
+class _ConvBlock(nn.Module):
+    """Pre-norm residual block: depthwise conv along the sequence (padding kept at zero), GELU, pointwise."""
+
+    def __init__(self, width: int, kernel: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.depthwise = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
+        self.pointwise = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x) * keep[..., None]
+        h = self.depthwise(h.transpose(1, 2)).transpose(1, 2)
+        return x + self.pointwise(F.gelu(h)) * keep[..., None]
+
+
+def sinusoid(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """Transformer sinusoidal encodings (…, width) of integer ``positions`` (…)."""
+    half = width // 2
+    freq = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+    angles = positions.float()[..., None] * freq
+    out = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return F.pad(out, (0, width - 2 * half))
+
+
+class Encoder(nn.Module):
+    """Layer-k hidden states of the prompt (B, T, d) + mask (B, T) [+ token embeddings (B, T, d)]
+    [+ the prompt's literals] -> expert input (B, m) in codec space (see the module docstring)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, w = cfg.hidden_size, cfg.width
+        self.register_buffer("in_mean", torch.zeros(d))
+        self.register_buffer("in_std", torch.ones(d))
+        self.proj = nn.Linear(d, w)
+        self.token_proj = nn.Linear(d, w) if cfg.token_inputs else None
+        self.norm = nn.LayerNorm(w)
+        self.context = nn.ModuleList(
+            nn.TransformerEncoderLayer(w, cfg.heads, 2 * w, dropout=cfg.dropout, activation="gelu", batch_first=True,
+                                       norm_first=True)
+            for _ in range(cfg.self_layers))
+        self.convs = nn.ModuleList(_ConvBlock(w, cfg.conv_kernel) for _ in range(cfg.conv_layers))
+        self.queries = nn.Parameter(torch.randn(len(cfg.features), w) * 0.5)
+        self.blocks = nn.ModuleList(_CrossBlock(w, cfg.heads) for _ in range(cfg.layers))
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(w), nn.Linear(w, cfg.head_hidden), nn.GELU(),
+                          nn.Linear(cfg.head_hidden, f.width + 1 if f.kind == "category" else 1))
+            for f in cfg.features)
+        if cfg.copy_literals:
+            self.kind_embed = nn.Embedding(KINDS, w)
+            self.pointer_query = nn.Linear(w, w)
+            self.pointer_key = nn.Linear(w, w)
+            self.not_stated = nn.Linear(w, 1)
+            kinds = [f.kind for f in cfg.features]
+            self.register_buffer("_numeric", torch.tensor([k == "numeric" for k in kinds]), persistent=False)
+            self.register_buffer("_bool", torch.tensor([k == "bool" for k in kinds]), persistent=False)
+            self.register_buffer("_category", torch.tensor([k == "category" for k in kinds]), persistent=False)
+            if cfg.anchor:
+                self.anchor_query = nn.Linear(w, w)
+                self.anchor_key = nn.Linear(w, w)
+                self.distance_bias = nn.Parameter(torch.zeros(2 * cfg.anchor_reach + 3))
+
+    @property
+    def copies(self) -> bool:
+        """True when features are copied from the prompt (callers must pass its literals)."""
+        return self.cfg.copy_literals
+
+    @torch.no_grad()
+    def fit_input_stats(self, hidden: list[torch.Tensor]) -> None:
+        """Set the per-dimension standardisation from a list of (T_i, d) training hidden states."""
+        flat = torch.cat([h.float() for h in hidden])
+        self.in_mean.copy_(flat.mean(0))
+        self.in_std.copy_(flat.std(0).clamp_min(1e-4))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None,
+                literals: LiteralBatch | None = None) -> EncoderRaw:
+        """Raw outputs (use :meth:`activate`); ``literals`` are needed when the encoder copies."""
+        x = self.proj((hidden.float() - self.in_mean) / self.in_std)
+        if self.token_proj is not None:
+            if embeds is None:
+                raise ValueError("embeds: these connectors read token embeddings too; fix: pass the prompt's "
+                                 "input embeddings (the LLM's embed_tokens of its ids)")
+            x = x + self.token_proj(embeds.float())
+        if self.cfg.positions:
+            x = x + sinusoid((mask.long().cumsum(-1) - 1).clamp(min=0), x.shape[-1])
+        if self.copies:
+            if literals is None:
+                raise ValueError("literals: these connectors copy values from the prompt; fix: pass the "
+                                 "prompt's llamdex.literals channels (literals.layout)")
+            # the kind only: a value's size would teach the synthetic rows' value distribution, which
+            # real values do not follow (measured: real bank balances were copied from pdays' "-1")
+            x = x + self.kind_embed(literals.kinds)
+        memory = self.norm(x)
+        pad = ~mask.bool()
+        for block in self.convs:
+            memory = block(memory, mask.float())
+        for layer in self.context:
+            memory = layer(memory, src_key_padding_mask=pad)
+        q = self.queries[None].expand(hidden.shape[0], -1, -1)
+        for block in self.blocks:
+            q = block(q, memory, pad)
+        raw = EncoderRaw([head(q[:, i]) for i, head in enumerate(self.heads)])
+        if self.copies:
+            assert literals is not None
+            self._point(raw, q, memory, mask, literals)
+        return raw
+
+    def _point(self, raw: EncoderRaw, q: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
+               literals: LiteralBatch) -> None:
+        """Fill the pointer fields of ``raw``: scores (B, F, T+1) over the tokens and "not stated"."""
+        scale = math.sqrt(memory.shape[-1])
+        logits = torch.einsum("bfw,btw->bft", self.pointer_query(q), self.pointer_key(memory)) / scale
+        if self.cfg.anchor:
+            anchor = torch.einsum("bfw,btw->bft", self.anchor_query(q), self.anchor_key(memory)) / scale
+            raw.anchor_logits = anchor.masked_fill(~mask.bool()[:, None, :], -1e4)
+            logits = logits + torch.softmax(raw.anchor_logits, -1) @ self._distance_kernel(mask.shape[1])
+        kinds = literals.kinds[:, None, :]
+        mentioned = torch.zeros_like(logits, dtype=torch.bool)
+        mentioned[:, self._category] = literals.mentions >= 0
+        candidates = ((self._numeric[None, :, None] & (kinds == NUMBER))
+                      | (self._bool[None, :, None] & (kinds >= YES)) | mentioned) & mask.bool()[:, None, :]
+        not_stated = self._category[None, :, None].expand(q.shape[0], -1, 1)
+        raw.candidates = torch.cat([candidates, not_stated], -1)
+        raw.pointer_logits = torch.cat([logits, self.not_stated(q)], -1).masked_fill(~raw.candidates, -1e4)
+        raw.literals = literals
+
+    def _distance_kernel(self, width: int) -> torch.Tensor:
+        """(T, T) learned bias for a value at t given the label at s, by signed distance t - s (clipped)."""
+        reach = self.cfg.anchor_reach
+        pos = torch.arange(width)
+        bucket = (pos[None, :] - pos[:, None]).clamp(-reach - 1, reach + 1) + reach + 1
+        return self.distance_bias[bucket]
+
+    def activate(self, raw: EncoderRaw) -> torch.Tensor:
+        """Raw outputs -> (B, m) expert input. Heads: sigmoid numerics/bools, softmax categories
+        ("not stated" dropped). Copying: the pointed token's value (scaled numeric; yes -> 1, no -> 0;
+        one-hot of the mentioned category, zeros for "not stated"); heads where nothing can be pointed at."""
+        parts = [torch.softmax(r, dim=-1)[:, :-1] if f.kind == "category" else torch.sigmoid(r)
+                 for f, r in zip(self.cfg.features, raw.heads, strict=True)]
+        if raw.pointer_logits is None:
+            return torch.cat(parts, dim=1)
+        assert raw.candidates is not None and raw.literals is not None
+        width = raw.literals.kinds.shape[1]
+        best = raw.pointer_logits.argmax(-1)  # (B, F)
+        token = best.clamp(max=width - 1)
+        c = 0
+        for i, f in enumerate(self.cfg.features):
+            pick = token[:, i:i + 1]
+            if f.kind == "numeric":
+                assert f.lo is not None and f.hi is not None
+                value = ((raw.literals.values.gather(1, pick) - f.lo) / (f.hi - f.lo)).clamp(0, 1)
+            elif f.kind == "bool":
+                value = (raw.literals.kinds.gather(1, pick) == YES).double()
+            else:
+                which = raw.literals.mentions[:, c].gather(1, pick)[:, 0]
+                value = F.one_hot(which.clamp(min=0), f.width).double() * (best[:, i] < width)[:, None]
+                c += 1
+            has = raw.candidates[:, i].any(-1, keepdim=True)
+            parts[i] = torch.where(has, value.to(parts[i].dtype), parts[i])
+        return torch.cat(parts, dim=1)
+
+    def features(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None,
+                 literals: LiteralBatch | None = None) -> torch.Tensor:
+        """Expert input (B, m) in codec space."""
+        return self.activate(self(hidden, mask, embeds, literals))
+
+    def loss(self, raw: EncoderRaw, target: torch.Tensor, numeric_weight: float = 1.0,
+             pointer_targets: torch.Tensor | None = None, anchor_targets: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean over features of the heads' losses -- MSE (numeric, scaled [0,1], times ``numeric_weight``),
+        CE (category, all-zero target = the extra 'not stated' class), BCE (bool) -- and, when given, the
+        pointer's negative log-likelihood of landing on ``pointer_targets`` (B, F, T+1), where each value
+        is written or "not stated" (``<name>@copy``), and the label finder's on ``anchor_targets``
+        (B, F, T), where each label is written (``<name>@anchor``). Also returns per-term values."""
+        losses: dict[str, torch.Tensor] = {}
+        col = 0
+        for f, r in zip(self.cfg.features, raw.heads, strict=True):
+            t = target[:, col:col + f.width]
+            col += f.width
+            if f.kind == "numeric":
+                losses[f.name] = numeric_weight * F.mse_loss(torch.sigmoid(r), t)
+            elif f.kind == "bool":
+                losses[f.name] = F.binary_cross_entropy_with_logits(r, t)
+            else:
+                labels = torch.where(t.sum(1) > 0.5, t.argmax(1), torch.full_like(t[:, 0], f.width, dtype=torch.long))
+                losses[f.name] = F.cross_entropy(r, labels)
+        for tag, logits, targets in (("copy", raw.pointer_logits, pointer_targets),
+                                     ("anchor", raw.anchor_logits, anchor_targets)):
+            if targets is None or logits is None:
+                continue
+            if tag == "copy":
+                assert raw.candidates is not None
+                targets = targets & raw.candidates
+            hit = torch.logsumexp(logits.float().masked_fill(~targets, -1e4), -1)
+            nll = torch.logsumexp(logits.float(), -1) - hit  # (B, F)
+            known = targets.any(-1)
+            for i, f in enumerate(self.cfg.features):
+                if bool(known[:, i].any()):
+                    losses[f"{f.name}@{tag}"] = nll[known[:, i], i].mean()
+        total = torch.stack(list(losses.values())).mean()
+        return total, {k: float(v.detach()) for k, v in losses.items()}

@@ -279,7 +279,7 @@ class Encoder(nn.Module):
             return torch.cat(parts, dim=1)
         assert raw.candidates is not None and raw.literals is not None
         width = raw.literals.kinds.shape[1]
-        best = raw.pointer_logits.argmax(-1)  # (B, F)
+        best = self._one_each(raw)  # (B, F) pointed token, or `width` for "not stated"
         token = best.clamp(max=width - 1)
         c = 0
         for i, f in enumerate(self.cfg.features):
@@ -296,6 +296,37 @@ class Encoder(nn.Module):
             has = raw.candidates[:, i].any(-1, keepdim=True)
             parts[i] = torch.where(has, value.to(parts[i].dtype), parts[i])
         return torch.cat(parts, dim=1)
+
+    def _one_each(self, raw: EncoderRaw) -> torch.Tensor:
+        """Each numeric/bool feature's pointed token, one feature per literal: (feature, literal) pairs are
+        taken greedily by probability (summed over the literal's tokens), so a feature confident about a
+        literal keeps it and a less confident feature that also wanted it falls back to its next choice.
+        Categories keep their argmax (their mentions are their own)."""
+        assert raw.pointer_logits is not None and raw.literals is not None
+        best = raw.pointer_logits.argmax(-1)
+        own = [i for i, f in enumerate(self.cfg.features) if f.kind != "category"]
+        if len(own) < 2:
+            return best
+        kinds, values = raw.literals.kinds, raw.literals.values
+        width = kinds.shape[1]
+        pos = torch.arange(width).expand_as(kinds)
+        new = torch.ones_like(kinds, dtype=torch.bool)
+        new[:, 1:] = (kinds[:, 1:] != kinds[:, :-1]) | (values[:, 1:] != values[:, :-1])
+        starts = torch.where(new, pos, torch.zeros_like(pos)).cummax(1).values  # first token of each literal
+        probs = torch.softmax(raw.pointer_logits[:, own].float(), -1)[..., :width]
+        for b in range(kinds.shape[0]):
+            per_literal = torch.zeros(len(own), width).index_add_(1, starts[b], probs[b])
+            j, t = torch.nonzero(per_literal > 0.01, as_tuple=True)
+            order = per_literal[j, t].argsort(descending=True)
+            done: set[int] = set()
+            taken: set[int] = set()
+            for k in order.tolist():
+                jj, tt = int(j[k]), int(t[k])
+                if jj not in done and tt not in taken:
+                    best[b, own[jj]] = tt
+                    done.add(jj)
+                    taken.add(tt)
+        return best
 
     def features(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None,
                  literals: LiteralBatch | None = None) -> torch.Tensor:

@@ -71,11 +71,11 @@ class ConnectorsConfig:
     enc_positions: bool = False  # sinusoidal positions over real tokens
     enc_dropout: float = 0.0  # (self-attention layers + token inputs + positions generalised worse to the
     #                           held-out phrasings on titanic: age MAE 7.4 vs 5.9, 8x the training time)
-    enc_conv_layers: int = 0  # bidirectional local context over the memory (connectors.py)
-    enc_conv_kernel: int = 9
-    enc_anchor: bool = False  # copied features also find their label; distance bias (connectors.py)
-    enc_copy_literals: bool = True  # numeric/bool features copy the literal the encoder points at (literals.py)
-    enc_epochs: int = 30  # paper: 30
+    enc_conv_layers: int = 3  # bidirectional local context over the memory (encoder.py)
+    enc_conv_kernel: int = 11
+    enc_anchor: bool = True  # features also find their own label; distance bias for the pointer (encoder.py)
+    enc_copy_literals: bool = True  # features copy the value the encoder points at (encoder.py, literals.py)
+    enc_epochs: int = 20  # paper: 30 (copying learns faster: 12 epochs already read bank's categories at 100 %)
     enc_lr: float = 1e-3  # small encoder from scratch (the paper fine-tunes RoBERTa at 5e-5)
     enc_batch: int = 32  # paper: 32
     numeric_weight: float = 10.0  # numeric MSE weight vs category/bool CE (titanic sweep: 10 beats 1)

@@ -177,3 +177,19 @@ def test_copy_falls_back_to_the_regression_head_without_literals(toy):
     assert target_mask([{"age": [1]}, {}], ["age", "fare"], 5).sum() == 1
     absent = target_mask([{"age": [1]}, {}], ["age", "sex"], 5, frozenset({"sex"}))
     assert absent[:, 1, 5].tolist() == [True, True] and absent[0, 0, 1] and not absent[1, 0].any()
+
+
+def test_one_literal_per_feature_the_more_confident_keeps_it():
+    heads = [FeatureHead(name=n, kind="numeric", width=1, lo=0, hi=100) for n in ("a", "b")]
+    enc = Encoder(EncoderConfig(hidden_size=8, features=heads, width=16, heads=2, head_hidden=8,
+                                copy_literals=True)).eval()
+    kinds = torch.tensor([[NONE, NUMBER, NUMBER, NONE, NUMBER]])  # "12" on tokens 1-2, "7" on token 4
+    values = torch.tensor([[0.0, 12.0, 12.0, 0.0, 7.0]], dtype=torch.float64)
+    lits = LiteralBatch(kinds, values, torch.zeros(1, 0, 5, dtype=torch.long))
+    with torch.no_grad():
+        raw = enc(torch.randn(1, 5, 8), torch.ones(1, 5, dtype=torch.bool), literals=lits)
+        raw.pointer_logits[:] = torch.tensor([[[-1e4, 3.0, 3.0, -1e4, 0.0, -1e4],    # a: "12" (p ~ 0.97)
+                                               [-1e4, 2.0, 0.0, -1e4, 1.5, -1e4]]])  # b: "12" (0.6) then "7"
+        got = enc.activate(raw)
+    assert torch.allclose(got, torch.tensor([[0.12, 0.07]], dtype=got.dtype))  # b falls back to "7"
+    assert raw.pointer_logits.argmax(-1).tolist() == [[1, 1]]  # independently, both would copy "12"

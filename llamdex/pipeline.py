@@ -35,7 +35,7 @@ from llamdex.hidden_cache import PromptCache, build_cache
 from llamdex.literals import NO, NUMBER, YES, PromptLiterals, token_literals, value_tokens
 from llamdex.llm_ops import num_layers
 from llamdex.prompting import AnswerTokens, answer_tokens, chat_prompt_ids
-from llamdex.questions import QuestionGenerator
+from llamdex.questions import Question, QuestionGenerator
 from llamdex.schema import TenantSchema, load_schema
 from llamdex.stages import (
     FitSettings,
@@ -133,6 +133,19 @@ class TrainedConnectors:
     expert_spec: ExpertSpec
 
 
+def locate_values(tokenizer, schema: TenantSchema, prompts: list[list[int]], questions: list[Question]
+                  ) -> tuple[list[PromptLiterals], list[dict[str, list[int]]], list[dict[str, list[int]]]]:
+    """Per prompt: its literals, and the tokens where the grammar wrote each feature's value (of the
+    kind the encoder may copy it from) and label -- the copy pointer's training targets."""
+    kinds = {f.name: {"int": (NUMBER,), "float": (NUMBER,), "bool": (YES, NO), "category": None}[f.type]
+             for f in schema.features}
+    literals = [token_literals(tokenizer, p) for p in prompts]
+    values_at = [value_tokens(lit, q.text, q.spans, kinds) for lit, q in zip(literals, questions, strict=True)]
+    labels_at = [value_tokens(lit, q.text, q.label_spans, dict.fromkeys(kinds))
+                 for lit, q in zip(literals, questions, strict=True)]
+    return literals, values_at, labels_at
+
+
 def prepare_data(tokenizer, schema: TenantSchema | dict | str, cfg: ConnectorsConfig,
                  progress: Progress | None = None) -> ConnectorData:
     """Synthetic rows, the synthetic expert, questions and chat prompts (see module docstring)."""
@@ -169,19 +182,14 @@ def prepare_data(tokenizer, schema: TenantSchema | dict | str, cfg: ConnectorsCo
     questions = [c.text for c in composed]
     answers = answer_tokens(tokenizer, codec.class_names)
     prompts = chat_prompt_ids(tokenizer, answers.system_prompt, questions)
-    literals = [token_literals(tokenizer, p) for p in prompts]
-    kinds = {f.name: {"int": (NUMBER,), "float": (NUMBER,), "bool": (YES, NO), "category": None}[f.type]
-             for f in schema.features}
+    literals, values_at, labels_at = locate_values(tokenizer, schema, prompts, composed)
     q = len(train_df)
     return ConnectorData(
         schema=schema, codec=codec, answers=answers, questions=questions, prompts=prompts,
         x=torch.from_numpy(x), y=torch.from_numpy(y.astype(np.int64)),
         train_rows=list(range(q)), stage2_rows=list(range(min(cfg.stage2_questions, q))),
         eval_rows=list(range(q, len(questions))), expert=expert, expert_spec=ExpertSpec.build(schema, arch, ledger),
-        literals=literals, value_tokens=[value_tokens(lit, c.text, c.spans, kinds)
-                                         for lit, c in zip(literals, composed, strict=True)],
-        label_tokens=[value_tokens(lit, c.text, c.label_spans, dict.fromkeys(kinds))
-                      for lit, c in zip(literals, composed, strict=True)])
+        literals=literals, value_tokens=values_at, label_tokens=labels_at)
 
 
 def cache_prompts(model, tokenizer, data: ConnectorData, layers: list[int], cfg: ConnectorsConfig,

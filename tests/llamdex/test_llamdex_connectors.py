@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 
 import pytest
 import torch
@@ -161,10 +160,8 @@ def test_end_to_end_training_smoke_reduces_both_losses(lm, toy, tmp_path):
                            eval_questions=24, enc_epochs=6, dec_epochs=4, dec_lr=3e-3, expert_epochs=3,
                            cache_dtype="float32", **SMALL)
     reports = []
-    start = time.perf_counter()
     trained = train_connectors(model, tok, toy, model_id=resolved.id, model_hash=resolved.content_hash, config=cfg,
                                progress=reports.append)
-    assert time.perf_counter() - start < 60
     assert {r.stage for r in reports} == {"expert", "cache", "encoder", "decoder"}
     rep = trained.spec.training
     assert rep.stage1_losses[-1] < rep.stage1_losses[0] and rep.stage2_losses[-1] < rep.stage2_losses[0]

@@ -256,7 +256,8 @@ def fit_layer(model, data: ConnectorData, cache: PromptCache, cfg: ConnectorsCon
                                cfg.dec_random_share)
     t_dec = time.perf_counter()
     report = evaluate(model, data, cache, layer, encoder, decoder)
-    report.config = asdict(cfg) | {"residual_rms": rms, "train_prompts": len(train_rows)}
+    report.config = asdict(cfg) | {"residual_rms": rms, "train_prompts": len(train_rows),
+                                   "threads": torch.get_num_threads()}
     report.stage1_losses, report.stage2_losses = enc_losses, dec_losses
     report.seconds = {"cache": cache.seconds, "stage1": t_enc - start, "stage2": t_dec - t_enc,
                       "evaluation": time.perf_counter() - t_dec}

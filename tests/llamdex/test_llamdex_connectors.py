@@ -167,6 +167,7 @@ def test_end_to_end_training_smoke_reduces_both_losses(lm, toy, tmp_path):
     assert rep.stage1_losses[-1] < rep.stage1_losses[0] and rep.stage2_losses[-1] < rep.stage2_losses[0]
     assert set(rep.fidelity) == {"age", "fare", "sex", "alone"} and "mae" in rep.fidelity["age"]
     assert 0 <= rep.stage2["end_to_end_accuracy"] <= 1 and rep.seconds["cache"] > 0
+    assert rep.config["threads"] == torch.get_num_threads()  # the cost report says how many threads it had
     save_connectors(trained.encoder, trained.decoder, trained.spec, tmp_path)
     enc, dec, spec = load_connectors(tmp_path, resolved.content_hash)
     res = predict(model, tok, Bundle(enc, dec, trained.expert, spec, spec.codec()), "Age 30. Did they survive?")

@@ -7,6 +7,10 @@ regex parser reads the lines back; what it cannot read is filled like the paper'
 (numeric -> 0 clipped into the schema range, category -> missing, bool -> false). The expert's
 prediction on the parsed row *is* the answer.
 
+Two ways to get the reply: :func:`generate_queries` is the paper's (the LLM writes the whole
+query); :func:`guided_queries` writes each ``name:`` for the LLM and lets it write only the
+values, the strongest form of the baseline for a small model that does not keep the format.
+
 Parsing is deliberately forgiving (labels matched by name, description or alias, case and
 ``_`` vs space ignored; numbers as digits, with thousands separators or as words up to 999;
 categories matched as words inside the value) so the baseline measures the LLM, not a strict
@@ -17,15 +21,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from llamdex.codec import FeatureCodec
+from llamdex.literals import token_texts
 from llamdex.llm_ops import left_pad
+from llamdex.prompting import chat_prompt_ids
 from llamdex.questions import number_words
 from llamdex.schema import FeatureSpec, TenantSchema
 
@@ -135,11 +142,7 @@ def generate_queries(model, tokenizer, schema: TenantSchema, questions: Sequence
     """Greedy replies of the LLM to the schema prompt + each question (stops at end of turn)."""
     system = schema_prompt(schema)
     limit = max_new_tokens or 12 * len(schema.features) + 16
-    prompts = []
-    for q in questions:
-        enc = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
-                                            add_generation_prompt=True, tokenize=True, return_dict=True)
-        prompts.append([int(i) for i in enc["input_ids"]])
+    prompts = chat_prompt_ids(tokenizer, system, list(questions))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop = [i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)]
     replies = []
@@ -148,6 +151,39 @@ def generate_queries(model, tokenizer, schema: TenantSchema, questions: Sequence
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=limit, do_sample=False,
                              eos_token_id=stop, pad_token_id=pad)
         replies += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return replies
+
+
+@torch.no_grad()
+def guided_queries(model, tokenizer, schema: TenantSchema, questions: Sequence[str], max_value_tokens: int = 8,
+                   progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Replies in the same ``name: value`` form, but the field names are written *for* the LLM: after
+    the same schema prompt + question, each line's ``name:`` is fed to it and it writes the value
+    greedily until a line break, the end of turn or ``max_value_tokens``. A 135M model rarely keeps
+    the free-form format (:func:`generate_queries`), so this is the strongest Expert-API we can give
+    it while the LLM still reads every value itself. One question at a time, reusing its KV cache."""
+    system = schema_prompt(schema)
+    stop = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)}
+    stop |= {i for i, text in enumerate(token_texts(tokenizer)) if "\n" in text}
+    replies = []
+    for n, prompt in enumerate(chat_prompt_ids(tokenizer, system, list(questions))):
+        cache = DynamicCache()
+        out = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+        lines = []
+        for i, f in enumerate(schema.features):
+            forced = tokenizer(("\n" if i else "") + f.name + ":", add_special_tokens=False)["input_ids"]
+            out = model(torch.tensor([forced]), past_key_values=cache, use_cache=True)
+            value: list[int] = []
+            while len(value) < max_value_tokens:
+                token = int(out.logits[0, -1].argmax())
+                if token in stop:
+                    break
+                value.append(token)
+                out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            lines.append(f"{f.name}: " + tokenizer.decode(value, skip_special_tokens=True).strip())
+        replies.append("\n".join(lines))
+        if progress is not None:
+            progress(n + 1, len(questions))
     return replies
 
 

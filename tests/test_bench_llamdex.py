@@ -7,9 +7,12 @@ import json
 from bench import llamdex_accuracy as bench
 
 
-def _result(name: str, llamdex: float, bound: float, base: float, api: float) -> dict:
+def _result(name: str, llamdex: float, bound: float, base: float, api: float, llamdex_on_api_rows: float | None = None
+            ) -> dict:
     rows = {"base LLM": {"accuracy": base}, "Llamdex, non-DP expert": {"accuracy": llamdex},
-            "non-DP expert on true features": {"accuracy": bound}, "Expert-API, non-DP expert": {"accuracy": api}}
+            "non-DP expert on true features": {"accuracy": bound},
+            "Expert-API (guided), non-DP expert": {"accuracy": api, "rows": 4, "llamdex_non_dp_same_rows":
+                                                   llamdex if llamdex_on_api_rows is None else llamdex_on_api_rows}}
     return {"dataset": name, "test_rows": 10, "test_split_rows": 20, "rows": rows,
             "fidelity": {"age": {"mae": 1.5, "mae_baseline": 3.0, "range": 100.0},
                          "sex": {"accuracy": 0.9, "accuracy_baseline": 0.6}},
@@ -21,6 +24,15 @@ def test_verdicts_apply_each_datasets_tolerance():
     lines = bench.verdicts([_result("titanic", 0.76, 0.80, 0.6, 0.4), _result("wine", 0.52, 0.56, 0.5, 0.53)], tol)
     assert "gap 4.0 pts (target ≤ 3: MISSED)" in lines[0] and lines[0].endswith(": yes")
     assert "gap 4.0 pts (target ≤ 5: met)" in lines[1] and lines[1].endswith(": NO")  # below Expert-API
+
+
+def test_expert_api_is_compared_on_its_own_rows():
+    """Expert-API runs on a subset: Llamdex must beat it on those rows, whatever its overall accuracy."""
+    tol = {"bank": 5}
+    worse_there = bench.verdicts([_result("bank", 0.90, 0.92, 0.6, 0.85, llamdex_on_api_rows=0.80)], tol)[0]
+    assert "(Llamdex 80.0 on the same 4 rows)" in worse_there and worse_there.endswith(": NO")
+    better_there = bench.verdicts([_result("bank", 0.84, 0.88, 0.6, 0.85, llamdex_on_api_rows=0.90)], tol)[0]
+    assert better_there.endswith(": yes")
 
 
 def test_merge_orders_datasets_and_keeps_every_run(tmp_path):

@@ -48,3 +48,30 @@ def test_scorers_return_class_probabilities(lm, toy):
     assert np.allclose(probs.sum(1), 1) and np.allclose(base.sum(1), 1)
     replies = generate_queries(model, tok, load_schema(toy), questions[:2], max_new_tokens=3)
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
+
+def test_guided_queries_write_one_line_per_field_and_follow_the_cache(lm, toy):
+    """Guided replies have every field's line, and the value is the model's own greedy continuation
+    (checked against plain no-cache forwards of the growing text)."""
+    from llamdex.expert_api import guided_queries
+    from llamdex.literals import token_texts
+    from llamdex.prompting import chat_prompt_ids
+
+    model, tok, _ = lm
+    schema = load_schema(toy)
+    question = "A man aged 30, fare 7.25. Survived?"
+    lines = guided_queries(model, tok, schema, [question], max_value_tokens=3)[0].split("\n")
+    assert [line.partition(":")[0] for line in lines] == [f.name for f in schema.features]
+    stop = {i for i, text in enumerate(token_texts(tok)) if "\n" in text} | {tok.eos_token_id}
+    ids = chat_prompt_ids(tok, schema_prompt(schema), [question])[0]
+    ids = ids + tok(schema.features[0].name + ":", add_special_tokens=False)["input_ids"]
+    value: list[int] = []
+    with torch.no_grad():
+        while len(value) < 3:
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if token in stop:
+                break
+            value.append(token)
+            ids = ids + [token]
+    assert lines[0] == f"{schema.features[0].name}: " + tok.decode(value, skip_special_tokens=True).strip()

@@ -150,17 +150,26 @@ def evaluate_dataset(name: str, model, tok, resolved, args, cfg) -> dict:
         n = min(n_rows, len(ts.questions))
         if not n:
             continue
-        log("dataset.expert_api", dataset=name, method=method, rows=n, note="generation-bound: the LLM writes values")
-        start = time.perf_counter()
-        if "guided" in method:
-            def tick(done: int, total: int, t0: float = start) -> None:
-                if done % 25 == 0 or done == total:
-                    log("dataset.expert_api.progress", dataset=name, done=done, of=total,
-                        seconds=round(time.perf_counter() - t0, 1))
-            replies = guided_queries(model, tok, schema, ts.questions[:n], progress=tick)
+        # the replies depend on the LLM and the questions only (not on connectors): cached across runs
+        key = fingerprint({"method": method, "questions": ts.questions[:n], "model": resolved.content_hash})
+        saved = cache / "expert-api" / f"{name}-{key}.json"
+        if saved.exists():
+            stored = json.loads(saved.read_text())
+            replies, seconds = stored["replies"], stored["seconds_per_question"]
         else:
-            replies = generate_queries(model, tok, schema, ts.questions[:n], batch_size=args.batch_size)
-        seconds = (time.perf_counter() - start) / n
+            log("dataset.expert_api", dataset=name, method=method, rows=n, note="generation-bound: the LLM writes")
+            start = time.perf_counter()
+            if "guided" in method:
+                def tick(done: int, total: int, t0: float = start) -> None:
+                    if done % 25 == 0 or done == total:
+                        log("dataset.expert_api.progress", dataset=name, done=done, of=total,
+                            seconds=round(time.perf_counter() - t0, 1))
+                replies = guided_queries(model, tok, schema, ts.questions[:n], progress=tick)
+            else:
+                replies = generate_queries(model, tok, schema, ts.questions[:n], batch_size=args.batch_size)
+            seconds = (time.perf_counter() - start) / n
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps({"replies": replies, "seconds_per_question": seconds}))
         x_api, read = expert_api_inputs(schema, replies)
         rows[method] = {"accuracy": accuracy(expert_scores(experts[None][0], x_api), ts.y[:n]), "rows": n,
                         "values_parsed": read, "seconds_per_question": seconds, "example_reply": replies[0][:300],

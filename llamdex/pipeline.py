@@ -62,6 +62,7 @@ class ConnectorsConfig:
     stage2_questions: int = 800  # first rows of those, with cached keys/values (stage 2)
     eval_questions: int = 200  # held-out rows phrased with the 'heldout' family (evaluation)
     coverage_share: float = 0.5  # share of train/eval rows from coverage_rows (see llamdex.coverage)
+    coverage_log_share: float = 0.5  # share of their numeric values with log-uniform magnitudes (llamdex.coverage)
     enc_width: int = 256  # encoder width (queries, memory projection)
     enc_heads: int = 8
     enc_layers: int = 3  # cross-attention blocks (titanic test questions: 3 > 1 on every numeric feature)
@@ -166,7 +167,7 @@ def prepare_data(tokenizer, schema: TenantSchema | dict | str, cfg: ConnectorsCo
     cov_eval = round(cfg.eval_questions * cfg.coverage_share)
     syn_train = list(range(min(cfg.train_questions - cov_train, n_train)))
     syn_held = list(range(n_train, n_train + min(cfg.eval_questions - cov_eval, len(df) - n_train)))
-    cov = coverage_rows(schema, cov_train + cov_eval, seed=cfg.seed)
+    cov = coverage_rows(schema, cov_train + cov_eval, seed=cfg.seed, log_share=cfg.coverage_log_share)
     x_cov = codec.encode(cov)
     y_cov = predict_proba(expert, x_cov).argmax(1)  # coverage rows have no synthetic label: the expert's
     order = np.random.default_rng(cfg.seed).permutation(len(syn_train) + cov_train)  # mix both kinds

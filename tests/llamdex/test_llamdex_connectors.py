@@ -24,6 +24,7 @@ from llamdex.insertion import Bundle, predict
 from llamdex.pipeline import ConnectorsConfig, init_connectors, train_connectors
 from llamdex.prompting import answer_tokens
 from llamdex.stages import as_distribution, random_expert_outputs
+from tests.llamdex.conftest import EXAMPLES
 
 SMALL = dict(enc_width=32, enc_heads=4, enc_head_hidden=16, dec_ffn=16)
 
@@ -181,6 +182,21 @@ def test_coverage_rows_reach_the_range_ends(toy):
     assert rows["fare"].between(0, 600).all() and (rows["fare"] == rows["fare"].round(0)).sum() > 50
     assert rows["sex"].isna().sum() > 10 and set(rows["sex"].dropna()) == {"male", "female"}
     FeatureCodec(toy).encode(rows)  # valid for the codec
+
+
+def test_coverage_magnitudes_do_not_give_a_feature_away():
+    """Every digit count is common for a wide range (a 5-digit number must not mean 'balance')."""
+    from llamdex.schema import load_schema
+
+    schema = load_schema(EXAMPLES / "schemas" / "bank.json")
+    rows = coverage_rows(schema, 2000, seed=0)
+    balance = schema.feature("balance")
+    digits = rows["balance"].abs().astype(int).astype(str).str.len()
+    assert rows["balance"].between(balance.lo, balance.hi).all()
+    assert all((digits == k).mean() > 0.08 for k in range(1, 6)), digits.value_counts()
+    assert (rows["balance"] < 0).mean() > 0.02 and (rows["previous"] == 0).mean() > 0.05
+    flat = coverage_rows(schema, 2000, seed=0, log_share=0.0)
+    assert (flat["balance"].abs() < 100).mean() < 0.02  # without it, small balances are rare
 
 
 def test_random_expert_outputs_cover_the_output_space():

@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         start = time.perf_counter()
         settings = FitSettings(cfg.enc_epochs, cfg.enc_lr, cfg.enc_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
         train_encoder(encoder, cache, cfg.layer, data.x, data.train_rows, settings, cfg.numeric_weight,
+                      progress=lambda r, v=name: log("encoders.epoch", variant=v, epoch=r.epoch, of=r.epochs,
+                                                     loss=round(r.loss, 4), seconds=round(r.seconds, 1)),
                       extras=data.extras(model))
         seconds = time.perf_counter() - start
         rows_idx = list(range(len(prompts)))

@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: ATELIER_DEFAULT_MODEL)")
     p.add_argument("--layer", type=int, help=f"insertion layer k (default {DEFAULT_LAYER}, or the model's last)")
     p.add_argument("--time-budget", type=float,
-                   help="seconds for the whole training (cache <= 50 %%, then stages; default: no budget)")
+                   help="seconds for the whole training (cache <= 40 %%, then mostly the encoder; "
+                   "llamdex.pipeline.BUDGET_SHARES; default: no budget)")
     p.add_argument("--config", default="{}", help="JSON of further llamdex.pipeline.ConnectorsConfig overrides, "
                    "e.g. '{\"train_questions\": 1000, \"enc_epochs\": 20}'")
     p.add_argument("--parallel", type=int, default=2, help="tenants trained at the same time (default 2)")

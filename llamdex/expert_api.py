@@ -138,8 +138,9 @@ def parse_reply(schema: TenantSchema, reply: str) -> ParsedQuery:
 
 @torch.no_grad()
 def generate_queries(model, tokenizer, schema: TenantSchema, questions: Sequence[str], max_new_tokens: int | None = None,
-                     batch_size: int = 16) -> list[str]:
-    """Greedy replies of the LLM to the schema prompt + each question (stops at end of turn)."""
+                     batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Greedy replies of the LLM to the schema prompt + each question (stops at end of turn);
+    ``progress(done, total)`` after each batch."""
     system = schema_prompt(schema)
     limit = max_new_tokens or 12 * len(schema.features) + 16
     prompts = chat_prompt_ids(tokenizer, system, list(questions))
@@ -151,6 +152,8 @@ def generate_queries(model, tokenizer, schema: TenantSchema, questions: Sequence
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=limit, do_sample=False,
                              eos_token_id=stop, pad_token_id=pad)
         replies += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        if progress is not None:
+            progress(len(replies), len(prompts))
     return replies
 
 

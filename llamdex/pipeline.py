@@ -50,7 +50,6 @@ from llamdex.stages import (
 )
 from llamdex.synthetic import make_synthetic
 
-
 # How ``time_budget_s`` is split. "cache": the hidden-state cache may use this share of the whole
 # budget (training prompts past it are skipped). Of what is left, the encoder trains until the
 # "encoder" share and the decoder until "decoder_end" (the rest: held-out evaluation, saving).

@@ -46,8 +46,11 @@ def test_scorers_return_class_probabilities(lm, toy):
         base = base_llm_scores(model, tok, answer_tokens(tok, ["no", "yes"]), questions, batch_size=2)
     assert probs.shape == (3, 2) and feats.shape == (3, bundle.codec.m) and base.shape == (3, 2)
     assert np.allclose(probs.sum(1), 1) and np.allclose(base.sum(1), 1)
-    replies = generate_queries(model, tok, load_schema(toy), questions[:2], max_new_tokens=3)
-    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    ticks = []
+    replies = generate_queries(model, tok, load_schema(toy), questions[:3], max_new_tokens=3, batch_size=2,
+                               progress=lambda done, total: ticks.append((done, total)))
+    assert len(replies) == 3 and all(isinstance(r, str) for r in replies)
+    assert ticks == [(2, 3), (3, 3)]  # one report per batch
 
 
 

@@ -50,14 +50,24 @@ from llamdex.stages import (
 )
 from llamdex.synthetic import make_synthetic
 
-# How ``time_budget_s`` is split. "cache": the hidden-state cache may use this share of the whole
-# budget (training prompts past it are skipped). Of what is left, the encoder trains until the
-# "encoder" share and the decoder until "decoder_end" (the rest: held-out evaluation, saving).
-# The encoder gets most of it: on wine's 20-minute run the decoder's loss after 5 epochs was
-# already that of 10 (1.007 vs 0.999), while the encoder re-planned to 4 epochs ended at loss
-# 0.34 against 0.002 after 20 and read the held-out questions far worse (end to end 0.80 vs 0.955).
-# (Module constants, not config fields: config fields key the benchmark's connectors cache.)
-BUDGET_SHARES = {"cache": 0.4, "encoder": 0.75, "decoder_end": 0.95}
+
+@dataclass(frozen=True)
+class BudgetShares:
+    """How ``ConnectorsConfig.time_budget_s`` is split. The hidden-state cache may use ``cache`` of the
+    whole budget (training prompts past it are skipped); of what is left, the encoder trains until
+    ``encoder`` and the decoder until ``decoder_end`` (the rest: held-out evaluation, saving).
+
+    The encoder gets most of it: on wine's 20-minute run with the earlier split (0.5 / 0.35 / 0.92)
+    the decoder's loss after 5 epochs was already that of 10 (1.007 vs 0.999), while the encoder,
+    re-planned to 4 epochs, ended at loss 0.34 against 0.002 after 20 (docs/llamdex.md, Cost).
+    Not config fields: config fields key the benchmark's connectors cache."""
+
+    cache: float = 0.4
+    encoder: float = 0.75
+    decoder_end: float = 0.95
+
+
+BUDGET_SHARES = BudgetShares()
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,7 @@ class ConnectorsConfig:
     expert_batch: int = 64
     cache_dtype: str = "bfloat16"  # storage of cached hidden states / keys / values
     cache_batch: int = 16
-    time_budget_s: float | None = None  # whole run; see BUDGET_SHARES below
+    time_budget_s: float | None = None  # whole run; split by BUDGET_SHARES (BudgetShares above)
     seed: int = 0
 
 
@@ -248,15 +258,15 @@ def fit_layer(model, data: ConnectorData, cache: PromptCache, cfg: ConnectorsCon
     """Stage 1 + stage 2 at ``cfg.layer`` on a cache holding it, then held-out evaluation and the spec."""
     start = time.perf_counter()
     layer = cfg.layer
-    rms = residual_rms(cache, layer, data.train_rows)
+    train_rows = cache.cached(data.train_rows)  # a time budget may have skipped some
+    rms = residual_rms(cache, layer, train_rows)
     encoder, decoder, spec = init_connectors(model, data.codec, data.answers, cfg, model_id=model_id,
                                              model_hash=model_hash,
                                              scale=rms if cfg.dec_norm == "residual_rms" else 1.0)
     enc_deadline = dec_deadline = None
     if budget_s is not None:
-        enc_deadline = start + BUDGET_SHARES["encoder"] * budget_s
-        dec_deadline = start + BUDGET_SHARES["decoder_end"] * budget_s
-    train_rows = cache.cached(data.train_rows)
+        enc_deadline = start + BUDGET_SHARES.encoder * budget_s
+        dec_deadline = start + BUDGET_SHARES.decoder_end * budget_s
     enc_set = FitSettings(cfg.enc_epochs, cfg.enc_lr, cfg.enc_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
     enc_losses = train_encoder(encoder, cache, layer, data.x, train_rows, enc_set, cfg.numeric_weight,
                                progress, enc_deadline, data.extras(model))
@@ -305,7 +315,7 @@ def train_connectors(model, tokenizer, schema: TenantSchema | dict | str, *, mod
     budget = cfg.time_budget_s
     data = prepare_data(tokenizer, schema, cfg, progress)
     cache = cache_prompts(model, tokenizer, data, [cfg.layer], cfg, progress,
-                          None if budget is None else start + BUDGET_SHARES["cache"] * budget)
+                          None if budget is None else start + BUDGET_SHARES.cache * budget)
     left = None if budget is None else max(1.0, start + budget - time.perf_counter())
     return fit_layer(model, data, cache, cfg, model_id=model_id, model_hash=model_hash,
                      progress=progress, budget_s=left)

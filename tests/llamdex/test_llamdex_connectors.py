@@ -175,6 +175,22 @@ def test_end_to_end_training_smoke_reduces_both_losses(lm, toy, tmp_path):
     assert res["label"] in ("no", "yes")
 
 
+def test_a_spent_time_budget_cuts_the_cache_but_still_publishes(lm, toy):
+    """Past the cache's deadline only the stage-2 / evaluation prompts are cached (the training prompts
+    are skipped), and the stages train on what was cached; the connectors still answer."""
+    model, tok, resolved = lm
+    cfg = ConnectorsConfig(layer=2, num_slots=4, synthetic_rows=600, train_questions=96, stage2_questions=24,
+                           eval_questions=12, enc_epochs=6, dec_epochs=4, expert_epochs=1, cache_dtype="float32",
+                           time_budget_s=1e-3, **SMALL)
+    trained = train_connectors(model, tok, toy, model_id=resolved.id, model_hash=resolved.content_hash, config=cfg)
+    rep = trained.spec.training
+    assert rep.config["train_prompts"] == cfg.stage2_questions < cfg.train_questions
+    assert 1 <= len(rep.stage1_losses) <= cfg.enc_epochs and 1 <= len(rep.stage2_losses) <= cfg.dec_epochs
+    res = predict(model, tok, Bundle(trained.encoder, trained.decoder, trained.expert, trained.spec,
+                                     trained.spec.codec()), "Age 30. Did they survive?")
+    assert res["label"] in ("no", "yes")
+
+
 def test_coverage_rows_reach_the_range_ends(toy):
     rows = coverage_rows(toy, 400, seed=1)
     assert list(rows.columns) == ["age", "fare", "sex", "alone"]

@@ -160,15 +160,14 @@ def evaluate_dataset(name: str, model, tok, resolved, args, cfg) -> dict:
             log("dataset.expert_api", dataset=name, method=method, rows=n, note="generation-bound: the LLM writes")
             start = time.perf_counter()
 
-            def tick(done: int, total: int, t0: float = start, per_batch: bool = "guided" not in method) -> None:
-                if per_batch or done % 25 == 0 or done == total:
+            def tick(done: int, total: int, t0: float = start) -> None:
+                if done % 10 == 0 or done == total:
                     log("dataset.expert_api.progress", dataset=name, done=done, of=total,
                         seconds=round(time.perf_counter() - t0, 1))
             if "guided" in method:
                 replies = guided_queries(model, tok, schema, ts.questions[:n], progress=tick)
             else:
-                replies = generate_queries(model, tok, schema, ts.questions[:n], batch_size=args.batch_size,
-                                           progress=tick)
+                replies = generate_queries(model, tok, schema, ts.questions[:n], progress=tick)
             seconds = (time.perf_counter() - start) / n
             saved.parent.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps({"replies": replies, "seconds_per_question": seconds}))

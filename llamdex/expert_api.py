@@ -19,6 +19,7 @@ parser.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -31,7 +32,6 @@ from transformers import DynamicCache
 
 from llamdex.codec import FeatureCodec
 from llamdex.literals import token_texts
-from llamdex.llm_ops import left_pad
 from llamdex.prompting import chat_prompt_ids
 from llamdex.questions import number_words
 from llamdex.schema import FeatureSpec, TenantSchema
@@ -138,23 +138,46 @@ def parse_reply(schema: TenantSchema, reply: str) -> ParsedQuery:
 
 @torch.no_grad()
 def generate_queries(model, tokenizer, schema: TenantSchema, questions: Sequence[str], max_new_tokens: int | None = None,
-                     batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """Greedy replies of the LLM to the schema prompt + each question (stops at end of turn);
-    ``progress(done, total)`` after each batch."""
+                     progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Greedy replies of the LLM to the schema prompt + each question (stops at the end of turn or after
+    ``max_new_tokens``); ``progress(done, total)`` after each question.
+
+    One question at a time on a shared prefix: the schema prompt, the same for every question, runs once
+    and its KV cache is copied per question. Batching with left padding instead made every row wait for
+    the longest reply and copy padded KV caches each step (25 s per bank question vs ~5 s this way)."""
     system = schema_prompt(schema)
     limit = max_new_tokens or 12 * len(schema.features) + 16
     prompts = chat_prompt_ids(tokenizer, system, list(questions))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stop = [i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)]
+    stop = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)}
+    shared = _common_prefix_length(prompts) - 1  # each question keeps >= 1 token of its own to read logits from
+    prefix = DynamicCache()
+    if shared > 0:
+        model(torch.tensor([prompts[0][:shared]]), past_key_values=prefix, use_cache=True, logits_to_keep=1)
     replies = []
-    for b in range(0, len(prompts), batch_size):
-        ids, mask, _ = left_pad(prompts[b:b + batch_size], pad)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=limit, do_sample=False,
-                             eos_token_id=stop, pad_token_id=pad)
-        replies += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    for n, prompt in enumerate(prompts):
+        cache = copy.deepcopy(prefix)
+        logits = model(torch.tensor([prompt[max(shared, 0):]]), past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits
+        reply: list[int] = []
+        while len(reply) < limit and (token := int(logits[0, -1].argmax())) not in stop:
+            reply.append(token)
+            if len(reply) < limit:
+                logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits
+        replies.append(tokenizer.decode(reply, skip_special_tokens=True))
         if progress is not None:
-            progress(len(replies), len(prompts))
+            progress(n + 1, len(prompts))
     return replies
+
+
+def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix every sequence shares (0 for none or no sequences)."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
 
 
 @torch.no_grad()

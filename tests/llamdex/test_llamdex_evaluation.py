@@ -46,11 +46,34 @@ def test_scorers_return_class_probabilities(lm, toy):
         base = base_llm_scores(model, tok, answer_tokens(tok, ["no", "yes"]), questions, batch_size=2)
     assert probs.shape == (3, 2) and feats.shape == (3, bundle.codec.m) and base.shape == (3, 2)
     assert np.allclose(probs.sum(1), 1) and np.allclose(base.sum(1), 1)
+
+
+def test_paper_queries_on_a_shared_prefix_are_plain_greedy_generation(lm, toy):
+    """The schema prompt's KV cache is computed once and copied per question; every reply must still be
+    exactly what ``model.generate`` writes greedily for that question alone."""
+    from llamdex.prompting import chat_prompt_ids
+
+    import copy
+
+    model, tok = copy.deepcopy(lm[0]), lm[1]
+    torch.manual_seed(0)
+    with torch.no_grad():  # large random weights: replies that depend on every token (the fixture's are all "\n")
+        for p in model.parameters():
+            p.normal_(std=0.5)
+    schema = load_schema(toy)
+    questions = ["Age 22, male. Did the passenger survive?", "A woman aged 40. Survived?", "Fare 7.25. Survived?"]
+    stop = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)]
     ticks = []
-    replies = generate_queries(model, tok, load_schema(toy), questions[:3], max_new_tokens=3, batch_size=2,
+    replies = generate_queries(model, tok, schema, questions, max_new_tokens=6,
                                progress=lambda done, total: ticks.append((done, total)))
-    assert len(replies) == 3 and all(isinstance(r, str) for r in replies)
-    assert ticks == [(2, 3), (3, 3)]  # one report per batch
+    assert ticks == [(1, 3), (2, 3), (3, 3)]
+    for question, reply in zip(questions, replies, strict=True):
+        ids = torch.tensor(chat_prompt_ids(tok, schema_prompt(schema), [question]))
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                 do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
+        assert reply == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert len(set(replies)) == 3, replies
 
 
 

@@ -51,9 +51,9 @@ def test_scorers_return_class_probabilities(lm, toy):
 def test_paper_queries_on_a_shared_prefix_are_plain_greedy_generation(lm, toy):
     """The schema prompt's KV cache is computed once and copied per question; every reply must still be
     exactly what ``model.generate`` writes greedily for that question alone."""
-    from llamdex.prompting import chat_prompt_ids
-
     import copy
+
+    from llamdex.prompting import chat_prompt_ids
 
     model, tok = copy.deepcopy(lm[0]), lm[1]
     torch.manual_seed(0)

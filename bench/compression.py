@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     bank_sweep.plot([r for r in compressed if r["method"] != "svd"], base_params,
                     budget if budget is not None else bank_sweep.DEFAULT_BUDGET, out / "compression_error.png")
     plot(compressed, budget, out / "compression.png")
-    command = " ".join(["python -m bench.compression", *(sys.argv[1:] if argv is None else argv)])
+    command = "python -m bench.compression " + shlex.join(sys.argv[1:] if argv is None else argv)
     pct = lambda r, k="accuracy_retained": f"{100 * r[k]:.1f} %"  # noqa: E731
     verdict = (f"**Target met** (>= {100 * args.target_accuracy:.0f} % of the originals' mean exact-match accuracy "
                f"on the trained phrasings at <= {100 * args.target_params:.0f} % of their parameters): smallest such "

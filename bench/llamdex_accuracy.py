@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common = json.loads(args.connectors)
     per_dataset = json.loads(args.connectors_per_dataset)
     results: list[dict] = []
-    command = "python -m bench.llamdex_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.llamdex_accuracy " + shlex.join(argv if argv is not None else sys.argv[1:])
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         cfg = ConnectorsConfig(**{**common, **per_dataset.get(name, {})})
         start = time.perf_counter()

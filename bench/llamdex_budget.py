@@ -19,6 +19,7 @@ Writes ``llamdex_budget.json`` / ``.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         bundle = Bundle(encoder, decoder, expert, spec, spec.codec())
         rows.append(score(f"{label} ({ref})", bundle, spec, expert, ts, model, tok))
         log("budget.scored", **rows[-1])
-    command = "python -m bench.llamdex_budget " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.llamdex_budget " + shlex.join(argv if argv is not None else sys.argv[1:])
     notes = (f"{args.dataset}: {len(ts.questions)} real test rows in the held-out phrasing family, the same non-DP "
              "expert swapped into every set of connectors; `bound` = that expert on the true features; "
              "`training_s` = the connectors' own training report (synthetic data, hidden-state cache, encoder, "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         naive = f"MAE {m['mae_baseline']:.3g}" if "mae" in m else f"{100 * m['accuracy_baseline']:.1f} %"
         lines.append(f"| {feat.name} | " + " | ".join(cells) + f" | {naive} |")
     name = args.name or f"llamdex_encoders_{args.dataset}"
-    command = "python -m bench.llamdex_encoders " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.llamdex_encoders " + shlex.join(argv if argv is not None else sys.argv[1:])
     notes = (f"{args.dataset}: {len(data.train_rows)} synthetic training questions (cached once, layer {base.layer}), "
              f"{len(prompts)} real test rows in the held-out phrasing family; the same non-DP expert reads each "
              "encoder's features; `bound` = that expert on the true features.\n\n" + "\n".join(lines))

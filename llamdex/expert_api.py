@@ -144,7 +144,7 @@ def generate_queries(model, tokenizer, schema: TenantSchema, questions: Sequence
 
     One question at a time on a shared prefix: the schema prompt, the same for every question, runs once
     and its KV cache is copied per question. Batching with left padding instead made every row wait for
-    the longest reply and copy padded KV caches each step (25 s per bank question vs ~5 s this way)."""
+    the longest reply and copy padded KV caches each step: 25 s vs 6.6 s on the same 16 bank questions)."""
     system = schema_prompt(schema)
     limit = max_new_tokens or 12 * len(schema.features) + 16
     prompts = chat_prompt_ids(tokenizer, system, list(questions))

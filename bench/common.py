@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +32,12 @@ def summarize_ms(seconds: list[float]) -> dict:
 def machine() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": torch.get_num_threads(),
             "platform": platform.platform(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command a results file records: ``python -m <module>`` + the arguments, shell-quoted so it
+    can be pasted back (``argv`` None: this process's own)."""
+    return f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def write_results(out_dir: Path, name: str, payload: dict, table: list[dict], title: str, command: str,

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -286,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            else ROOT / "docs" / "bench")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from bench.common import write_results
+    from bench.common import command_line, write_results
     from cluster.models import load_model, resolve_model
     from compression import bank_param_count, collection_param_count, export_adapter, mean_recon_errors
     from train_jobs import bank_sweep
@@ -375,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
     bank_sweep.plot([r for r in compressed if r["method"] != "svd"], base_params,
                     budget if budget is not None else bank_sweep.DEFAULT_BUDGET, out / "compression_error.png")
     plot(compressed, budget, out / "compression.png")
-    command = "python -m bench.compression " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line("bench.compression", argv)
     pct = lambda r, k="accuracy_retained": f"{100 * r[k]:.1f} %"  # noqa: E731
     verdict = (f"**Target met** (>= {100 * args.target_accuracy:.0f} % of the originals' mean exact-match accuracy "
                f"on the trained phrasings at <= {100 * args.target_params:.0f} % of their parameters): smallest such "

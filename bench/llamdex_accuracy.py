@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -330,6 +329,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
     import torch
 
+    from bench.common import command_line
     from cluster.models import load_model, resolve_model
     from llamdex.pipeline import ConnectorsConfig
 
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common = json.loads(args.connectors)
     per_dataset = json.loads(args.connectors_per_dataset)
     results: list[dict] = []
-    command = "python -m bench.llamdex_accuracy " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench.llamdex_accuracy", argv)
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         cfg = ConnectorsConfig(**{**common, **per_dataset.get(name, {})})
         start = time.perf_counter()

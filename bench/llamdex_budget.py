@@ -19,8 +19,6 @@ Writes ``llamdex_budget.json`` / ``.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     import torch
 
-    from bench.common import write_results
+    from bench.common import command_line, write_results
     from cluster.models import load_model, resolve_model
     from cluster.settings import load_settings
     from llamdex.connectors_io import load_connectors
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         bundle = Bundle(encoder, decoder, expert, spec, spec.codec())
         rows.append(score(f"{label} ({ref})", bundle, spec, expert, ts, model, tok))
         log("budget.scored", **rows[-1])
-    command = "python -m bench.llamdex_budget " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench.llamdex_budget", argv)
     notes = (f"{args.dataset}: {len(ts.questions)} real test rows in the held-out phrasing family, the same non-DP "
              "expert swapped into every set of connectors; `bound` = that expert on the true features; "
              "`training_s` = the connectors' own training report (synthetic data, hidden-state cache, encoder, "

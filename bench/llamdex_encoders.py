@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import numpy as np
     import torch
 
-    from bench.common import write_results
+    from bench.common import command_line, write_results
     from cluster.models import load_model, resolve_model
     from llamdex.datasets import load_paper_dataset
     from llamdex.evaluation import make_test_set
@@ -150,7 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         naive = f"MAE {m['mae_baseline']:.3g}" if "mae" in m else f"{100 * m['accuracy_baseline']:.1f} %"
         lines.append(f"| {feat.name} | " + " | ".join(cells) + f" | {naive} |")
     name = args.name or f"llamdex_encoders_{args.dataset}"
-    command = "python -m bench.llamdex_encoders " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench.llamdex_encoders", argv)
     notes = (f"{args.dataset}: {len(data.train_rows)} synthetic training questions (cached once, layer {base.layer}), "
              f"{len(prompts)} real test rows in the held-out phrasing family; the same non-DP expert reads each "
              "encoder's features; `bound` = that expert on the true features.\n\n" + "\n".join(lines))

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from transformers import DynamicCache
 
 from llamdex.codec import FeatureCodec
 from llamdex.literals import token_texts
-from llamdex.prompting import chat_prompt_ids
+from llamdex.prompting import chat_prompt_ids, end_of_turn_ids
 from llamdex.questions import number_words
 from llamdex.schema import FeatureSpec, TenantSchema
 
@@ -140,44 +141,18 @@ def parse_reply(schema: TenantSchema, reply: str) -> ParsedQuery:
 def generate_queries(model, tokenizer, schema: TenantSchema, questions: Sequence[str], max_new_tokens: int | None = None,
                      progress: Callable[[int, int], None] | None = None) -> list[str]:
     """Greedy replies of the LLM to the schema prompt + each question (stops at the end of turn or after
-    ``max_new_tokens``); ``progress(done, total)`` after each question.
-
-    One question at a time on a shared prefix: the schema prompt, the same for every question, runs once
-    and its KV cache is copied per question. Batching with left padding instead made every row wait for
-    the longest reply and copy padded KV caches each step: 25 s vs 6.6 s on the same 16 bank questions)."""
-    system = schema_prompt(schema)
+    ``max_new_tokens``); ``progress(done, total)`` after each question. One question at a time on the
+    schema prompt's shared KV cache (:func:`_question_states`; against left-padded batches:
+    ``python -m bench.expert_api_speed``)."""
     limit = max_new_tokens or 12 * len(schema.features) + 16
-    prompts = chat_prompt_ids(tokenizer, system, list(questions))
-    stop = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)}
-    shared = _common_prefix_length(prompts) - 1  # each question keeps >= 1 token of its own to read logits from
-    prefix = DynamicCache()
-    if shared > 0:
-        model(torch.tensor([prompts[0][:shared]]), past_key_values=prefix, use_cache=True, logits_to_keep=1)
+    stop = end_of_turn_ids(tokenizer)
     replies = []
-    for n, prompt in enumerate(prompts):
-        cache = copy.deepcopy(prefix)
-        logits = model(torch.tensor([prompt[max(shared, 0):]]), past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits
-        reply: list[int] = []
-        while len(reply) < limit and (token := int(logits[0, -1].argmax())) not in stop:
-            reply.append(token)
-            if len(reply) < limit:
-                logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits
+    for n, (cache, logits) in enumerate(_question_states(model, tokenizer, schema, questions)):
+        reply, _ = _greedy(model, cache, logits, stop, limit)
         replies.append(tokenizer.decode(reply, skip_special_tokens=True))
         if progress is not None:
-            progress(n + 1, len(prompts))
+            progress(n + 1, len(questions))
     return replies
-
-
-def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix every sequence shares (0 for none or no sequences)."""
-    if not seqs:
-        return 0
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs):
-            return i
-    return n
 
 
 @torch.no_grad()
@@ -188,29 +163,47 @@ def guided_queries(model, tokenizer, schema: TenantSchema, questions: Sequence[s
     greedily until a line break, the end of turn or ``max_value_tokens``. A 135M model rarely keeps
     the free-form format (:func:`generate_queries`), so this is the strongest Expert-API we can give
     it while the LLM still reads every value itself. One question at a time, reusing its KV cache."""
-    system = schema_prompt(schema)
-    stop = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)}
-    stop |= {i for i, text in enumerate(token_texts(tokenizer)) if "\n" in text}
+    stop = end_of_turn_ids(tokenizer) | {i for i, text in enumerate(token_texts(tokenizer)) if "\n" in text}
     replies = []
-    for n, prompt in enumerate(chat_prompt_ids(tokenizer, system, list(questions))):
-        cache = DynamicCache()
-        out = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+    for n, (cache, _) in enumerate(_question_states(model, tokenizer, schema, questions)):
         lines = []
         for i, f in enumerate(schema.features):
             forced = tokenizer(("\n" if i else "") + f.name + ":", add_special_tokens=False)["input_ids"]
-            out = model(torch.tensor([forced]), past_key_values=cache, use_cache=True)
-            value: list[int] = []
-            while len(value) < max_value_tokens:
-                token = int(out.logits[0, -1].argmax())
-                if token in stop:
-                    break
-                value.append(token)
-                out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            logits = model(torch.tensor([forced]), past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            value, _ = _greedy(model, cache, logits, stop, max_value_tokens)
             lines.append(f"{f.name}: " + tokenizer.decode(value, skip_special_tokens=True).strip())
         replies.append("\n".join(lines))
         if progress is not None:
             progress(n + 1, len(questions))
     return replies
+
+
+def _question_states(model, tokenizer, schema: TenantSchema, questions: Sequence[str]
+                     ) -> Iterator[tuple[DynamicCache, torch.Tensor]]:
+    """(KV cache, next-token logits) after the schema prompt + each question, one question at a time.
+    The token prefix every prompt shares (the schema prompt) runs once and its cache is copied per
+    question, so only the question's own tokens are computed again."""
+    prompts = chat_prompt_ids(tokenizer, schema_prompt(schema), list(questions))
+    # commonprefix compares any sequences element-wise; each question keeps >= 1 token to read logits from
+    shared = max(len(os.path.commonprefix(prompts)) - 1, 0) if prompts else 0
+    prefix = DynamicCache()
+    if shared:
+        model(torch.tensor([prompts[0][:shared]]), past_key_values=prefix, use_cache=True, logits_to_keep=1)
+    for prompt in prompts:
+        cache = copy.deepcopy(prefix)
+        logits = model(torch.tensor([prompt[shared:]]), past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        yield cache, logits
+
+
+def _greedy(model, cache: DynamicCache, logits: torch.Tensor, stop: set[int], limit: int
+            ) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens from ``logits`` until a ``stop`` token or ``limit`` tokens; every written token is
+    fed into ``cache`` (so text can be forced after it). Returns the tokens and the last logits."""
+    tokens: list[int] = []
+    while len(tokens) < limit and (token := int(logits[0, -1].argmax())) not in stop:
+        tokens.append(token)
+        logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return tokens, logits
 
 
 def expert_api_inputs(schema: TenantSchema, replies: Sequence[str]) -> tuple[np.ndarray, float]:

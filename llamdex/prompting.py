@@ -71,3 +71,10 @@ def chat_prompt_ids(tokenizer, system_prompt: str, questions: list[str]) -> list
         enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         out.append([int(i) for i in enc["input_ids"]])
     return out
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """Token ids that end the assistant's turn (EOS and ChatML's ``<|im_end|>`` where the vocabulary has
+    them): where greedy generation stops, in the Expert-API baseline and in serving alike."""
+    ids = (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return {i for i in ids if isinstance(i, int) and i >= 0}

@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel
 
 from cluster.logs import get_logger
+from llamdex.prompting import end_of_turn_ids
 
 log = get_logger("engine")
 
@@ -105,8 +106,7 @@ class TorchEngine:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loop_task: asyncio.Task | None = None
         self._control: list[Callable[[], None]] = []
-        self.stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-                         if isinstance(i, int) and i >= 0}
+        self.stop_ids = end_of_turn_ids(tokenizer)
         self.waves = 0
         self.rows_served = 0
         self.on_wave: Callable[[int], None] | None = None

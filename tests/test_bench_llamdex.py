@@ -48,3 +48,13 @@ def test_merge_orders_datasets_and_keeps_every_run(tmp_path):
     assert md.count("(target ≤ 3: met)") == 2 and "(target ≤ 5: met)" in md
     assert json.loads((out / "all.json").read_text())["args"]["merged"][1].endswith("b.json")
     assert (out / "all.png").stat().st_size > 0
+
+
+def test_recorded_commands_can_be_pasted_back():
+    """A results file's command re-splits into the same arguments (JSON and spaces survive)."""
+    import shlex
+
+    from bench.common import command_line
+
+    argv = ["--connectors", '{"time_budget_s": 600}', "--name", "a b"]
+    assert shlex.split(command_line("bench.llamdex_accuracy", argv)) == ["python", "-m", "bench.llamdex_accuracy", *argv]

@@ -34,9 +34,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+NoiseRng = Literal["torchcsprng", "os.urandom", "fixed-seed"]
+SECURE_NOISE_RNGS = ("torchcsprng", "os.urandom")
+
+
 class DPLedger(_Strict):
     """What privacy the weights cost. ``epsilon`` is the epsilon actually spent (accountant's
-    ``get_epsilon(delta)``); ``None`` means no DP at all (epsilon = infinity, mechanism 'none')."""
+    ``get_epsilon(delta)``); ``None`` means no DP at all (epsilon = infinity, mechanism 'none').
+
+    ``secure_rng`` says whether an attacker could replay the DP-SGD noise and Poisson sampling:
+    true only when both came from a source nobody recorded (``noise_rng``: 'torchcsprng' =
+    Opacus secure_mode; 'os.urandom' = torch generators seeded from fresh os.urandom bytes per
+    run, seeds never stored). 'fixed-seed' (the explicit reproducibility mode) is *not* secure:
+    whoever knows the seed can subtract the noise, so the accountant's epsilon does not hold.
+    ``noise_rng`` null = not stated (experts trained elsewhere). Without DP ``secure_rng`` is false.
+    """
 
     mechanism: Literal["dp-sgd", "none"]
     epsilon: float | None
@@ -48,16 +60,34 @@ class DPLedger(_Strict):
     epochs: int = Field(ge=0)
     max_grad_norm: float | None = None
     accountant: Literal["rdp", "prv", "none"]
-    secure_mode: bool = False
+    secure_rng: bool = False
+    noise_rng: NoiseRng | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_secure_mode(cls, data):
+        """Ledgers written before ``secure_rng`` carry ``secure_mode`` (true = Opacus secure_mode)."""
+        if isinstance(data, dict) and "secure_mode" in data and "secure_rng" not in data:
+            data = dict(data)
+            legacy = data.pop("secure_mode")
+            if isinstance(legacy, bool):
+                data["secure_rng"] = legacy and data.get("mechanism") == "dp-sgd"
+                if legacy and data.get("mechanism") == "dp-sgd":
+                    data.setdefault("noise_rng", "torchcsprng")
+            else:
+                data["secure_mode"] = legacy  # let 'extra forbidden' name it
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> DPLedger:
         p: list[tuple[str, str]] = []
         if self.mechanism == "none":
-            for key in ("epsilon", "target_epsilon", "delta", "max_grad_norm"):
+            for key in ("epsilon", "target_epsilon", "delta", "max_grad_norm", "noise_rng"):
                 if getattr(self, key) is not None:
                     p.append((key, "must be null when mechanism is 'none'; fix: set it to null or "
                                    "use mechanism 'dp-sgd'"))
+            if self.secure_rng:
+                p.append(("secure_rng", "must be false without DP (there is no noise); fix: set it to false"))
             if self.accountant != "none":
                 p.append(("accountant", "must be 'none' when mechanism is 'none'; fix: set accountant 'none'"))
             if self.noise_multiplier != 0:
@@ -74,9 +104,22 @@ class DPLedger(_Strict):
                 p.append(("max_grad_norm", "DP-SGD needs a clipping norm > 0; fix: record the clip used"))
             if self.accountant == "none":
                 p.append(("accountant", "DP-SGD needs 'rdp' or 'prv'; fix: name the accountant used"))
+            if self.noise_rng is not None and self.secure_rng != (self.noise_rng in SECURE_NOISE_RNGS):
+                p.append(("secure_rng", f"is {str(self.secure_rng).lower()} but noise_rng is "
+                                        f"{self.noise_rng!r}; fix: secure_rng is true exactly for "
+                                        f"{list(SECURE_NOISE_RNGS)}"))
         if p:
             raise rules_error(p)
         return self
+
+    @property
+    def is_dp(self) -> bool:
+        """True when the weights come out of a DP mechanism (finite epsilon)."""
+        return self.mechanism != "none"
+
+    def public_view(self) -> dict:
+        """The ledger as the API shows it: every field plus ``dp`` (whether the expert is DP)."""
+        return {"dp": self.is_dp, **self.model_dump()}
 
 
 class ExpertArch(_Strict):

@@ -12,6 +12,15 @@ worker; what leaves it is the expert (``expert.json`` with the privacy ledger +
 A jobs file is a YAML/JSON list of :class:`ExpertJob` objects. ``--paper-dataset titanic``
 uses the 80 % training split of a paper dataset as stand-in private data (for demos and the
 accuracy benchmark).
+
+What leaves the worker (published to the registry, reported to Ray Train, returned to the
+driver) is DP or public only: the weights, the ledger (ε spent, δ, noise multiplier, sample
+rate, steps, accountant, RNG source), the schema, and the row count only with
+``--publish-row-count``. The expert's accuracy and losses on the private rows are not DP: the
+worker prints them to its own log (the tenant's job output) and nothing else carries them.
+DP noise comes from fresh OS entropy per run; ``--reproducible-seed`` (tests, benchmarks only)
+makes it replayable and the ledger then says ``secure_rng: false``. δ defaults to the largest
+power of ten <= 1/(10 n). See docs/privacy.md.
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,13 +54,26 @@ class ExpertJob(BaseModel):
     data: str | None = Field(None, description="private CSV: schema feature columns + the target column")
     paper_dataset: str | None = Field(None, description="titanic | wine | nursery | bank (train split)")
     epsilon: float | None = Field(1.0, description="target ε; null or 'inf' = no DP (labelled as such)")
-    delta: float | None = Field(None, description="δ; default 1/len(train) rounded down to a power of 10")
+    delta: float | None = Field(None, description="δ; default: the largest power of ten <= 1/(10 n)")
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
     max_grad_norm: float = 1.0
-    seed: int = 0
+    reproducible_seed: int | None = Field(
+        None, description="fix the DP noise and sampling for a reproducible run (tests/benchmarks): anyone who "
+                          "knows it can replay the noise; the ledger records secure_rng=false. Default: fresh "
+                          "OS entropy per run, never recorded")
+    publish_row_count: bool = Field(False, description="the tenant agrees to publish its training row count")
+    accountant: Literal["prv", "rdp"] = Field("prv", description="Opacus privacy accountant")
     hidden_sizes: list[int] = [400, 200]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_plain_seed(cls, data):
+        if isinstance(data, dict) and "seed" in data:
+            raise ValueError("seed: no longer accepted, DP noise now comes from fresh OS entropy per run; fix: "
+                             "remove it, or set reproducible_seed for a replayable (not secure) test run")
+        return data
 
     @model_validator(mode="after")
     def _one_source(self) -> ExpertJob:
@@ -83,34 +107,59 @@ def load_private_table(job: ExpertJob):
     return schema, normalize_frame(df, schema), labels
 
 
+def epoch_report(report) -> dict:
+    """What one epoch may tell Ray Train (and so the dashboard): progress and ε spent, nothing
+    computed from the rows (the loss is not DP)."""
+    out = {"epoch": report.epoch, "epochs": report.epochs, "steps": report.steps, "dp": report.epsilon is not None}
+    if report.epsilon is not None:
+        out["epsilon_spent"] = report.epsilon
+    return out
+
+
+def train_and_save(job: ExpertJob, out_dir: Path, report: Callable[[dict], None]) -> dict:
+    """Tenant side: read the private table, train (DP unless ε is null), save the expert.
+
+    ``report`` receives :func:`epoch_report` dicts. The return value is what may leave the
+    worker: the expert's directory, its ledger and (if the tenant agreed) the row count. The
+    training accuracy and final loss on the private rows are printed here and go nowhere else.
+    """
+    import numpy as np
+
+    from llamdex.codec import FeatureCodec
+    from llamdex.dp_training import default_delta, train_expert
+    from llamdex.expert import ExpertArch, ExpertSpec, predict_proba, save_expert
+
+    schema, features, labels = load_private_table(job)
+    x = FeatureCodec(schema).encode(features)
+    delta = job.delta or default_delta(len(x))
+    arch = ExpertArch.from_schema(schema, hidden_sizes=job.hidden_sizes)
+    losses: list[float] = []
+
+    def progress(r) -> None:
+        losses.append(r.loss)
+        report(epoch_report(r))
+
+    model, ledger = train_expert(x, labels, arch, job.epsilon, delta, job.epochs, job.batch_size, job.lr,
+                                 job.max_grad_norm, job.reproducible_seed, progress=progress,
+                                 accountant=job.accountant)
+    train_acc = float((predict_proba(model, x).argmax(axis=1) == labels).mean())
+    print(f"[{job.tenant}/{job.name}] PRIVATE, not DP, never published: on the {len(x)} training rows the "
+          f"expert's accuracy is {train_acc:.4f}; mean training loss per epoch "
+          f"{np.round(losses, 4).tolist()}", flush=True)
+    spec = save_expert(model, ExpertSpec.build(schema, arch, ledger), out_dir)
+    out = {"out_dir": str(out_dir), "ledger": spec.dp.model_dump()}
+    if job.publish_row_count:
+        out["rows"] = len(x)
+    return out
+
+
 def train_loop(config: dict) -> dict:
-    """Ray Train worker: read the private table, DP-train, save the expert, report per epoch."""
+    """Ray Train worker: :func:`train_and_save` reporting through ``ray.train.report``."""
     import ray.train
     import torch
 
-    from llamdex.codec import FeatureCodec
-    from llamdex.dp_training import train_expert
-    from llamdex.expert import ExpertArch, ExpertSpec, save_expert
-
     torch.set_num_threads(1)
-    job = ExpertJob.model_validate(config["job"])
-    schema, features, labels = load_private_table(job)
-    x = FeatureCodec(schema).encode(features)
-    delta = job.delta or 10 ** math.floor(math.log10(1 / len(x)))
-    arch = ExpertArch.from_schema(schema, hidden_sizes=job.hidden_sizes)
-
-    def progress(report) -> None:
-        ray.train.report({"epoch": report.epoch, "loss": report.loss, "epsilon": report.epsilon or 0.0})
-
-    model, ledger = train_expert(x, labels, arch, job.epsilon, delta, job.epochs, job.batch_size, job.lr,
-                                 job.max_grad_norm, job.seed, progress=progress)
-    with torch.no_grad():
-        train_acc = float(((model(torch.from_numpy(x)) > 0.5).long().squeeze(-1) == torch.from_numpy(labels)).float()
-                          .mean()) if arch.output_size == 1 else float(
-            (model(torch.from_numpy(x)).argmax(-1) == torch.from_numpy(labels)).float().mean())
-    out = Path(config["out_dir"])
-    spec = save_expert(model, ExpertSpec.build(schema, arch, ledger), out)
-    return {"out_dir": str(out), "ledger": spec.dp.model_dump(), "train_accuracy": train_acc, "rows": len(x)}
+    return train_and_save(ExpertJob.model_validate(config["job"]), Path(config["out_dir"]), ray.train.report)
 
 
 def run_one(job: ExpertJob, storage: Path, out_dir: Path) -> dict:
@@ -153,9 +202,18 @@ def publish(job: ExpertJob, out: dict, store: str | None) -> str:
         registry.publish(job.tenant, "schema", schema.name, {"schema.json": schema_bytes})
     files = {f: (Path(out["out_dir"]) / f).read_bytes() for f in ("expert.json", "expert.safetensors")}
     check_expert_for_tenant(registry, job.tenant, files)
-    eps = out["ledger"]["epsilon"]
-    meta = {"description": schema.description, "epsilon": eps, "train_accuracy": out["train_accuracy"]}
-    return str(registry.publish(job.tenant, "expert", job.name, files, meta))
+    return str(registry.publish(job.tenant, "expert", job.name, files, published_metadata(schema, out)))
+
+
+def published_metadata(schema, out: dict) -> dict:
+    """Registry metadata of a trained expert: public (schema description, the row count only if
+    the tenant agreed) or DP (the ledger's headline numbers; the full ledger is in expert.json)."""
+    ledger = out["ledger"]
+    meta = {"description": schema.description, "dp": ledger["mechanism"] != "none",
+            "epsilon": ledger["epsilon"], "delta": ledger["delta"], "secure_rng": ledger["secure_rng"]}
+    if "rows" in out:
+        meta["rows"] = out["rows"]
+    return meta
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -171,6 +229,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hidden-sizes", default="400,200", help="expert MLP widths, comma-separated")
+    p.add_argument("--reproducible-seed", type=int,
+                   help="fix the DP noise/sampling (tests, benchmarks): replayable, NOT secure; the ledger records "
+                        "secure_rng=false. Default: fresh OS entropy per run, never recorded")
+    p.add_argument("--publish-row-count", action="store_true",
+                   help="the tenant agrees to publish its training row count (registry metadata)")
+    p.add_argument("--accountant", choices=["prv", "rdp"], default="prv", help="Opacus privacy accountant")
     p.add_argument("--parallel", type=int, default=2, help="tenants trained at the same time")
     p.add_argument("--publish", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--store", help="registry URI (default: ATELIER_STORE)")
@@ -181,7 +246,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         jobs = [ExpertJob(tenant=args.tenant, name=args.name, schema_path=args.schema_path, data=args.data,
                           paper_dataset=args.paper_dataset, epsilon=args.epsilon, delta=args.delta,
-                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)]
+                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          hidden_sizes=[int(h) for h in args.hidden_sizes.split(",")],
+                          reproducible_seed=args.reproducible_seed, publish_row_count=args.publish_row_count,
+                          accountant=args.accountant)]
     import ray
 
     ray.init(ignore_reinit_error=True)

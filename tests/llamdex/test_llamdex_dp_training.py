@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from llamdex.codec import FeatureCodec
-from llamdex.dp_training import EpochReport, train_expert
+from llamdex.dp_training import EpochReport, default_delta, train_expert
 from llamdex.expert import ExpertArch, ExpertMLP, ExpertSpec, load_expert, predict_proba, save_expert
 from llamdex.synthetic import make_synthetic
 
@@ -60,15 +63,16 @@ def test_dp_training_learns_spends_at_most_the_target_and_fills_the_ledger(toy):
     arch = ExpertArch.from_schema(toy, hidden_sizes=(32, 16))
     reports: list[EpochReport] = []
     start = _cpu_seconds()
-    model, ledger = train_expert(xtr, ytr, arch, epsilon=1.0, delta=1e-3, epochs=2, batch_size=64, lr=1e-2,
+    model, ledger = train_expert(xtr, ytr, arch, epsilon=1.0, delta=5e-4, epochs=2, batch_size=64, lr=1e-2,
                                  max_grad_norm=1.0, seed=0, accountant="rdp", progress=reports.append)
     assert _cpu_seconds() - start < 5
     assert _accuracy(model, xte, yte) > 0.75  # chance is 0.5
     assert ledger.mechanism == "dp-sgd" and ledger.accountant == "rdp"
     assert 0.9 < ledger.epsilon <= 1.0  # the epsilon spent, not just the target echoed
-    assert ledger.target_epsilon == 1.0 and ledger.delta == 1e-3 and ledger.max_grad_norm == 1.0
+    assert ledger.target_epsilon == 1.0 and ledger.delta == 5e-4 and ledger.max_grad_norm == 1.0
     assert ledger.noise_multiplier > 0.5 and ledger.sample_rate == pytest.approx(1 / 19)
-    assert ledger.steps == 2 * 19 and ledger.epochs == 2 and ledger.secure_mode is False
+    assert ledger.steps == 2 * 19 and ledger.epochs == 2
+    assert ledger.secure_rng is False and ledger.noise_rng == "fixed-seed"  # seed=0: the reproducibility mode
     assert 0 < reports[0].epsilon < reports[1].epsilon == pytest.approx(ledger.epsilon)
 
 
@@ -168,4 +172,71 @@ def test_secure_mode_without_torchcsprng_says_how_to_fix(toy):
     xtr, ytr, _, _ = _data(toy, n=100)
     with pytest.raises(RuntimeError, match="secure_mode: needs the torchcsprng package.*fix"):
         train_expert(xtr, ytr, ExpertArch.from_schema(toy, hidden_sizes=(4,)), epsilon=1.0, delta=1e-3, epochs=1,
+                     batch_size=10, lr=1e-3, max_grad_norm=1.0, secure_mode=True)
+    with pytest.raises(ValueError, match="seed: a fixed seed makes the noise replayable"):
+        train_expert(xtr, ytr, ExpertArch.from_schema(toy, hidden_sizes=(4,)), epsilon=1.0, delta=1e-3, epochs=1,
                      batch_size=10, lr=1e-3, max_grad_norm=1.0, seed=0, secure_mode=True)
+
+
+def _weights(model) -> list[torch.Tensor]:
+    return list(model.state_dict().values())
+
+
+def test_default_noise_cannot_be_replayed_and_the_ledger_says_secure(toy, monkeypatch):
+    """seed=None: every run draws fresh OS entropy (not the caller's torch seed), the noise uses
+    Opacus' floating-point-robust sampler, no 'Secure RNG turned off' warning, ledger secure."""
+    import opacus.optimizers.optimizer as dp_opt
+
+    calls = []
+    real = dp_opt._generate_noise
+    monkeypatch.setattr(dp_opt, "_generate_noise", lambda *a, **k: calls.append(k.get("secure_mode")) or real(*a, **k))
+    xtr, ytr, _, _ = _data(toy, n=400)
+    arch = ExpertArch.from_schema(toy, hidden_sizes=(8,))
+    kw = dict(epsilon=1.0, delta=1e-3, epochs=1, batch_size=30, lr=1e-3, max_grad_norm=1.0, accountant="rdp")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the caller's global seed must not determine the noise or the sampling
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs.append(train_expert(xtr, ytr, arch, **kw))
+        assert not [w for w in caught if "Secure RNG" in str(w.message) or "reproducibility" in str(w.message)]
+    (a, ledger_a), (b, ledger_b) = runs
+    assert not any(torch.equal(p, q) for p, q in zip(_weights(a), _weights(b), strict=True))
+    assert ledger_a == ledger_b  # the ledger depends on public quantities only
+    assert ledger_a.secure_rng is True and ledger_a.noise_rng == "os.urandom"
+    assert calls and all(calls)  # every noise draw went through the FP-robust path
+    assert "seed" not in json.dumps(ledger_a.model_dump())  # nothing about the seeds is recorded
+
+
+def test_fixed_seed_is_the_reproducibility_mode_and_says_so(toy):
+    xtr, ytr, _, _ = _data(toy, n=400)
+    arch = ExpertArch.from_schema(toy, hidden_sizes=(8,))
+    kw = dict(epsilon=1.0, delta=1e-3, epochs=1, batch_size=30, lr=1e-3, max_grad_norm=1.0, accountant="rdp")
+    with pytest.warns(UserWarning, match="reproducibility mode") as caught:
+        a, ledger = train_expert(xtr, ytr, arch, seed=7, **kw)
+    assert any("Secure RNG turned off" in str(w.message) for w in caught)  # Opacus' own warning is not hidden
+    with pytest.warns(UserWarning):
+        b, _ = train_expert(xtr, ytr, arch, seed=7, **kw)
+    assert all(torch.equal(p, q) for p, q in zip(_weights(a), _weights(b), strict=True))
+    assert ledger.secure_rng is False and ledger.noise_rng == "fixed-seed"
+
+
+def test_no_dp_ledger_has_no_rng_claim(toy):
+    xtr, ytr, _, _ = _data(toy, n=200)
+    _, ledger = train_expert(xtr, ytr, ExpertArch.from_schema(toy, hidden_sizes=(4,)), epsilon=None, delta=1e-3,
+                             epochs=1, batch_size=30, lr=1e-3, max_grad_norm=1.0)
+    assert ledger.secure_rng is False and ledger.noise_rng is None and not ledger.is_dp
+
+
+@pytest.mark.parametrize("n", [1, 9, 10, 11, 709, 1000, 1001, 36_168, 10**6])
+def test_default_delta_is_at_most_a_tenth_of_one_over_n(n):
+    delta = default_delta(n)
+    assert delta <= 1 / (10 * n) < 10 * delta
+    assert math.log10(delta) == round(math.log10(delta))  # a power of ten: does not pin n down
+
+
+def test_delta_of_one_over_n_or_more_is_refused(toy):
+    xtr, ytr, _, _ = _data(toy, n=400)  # 300 training rows
+    with pytest.raises(ValueError, match=r"delta: 0.005 >= 1/n = 1/300.*default_delta\(300\) = 0.0001"):
+        train_expert(xtr, ytr, ExpertArch.from_schema(toy, hidden_sizes=(4,)), epsilon=1.0, delta=5e-3, epochs=1,
+                     batch_size=30, lr=1e-3, max_grad_norm=1.0)

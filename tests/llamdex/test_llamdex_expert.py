@@ -221,11 +221,36 @@ def test_bad_spec_fields_are_refused_by_name(saved, edit, fragment):
         (DP, {"epsilon": float("inf")}, "epsilon"),
         (DP, {"noise_multiplier": 0.0}, "noise_multiplier"),
         (DP, {"max_grad_norm": None}, "max_grad_norm"),
+        (NO_DP, {"secure_rng": True}, "secure_rng"),
+        (NO_DP, {"noise_rng": "os.urandom"}, "noise_rng"),
+        (DP, {"secure_rng": True, "noise_rng": "fixed-seed"}, "secure_rng"),
+        (DP, {"secure_rng": False, "noise_rng": "os.urandom"}, "secure_rng"),
+        (DP, {"noise_rng": "mt19937"}, "noise_rng"),
     ],
 )
 def test_ledger_rules(base, update, fragment):
     with pytest.raises(ValueError, match=fragment):
         DPLedger.model_validate(base.model_dump() | update)
+
+
+def test_ledgers_written_before_secure_rng_still_load():
+    """expert.json files published before the field existed carry ``secure_mode`` (Opacus' flag)."""
+    legacy = DP.model_dump(exclude={"secure_rng", "noise_rng"})
+    old = DPLedger.model_validate(legacy | {"secure_mode": False})
+    assert old.secure_rng is False and old.noise_rng is None
+    csprng = DPLedger.model_validate(legacy | {"secure_mode": True})
+    assert csprng.secure_rng is True and csprng.noise_rng == "torchcsprng"
+    plain = DPLedger.model_validate(NO_DP.model_dump(exclude={"secure_rng", "noise_rng"}) | {"secure_mode": False})
+    assert plain == NO_DP
+    with pytest.raises(ValueError, match="secure_mode"):
+        DPLedger.model_validate(legacy | {"secure_mode": "yes"})
+
+
+def test_public_view_says_whether_the_expert_is_dp():
+    view = DP.public_view()
+    assert view["dp"] is True and view["epsilon"] == 0.98 and view["delta"] == 1e-3
+    assert {"accountant", "secure_rng", "noise_rng", "noise_multiplier", "sample_rate", "steps"} <= set(view)
+    assert NO_DP.public_view()["dp"] is False and NO_DP.public_view()["epsilon"] is None
 
 
 class _Boom:

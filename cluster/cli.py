@@ -131,8 +131,12 @@ def cmd_artifacts_publish(args: argparse.Namespace) -> None:
 
 
 def cmd_artifacts_list(args: argparse.Namespace) -> None:
+    from cluster.ledger import expert_ledger
+
+    registry = _registry()
     _print([{"ref": str(m.ref), "files": list(m.files), "metadata": m.metadata}
-            for m in _registry().list_artifacts(args.tenant, args.kind)])
+            | ({"privacy": expert_ledger(registry, m)} if m.kind.value == "expert" else {})
+            for m in registry.list_artifacts(args.tenant, args.kind)])
 
 
 def cmd_artifacts_show(args: argparse.Namespace) -> None:

@@ -5,7 +5,8 @@ expert with published connectors) or ``auto``. :class:`Catalog` lists these per 
 a name to a :class:`Target` (kind, pool, multiplexed expert key) and implements ``auto``.
 
 An expert is servable on the torch pools whose base model has the content hash its connectors
-were trained for; its multiplexed key ``<tenant>/<name>@e<expert version>.c<connectors version>``
+were trained for; its listing and its resolved target carry its version's DP ledger
+(``privacy``, read from expert.json by :func:`cluster.ledger.expert_ledger`); its multiplexed key ``<tenant>/<name>@e<expert version>.c<connectors version>``
 (:mod:`serve_app.experts`) changes whenever either artifact is re-published.
 
 * **which customization** — TF-IDF cosine similarity (scikit-learn) between the prompt and
@@ -29,6 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from cluster.ledger import expert_ledger
 from cluster.models import ModelError, resolve_model
 from cluster.registry import SYSTEM_TENANT, NotFound, Principal, Registry
 from serve_app.config import AppConfig, PoolConfig
@@ -64,6 +66,8 @@ class Target:
     adapter: str | None = None
     expert_key: str | None = None
     routing: dict | None = None
+    expert_version: int | None = None
+    privacy: dict | None = None  # the expert version's DP ledger (cluster.ledger.expert_ledger)
 
 
 class Catalog:
@@ -122,10 +126,11 @@ class Catalog:
                 continue
             base = self._connectors_base_model(m)
             pools = self.expert_pools(base.get("hash"))
+            spec = json.loads(self.registry.read_file(expert, "expert.json"))
             extra = {"expert_version": expert.version, "connectors_version": m.version,
-                     "base_model": base.get("id")}
+                     "base_model": base.get("id"), "privacy": expert_ledger(self.registry, expert, spec)}
             found.append(Customization(f"{tenant}/{m.name}", tenant, m.name, "expert", expert.version,
-                                       pools, _expert_text(self.registry, tenant, expert), extra))
+                                       pools, _expert_text(self.registry, tenant, expert, spec), extra))
         with self._lock:
             self._cache[tenant] = (time.monotonic(), found)
         return found
@@ -206,7 +211,8 @@ class Catalog:
         routing = dict(reason or {})
         routing.update(_hint_note(hints, pool) or {})
         return Target(c.model_id, c.kind, c.tenant, pool, adapter=c.model_id if c.kind == "adapter" else None,
-                      expert_key=c.expert_key, routing=routing or None)
+                      expert_key=c.expert_key, routing=routing or None,
+                      expert_version=c.version if c.kind == "expert" else None, privacy=c.extra.get("privacy"))
 
     def _pick_pool(self, candidates: list[str], hints: RoutingHints | None) -> str:
         pools = [self.config.pool(n) for n in candidates]
@@ -264,9 +270,8 @@ def _hint_note(hints: RoutingHints | None, pool: str) -> dict | None:
                            "lowest cost_tier" if hints.cost == "low" else "as requested"}
 
 
-def _expert_text(registry: Registry, tenant: str, expert_manifest) -> str:
+def _expert_text(registry: Registry, tenant: str, expert_manifest, spec: dict) -> str:
     """Text describing an expert for ``auto``: its schema's description, features and question."""
-    spec = json.loads(registry.read_file(expert_manifest, "expert.json"))
     schema_name = spec.get("schema_name") or expert_manifest.name
     parts = [str(expert_manifest.metadata.get("description", ""))]
     try:

@@ -3,7 +3,8 @@
 The question is answered exactly as in training (the connectors' system prompt + the question,
 slots appended, one forward): the label is the class answer token with the highest probability
 at the last slot. The response also carries what the encoder read from the question (decoded
-features), the tenant expert's own probabilities on those features, and the versions used.
+features), the tenant expert's own probabilities on those features, the versions used and the
+expert version's DP ledger (``privacy``).
 Same keys, isolation and errors as the chat API; concurrent predictions are batched on the
 replica into one forward (even across experts).
 """
@@ -57,6 +58,8 @@ class PredictResponse(BaseModel):
     features: dict[str, Any] = Field(description="what the encoder read from the question (None = not stated)")
     expert_probabilities: dict[str, float] = Field(description="the tenant expert's output on those features")
     versions: ExpertVersions
+    privacy: dict | None = Field(None, description="the DP ledger of this expert version (dp, epsilon, delta, "
+                                                   "accountant, secure_rng, ...); null if unreadable")
     pool: str
     usage: PredictUsage
     atelier: dict = Field(default_factory=dict)
@@ -87,6 +90,6 @@ async def predict(tenant: str, name: str, body: PredictRequest, who: Principal =
         expert_probabilities=result["expert_probabilities"],
         versions=ExpertVersions(expert=result["expert_version"], connectors=result["connectors_version"],
                                 key=result["expert"]),
-        pool=target.pool, usage=PredictUsage(prompt_tokens=result["prompt_tokens"]),
+        privacy=target.privacy if target.expert_key == result["expert"] else None, pool=target.pool, usage=PredictUsage(prompt_tokens=result["prompt_tokens"]),
         atelier={"batch_rows": result["batch_rows"], "layer": result["layer"], "num_slots": result["num_slots"],
                  "routing": target.routing})

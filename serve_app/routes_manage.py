@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cluster.artifacts import ArtifactError, ArtifactKind, check_name
 from cluster.banks import add_to_bank
+from cluster.ledger import expert_ledger
 from cluster.logs import get_logger
 from cluster.models import resolve_model
 from cluster.registry import Principal, RegistryError
@@ -67,9 +68,19 @@ async def issue_key(tenant: str, _: Principal = Depends(admin), state: RouterSta
 @api.get("/v1/tenants/{tenant}/artifacts")
 async def list_artifacts(tenant: str, who: Principal = Depends(principal), state: RouterState = Depends(get_state)):
     check_tenant_access(who, tenant)
-    manifests = await asyncio.to_thread(state.registry.list_artifacts, tenant)
-    return {"data": [{"ref": str(m.ref), "kind": m.kind.value, "name": m.name, "version": m.version,
-                      "files": {k: v.size for k, v in m.files.items()}, "metadata": m.metadata} for m in manifests]}
+    return {"data": await asyncio.to_thread(_listing, state.registry, tenant)}
+
+
+def _listing(registry, tenant: str) -> list[dict]:
+    """Latest version of each artifact; experts also show their DP ledger (``privacy``)."""
+    rows = []
+    for m in registry.list_artifacts(tenant):
+        row = {"ref": str(m.ref), "kind": m.kind.value, "name": m.name, "version": m.version,
+               "files": {k: v.size for k, v in m.files.items()}, "metadata": m.metadata}
+        if m.kind == ArtifactKind.expert:
+            row["privacy"] = expert_ledger(registry, m)
+        rows.append(row)
+    return rows
 
 
 @api.post("/v1/tenants/{tenant}/{kind}/{name}", status_code=201)

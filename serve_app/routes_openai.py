@@ -1,8 +1,10 @@
 """OpenAI-compatible endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
 
-For an expert model the response's ``atelier`` object also holds ``expert_key`` and
-``prediction`` (label, answer token, class probabilities at the last slot); streams send it in
-the final chunk.
+For an expert model the response's ``atelier`` object also holds ``expert_key``,
+``expert_version``, ``privacy`` (that version's DP ledger: ``dp``, ε, δ, accountant,
+``secure_rng``, ...) and ``prediction`` (label, answer token, class probabilities at the last
+slot); streams send the first three in the first chunk and the prediction in the final one.
+``GET /v1/models`` lists each expert's ``privacy`` too.
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_
         handle = handle.options(multiplexed_model_id=target.expert_key)
     tags = {"tenant": req.tenant, "model": target.model_id, "endpoint": endpoint}
     info = {"model": target.model_id, "kind": target.kind, "pool": target.pool, "routing": target.routing}
-    if target.expert_key:
-        info["expert_key"] = target.expert_key
+    if target.expert_key:  # ties the answer to one expert version and its DP ledger
+        info.update(expert_key=target.expert_key, expert_version=target.expert_version, privacy=target.privacy)
     if body.stream:
         gen = handle.options(stream=True).generate_stream.remote(req.model_dump())
         return StreamingResponse(_sse(state, gen, endpoint, req, info, tags, started), media_type="text/event-stream")

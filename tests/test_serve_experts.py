@@ -329,3 +329,53 @@ def test_artifact_listing_names_both_versions(app):
         listing = c.get("/v1/tenants/acme/artifacts", headers=bearer(app["acme"])).json()["data"]
     refs = {a["ref"] for a in listing}
     assert {"acme/expert/survival@2", "acme/connectors/survival@2"} <= refs
+
+
+def test_the_ledger_on_the_api(app, tmp_path):
+    """GET /v1/models, the artifact listing, predict and chat (plain and streamed) all carry the
+    expert version and its DP ledger, read from the published expert.json. globex gets a DP
+    expert (trained here with the default secure RNG); acme's expert has no DP."""
+    from llamdex.codec import FeatureCodec
+    from llamdex.dp_training import default_delta, train_expert
+    from llamdex.expert import ExpertArch, ExpertSpec, save_expert
+    from llamdex.synthetic import make_synthetic
+
+    rows, labels = make_synthetic(SCHEMA, n_rows=400, seed=1)
+    x = FeatureCodec(SCHEMA).encode(rows)
+    model, ledger = train_expert(x, labels, ExpertArch.from_schema(SCHEMA, hidden_sizes=(16,)), epsilon=2.0,
+                                 delta=default_delta(len(x)), epochs=2, batch_size=32, lr=1e-2, max_grad_norm=1.0,
+                                 accountant="rdp")
+    save_expert(model, ExpertSpec.build(SCHEMA, model.arch, ledger), tmp_path / "dp")
+    want = json.loads(json.dumps(ledger.public_view()))
+    assert want["dp"] is True and want["secure_rng"] is True and want["delta"] == 1e-4
+    with http() as c:
+        assert c.post("/v1/tenants/globex/schemas/titanic", headers=bearer(app["globex"]), json=SCHEMA).status_code == 201
+        assert upload_dir(c, app["globex"], "globex", "experts", "survival", tmp_path / "dp").status_code == 201
+        assert upload_dir(c, app["admin"], "globex", "connectors", "survival", app["connectors_dir"]).status_code == 201
+        listing = c.get("/v1/tenants/globex/artifacts", headers=bearer(app["globex"])).json()["data"]
+        acme_listing = c.get("/v1/tenants/acme/artifacts", headers=bearer(app["acme"])).json()["data"]
+    assert [a["privacy"] for a in listing if a["kind"] == "expert"] == [want]
+    assert all("privacy" not in a for a in listing if a["kind"] != "expert")
+    acme_version = app["registry"].resolve("acme", "expert", "survival").version
+    acme_ledger = next(a["privacy"] for a in acme_listing if a["ref"] == f"acme/expert/survival@{acme_version}")
+    assert acme_ledger["dp"] is False and acme_ledger["epsilon"] is None and acme_ledger["secure_rng"] is False
+
+    card = wait_for(lambda: next((m for m in oa(app["globex"]).models.list().data if m.id == "globex/survival"),
+                                 None), timeout_s=10).model_extra["atelier"]
+    assert card["privacy"] == want and card["expert_version"] == 1
+    assert {k: want[k] for k in ("epsilon", "delta", "accountant", "secure_rng", "dp")} == {
+        "epsilon": ledger.epsilon, "delta": 1e-4, "accountant": "rdp", "secure_rng": True, "dp": True}
+    acme_card = next(m for m in oa(app["acme"]).models.list().data if m.id == "acme/survival").model_extra["atelier"]
+    assert acme_card["privacy"] == acme_ledger and acme_card["expert_version"] == acme_version
+
+    r = predict(app["globex"], model="globex/survival")
+    assert r.status_code == 200, r.text
+    assert r.json()["versions"]["expert"] == 1 and r.json()["privacy"] == want
+    assert predict(app["acme"]).json()["privacy"] == acme_ledger
+    messages = [{"role": "user", "content": Q}]
+    chat = oa(app["globex"]).chat.completions.create(model="globex/survival", messages=messages, max_tokens=2)
+    info = chat.model_extra["atelier"]
+    assert info["expert_version"] == 1 and info["privacy"] == want and info["expert_key"] == "globex/survival@e1.c1"
+    first = list(oa(app["globex"]).chat.completions.create(model="globex/survival", messages=messages,
+                                                           max_tokens=2, stream=True))[0]
+    assert first.model_extra["atelier"]["expert_version"] == 1 and first.model_extra["atelier"]["privacy"] == want

@@ -29,7 +29,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from cluster import validators  # noqa: F401  (installs deep validators)
+from cluster import (
+    lease,
+    validators,  # noqa: F401  (installs deep validators)
+)
 from cluster.artifacts import ArtifactError, ArtifactKind, check_name, parse_kind, validate_files
 from cluster.storage import Storage
 
@@ -198,33 +201,16 @@ class Registry:
     # ---------------------------------------------------------------- locks
     @contextmanager
     def lock(self, name: str, stale_after_s: float = 120.0, wait_s: float = 60.0) -> Iterator[None]:
-        """A cross-process lease on ``locks/<name>`` for read-modify-publish sequences (bank updates).
+        """A cross-process lease on ``locks/<name>/`` for read-modify-publish sequences (bank updates).
 
-        Taken with "create only if absent"; a lease older than ``stale_after_s`` (a crashed
-        holder) is broken. Raises RegistryError after ``wait_s`` without the lease.
+        A crashed holder's lease is taken over atomically after ``stale_after_s``
+        (:mod:`cluster.lease`); raises RegistryError naming the holder after ``wait_s`` without it.
         """
-        path = f"locks/{name}.lock"
-        token = uuid.uuid4().hex
-        deadline = time.monotonic() + wait_s
-        while not self.store.create_exclusive(path, json.dumps({"token": token, "at": time.time()}).encode()):
-            try:
-                held = json.loads(self.store.read_bytes(path))
-                if time.time() - float(held["at"]) > stale_after_s:
-                    self.store.delete_file(path)
-                    continue
-            except (FileNotFoundError, ValueError, KeyError):
-                continue
-            if time.monotonic() > deadline:
-                raise RegistryError(f"lock {name!r} is held by another writer; retry later")
-            time.sleep(0.05)
         try:
-            yield
-        finally:
-            try:
-                if json.loads(self.store.read_bytes(path)).get("token") == token:
-                    self.store.delete_file(path)
-            except (FileNotFoundError, ValueError):
-                pass
+            with lease.hold(self.store, name, stale_after_s=stale_after_s, wait_s=wait_s):
+                yield
+        except lease.LeaseTimeout as exc:
+            raise RegistryError(str(exc)) from None
 
     # ---------------------------------------------------------------- artifacts
     def publish(self, tenant: str, kind: ArtifactKind | str, name: str, files: Mapping[str, bytes],

@@ -126,6 +126,13 @@ class Storage:
         # back tells whether this call won the race.
         return self.read_bytes(rel) == data
 
+    def modified_at(self, rel: str) -> float | None:
+        """The file's modification time (Unix seconds) as the store reports it; None if unknown."""
+        info = self.fs.get_file_info(self._full(rel))
+        if info.type == pafs.FileType.NotFound or info.mtime is None:
+            return None
+        return info.mtime.timestamp()
+
     def list_dir(self, rel: str) -> list[str]:
         """Names (not paths) of the direct children of ``rel``; empty if it does not exist."""
         selector = pafs.FileSelector(self._full(rel), allow_not_found=True, recursive=False)

@@ -57,3 +57,35 @@ def test_cli_listing_shows_the_ledger(tmp_path, monkeypatch, capsys):
     listed = {row["ref"]: row for row in json.loads(capsys.readouterr().out)}
     assert listed["acme/expert/survival@1"]["privacy"]["epsilon"] == 0.98
     assert "privacy" not in listed["acme/schema/titanic@1"]
+
+
+def test_router_lists_the_ledger_over_http(tiny_model, tmp_path):
+    """The router's FastAPI app in-process (no Ray): GET /v1/models and the artifact listing show
+    the ledger of a DP expert with real (tiny) connectors. Predict/chat: tests/test_serve_experts.py."""
+    from fastapi.testclient import TestClient
+
+    from serve_app.catalog import Catalog
+    from serve_app.config import load_app_config
+    from serve_app.router import create_api
+    from serve_app.state import RouterState, set_state
+    from tests.serve_fixtures import train_tiny_connectors
+    from tests.test_serve_experts import SCHEMA
+
+    _, connectors_dir, _ = train_tiny_connectors(tiny_model, SCHEMA, tmp_path / "trained")
+    registry = Registry(str(tmp_path / "store"))
+    _, key = registry.create_tenant("acme")
+    registry.publish("acme", "schema", "titanic", {"schema.json": json.dumps(SCHEMA).encode()})
+    arch = ExpertArch.from_schema(SCHEMA, hidden_sizes=(4,))
+    save_expert(build_expert(arch), ExpertSpec.build(SCHEMA, arch, DP), tmp_path / "dp")
+    registry.publish("acme", "expert", "survival", {p.name: p.read_bytes() for p in (tmp_path / "dp").iterdir()},
+                     {"epsilon": 0.01})
+    registry.publish("acme", "connectors", "survival", {p.name: p.read_bytes() for p in connectors_dir.iterdir()})
+    config = load_app_config({"pools": [{"name": "small", "model": "tiny-random"}]})
+    set_state(RouterState(config=config, registry=registry, catalog=Catalog(registry, config), pools={}))
+    want = json.loads(json.dumps(DP.public_view()))
+    with TestClient(create_api()) as client:
+        headers = {"Authorization": f"Bearer {key}"}
+        cards = {c["id"]: c for c in client.get("/v1/models", headers=headers).json()["data"]}
+        listing = client.get("/v1/tenants/acme/artifacts", headers=headers).json()["data"]
+    assert cards["acme/survival"]["atelier"]["privacy"] == want and cards["acme/survival"]["atelier"]["expert_version"] == 1
+    assert [a["privacy"] for a in listing if a["kind"] == "expert"] == [want]

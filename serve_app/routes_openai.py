@@ -20,6 +20,7 @@ from cluster.registry import Principal
 from serve_app.auth import principal
 from serve_app.catalog import Target
 from serve_app.engine import GenerationRequest
+from serve_app.limits import check_request, replica_refusal
 from serve_app.openai_api import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -70,6 +71,7 @@ async def completions(body: CompletionRequest, who: Principal = Depends(principa
 
 async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_text: str, **content):
     started = time.perf_counter()
+    check_request(body, endpoint)
     target: Target = await asyncio.to_thread(state.catalog.resolve, who, body.model, route_text, body.atelier)
     pool = state.config.pool(target.pool)
     max_tokens = body.token_limit(min(256, pool.max_new_tokens))
@@ -150,7 +152,7 @@ def replica_error(state: RouterState, tags: dict, result: dict) -> OpenAIError:
     status = int(result.get("error_status") or 500)
     if state.metrics is not None:
         state.metrics.errors.inc(tags={**tags, "status": str(status)})
-    return OpenAIError(status, result["error"], type_="server_error" if status >= 500 else "invalid_request_error")
+    return replica_refusal(status, result["error"], tags.get("endpoint", ""))
 
 
 def record_success(state: RouterState, tags: dict, result: dict, started: float, status: int) -> None:

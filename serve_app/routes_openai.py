@@ -36,6 +36,7 @@ from serve_app.openai_api import (
     new_id,
     now,
 )
+from serve_app.retry import call_with_retry
 from serve_app.state import RouterState, get_state
 
 api = APIRouter()
@@ -91,7 +92,7 @@ async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_
         gen = handle.options(stream=True).generate_stream.remote(req.model_dump())
         return StreamingResponse(_sse(state, gen, endpoint, req, info, tags, started), media_type="text/event-stream")
     try:
-        result = await handle.generate.remote(req.model_dump())
+        result = await call_with_retry(lambda: handle.generate.remote(req.model_dump()), f"pool {target.pool!r}")
     except BackPressureError:
         raise OpenAIError(503, f"pool {target.pool!r} is at capacity; retry shortly", type_="overloaded") from None
     if result.get("error"):

@@ -174,13 +174,21 @@ async def _read_upload(request: Request, kind: ArtifactKind, max_mb: float) -> t
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise OpenAIError(413, f"upload of {int(declared)} bytes exceeds the {max_mb:g} MB limit", param="files")
-    body = await request.body()
-    if len(body) > limit:
-        raise OpenAIError(413, f"upload of {len(body)} bytes exceeds the {max_mb:g} MB limit", param="files")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # stop reading at the limit (a chunked body declares no length)
+        size += len(chunk)
+        if size > limit:
+            raise OpenAIError(413, f"upload of more than {limit} bytes exceeds the {max_mb:g} MB limit",
+                              param="files")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
         try:
-            form = await request.form(max_part_size=limit)
+            form = await Request(request.scope, replay).form(max_part_size=limit)
         except StarletteHTTPException as exc:
             raise bad_request(f"body: malformed multipart/form-data ({exc.detail}); fix: send one part per file",
                               "body") from None

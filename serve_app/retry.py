@@ -11,6 +11,7 @@ never a 500. Streams are not retried: their first tokens may already be with the
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -21,13 +22,18 @@ from serve_app.openai_api import OpenAIError
 
 log = get_logger("retry")
 T = TypeVar("T")
-ATTEMPTS = 4
 BACKOFF_S = 0.25
 
 
-async def call_with_retry(call: Callable[[], Awaitable[T]], what: str, attempts: int = ATTEMPTS,
+def attempts_from_env() -> int:
+    """``ATELIER_REPLICA_RETRIES`` (default 4): attempts per request; 1 turns retrying off."""
+    return max(1, int(os.environ.get("ATELIER_REPLICA_RETRIES", "4")))
+
+
+async def call_with_retry(call: Callable[[], Awaitable[T]], what: str, attempts: int | None = None,
                           backoff_s: float = BACKOFF_S) -> T:
     """``await call()``; on a lost replica, call again (up to ``attempts`` times, growing backoff)."""
+    attempts = attempts or attempts_from_env()
     for attempt in range(1, attempts + 1):
         try:
             return await call()

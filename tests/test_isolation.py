@@ -176,10 +176,13 @@ def leaks_of(attempt: Attempt, status: int, text: str, env: dict, secrets_: list
     if f'"{B}/' in text and not attempt.names_victim:
         found.append(f"a {B}/ model id in a response to a request that did not name one")
     found += [f"a raw API key in the response ({s[:8]}…)" for s in secrets_ if s in text]
-    if attempt.json_body and attempt.json_body.get("model") in ("auto", "base") and status == 200:
+    asked = (attempt.json_body or {}).get("model")
+    if asked in ("auto", "base") and status == 200:
         body = json.loads(text)
-        if body.get("model", "").startswith(f"{B}/") or (body.get("atelier") or {}).get("prediction"):
-            found.append(f"model={attempt.json_body['model']} answered with {body.get('model')}")
+        if body.get("model", "").startswith(f"{B}/"):
+            found.append(f"model={asked} answered with {body['model']}")
+        if asked == "base" and (body.get("model") != "base" or (body.get("atelier") or {}).get("prediction")):
+            found.append(f"model=base answered as {body.get('model')} with an expert prediction")
     return found
 
 

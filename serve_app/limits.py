@@ -14,6 +14,8 @@ from serve_app.openai_api import OpenAIError, bad_request
 MAX_STOP = 16
 """Stop strings per request (OpenAI allows 4); each is checked on every generated token."""
 MAX_STOP_CHARS = 256
+MIN_TEMPERATURE = 1e-6
+"""Smallest non-zero temperature: below it float32 logits / temperature overflow to inf (NaN probabilities)."""
 SEED_BOUND = 2**63
 """Seeds must satisfy ``-2**63 <= seed < 2**63`` (what torch's generator accepts on every platform)."""
 
@@ -57,6 +59,9 @@ def check_request(body, endpoint: str) -> None:
             raise bad_request(f"stop[{i}]: stop strings must be non-empty", "stop")
         if len(s) > MAX_STOP_CHARS:
             raise bad_request(f"stop[{i}]: {len(s)} characters, at most {MAX_STOP_CHARS} are allowed", "stop")
+    if 0 < body.temperature < MIN_TEMPERATURE:
+        raise bad_request(f"temperature: {body.temperature:g} divides the logits into overflow; use 0 for greedy "
+                          f"decoding or at least {MIN_TEMPERATURE:g}", "temperature")
     if body.seed is not None and not -SEED_BOUND <= body.seed < SEED_BOUND:
         raise bad_request(f"seed: must be a 64-bit signed integer (-2**63 <= seed < 2**63), got {body.seed}", "seed")
     if endpoint == "chat":

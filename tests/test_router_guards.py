@@ -23,6 +23,7 @@ def chat(**over) -> ChatCompletionRequest:
     ({"stop": [""]}, "stop"),
     ({"stop": "x" * 257}, "stop"),
     ({"seed": 2**63}, "seed"),
+    ({"temperature": 5e-324}, "temperature"),
     ({"seed": -(2**63) - 1}, "seed"),
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"logprobs": True}, "logprobs"),
@@ -38,7 +39,7 @@ def test_refusals_name_the_field(over, param):
 
 
 @pytest.mark.parametrize("over", [
-    {}, {"stop": ["\n", "END"]}, {"seed": 2**63 - 1}, {"seed": -(2**63)}, {"logprobs": False},
+    {}, {"temperature": 0}, {"temperature": 1e-6}, {"stop": ["\n", "END"]}, {"seed": 2**63 - 1}, {"seed": -(2**63)}, {"logprobs": False},
     {"frequency_penalty": 0}, {"response_format": {"type": "text"}}, {"tool_choice": "none"},
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]},
 ])

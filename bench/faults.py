@@ -168,7 +168,7 @@ def node_run(args, work: Path) -> dict:
         assert len(on_worker) == 1, "the pool must run one replica on the worker node"
 
         def lose_worker() -> str:
-            cluster.remove_node(worker)
+            cluster.remove_node(worker, allow_graceful=False)  # SIGKILL: a crash, not a drain
             return f"worker node {worker.node_id[:8]} (replica {on_worker[0].name})"
 
         def rejoin() -> None:

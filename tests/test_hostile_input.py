@@ -119,7 +119,7 @@ def test_schemathesis_finds_no_server_errors(app, tmp_path, capsys):
     for who, schema in ((A, str(targeted)), ("admin", f"{BASE_URL}/openapi.json")):
         proc = subprocess.run(
             [str(VENV_BIN / "st"), "run", schema, "--url", BASE_URL, "--checks", "not_a_server_error",
-             "--max-examples", "15", "--seed", "20", "--workers", "1", "--max-time", "45",
+             "--max-examples", "15", "--seed", "20", "--workers", "1", "--max-time", "30",
              "--request-timeout", "60", "--generation-database", "none", "--no-color",
              "--header", f"Authorization: Bearer {app['keys'][who]}"],
             cwd=ROOT, capture_output=True, text=True, timeout=400)

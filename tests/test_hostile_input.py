@@ -122,7 +122,7 @@ def test_schemathesis_finds_no_server_errors(app, tmp_path, capsys):
              "--max-examples", "15", "--seed", "20", "--workers", "1", "--max-time", "30",
              "--request-timeout", "60", "--generation-database", "none", "--no-color",
              "--header", f"Authorization: Bearer {app['keys'][who]}"],
-            cwd=ROOT, capture_output=True, text=True, timeout=400)
+            cwd=tmp_path, capture_output=True, text=True, timeout=400)  # st writes .schemathesis/ here
         out = proc.stdout + proc.stderr
         cases = re.findall(r"(\d+) generated, (\d+) passed", out)
         summary.append(f"{who}: exit {proc.returncode}, test cases {cases}")

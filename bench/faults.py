@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +79,8 @@ def deploy(model: str, port: int, work: Path, replicas: int, multinode: bool) ->
 def replica_actors() -> list:
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name.endswith(f"{APP}:pool-{POOL}") or a.class_name.endswith(f"pool-{POOL}")]
+    prefix = f"SERVE_REPLICA::{APP}#pool-{POOL}#"  # Serve's ReplicaID.to_full_id_str()
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if (a.name or "").startswith(prefix)]
 
 
 def running_replicas() -> int:
@@ -95,7 +97,10 @@ def kill_replica(node_id: str | None = None) -> str:
     """ray.kill one pool replica actor (on ``node_id`` if given); returns its name."""
     import ray
 
-    actor = next(a for a in replica_actors() if node_id is None or a.node_id == node_id)
+    candidates = [a for a in replica_actors() if node_id is None or a.node_id == node_id]
+    if not candidates:
+        raise RuntimeError(f"no live replica actor of pool-{POOL} found (node {node_id})")
+    actor = candidates[0]
     ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
     return actor.name
 
@@ -148,6 +153,10 @@ def replica_run(args, work: Path) -> dict:
     try:
         app = deploy(args.model, args.port, work, 2, multinode=False)
         return run_scenario("replica killed", app, args.seconds, args.kill_at, args.clients, 2, kill_replica)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -176,6 +185,10 @@ def node_run(args, work: Path) -> dict:
 
         return run_scenario("worker node lost", app, args.seconds, args.kill_at, args.clients, 2, lose_worker,
                             rejoin, args.rejoin_after)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -34,7 +34,7 @@ def replica_rss() -> dict[str, int]:
 
     out = {}
     for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        if "pool-" in (a.class_name or "") and a.pid:
+        if (a.name or "").startswith(f"SERVE_REPLICA::{APP}#pool-") and a.pid:
             try:
                 out[a.name] = psutil.Process(a.pid).memory_info().rss
             except psutil.Error:

@@ -64,6 +64,8 @@ def check_request(body, endpoint: str) -> None:
                           f"decoding or at least {MIN_TEMPERATURE:g}", "temperature")
     if body.seed is not None and not -SEED_BOUND <= body.seed < SEED_BOUND:
         raise bad_request(f"seed: must be a 64-bit signed integer (-2**63 <= seed < 2**63), got {body.seed}", "seed")
+    if endpoint == "completion" and not body.prompt_text():
+        raise bad_request("prompt: must not be empty (an empty prompt has no token to continue from)", "prompt")
     if endpoint == "chat":
         for i, message in enumerate(body.messages):
             if not isinstance(message.content, list):

@@ -303,6 +303,7 @@ def generation_cases() -> list[Case]:
         Case("no messages", "post", c, 422, "messages", "messages", json=chat(messages=[])),
         Case("token-id prompt", "post", p, 422, "prompt*", "prompt", json={"model": "base", "prompt": [1, 2, 3]}),
         Case("two prompts", "post", p, 422, "prompt", "exactly one prompt", json={"model": "base", "prompt": ["a", "b"]}),
+        Case("empty prompt", "post", p, 400, "prompt", "must not be empty", json={"model": "base", "prompt": ""}),
         Case("tools", "post", c, 400, "tools", "not supported",
              json=chat(tools=[{"type": "function", "function": {"name": "rm"}}])),
         Case("logprobs", "post", c, 400, "logprobs", "not supported", json=chat(logprobs=True)),

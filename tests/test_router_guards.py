@@ -48,6 +48,14 @@ def test_what_the_openai_client_sends_by_default_passes(over):
     check_request(CompletionRequest.model_validate({"model": "base", "prompt": "x"}), "completion")
 
 
+def test_empty_completion_prompt_is_refused():
+    """Found by schemathesis: an empty prompt made an empty batch row and failed the whole engine wave."""
+    for prompt in ("", [""]):
+        with pytest.raises(OpenAIError) as err:
+            check_request(CompletionRequest.model_validate({"model": "auto", "prompt": prompt}), "completion")
+        assert err.value.status == 400 and err.value.param == "prompt"
+
+
 def test_lost_replica_calls_are_retried_then_a_503():
     calls = []
 

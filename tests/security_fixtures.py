@@ -79,7 +79,7 @@ def deploy(app_name: str, work: Path, tiny_model, **overrides) -> dict:
     serve.run(build_from_config(load_app_config(config), str(store)), name=app_name, route_prefix="/")
     canary = f"CANARY-{B}-{uuid.uuid4().hex[:12]}"
     adapters = {(A, "pirate"): make_peft_adapter(tiny_model.path, work / "a-pirate", 1),
-                (B, "pirate"): make_peft_adapter(tiny_model.path, work / "b-pirate", 7),
+                (B, "pirate"): make_peft_adapter(tiny_model.path, work / "b-pirate", 3),
                 (B, "payroll"): make_peft_adapter(tiny_model.path, work / "b-payroll", 8)}
     with http() as c:
         for tenant, key in ((A, key_a), (B, key_b)):

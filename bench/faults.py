@@ -76,11 +76,18 @@ def deploy(model: str, port: int, work: Path, replicas: int, multinode: bool) ->
     return {"url": url, "key": key}
 
 
-def replica_actors() -> list:
+def live_actors() -> list:
+    """Live actors of *this* Ray instance (the state API refuses to guess when the host runs several)."""
+    import ray
     from ray.util.state import list_actors
 
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                       limit=1000)
+
+
+def replica_actors() -> list:
     prefix = f"SERVE_REPLICA::{APP}#pool-{POOL}#"  # Serve's ReplicaID.to_full_id_str()
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if (a.name or "").startswith(prefix)]
+    return [a for a in live_actors() if (a.name or "").startswith(prefix)]
 
 
 def running_replicas() -> int:

@@ -30,10 +30,11 @@ QUESTION = "A 30 year old man, fare 7.25 pounds, travelling alone. Did the passe
 def replica_rss() -> dict[str, int]:
     """RSS (bytes) of every live pool replica process, by actor name."""
     import psutil
-    from ray.util.state import list_actors
+
+    from bench.faults import live_actors
 
     out = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+    for a in live_actors():
         if (a.name or "").startswith(f"SERVE_REPLICA::{APP}#pool-") and a.pid:
             try:
                 out[a.name] = psutil.Process(a.pid).memory_info().rss

@@ -100,16 +100,18 @@ def running_replicas() -> int:
     return int(dep.replica_states.get("RUNNING", 0))
 
 
-def kill_replica(node_id: str | None = None) -> str:
-    """ray.kill one pool replica actor (on ``node_id`` if given); returns its name."""
+def kill_replica() -> str:
+    """ray.kill one pool replica actor, found by its Serve actor name through the GCS (no state API,
+    which needs the dashboard); returns its name."""
     import ray
 
-    candidates = [a for a in replica_actors() if node_id is None or a.node_id == node_id]
-    if not candidates:
-        raise RuntimeError(f"no live replica actor of pool-{POOL} found (node {node_id})")
-    actor = candidates[0]
-    ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
-    return actor.name
+    prefix = f"SERVE_REPLICA::{APP}#pool-{POOL}#"
+    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith(prefix))
+    if not names:
+        raise RuntimeError(f"no live replica actor of pool-{POOL} found")
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    return names[0]
 
 
 def run_scenario(kind: str, app: dict, seconds: float, kill_at: float, clients: int, replicas: int,

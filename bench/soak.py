@@ -28,18 +28,18 @@ QUESTION = "A 30 year old man, fare 7.25 pounds, travelling alone. Did the passe
 
 
 def replica_rss() -> dict[str, int]:
-    """RSS (bytes) of every live pool replica process, by actor name."""
+    """RSS (bytes) of every pool replica process of this app, by pid (Ray titles actor processes
+    ``ray::ServeReplica:<app>:<deployment>``)."""
     import psutil
 
-    from bench.faults import live_actors
-
     out = {}
-    for a in live_actors():
-        if (a.name or "").startswith(f"SERVE_REPLICA::{APP}#pool-") and a.pid:
-            try:
-                out[a.name] = psutil.Process(a.pid).memory_info().rss
-            except psutil.Error:
-                pass
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            title = " ".join(proc.info["cmdline"] or [])
+            if title.startswith(f"ray::ServeReplica:{APP}:pool-"):
+                out[f"{title.split()[0]}[{proc.info['pid']}]"] = proc.memory_info().rss
+        except psutil.Error:
+            pass
     return out
 
 

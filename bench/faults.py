@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 APP = "faults"
 POOL = "p"
+RECOVERY_WAIT_S = 120.0
 
 
 def build_app(config, store: str, pin_router_to_head: bool = False, one_replica_per_node: bool = False):
@@ -128,7 +129,7 @@ def run_scenario(kind: str, app: dict, seconds: float, kill_at: float, clients: 
     killed_at = time.monotonic()
     victim = fault()
     dropped_at = recovered_at = rejoined_at = None
-    while time.monotonic() - start < seconds + 5:
+    while time.monotonic() - start < seconds + RECOVERY_WAIT_S:  # the load may end before Serve recovers
         n = running_replicas()
         now = time.monotonic()
         if dropped_at is None and n < replicas:

@@ -30,9 +30,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from cluster.artifacts import NAME_PATTERN
 from cluster.ledger import expert_ledger
 from cluster.models import ModelError, resolve_model
-from cluster.registry import SYSTEM_TENANT, NotFound, Principal, Registry
+from cluster.registry import SYSTEM_TENANT, TENANT_PATTERN, NotFound, Principal, Registry
 from serve_app.config import AppConfig, PoolConfig
 from serve_app.openai_api import OpenAIError, RoutingHints
 
@@ -191,10 +192,9 @@ class Catalog:
         return self._target(match, hints, reason=None)
 
     def _find(self, tenant: str, name: str, max_age_s: float | None = None) -> Customization | None:
-        try:
-            return next((c for c in self.customizations(tenant, max_age_s) if c.name == name), None)
-        except ValueError:  # not a valid tenant id
-            return None
+        if not TENANT_PATTERN.match(tenant) or not NAME_PATTERN.match(name):
+            return None  # not a tenant id / artifact name (e.g. '..'): nothing to look up in the store
+        return next((c for c in self.customizations(tenant, max_age_s) if c.name == name), None)
 
     def _target(self, c: Customization, hints: RoutingHints | None, reason: dict | None) -> Target:
         if not c.pools and c.kind == "expert":

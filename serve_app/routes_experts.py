@@ -22,6 +22,7 @@ from ray.serve.exceptions import BackPressureError
 from cluster.registry import Principal
 from serve_app.auth import check_tenant_access, principal
 from serve_app.openai_api import OpenAIError, RoutingHints, new_id, now
+from serve_app.retry import call_with_retry
 from serve_app.routes_openai import record_success, replica_error
 from serve_app.state import RouterState, get_state
 
@@ -78,7 +79,9 @@ async def predict(tenant: str, name: str, body: PredictRequest, who: Principal =
     tags = {"tenant": who.tenant or "admin", "model": model, "endpoint": "predict"}
     handle = state.pools[target.pool].options(multiplexed_model_id=target.expert_key)
     try:
-        result = await handle.predict.remote({"expert": target.expert_key, "question": body.question})
+        result = await call_with_retry(lambda: handle.predict.remote({"expert": target.expert_key,
+                                                                      "question": body.question}),
+                                       f"pool {target.pool!r}")
     except BackPressureError:
         raise OpenAIError(503, f"pool {target.pool!r} is at capacity; retry shortly", type_="overloaded") from None
     if result.get("error"):

@@ -16,14 +16,15 @@ import json
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.artifacts import ArtifactError, ArtifactKind, check_name
+from cluster.artifacts import ArtifactError, ArtifactKind, check_name, validate_files
 from cluster.banks import add_to_bank
 from cluster.ledger import expert_ledger
 from cluster.logs import get_logger
 from cluster.models import resolve_model
-from cluster.registry import Principal, RegistryError
-from cluster.validators import check_expert_for_tenant
+from cluster.registry import SYSTEM_TENANT, Principal, RegistryError
+from cluster.validators import check_adapter_fits, check_expert_for_tenant
 from serve_app.auth import admin, check_tenant_access, principal
 from serve_app.openai_api import OpenAIError, bad_request
 from serve_app.state import RouterState, get_state
@@ -61,6 +62,7 @@ async def list_tenants(_: Principal = Depends(admin), state: RouterState = Depen
 
 @api.post("/v1/admin/tenants/{tenant}/keys", status_code=201)
 async def issue_key(tenant: str, _: Principal = Depends(admin), state: RouterState = Depends(get_state)):
+    await _known_tenant(state, tenant)
     key = await asyncio.to_thread(state.registry.issue_key, tenant)
     return {"tenant": tenant, "api_key": key}
 
@@ -68,6 +70,8 @@ async def issue_key(tenant: str, _: Principal = Depends(admin), state: RouterSta
 @api.get("/v1/tenants/{tenant}/artifacts")
 async def list_artifacts(tenant: str, who: Principal = Depends(principal), state: RouterState = Depends(get_state)):
     check_tenant_access(who, tenant)
+    if tenant != SYSTEM_TENANT:  # admins may list the service's own artifacts (banks)
+        await _known_tenant(state, tenant)
     return {"data": await asyncio.to_thread(_listing, state.registry, tenant)}
 
 
@@ -83,7 +87,21 @@ def _listing(registry, tenant: str) -> list[dict]:
     return rows
 
 
-@api.post("/v1/tenants/{tenant}/{kind}/{name}", status_code=201)
+UPLOAD_BODY = {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "one part per artifact file, named by its file name"},
+        "description": {"type": "string"},
+        "metadata": {"type": "string", "description": "a JSON object"}}}},
+    "application/json": {"schema": {"type": "object", "description": "a schema document, or {files, metadata}",
+                                    "properties": {
+                                        "files": {"type": "object", "additionalProperties": {
+                                            "type": "string", "format": "byte"}},
+                                        "description": {"type": "string"},
+                                        "metadata": {"type": "object"}}}}}}
+
+
+@api.post("/v1/tenants/{tenant}/{kind}/{name}", status_code=201, openapi_extra={"requestBody": UPLOAD_BODY})
 async def upload(tenant: str, kind: str, name: str, request: Request, who: Principal = Depends(principal),
                  state: RouterState = Depends(get_state)):
     """Validate and publish an artifact; adapters are also added to the pools' banks."""
@@ -98,6 +116,7 @@ async def upload(tenant: str, kind: str, name: str, request: Request, who: Princ
         check_name(name)
     except ArtifactError as exc:
         raise bad_request(str(exc), "name") from None
+    await _known_tenant(state, tenant)
     files, metadata = await _read_upload(request, art_kind, state.config.max_upload_mb)
     other = ArtifactKind.expert if art_kind == ArtifactKind.adapter else ArtifactKind.adapter
     if art_kind in (ArtifactKind.adapter, ArtifactKind.expert) and await asyncio.to_thread(
@@ -107,6 +126,8 @@ async def upload(tenant: str, kind: str, name: str, request: Request, who: Princ
     try:
         if art_kind == ArtifactKind.expert and "expert.json" in files and "expert.safetensors" in files:
             await asyncio.to_thread(check_expert_for_tenant, state.registry, tenant, files)
+        if art_kind == ArtifactKind.adapter:  # refuse what no pool could serve before storing anything
+            await asyncio.to_thread(_check_adapter_fits, state, files)
         ref = await asyncio.to_thread(state.registry.publish, tenant, art_kind, name, files, metadata)
     except (ArtifactError, RegistryError, ValueError) as exc:
         raise OpenAIError(422, str(exc), param="files") from None
@@ -116,6 +137,27 @@ async def upload(tenant: str, kind: str, name: str, request: Request, who: Princ
     state.catalog.invalidate()
     log.info("manage.uploaded", ref=str(ref), by=who.key_id)
     return result
+
+
+async def _known_tenant(state: RouterState, tenant: str) -> None:
+    """404 naming ``tenant`` unless it exists (admin keys may name any tenant, even a made-up one)."""
+    try:
+        await asyncio.to_thread(state.registry.get_tenant, tenant)
+    except RegistryError as exc:  # NotFound, or not a tenant id at all
+        raise OpenAIError(404, str(exc), type_="not_found_error", param="tenant") from None
+
+
+def _check_adapter_fits(state: RouterState, files: dict[str, bytes]) -> None:
+    """ArtifactError unless the adapter's format is valid and its shapes fit at least one pool's model."""
+    validate_files(ArtifactKind.adapter, files)
+    errors = {}
+    for pool in state.config.pools:
+        try:
+            check_adapter_fits(files, resolve_model(pool.model).path)
+            return
+        except ArtifactError as exc:
+            errors[pool.name] = str(exc)
+    raise ArtifactError(f"adapter fits no pool's base model: {errors}")
 
 
 async def _add_to_banks(state: RouterState, tenant: str, name: str) -> list[dict]:
@@ -143,16 +185,31 @@ async def _read_upload(request: Request, kind: ArtifactKind, max_mb: float) -> t
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise OpenAIError(413, f"upload of {int(declared)} bytes exceeds the {max_mb:g} MB limit", param="files")
-    body = await request.body()
-    if len(body) > limit:
-        raise OpenAIError(413, f"upload of {len(body)} bytes exceeds the {max_mb:g} MB limit", param="files")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # stop reading at the limit (a chunked body declares no length)
+        size += len(chunk)
+        if size > limit:
+            raise OpenAIError(413, f"upload of more than {limit} bytes exceeds the {max_mb:g} MB limit",
+                              param="files")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_part_size=limit)
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_part_size=limit)
+        except StarletteHTTPException as exc:
+            raise bad_request(f"body: malformed multipart/form-data ({exc.detail}); fix: send one part per file",
+                              "body") from None
         files, metadata = {}, {}
         for key, value in form.multi_items():
             if hasattr(value, "read"):
-                files[value.filename or key] = await value.read()
+                fname = value.filename or key
+                if fname in files:
+                    raise bad_request(f"files: {fname!r} sent twice; send each file once", "files")
+                files[fname] = await value.read()
             elif key == "metadata":
                 metadata.update(_json_object(value, "metadata"))
             elif key == "description":
@@ -187,8 +244,8 @@ async def _read_upload(request: Request, kind: ArtifactKind, max_mb: float) -> t
 def _json_object(raw: bytes | str, field: str) -> dict:
     try:
         value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise bad_request(f"{field} is not valid JSON", field) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise bad_request(f"{field} is not valid JSON (or nested too deeply)", field) from None
     if not isinstance(value, dict):
         raise bad_request(f"{field} must be a JSON object", field)
     return value

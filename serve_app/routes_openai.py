@@ -22,6 +22,7 @@ from cluster.registry import Principal
 from serve_app.auth import principal
 from serve_app.catalog import Target
 from serve_app.engine import GenerationRequest
+from serve_app.limits import check_request, replica_refusal
 from serve_app.openai_api import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -37,6 +38,7 @@ from serve_app.openai_api import (
     new_id,
     now,
 )
+from serve_app.retry import call_with_retry
 from serve_app.state import RouterState, get_state
 
 api = APIRouter()
@@ -72,6 +74,7 @@ async def completions(body: CompletionRequest, who: Principal = Depends(principa
 
 async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_text: str, **content):
     started = time.perf_counter()
+    check_request(body, endpoint)
     target: Target = await asyncio.to_thread(state.catalog.resolve, who, body.model, route_text, body.atelier)
     pool = state.config.pool(target.pool)
     max_tokens = body.token_limit(min(256, pool.max_new_tokens))
@@ -91,7 +94,7 @@ async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_
         gen = handle.options(stream=True).generate_stream.remote(req.model_dump())
         return StreamingResponse(_sse(state, gen, endpoint, req, info, tags, started), media_type="text/event-stream")
     try:
-        result = await handle.generate.remote(req.model_dump())
+        result = await call_with_retry(lambda: handle.generate.remote(req.model_dump()), f"pool {target.pool!r}")
     except BackPressureError:
         raise OpenAIError(503, f"pool {target.pool!r} is at capacity; retry shortly", type_="overloaded") from None
     if result.get("error"):
@@ -152,7 +155,7 @@ def replica_error(state: RouterState, tags: dict, result: dict) -> OpenAIError:
     status = int(result.get("error_status") or 500)
     if state.metrics is not None:
         state.metrics.errors.inc(tags={**tags, "status": str(status)})
-    return OpenAIError(status, result["error"], type_="server_error" if status >= 500 else "invalid_request_error")
+    return replica_refusal(status, result["error"], tags.get("endpoint", ""))
 
 
 def record_success(state: RouterState, tags: dict, result: dict, started: float, status: int) -> None:

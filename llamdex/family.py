@@ -320,7 +320,8 @@ class FamilyRenderer:
         fills["label"] = fills["key"] = mark(i, label, LABEL)
         fills["Label"] = mark(i, cap(label), LABEL)
         if "value" in names:
-            text = w.category(f, value, short) if f.type == "category" else w.number(f, value)
+            # numbers as numbers: a special-value phrase ('never contacted before') does not fit '... stood at {value}'
+            text = w.category(f, value, short) if f.type == "category" else w.number(f, value, phrases=False)
             fills["value"] = mark(i, text)
         if "count" in names:
             count, noun = w.count(f, value)

@@ -46,14 +46,21 @@ def mark(index: int, text: str, what: str = VALUE) -> str:
 
 def unmark(text: str) -> tuple[str, dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
     """Strip :func:`mark` markers: (plain text, feature index -> character span of its value, and of its label)."""
+    plain, values, labels_ = unmark_all(text)
+    return plain, {i: s[0] for i, s in values.items()}, {i: s[0] for i, s in labels_.items()}
+
+
+def unmark_all(text: str) -> tuple[str, dict[int, list[tuple[int, int]]], dict[int, list[tuple[int, int]]]]:
+    """Like :func:`unmark`, with every marked span of a feature (a value may be written more than once,
+    e.g. a pronoun that says 'female')."""
     parts: list[str] = []
-    spans: dict[str, dict[int, tuple[int, int]]] = {VALUE: {}, LABEL: {}}
+    spans: dict[str, dict[int, list[tuple[int, int]]]] = {VALUE: {}, LABEL: {}}
     pos = last = 0
     for m in _MARKS.finditer(text):
         parts.append(text[last:m.start()])
         pos += m.start() - last
         inner = m.group(3)
-        spans[m.group(1)][ord(m.group(2)) - INDEX_BASE] = (pos, pos + len(inner))
+        spans[m.group(1)].setdefault(ord(m.group(2)) - INDEX_BASE, []).append((pos, pos + len(inner)))
         parts.append(inner)
         pos += len(inner)
         last = m.end()
@@ -82,13 +89,18 @@ def article(word: str) -> str:
 
 
 _SENTENCE_START = re.compile(r"(^|[.!?]\s+|\n\s*)((?:[\x02\x04].)?)([a-z])")
+_ABBREVIATION = re.compile(r"(?:^|[\s(])(?:e\.g|i\.e|approx|appr|prob|est|etc|ca|abt|vs|nr|no|yrs|incl|resp)\.\s+$",
+                           re.IGNORECASE)
 
 
 def sentence_case(text: str) -> str:
-    """Capitalise the first letter of every sentence and line (markers are skipped; 'pH' is kept)."""
+    """Capitalise the first letter of every sentence and line (markers are skipped; 'pH' is kept, and
+    a word after an abbreviation's full stop such as 'prob.' or 'approx.' is left alone)."""
     def up(m: re.Match) -> str:
         rest = text[m.end(3) - 1:].split(" ", 1)[0]
         if rest[1:] != rest[1:].lower():  # pH, mRNA: leave as written
+            return m.group(0)
+        if m.group(1).startswith(".") and _ABBREVIATION.search(text[max(0, m.start() - 12):m.start() + len(m.group(1))]):
             return m.group(0)
         return m.group(1) + m.group(2) + m.group(3).upper()
     return _SENTENCE_START.sub(up, text)
@@ -107,6 +119,11 @@ class Question:
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     label_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     stated: frozenset[str] = frozenset()
+    value_spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # every span, if several
+
+    def all_spans(self, name: str) -> list[tuple[int, int]]:
+        """Every span where feature ``name``'s value is written (empty if it is not stated)."""
+        return self.value_spans.get(name) or ([self.spans[name]] if name in self.spans else [])
 
 
 def format_number(value: float, feature: FeatureSpec) -> str:
@@ -171,8 +188,9 @@ class ValueWriter:
             symbol = currency_symbol(f)
             if symbol and text[:1].isdigit() and rng.random() < 0.5:
                 return symbol + text
-            glue = "" if text[-1:].isdigit() and rng.random() < 0.15 else " "  # '22yrs', '12.5%'
-            return f"{text}{glue}{rng.choice(units)}"
+            unit = rng.choice(units)
+            glue = "" if len(unit) <= 3 and " " not in unit and rng.random() < 0.3 else " "  # '22yrs', '12.5%'
+            return f"{text}{glue}{unit}"
         return text
 
     def count(self, f: FeatureSpec, value: Any) -> tuple[str, str]:

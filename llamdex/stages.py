@@ -140,7 +140,7 @@ def encoder_run(encoder: Encoder, cache: PromptCache, layer: int, idx: Sequence[
     if encoder.copies:
         if extras.literals is None:
             raise ValueError("literals: this encoder copies values; fix: pass the prompts' token_literals")
-        literals = layout([extras.literals[i] for i in idx], encoder.cfg.category_lists, h.shape[1])
+        literals = layout([extras.literals[i] for i in idx], encoder.cfg.vocabulary, h.shape[1])
     return encoder(h, mask, embeds, literals)
 
 
@@ -152,7 +152,7 @@ def train_encoder(encoder: Encoder, cache: PromptCache, layer: int, x: torch.Ten
     encoder.fit_input_stats([cache.hidden[layer][i] for i in rows[:512]])
     encoder.train()
     names = [f.name for f in encoder.cfg.features]
-    categories = frozenset(f.name for f in encoder.cfg.features if f.kind == "category")
+    every = frozenset(names)  # any feature a question leaves out is "not stated"
     if encoder.copies and extras.value_tokens is None:
         raise ValueError("extras.value_tokens: this encoder copies values; fix: pass where each value is written")
 
@@ -163,7 +163,7 @@ def train_encoder(encoder: Encoder, cache: PromptCache, layer: int, x: torch.Ten
         if encoder.copies:
             assert extras.value_tokens is not None and raw.pointer_logits is not None
             width = raw.pointer_logits.shape[-1] - 1
-            targets = target_mask([extras.value_tokens[i] for i in idx], names, width, categories)
+            targets = target_mask([extras.value_tokens[i] for i in idx], names, width, every)
             if raw.anchor_logits is not None and extras.label_tokens is not None:
                 anchors = target_mask([extras.label_tokens[i] for i in idx], names, width)[..., :-1]
         return encoder.loss(raw, x[idx], numeric_weight, targets, anchors)[0]

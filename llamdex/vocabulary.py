@@ -112,8 +112,10 @@ def derived_forms(name: str) -> list[str]:
 
 
 def labels(f: FeatureSpec) -> list[str]:
-    """What users call the feature: description, aliases, and the name with spaces (deduplicated)."""
-    return list(dict.fromkeys(x for x in (f.description, *f.aliases, f.name.replace("_", " ")) if x))
+    """What users call the feature: its description and aliases (the column name with spaces only if it
+    has neither: 'has nurs' is a key, not words; see :func:`record_keys`)."""
+    words = [x for x in (f.description, *f.aliases) if x]
+    return list(dict.fromkeys(words or [f.name.replace("_", " ")]))
 
 
 def record_keys(f: FeatureSpec) -> list[str]:
@@ -123,12 +125,12 @@ def record_keys(f: FeatureSpec) -> list[str]:
 
 
 def abbreviations(f: FeatureSpec) -> list[str]:
-    """Shorter keys people abbreviate a field to: initials of multi-word names ('fsd'), a clipped first
-    word ('fixed acid.', 'bal', 'dur')."""
+    """Shorter keys people abbreviate a field to: initials of multi-word names ('fsd'), a clipped last
+    word ('fixed acid', 'bal', 'dura')."""
     parts = f.name.split("_")
     if len(parts) > 1:
-        return ["".join(p[0] for p in parts), " ".join(parts[:-1] + [parts[-1][:4] + "."])]
-    return [f.name[:3], f.name[:4] + "."] if len(f.name) > 5 else []
+        return ["".join(p[0] for p in parts), " ".join(parts[:-1] + [parts[-1][:4]])]
+    return [f.name[:3], f.name[:4]] if len(f.name) > 5 else []
 
 
 def unit_forms(f: FeatureSpec) -> list[str]:

@@ -103,9 +103,9 @@ def test_decoding_after_slots_matches_uncached_recompute(lm, toy):
     with torch.no_grad():
         out = greedy_decode(model, *prefill_with_experts(model, ids, mask, pos, [bundle], tok), 3)[0].tolist()
         t = ids.shape[1]
-        slots, _ = bundle.slots(model(input_ids=ids, output_hidden_states=True).hidden_states[2], mask,
+        slots, _, _ = bundle.slots(model(input_ids=ids, output_hidden_states=True).hidden_states[2], mask,
                                 backbone(model).embed_tokens(ids),
-                                layout([token_literals(tok, ids[0].tolist())], bundle.encoder.cfg.category_lists))
+                                layout([token_literals(tok, ids[0].tolist())], bundle.encoder.cfg.vocabulary))
         emb = backbone(model).embed_tokens
         generated: list[int] = []
         for _ in range(3):

@@ -28,6 +28,7 @@ The Expert-API baseline lives in :mod:`llamdex.expert_api`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,9 +40,9 @@ from llamdex.codec import FeatureCodec
 from llamdex.datasets import DatasetSplits
 from llamdex.expert import ExpertMLP, predict_proba
 from llamdex.family import FamilyRenderer, family_file
-from llamdex.insertion import Bundle, predict_many
+from llamdex.insertion import Bundle, predict_many, prefill_with_experts
 from llamdex.llm_ops import class_logits, left_pad
-from llamdex.prompting import AnswerTokens, chat_prompt_ids
+from llamdex.prompting import AnswerTokens, chat_prompt_ids, end_of_turn_ids
 from llamdex.questions import QuestionGenerator
 from llamdex.render import Question
 from llamdex.stages import feature_fidelity
@@ -141,3 +142,58 @@ def extraction_fidelity(codec: FeatureCodec, encoded: np.ndarray, true: np.ndarr
     """Per feature: MAE in raw units (numeric) or accuracy (category/bool), each with its naive
     baseline (predict the reference mean / majority), on decoded values."""
     return feature_fidelity(codec, torch.as_tensor(encoded), torch.as_tensor(true), torch.as_tensor(reference))
+
+
+@torch.no_grad()
+def chat_replies(model, tokenizer, bundle: Bundle, questions: Sequence[str], max_new_tokens: int = 16,
+                 batch_size: int = 8) -> list[str]:
+    """What chat to an expert says, as the serving engine does it: the slots' class answer token first
+    (forced), then greedy decoding until the end of the turn or ``max_new_tokens``; decoded replies."""
+    stops = end_of_turn_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    token_ids = bundle.spec.class_token_ids
+    replies = []
+    for b in range(0, len(questions), batch_size):
+        prompts = [chat_prompt_ids(tokenizer, bundle.spec.system_prompt, [q])[0] for q in questions[b:b + batch_size]]
+        ids, mask, pos = left_pad(prompts, pad)
+        logits, past, mask, pos = prefill_with_experts(model, ids, mask, pos, [bundle] * len(prompts), tokenizer)
+        nxt = torch.tensor(token_ids)[logits[:, token_ids].argmax(-1)]
+        out, done = [[int(t)] for t in nxt], [False] * len(prompts)
+        for _ in range(max_new_tokens - 1):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            pos = pos[:, -1:] + 1
+            step = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past,
+                         use_cache=True)
+            past, nxt = step.past_key_values, step.logits[:, -1].argmax(-1)
+            for r, t in enumerate(nxt.tolist()):
+                if not done[r]:
+                    done[r] = t in stops
+                    if not done[r]:
+                        out[r].append(t)
+            if all(done):
+                break
+        replies += [tokenizer.decode(o, skip_special_tokens=True) for o in out]
+    return replies
+
+
+_WORD = re.compile(r"[A-Za-z']+")
+
+
+def fluent(reply: str, answers: Sequence[str]) -> bool:
+    """Whether a chat reply is the answer word, then nothing or one short well-formed sentence: at most
+    20 words ending in '.', '!' or ')', no other answer word (no "Yes, no, no, ..."), no word three
+    times. What noise after an untrained answer looks like fails it ("Yes, no, no, the documentary",
+    "No or No, which, when added")."""
+    text = reply.strip()
+    first = next((a for a in sorted(answers, key=len, reverse=True) if text.startswith(a)), None)
+    if first is None:
+        return False
+    rest = text[len(first):].strip()
+    if not rest.strip(".!"):
+        return True
+    words = [w.lower() for w in _WORD.findall(rest)]
+    others = {a.lower() for a in answers if len(a) > 1}  # answer words, any case; letters only as capitals
+    letters = {a for a in answers if len(a) == 1} & set(re.findall(r"\b[A-Z]\b", rest))
+    if not words or len(words) > 20 or others & set(words) or letters or rest[-1] not in ".!)":
+        return False
+    return max(words.count(w) for w in words) < 3

@@ -33,10 +33,10 @@ from llamdex.dp_training import train_expert
 from llamdex.encoder import Encoder, EncoderConfig, feature_heads
 from llamdex.expert import ExpertArch, ExpertMLP, ExpertSpec, predict_proba
 from llamdex.family import FamilyRenderer, family_file
-from llamdex.hidden_cache import PromptCache, build_cache
+from llamdex.hidden_cache import AnswerInputs, PromptCache, build_cache
 from llamdex.literals import PromptLiterals, candidates, token_literals, value_tokens
 from llamdex.llm_ops import num_layers
-from llamdex.prompting import AnswerTokens, answer_tokens, chat_prompt_ids
+from llamdex.prompting import AnswerTokens, answer_tokens, chat_prompt_ids, end_of_turn_id
 from llamdex.questions import QuestionGenerator
 from llamdex.render import Question
 from llamdex.schema import TenantSchema, load_schema
@@ -109,6 +109,7 @@ class ConnectorsConfig:
     dec_batch: int = 16
     dec_objective: Literal["labels", "expert"] = "expert"  # "labels" (paper) or transmit the expert (stages.py)
     dec_random_share: float = 0.5  # "expert": share of each batch with random expert outputs
+    dec_end_weight: float = 0.1  # weight of "end the turn right after the answer token" (stages.train_decoder; 0 = off)
     weight_decay: float = 0.01
     warmup_frac: float = 0.05  # of all steps (paper: 500 steps of ~7,500)
     expert_epochs: int = 10  # synthetic expert (paper: AdamW, lr 1e-4, batch 64, 10 epochs)
@@ -140,6 +141,7 @@ class ConnectorData:
     literals: list[PromptLiterals]  # per prompt: literal kind/value of each token
     value_tokens: list[dict[str, list[int]]]  # per prompt: numeric/bool feature -> tokens of its written value
     label_tokens: list[dict[str, list[int]]]  # ... and of its written label
+    end_of_turn: int | None = None  # the token that ends the assistant's turn (stage 2: said after the answer)
 
     def extras(self, model) -> PromptExtras:
         """What the encoder reads besides hidden states (see :class:`llamdex.stages.PromptExtras`)."""
@@ -235,19 +237,22 @@ def prepare_data(tokenizer, schema: TenantSchema | dict | str, cfg: ConnectorsCo
         x=torch.from_numpy(x), y=torch.from_numpy(y.astype(np.int64)), x_read=torch.from_numpy(x_read),
         train_rows=list(range(q)), stage2_rows=list(range(min(cfg.stage2_questions, q))),
         eval_rows=list(range(q, len(questions))), expert=expert, expert_spec=ExpertSpec.build(schema, arch, ledger),
-        literals=literals, value_tokens=values_at, label_tokens=labels_at)
+        literals=literals, value_tokens=values_at, label_tokens=labels_at, end_of_turn=end_of_turn_id(tokenizer))
 
 
 def cache_prompts(model, tokenizer, data: ConnectorData, layers: list[int], cfg: ConnectorsConfig,
                   progress: Progress | None = None, deadline: float | None = None) -> PromptCache:
     """One frozen pass: hidden states at ``layers`` for all prompts, keys/values from min(layers)
-    for the stage-2 and evaluation prompts (cached first; the deadline only skips training prompts)."""
+    for the stage-2 and evaluation prompts (cached first; the deadline only skips training prompts),
+    and for those, every class's answer-token state after the slots (what follows the answer)."""
     on_batch = None if progress is None else (
         lambda done, total, sec: progress(StageReport("cache", done, total, float("nan"), sec)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    placeholder = gaussian_placeholder(model.get_input_embeddings().weight, cfg.num_slots, cfg.seed)
+    answers = AnswerInputs(placeholder, data.answers.ids)  # also measured when not trained (dec_end_weight 0)
     return build_cache(model, data.prompts, layers, pad, kv_from=min(layers),
                        kv_rows=data.stage2_rows + data.eval_rows, batch_size=cfg.cache_batch,
-                       dtype=getattr(torch, cfg.cache_dtype), progress=on_batch, deadline=deadline)
+                       dtype=getattr(torch, cfg.cache_dtype), progress=on_batch, deadline=deadline, answers=answers)
 
 
 def residual_rms(cache: PromptCache, layer: int, rows: list[int]) -> float:
@@ -300,7 +305,7 @@ def fit_layer(model, data: ConnectorData, cache: PromptCache, cfg: ConnectorsCon
     dec_set = FitSettings(cfg.dec_epochs, cfg.dec_lr, cfg.dec_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
     dec_losses = train_decoder(decoder, model, data.expert, cache, layer, data.x, data.y, data.stage2_rows,
                                data.answers.ids, dec_set, progress, dec_deadline, cfg.dec_objective,
-                               cfg.dec_random_share)
+                               cfg.dec_random_share, data.end_of_turn, cfg.dec_end_weight)
     t_dec = time.perf_counter()
     report = evaluate(model, data, cache, layer, encoder, decoder)
     report.config = asdict(cfg) | {"residual_rms": rms, "train_prompts": len(train_rows),
@@ -321,7 +326,7 @@ def evaluate(model, data: ConnectorData, cache: PromptCache, layer: int, encoder
     true = data.x[rows]
     fidelity = feature_fidelity(data.codec, encoded, data.x_read[rows], data.x[data.train_rows])
     args = (decoder, model, data.expert, cache, layer)
-    forced = decoder_accuracy(*args, true, data.y, rows, data.answers.ids)
+    forced = decoder_accuracy(*args, true, data.y, rows, data.answers.ids, end_of_turn=data.end_of_turn)
     e2e = decoder_accuracy(*args, encoded, data.y, rows, data.answers.ids)
     stage2 = {f"teacher_forced_{k}": v for k, v in forced.items()} | {f"end_to_end_{k}": v for k, v in e2e.items()}
     stage2["train_label_balance"] = float(np.mean(data.y[data.train_rows].numpy() == 1))

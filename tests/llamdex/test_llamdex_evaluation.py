@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llamdex.codec import FeatureCodec
-from llamdex.evaluation import accuracy, base_llm_scores, eval_set, llamdex_scores
+from llamdex.evaluation import accuracy, base_llm_scores, chat_replies, eval_set, fluent, llamdex_scores
 from llamdex.expert_api import expert_api_inputs, generate_queries, parse_reply, schema_prompt
 from llamdex.prompting import answer_tokens
 from llamdex.schema import load_schema
@@ -146,3 +146,24 @@ def test_guided_queries_write_one_line_per_field_and_follow_the_cache(lm, toy):
             value.append(token)
             ids = ids + [token]
     assert lines[0] == f"{schema.features[0].name}: " + tok.decode(value, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize(("reply", "ok"), [
+    ("Yes", True), ("No", True), ("Yes.", True), ("No. The passenger died in the sinking.", True),
+    ("B (priority).", True), ("A: special priority, a fairly clear case.", True),
+    ("Yes, no, no, the documentary", False), ("No or No, which, when added", False), ("Maybe", False),
+    ("Yes and then it went on and on and on and on.", False), ("Yes the", False), ("C or D.", False),
+])
+def test_fluency_check_rejects_noise_after_the_answer(reply, ok):
+    assert fluent(reply, ["No", "Yes"] if reply[0] in "NYM" else ["A", "B", "C", "D"]) is ok
+
+
+def test_chat_replies_start_with_the_predicted_answer(lm, toy):
+    model, tok, _ = lm
+    bundle = make_bundle(lm, toy, layer=2, n=3)
+    questions = ["Age 30, fare 12. Did the passenger survive?", "A girl of 4. Did the passenger survive?"]
+    replies = chat_replies(model, tok, bundle, questions, max_new_tokens=4)
+    labels = [r["label"] for r in __import__("llamdex.insertion", fromlist=["x"]).predict_many(
+        model, tok, [bundle] * 2, questions)]
+    strings = dict(zip(bundle.spec.class_names, bundle.spec.class_token_strings, strict=True))
+    assert [r[:1] for r in replies] == [strings[lab] for lab in labels]

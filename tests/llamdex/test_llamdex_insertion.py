@@ -157,6 +157,9 @@ def test_predict_is_one_forward_with_readable_outputs(lm, toy):
     assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert sum(res["expert_probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert set(res["features"]) == {"age", "fare", "sex", "alone"}
+    assert sorted(res["stated"] + res["not_stated"]) == sorted(res["features"])
+    assert all(res["features"][k] is None for k in res["not_stated"])
+    assert all(res["features"][k] is not None for k in res["stated"] if k != "sex")
     ids, mask, pos = batch(tok, bundle, QUESTIONS[:1])
     with torch.no_grad():
         logits = prefill_with_experts(model, ids, mask, pos, [bundle], tok)[0][0, bundle.spec.class_token_ids]

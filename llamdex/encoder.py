@@ -327,36 +327,49 @@ class Encoder(nn.Module):
         return self._one_each(raw) < raw.literals.kinds.shape[1]
 
     def _one_each(self, raw: EncoderRaw) -> torch.Tensor:
-        """Each feature's pointed token, one numeric/bool feature per literal: (feature, literal) pairs
-        are taken greedily by probability (summed over the literal's tokens), so a feature confident
-        about a literal keeps it and a less confident feature that also wanted it falls back to its next
-        choice. Mentions of a feature's own values and "not stated" are its own: they keep the argmax
-        (two features may both read "never contacted before"), as do categories."""
-        assert raw.pointer_logits is not None and raw.literals is not None
-        best = raw.pointer_logits.argmax(-1)
-        kinds, values = raw.literals.kinds, raw.literals.values
-        width = kinds.shape[1]
-        own_mention = raw.literals.mentions.gather(2, best.clamp(max=width - 1)[..., None])[..., 0] >= 0
-        shared = [i for i, f in enumerate(self.cfg.features) if f.kind != "category"]
+        """Each feature's choice (B, F): the first token of the literal or mention it reads, or ``T`` for
+        "not stated".
+
+        Probabilities are summed over the tokens of one literal ("thirty-six" is three tokens, and its
+        mass would otherwise be split three ways against the single "not stated" option). A feature is
+        stated when its candidates hold more than half of its mass, and reads the literal or mention
+        holding the most. One numeric/bool feature per literal: (feature, literal) pairs are taken
+        greedily by mass, so a feature confident about a literal keeps it and a less confident feature
+        that also wanted it falls back to its next choice; mentions of a feature's own values (two
+        features may both read "never contacted before") and categories are exempt."""
+        assert raw.pointer_logits is not None and raw.literals is not None and raw.candidates is not None
+        lits = raw.literals
+        b, f, t = raw.pointer_logits.shape[0], raw.pointer_logits.shape[1], lits.kinds.shape[1]
+        probs = torch.softmax(raw.pointer_logits.float(), -1)
+        stated = probs[..., t] < 0.5
+        # groups: runs of tokens with the same kind, value and (per feature) mention of the same value
+        kinds = lits.kinds[:, None, :].expand(b, f, t)
+        values = lits.values[:, None, :].expand(b, f, t)
+        change = torch.ones(b, f, t, dtype=torch.bool)
+        change[..., 1:] = ((kinds[..., 1:] != kinds[..., :-1]) | (values[..., 1:] != values[..., :-1])
+                           | (lits.mentions[..., 1:] != lits.mentions[..., :-1]))
+        pos = torch.arange(t).expand(b, f, t)
+        starts = torch.where(change, pos, torch.zeros_like(pos)).cummax(-1).values
+        mass = torch.zeros(b, f, t).scatter_add_(2, starts, probs[..., :t])
+        best = torch.where(stated, mass.argmax(-1), torch.full((b, f), t))
+        shared = [i for i, feat in enumerate(self.cfg.features) if feat.kind != "category"]
         if len(shared) < 2:
             return best
-        pos = torch.arange(width).expand_as(kinds)
-        new = torch.ones_like(kinds, dtype=torch.bool)
-        new[:, 1:] = (kinds[:, 1:] != kinds[:, :-1]) | (values[:, 1:] != values[:, :-1])
-        starts = torch.where(new, pos, torch.zeros_like(pos)).cummax(1).values  # first token of each literal
-        literal = (kinds != 0).float()  # only kind literals are shared; mentions are each feature's own
-        probs = torch.softmax(raw.pointer_logits[:, shared].float(), -1)[..., :width] * literal[:, None, :]
-        for b in range(kinds.shape[0]):
-            keep = [j for j, i in enumerate(shared) if best[b, i] < width and not own_mention[b, i]]
-            per_literal = torch.zeros(len(shared), width).index_add_(1, starts[b], probs[b])
-            j, t = torch.nonzero(per_literal > 0.01, as_tuple=True)
-            order = per_literal[j, t].argsort(descending=True)
-            done: set[int] = {j for j in range(len(shared)) if j not in keep}
+        own = lits.mentions.gather(2, best.clamp(max=t - 1)[..., None])[..., 0] >= 0
+        literal = (lits.kinds != 0).float()[:, None, :]  # only kind literals are shared
+        for r in range(b):
+            keep = [j for j, i in enumerate(shared) if bool(stated[r, i]) and not bool(own[r, i])]
+            if len(keep) < 2:
+                continue
+            m = mass[r, shared] * literal[r]
+            j, tok = torch.nonzero(m > 0.01, as_tuple=True)
+            order = m[j, tok].argsort(descending=True)
+            done: set[int] = {x for x in range(len(shared)) if x not in keep}
             taken: set[int] = set()
             for k in order.tolist():
-                jj, tt = int(j[k]), int(t[k])
+                jj, tt = int(j[k]), int(tok[k])
                 if jj not in done and tt not in taken:
-                    best[b, shared[jj]] = tt
+                    best[r, shared[jj]] = tt
                     done.add(jj)
                     taken.add(tt)
         return best

@@ -11,8 +11,8 @@ question draws independently:
 * per feature a **clause**: label and value joined by one of hundreds of connectors in either
   order (:func:`llamdex.phrasings.forward_connectors`), a count with its noun ("no siblings", "a
   parent"), a bare category ("a woman", "in steerage"), a bool as a yes/no word, as the schema's own
-  phrase ("has a mortgage"), as its label alone (true: "with a housing loan") or negated (false:
-  "without a housing loan"); labels are descriptions, aliases, names or record keys;
+  phrase ("has a mortgage") or negated (false: "without a housing loan"); labels are descriptions,
+  aliases or record keys;
 * how each **value** is written (:class:`llamdex.render.ValueWriter`: digits, words, units, currency
   symbols, synonyms, ordinal forms);
 * **unstated features**: a share of the features is left out or written as unknown ("age: unknown")
@@ -38,7 +38,6 @@ from llamdex.phrasings import (
     BOOL_ANSWER,
     BOOL_FALSE,
     BOOL_PHRASE,
-    BOOL_TRUE,
     CATEGORY_BARE,
     CLOSERS,
     COUNT_CLAUSES,
@@ -121,7 +120,6 @@ class TrainingGrammar:
                 pron = (gi, _PRONOUNS[mapping[value]])
         clauses: dict[str, str] = {}
         stated: set[str] = set()
-        label_is_value: set[str] = set()
         for i, f in enumerate(self.schema.features):
             if f.name not in row:
                 raise ValueError(f"row: feature {f.name!r} is absent; fix: include it (None/NaN if unknown)")
@@ -135,11 +133,8 @@ class TrainingGrammar:
             if pron is not None and i == pron[0] and rng.random() < 0.4:
                 stated.add(f.name)  # the pronoun alone says it
                 continue
-            clause, as_label = self._clause(i, f, value, style, short)
-            clauses[f.name] = clause
+            clauses[f.name] = self._clause(i, f, value, style, short)
             stated.add(f.name)
-            if as_label:
-                label_is_value.add(f.name)
         parts = list(clauses.values())
         rng.shuffle(parts)
         if style not in ("csv", "record") and self.fake_labels and rng.random() < 0.3:
@@ -150,8 +145,6 @@ class TrainingGrammar:
         names = [f.name for f in self.schema.features]
         spans = {names[i]: s for i, s in value_spans.items()}
         labs = {names[i]: s for i, s in label_spans.items()}
-        for name in label_is_value:
-            spans[name] = labs[name]
         return Question(text=plain, family="train", clauses={k: unmark_all(c)[0] for k, c in clauses.items()},
                         spans={k: v[0] for k, v in spans.items()}, label_spans={k: v[0] for k, v in labs.items()},
                         stated=frozenset(stated), value_spans=spans)
@@ -178,40 +171,38 @@ class TrainingGrammar:
             return prefix + label + rng.choice(self.forward) + value
         return value + rng.choice(self.backward) + rng.choice(("", "", "the ", "its ", "their ")) + label
 
-    def _clause(self, i: int, f: FeatureSpec, value: Any, style: str, short: bool) -> tuple[str, bool]:
-        """(clause, whether the label itself is the value: a bool written as true by naming it)."""
+    def _clause(self, i: int, f: FeatureSpec, value: Any, style: str, short: bool) -> str:
+        """One feature's clause in ``style`` (value and label marked)."""
         rng = self.rng
         label = mark(i, self._label(f, short), LABEL)
         if style == "csv":  # 'key=value', split into a header and a row by _csv
             said = rng.choice(YES_NO)[0 if to_bool(value, f.name) else 1] if f.type == "bool" else None
-            return label + "=" + (mark(i, said) if said else self._value(i, f, value, short)), False
+            return label + "=" + (mark(i, said) if said else self._value(i, f, value, short))
         if f.type == "bool":
             return self._bool(i, f, value, label, short)
         if f.type == "int" and f.nouns and rng.random() < 0.5 and style != "csv":
             count, noun = self.writer.count(f, value)
-            return rng.choice(COUNT_CLAUSES).format(count=mark(i, count), noun=noun), False
+            return rng.choice(COUNT_CLAUSES).format(count=mark(i, count), noun=noun)
         if f.type == "category" and rng.random() < 0.25 and style != "csv":
             text = self.writer.category(f, value, short)
             if self._phrase_owners.get(text.lower(), 0) == 1:  # only this feature has that word
-                return rng.choice(CATEGORY_BARE).format(value=mark(i, text)), False
-        return self._joined(label, self._value(i, f, value, short), short, style == "narrative"), False
+                return rng.choice(CATEGORY_BARE).format(value=mark(i, text))
+        return self._joined(label, self._value(i, f, value, short), short, style == "narrative")
 
-    def _bool(self, i: int, f: FeatureSpec, value: Any, label: str, short: bool) -> tuple[str, bool]:
+    def _bool(self, i: int, f: FeatureSpec, value: Any, label: str, short: bool) -> str:
         rng = self.rng
         yes = to_bool(value, f.name)
         roll = rng.random()
         phrase = self.writer.phrase(f, value)
-        if roll < 0.2 and phrase is not None:
-            return rng.choice(BOOL_PHRASE).format(phrase=mark(i, phrase)), False
-        if roll < 0.45:
-            if yes:  # the label itself says 'true': one of the feature's own words, not a record key
-                return rng.choice(BOOL_TRUE).format(label=mark(i, self.writer.label(f), LABEL)), True
+        if roll < 0.25 and phrase is not None:
+            return rng.choice(BOOL_PHRASE).format(phrase=mark(i, phrase))
+        if roll < 0.4 and not yes:  # a negation says 'false' ("without a housing loan")
             template = rng.choice(BOOL_FALSE)
-            return _NEGATION.sub(lambda m: mark(i, m.group(1)), template).format(label=label), False
+            return _NEGATION.sub(lambda m: mark(i, m.group(1)), template).format(label=label)
         answer = mark(i, rng.choice(YES_NO)[0 if yes else 1])
         if roll < 0.75:
-            return rng.choice(BOOL_ANSWER).format(label=label, answer=answer), False
-        return self._joined(label, answer, short), False
+            return rng.choice(BOOL_ANSWER).format(label=label, answer=answer)
+        return self._joined(label, answer, short)
 
     def _fake_clause(self) -> str:
         rng = self.rng

@@ -3,7 +3,7 @@
 The **training grammar** is what connector-training questions are composed from
 (:mod:`llamdex.grammar`). It is deliberately wide -- many ways to connect a label to its value in
 either order, count phrases ("no siblings", "a parent"), bool phrasings that only negate ("no
-housing loan", "without a loan") or only name the feature ("they have a housing loan"), unknown
+housing loan", "without a loan"), unknown
 values, records and key=value lines, narrative with pronouns, distractor sentences and fake
 fields with numbers -- because the encoder must learn *which value belongs to which label* in
 phrasings it never saw. Every connector between a label and a value is in a finite list
@@ -77,9 +77,6 @@ BOOL_ANSWER = (
     "{label} marked {answer}", "{label} answered {answer}", "{label}? - {answer}",
     "{answer} ({label})", "{label} set to {answer}",
 )
-BOOL_TRUE = ("{label}", "has {label}", "with {label}", "does have {label}", "they have {label}",
-             "holds {label}", "{label} in place", "comes with {label}", "{label} noted", "{label}: present",
-             "{label} on file", "currently has {label}")
 BOOL_FALSE = ("[no] {label}", "[not] {label}", "[without] {label}", "[never] had {label}", "does [not] have {label}",
               "does[n't] have {label}", "{label}: [none]", "[no] {label} at all", "has [no] {label}",
               "[not] with {label}", "{label}? [none]", "[never] any {label}", "[no] sign of {label}",

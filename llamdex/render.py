@@ -189,7 +189,7 @@ class ValueWriter:
             if symbol and text[:1].isdigit() and rng.random() < 0.5:
                 return symbol + text
             unit = rng.choice(units)
-            glue = "" if len(unit) <= 3 and " " not in unit and rng.random() < 0.3 else " "  # '22yrs', '12.5%'
+            glue = "" if text[-1:].isdigit() and len(unit) <= 3 and " " not in unit and rng.random() < 0.3 else " "
             return f"{text}{glue}{unit}"
         return text
 

@@ -9,8 +9,10 @@ value can be written, so both read this module:
 * a category or bool value through its own name, the schema's ``synonyms`` and derived forms:
   a category named like an ordinal or a number also reads as its digits and ordinal ("third" ->
   "3rd", "3"; "1" -> "one"), and every phrase with a small number in it also with the number
-  in the other form ("class three" <-> "class 3"). A bool feature's own labels mean "true"
-  ("they have a housing loan"), so only a negation or a "no" makes it false;
+  in the other form ("class three" <-> "class 3"). A bool reads through yes/no words, negations and
+  its own true/false phrases ("has a mortgage", "no housing loan"): its labels are *not* phrases of
+  "true" (measured on bank validation questions: the label's tokens, present in nearly every bool
+  clause, then drew the pointer away from the "no" next to them);
 * a numeric feature's special values through ``synonyms`` ("-1": "never contacted before");
 * a feature through its labels (description, aliases, name) and short record keys ("sibsp",
   "fixed_acidity", "fix. acid."); a unit through ``unit``, ``unit_aliases`` and, for currencies,
@@ -161,8 +163,6 @@ def _value_phrases(f: FeatureSpec) -> tuple[tuple[str, ...], ...]:
         phrases = list(table.get(key, []))
         if f.type == "category":
             phrases += derived_forms(key)
-        if f.type == "bool" and key == "true":
-            phrases += labels(f)
         out.append(tuple(dict.fromkeys(v for p in phrases for v in (_variants(p) if " " in p else [p]))))
     # a phrase claimed by two values (e.g. a derived form equal to another value's synonym) is dropped from
     # the later one: one phrase, one meaning
@@ -177,7 +177,7 @@ def _value_phrases(f: FeatureSpec) -> tuple[tuple[str, ...], ...]:
 
 def value_phrases(f: FeatureSpec) -> list[list[str]]:
     """Per value index, every phrase that writes it: category -> per category (name, synonyms, derived
-    forms); bool -> [false phrases, true phrases + the feature's labels]; numeric -> per ``synonyms`` key."""
+    forms); bool -> [false phrases, true phrases]; numeric -> per ``synonyms`` key."""
     return [list(p) for p in _value_phrases(f)]
 
 

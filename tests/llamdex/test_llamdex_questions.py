@@ -57,7 +57,7 @@ def training_templates() -> set[str]:
     for c in ph.backward_connectors():
         for det in ("", "the ", "its ", "their "):
             out.add(_normal_template("{value}" + c + det + "{label}"))
-    pools = (ph.COUNT_CLAUSES, ph.BOOL_ANSWER, ph.BOOL_TRUE, ph.BOOL_FALSE, ph.BOOL_PHRASE, ph.CATEGORY_BARE,
+    pools = (ph.COUNT_CLAUSES, ph.BOOL_ANSWER, ph.BOOL_FALSE, ph.BOOL_PHRASE, ph.CATEGORY_BARE,
              ph.UNSTATED, ph.OPENERS, ph.DISTRACTORS, ph.CLOSERS, ph.LEADINS)
     for pool in pools:
         for t in pool:

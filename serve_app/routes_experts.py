@@ -3,8 +3,9 @@
 The question is answered exactly as in training (the connectors' system prompt + the question,
 slots appended, one forward): the label is the class answer token with the highest probability
 at the last slot. The response also carries what the encoder read from the question (decoded
-features), the tenant expert's own probabilities on those features, the versions used and the
-expert version's DP ledger (``privacy``).
+features), which features the question stated and which it did not (those get the schema's
+default, or 'missing' for a category: never a value made up by the model), the tenant expert's own
+probabilities on the features, the versions used and the expert version's DP ledger (``privacy``).
 Same keys, isolation and errors as the chat API; concurrent predictions are batched on the
 replica into one forward (even across experts).
 """
@@ -57,6 +58,9 @@ class PredictResponse(BaseModel):
     label: str = Field(description="argmax class of the LLM's answer tokens at the last slot")
     probabilities: dict[str, float] = Field(description="softmax over the class answer tokens")
     features: dict[str, Any] = Field(description="what the encoder read from the question (None = not stated)")
+    stated: list[str] = Field(default_factory=list, description="features the question states (read from it)")
+    not_stated: list[str] = Field(default_factory=list, description="features the question does not state: the "
+                                  "expert got the schema's default (numeric/bool) or 'missing' (category)")
     expert_probabilities: dict[str, float] = Field(description="the tenant expert's output on those features")
     versions: ExpertVersions
     privacy: dict | None = Field(None, description="the DP ledger of this expert version (dp, epsilon, delta, "
@@ -90,6 +94,7 @@ async def predict(tenant: str, name: str, body: PredictRequest, who: Principal =
     return PredictResponse(
         id=new_id("pred"), created=now(), model=model, label=result["label"],
         probabilities=result["probabilities"], features=result["features"],
+        stated=result.get("stated", []), not_stated=result.get("not_stated", []),
         expert_probabilities=result["expert_probabilities"],
         versions=ExpertVersions(expert=result["expert_version"], connectors=result["connectors_version"],
                                 key=result["expert"]),

@@ -184,12 +184,8 @@ def svd_bank(
     )
 
 
-def add_adapter(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True) -> Bank:
-    """A new Bank that also holds `adapter`, projected onto the cluster where it fits best (no refit).
-
-    Its error is in the returned bank's recon_error[adapter.name]; a high value means the adapter
-    does not share the bank's subspaces (re-compress the collection offline, or serve it as is).
-    """
+def check_addable(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True) -> None:
+    """Raise ValueError unless `adapter` can join `bank`: a new name, the same base model, known shapes."""
     if adapter.name in bank.adapters:
         raise ValueError(f"adapter '{adapter.name}' is already in the bank; rename it or build a new bank")
     if check_base_model and adapter.base_model and bank.base_model and adapter.base_model != bank.base_model:
@@ -197,10 +193,25 @@ def add_adapter(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True)
             f"adapter '{adapter.name}' is for base model {adapter.base_model!r}, the bank for "
             f"{bank.base_model!r}; pass check_base_model=False if they are the same model"
         )
+    validate_adapter(adapter, {m: mb.shape for m, mb in bank.modules.items()})
+
+
+def add_adapter(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True) -> Bank:
+    """A new Bank that also holds `adapter`, projected onto the shared cluster where it fits best (no refit).
+
+    Its error is in the returned bank's recon_error[adapter.name]; a high value means the adapter
+    does not share the bank's subspaces: `compression.exact.add_within_budget` then stores it exactly.
+    """
+    check_addable(bank, adapter, check_base_model)
+    shared = bank.shared_clusters
+    if not shared:
+        raise ValueError(f"the bank has no shared cluster to project '{adapter.name}' onto (every cluster is "
+                         "exact); add it with compression.exact.add_exact, or refit the collection")
     shapes = {m: mb.shape for m, mb in bank.modules.items()}
-    validate_adapter(adapter, shapes)
     stacks = _stacks([adapter], shapes)
-    cluster = int(assignment_costs(stacks, _bank_bases(bank), bank.method).argmin(1))
+    index = torch.tensor(shared)
+    shared_bases = {m: (U[index], V[index]) for m, (U, V) in _bank_bases(bank).items()}
+    cluster = shared[int(assignment_costs(stacks, shared_bases, bank.method).argmin(1))]
     sigmas, errors = _coefficients(stacks, _bank_bases(bank), [cluster], bank.method)
     modules = {
         m: replace(mb, sigma=torch.cat([mb.sigma, sigmas[m].to(mb.sigma.dtype)]))
@@ -216,13 +227,15 @@ def add_adapter(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True)
 
 
 def adapter_factors(bank: Bank, name: str) -> dict[str, Factors]:
-    """Compressed adapter `name` as rank-r LoRA factors per module: B' = U_c Σ_i, A' = V_cᵀ."""
+    """Adapter `name` as LoRA factors per module: B' = U_c Σ_i, A' = V_cᵀ (rank r); an exact adapter's
+    are its own uploaded factors (its slot's columns only, rank = its width)."""
     i = bank.index(name)
     c = bank.clusters[i]
+    cols = slice(bank.exact[name][0], sum(bank.exact[name])) if name in bank.exact else slice(None)
     factors = {}
     for module, mb in bank.modules.items():
         S = mb.sigma[i] if bank.method == "full" else torch.diag(mb.sigma[i])
-        factors[module] = (mb.U[c] @ S, mb.V[c].T.contiguous())
+        factors[module] = (mb.U[c] @ S[:, cols], mb.V[c][:, cols].T.contiguous())
     return factors
 
 

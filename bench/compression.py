@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("bench.bank", **row)
 
     # served = uploaded: each JD bank at each budget; the budget itself is chosen on validation paraphrases
-    pairs = [(e, r["heldout_accuracy"] / max(o["heldout_accuracy"], 1e-9)) for _, b_rows, errs in jd.values()
+    pairs = [(e, r["heldout_accuracy"], o["heldout_accuracy"]) for _, b_rows, errs in jd.values()
              for r, o, e in zip(b_rows, orig_rows, errs, strict=True)]
     chosen_budget, budget_bins = ev.adapter_budget(pairs, args.target_accuracy, args.budget_bin)
     served = []

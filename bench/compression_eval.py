@@ -58,20 +58,23 @@ def served_rows(bank_rows: list[dict], original: list[dict], errors: list[float]
     return [o if e > budget else r for r, o, e in zip(bank_rows, original, errors, strict=True)]
 
 
-def adapter_budget(pairs: list[tuple[float, float]], target: float, bin_size: int = 100) -> tuple[float | None, dict]:
-    """The per-adapter error budget from (error, kept) pairs of compressed adapters on validation.
+def adapter_budget(pairs: list[tuple[float, float, float]], target: float, bin_size: int = 100
+                   ) -> tuple[float | None, dict]:
+    """The per-adapter error budget from (error, accuracy, original accuracy) of compressed adapters on
+    validation paraphrases.
 
-    Pairs are sorted by error and cut into consecutive bins of ``bin_size``; the budget is the largest
-    error of the last bin before the first bin whose mean kept is < ``target`` (None: the first bin
-    misses). An adapter served compressed at an error up to the budget then keeps >= target of its
-    accuracy on average, judged among adapters of similar error (not diluted by near-exact ones)."""
+    Adapters are sorted by error and cut into consecutive bins of ``bin_size``; a bin keeps
+    Σ accuracy / Σ original accuracy. The budget is the largest error of the last bin before the
+    first bin that keeps < ``target`` (None: the first bin misses). An adapter served compressed at an
+    error up to the budget then keeps >= target of its accuracy, judged among adapters of similar
+    error (not diluted by near-exact ones)."""
     ordered = sorted(pairs)
     bins = [ordered[i:i + bin_size] for i in range(0, len(ordered), bin_size)]
     budget, table = None, []
     for b in bins:
-        kept = sum(k for _, k in b) / len(b)
+        kept = sum(a for _, a, _ in b) / max(sum(o for _, _, o in b), 1e-9)
         table.append({"error_from": round(b[0][0], 5), "error_to": round(b[-1][0], 5), "n": len(b),
-                      "mean_kept": round(kept, 4)})
+                      "kept": round(kept, 4)})
         if kept < target:
             break
         budget = b[-1][0]

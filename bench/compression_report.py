@@ -64,9 +64,9 @@ def report(p: dict, args, labels: dict, sizes) -> tuple[list[dict], str]:
     served_at = [r for r in p["served"] if r["budget"] == b["chosen"]]
     parts.append(
         f"**Serving budget** (per adapter, chosen on VALIDATION paraphrases): compressed adapters sorted by error, "
-        f"bins of {b['bin_size']}; the budget is the top error of the last bin whose mean kept is >= "
+        f"bins of {b['bin_size']}; the budget is the top error of the last bin that keeps >= "
         f"{100 * b['target']:.0f} %: **{b['chosen']}** (`compression.DEFAULT_ERROR_BUDGET` = {b['default']}).\n\n"
-        + _table(b["bins"], ["error_from", "error_to", "n", "mean_kept"]) + "\n\n"
+        + _table(b["bins"], ["error_from", "error_to", "n", "kept"]) + "\n\n"
         + "Every JD bank served at that budget (adapters over it stored exactly; the size includes their exact "
         "clusters; test paraphrases never used to choose anything):\n\n"
         + _table(served_at, ["config", "exact", "bank_pct", "train_kept", "val_kept", "test_kept", "agreement"]))

@@ -27,13 +27,14 @@ def test_adapter_budget_is_judged_among_adapters_of_similar_error():
     from bench.compression_eval import adapter_budget
 
     # 300 near-exact adapters keep everything; the next 100 (errors 0.02-0.03) keep 97 %; then 80 %
-    pairs = [(0.0001 * i, 1.0) for i in range(300)] + [(0.02 + 0.0001 * i, 0.97) for i in range(100)] + \
-        [(0.05 + 0.001 * i, 0.8) for i in range(100)]
+    pairs = [(0.0001 * i, 1.0, 1.0) for i in range(300)] + [(0.02 + 0.0001 * i, 0.97, 1.0) for i in range(100)] + \
+        [(0.05 + 0.001 * i, 0.8, 1.0) for i in range(100)]
     budget, info = adapter_budget(pairs, 0.95, bin_size=100)
     assert budget == pytest.approx(0.0299) and [b["n"] for b in info["bins"]] == [100] * 5
-    # the mean over every adapter below 0.149 would still pass 95 % (diluted by the exact ones); the bins do not
-    assert sum(k for e, k in pairs) / len(pairs) >= 0.95 - 0.0
-    assert adapter_budget([(0.5, 0.2)] * 10, 0.95, 5)[0] is None
+    # over all 500 adapters the mean would still pass 95 % (diluted by the near-exact ones); the bins do not
+    assert sum(a for _, a, _ in pairs) / len(pairs) >= 0.95
+    assert adapter_budget([(0.5, 0.2, 1.0)] * 10, 0.95, 5)[0] is None
+    assert adapter_budget([(0.1, 0.0, 0.0)] * 4, 0.95, 2)[0] is None  # nothing to keep is not "kept"
 
 
 def test_best_at_sizes_chooses_on_validation_and_reports_test():

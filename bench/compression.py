@@ -1,7 +1,7 @@
 """LoRA-collection compression on trained adapters: held-out accuracy kept vs parameters stored, side by
-side with SHARE, the serving budget, and scale to 1000 adapters.
+side with SHARE, and the serving budget. (Scale to 1000 adapters: ``bench/compression_scale.py``.)
 
-One run, four parts:
+One run, three parts:
 
 1. Trained adapters (``python -m train_jobs.lora_adapters``; the bench reports how long that took).
    Banks of a grid: Atelier's JD-Full / JD-Diag (rank r × clusters K), the per-adapter SVD baseline
@@ -14,10 +14,7 @@ One run, four parts:
    service does); the per-adapter budget is chosen on validation paraphrases
    (``compression.DEFAULT_ERROR_BUDGET`` comes from it), the headline is on test paraphrases: per
    method and size limit, the config chosen on validation and its test score.
-3. Scale: 1000 STRUCTURED SYNTHETIC adapters (planted groups), the whole r × K grid; 1000 perturbed
-   TRAINED adapters of 3 families, the Ray Tune sweep picking r, K by itself; size, error and fit
-   time vs number of adapters (10 → 1000).
-4. PEFT checks: exported adapters (compressed and exact) give the bank's answers through peft.
+3. PEFT checks: exported adapters (compressed and exact) give the bank's answers through peft.
 
     python -m bench.compression                                  # full run, writes docs/bench/compression.*
     python -m bench.compression --quick --model tiny-random --adapters DIR   # smoke run (temp dir)
@@ -43,17 +40,12 @@ PAPER = ("Compress then Serve (arXiv 2407.00066, v4 / ICML 2025) claims up to 10
          "compression with 500 and 1000 LoRAs (slides), and \"up to 50 % reconstruction error preserves the "
          "performance\" (Mistral-7B, r=16 q/k/v LoRAs on Natural-Instructions). SHARE (arXiv 2602.06043) claims up to "
          "100x parameter reduction.")
-DEFAULTS = {"limit": 0, "peft_checks": 2, "synthetic_n": 1000, "family_n": 1000,
+DEFAULTS = {"limit": 0, "peft_checks": 2,
             "grid": "full:8:1,full:16:1,full:24:1,full:32:1,full:16:2,full:24:2,full:8:4,full:12:4,full:16:4,"
                     "full:20:4,full:24:4,full:8:8,full:12:8,full:16:8,diag:64:1,diag:128:1,diag:64:2,diag:16:4,"
                     "diag:32:4,diag:36:4,svd:1,svd:2,share:8,share:16,share:24,share:32,share:48,share:62,"
-                    "vlora:4,vlora:9,vlora:19",
-            "synthetic_grid": "full:8:1,full:8:2,full:8:4,full:8:8,full:8:16,full:16:1,full:16:2,full:16:4,full:16:8,"
-                              "full:16:16,full:32:1,full:32:2,full:32:4,full:32:8,full:32:16,diag:32:8,diag:64:8",
-            "family_grid": "4,8,16,32:1,2,4,8:full,diag", "scaling_sizes": "10,30,100,300,1000"}
-QUICK = {"limit": 8, "peft_checks": 1, "synthetic_n": 40, "family_n": 30,
-         "grid": "full:2:1,full:4:1,full:2:2,diag:4:1,svd:1,share:4,vlora:2",
-         "synthetic_grid": "full:4:2,diag:4:2", "family_grid": "2,4:1,2:full", "scaling_sizes": "10,30"}
+                    "vlora:4,vlora:9,vlora:19"}
+QUICK = {"limit": 8, "peft_checks": 1, "grid": "full:2:1,full:4:1,full:2:2,diag:4:1,svd:1,share:4,vlora:2"}
 BUDGETS = (0.003, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3)
 SIZES = (2.5, 5.0, 10.0, 15.0, 20.0)
 LABELS = {"served": "Atelier served (JD + exact over budget)", "full": "JD-Full (clusters)",
@@ -158,18 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-bin", type=int, default=100, help="adapters per error bin when choosing the budget")
     p.add_argument("--peft-checks", type=int, default=None, help="adapters exported + evaluated through peft per bank")
     p.add_argument("--add-adapters", type=int, default=10, help="adapters timed when adding one new adapter")
-    p.add_argument("--synthetic-n", type=int, default=None, help="synthetic adapters for the planted grid (0 = skip)")
-    p.add_argument("--synthetic-grid", default=None, help="method:r:K,... fitted on the synthetic collection")
-    p.add_argument("--synthetic-clusters", type=int, default=8, help="planted groups in the synthetic collection")
-    p.add_argument("--synthetic-latent-rank", type=int, default=16, help="dimension of each group's subspaces")
-    p.add_argument("--synthetic-noise", type=float, default=0.3, help="per-factor noise (relative Frobenius norm)")
-    p.add_argument("--family-n", type=int, default=None, help="perturbed trained adapters for the sweep (0 = skip)")
-    p.add_argument("--families", default="crate-colors,project-status,ticket-routing",
-                   help="task families the perturbed collection is made from")
-    p.add_argument("--family-noise", type=float, default=0.2, help="relative noise on each perturbed factor")
-    p.add_argument("--family-grid", default=None, help="ranks:clusters:methods of the sweep on that collection")
-    p.add_argument("--scaling-sizes", default=None, help="collection sizes for the scaling plot")
-    p.add_argument("--max-concurrent", type=int, default=1, help="Tune trials in parallel (1 CPU each)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a shared box)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: 8 adapters, tiny grids; writes to a temp dir "
@@ -190,7 +170,6 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from bench import compression_baselines as baselines
     from bench import compression_eval as ev
-    from bench import compression_scale as scale
     from bench.common import command_line, write_results
     from bench.compression_report import report
     from cluster.banks import model_linear_shapes
@@ -310,35 +289,6 @@ def main(argv: list[str] | None = None) -> dict:
                                **peft_check(model, tok, bank, name, tasks[j], peft_dir)})
                 log.info("bench.peft_check", **checks[-1])
 
-    # scale
-    scale_budget = chosen_budget if chosen_budget is not None else DEFAULT_ERROR_BUDGET
-    synthetic = scale.planted_grid(dict(adapters[0].shapes), args.synthetic_n, args.synthetic_clusters,
-                                   args.synthetic_latent_rank, lora_rank, args.synthetic_noise,
-                                   [(m, int(r), int(k)) for m, r, k in (x.split(":") for x in
-                                                                        args.synthetic_grid.split(","))],
-                                   scale_budget, args.seed, log) if args.synthetic_n else []
-    families = sweep = scaling_rows = None
-    if args.family_n:
-        import ray
-
-        ranks, ks, methods = (x.split(",") for x in args.family_grid.split(":"))
-        fams = args.families.split(",")
-        collection, labels = scale.family_collection(list(zip(adapters, (t.family for t in tasks), strict=True)),
-                                                     fams, args.family_n, args.family_noise, args.seed)
-        ray.init(ignore_reinit_error=True, num_cpus=max(1, args.max_concurrent), include_dashboard=False,
-                 object_store_memory=int(1.5e9) if args.family_n >= 500 else None, log_to_driver=False)
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                sweep = scale.sweep_families(collection, labels, [int(r) for r in ranks], [int(k) for k in ks],
-                                             methods, scale_budget, Path(tmp), args.seed, args.max_concurrent)
-        finally:
-            ray.shutdown()
-        c = sweep["choice"]
-        sizes = [n for n in (int(x) for x in args.scaling_sizes.split(",")) if n <= len(collection)]
-        scaling_rows = scale.scaling(collection, sizes, c["method"], c["rank"], c["clusters"], scale_budget,
-                                     args.seed, log)
-        scale.plot_scaling(scaling_rows, out / "compression_scaling.png")
-        families = fams
     wall_run, cpu_run = time.perf_counter() - t_run, time.process_time() - c_run
 
     command = command_line("bench.compression", argv)
@@ -352,8 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bank_mean_budget": dict(zip(("trained", "first_failure"), suggest_budget(
             [r for r in rows if r["method"] in ("full", "diag")], args.target_accuracy), strict=True)),
         "add_one_s": {k: {"median": round(baselines.median(v), 5), "n": len(v)} for k, v in add_times.items()},
-        "per_adapter": per_adapter, "peft_checks": checks, "synthetic": synthetic, "family_sweep": sweep,
-        "families": families, "scaling": scaling_rows, "paper": PAPER,
+        "per_adapter": per_adapter, "peft_checks": checks, "paper": PAPER,
         "run": {"wall_s": round(wall_run, 1), "cpu_s": round(cpu_run, 1), "load_start": load_start,
                 "load_end": os.getloadavg(), "threads": args.threads, "eval_original_s": eval_s}}
     table, notes = report(payload, args, LABELS, SIZES)

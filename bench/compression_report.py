@@ -90,31 +90,6 @@ def report(p: dict, args, labels: dict, sizes) -> tuple[list[dict], str]:
         parts.append("PEFT export checks (bank op vs the same adapter loaded by `peft`):\n\n" + _table(
             p["peft_checks"], ["bank", "adapter", "exact", "peft_dir", "answers_equal", "max_abs_logit_diff",
                                "logit_scale"]))
-    if p["synthetic"]:
-        parts.append(f"Scale, 1000 STRUCTURED SYNTHETIC adapters (`compression.synthetic_collection`: "
-                     f"{args.synthetic_clusters} planted groups, latent rank {args.synthetic_latent_rank}, noise "
-                     f"{args.synthetic_noise}, the real module shapes; errors only, not trained), the whole r × K grid; "
-                     "`served_*`: at the serving budget:\n\n" + _table(p["synthetic"], [
-                         "config", "adapters", "bank_pct", "mean_error", "max_error", "served_exact", "served_pct",
-                         "fit_wall_s", "fit_cpu_s", "load_1min", "cluster_label_pairs"]))
-    sweep = p["family_sweep"]
-    if sweep:
-        c = sweep["choice"]
-        parts.append(
-            f"Scale without the planted answer: {sweep['adapters']} perturbed TRAINED adapters of the families "
-            f"{', '.join(sweep['families'])} (each a trained adapter of its family, every factor + {args.family_noise} "
-            f"relative Gaussian noise). The Ray Tune sweep (`train_jobs.bank_sweep.run_sweep`, the refit's own code) "
-            f"chose **{c['method']} r={c['rank']} K={c['clusters']}** ({sweep['chosen_pct']} % of the parameters, "
-            f"{c['exact_adapters']} adapters exact, served mean error {c['mean_error']:.4f}); sweep {sweep['sweep_wall_s']} "
-            f"s + final fit {sweep['final_fit_wall_s']} s wall = the refit time at {sweep['adapters']} adapters. "
-            "Its clusters vs the families:\n\n" + _table(sweep["clusters_vs_families"], ["cluster", "family", "adapters"])
-            + "\n\nEvery trial:\n\n" + _table(sweep["trials"], [
-                "method", "clusters", "rank", "fit_mean_error", "mean_error", "max_error", "exact_adapters",
-                "bank_pct", "fit_s"]))
-    if p["scaling"]:
-        parts.append("Size, error and fit time vs number of adapters (`compression_scaling.png`):\n\n" + _table(
-            p["scaling"], ["config", "adapters", "bank_pct", "served_pct", "served_exact", "mean_error", "max_error",
-                           "fit_wall_s", "fit_cpu_s", "load_1min"]))
     rb = p["rebuild"]
     run = rb.get("index_run") or {}
     parts.append(f"The 100 trained adapters: `{rb['command']}` (add `--workers N` for N Ray Train workers; "
@@ -128,5 +103,5 @@ def report(p: dict, args, labels: dict, sizes) -> tuple[list[dict], str]:
     parts.append(f"Whole run: {r['wall_s'] / 60:.1f} min wall, {r['cpu_s'] / 60:.1f} min CPU (this process); load "
                  f"average {r['load_start'][0]:.1f} at start, {r['load_end'][0]:.1f} at end on {os.cpu_count()} cores. "
                  "Plots: `compression.png` (test kept vs size, one line per method), `compression_val.png` "
-                 "(validation), `compression_scaling.png`.")
+                 "(validation). Scale to 1000 adapters: `compression_scale.md` (`python -m bench.compression_scale`).")
     return table, "\n\n".join(parts)

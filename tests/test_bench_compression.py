@@ -63,8 +63,15 @@ def test_help_lists_every_knob(capsys):
         bench.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--adapters", "--limit", "--grid", "--target-accuracy", "--target-params", "--budget-bin",
-                 "--peft-checks", "--add-adapters", "--synthetic-n", "--synthetic-grid", "--family-n", "--families",
-                 "--family-grid", "--scaling-sizes", "--quick", "--out"):
+                 "--peft-checks", "--add-adapters", "--quick", "--out"):
+        assert flag in text
+    from bench import compression_scale
+
+    with pytest.raises(SystemExit):
+        compression_scale.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--synthetic-n", "--synthetic-grid", "--family-n", "--families", "--family-noise", "--family-grid",
+                 "--scaling-sizes", "--budget", "--max-concurrent", "--quick", "--out"):
         assert flag in text
 
 
@@ -86,7 +93,6 @@ def test_quick_bench_measures_banks_and_share_through_the_serving_op(tiny_adapte
     out = tmp_path / "out"
     payload = bench.main(["--quick", "--model", "tiny-random", "--adapters", str(tiny_adapters), "--out", str(out),
                           "--grid", "full:2:1,full:8:1,full:2:2,diag:4:1,svd:1,share:4,vlora:2,full:2:9",
-                          "--synthetic-n", "12", "--synthetic-grid", "full:4:2", "--family-n", "0",
                           "--budget-bin", "2", "--add-adapters", "2"])
     rows = {r["config"]: r for r in payload["banks"]}
     original = rows["original adapters (exact bank)"]
@@ -115,12 +121,11 @@ def test_quick_bench_measures_banks_and_share_through_the_serving_op(tiny_adapte
     assert {c["bank"] for c in payload["peft_checks"]} >= {"original"}
     for check in payload["peft_checks"]:
         assert check["answers_equal"] == 1.0 and check["max_abs_logit_diff"] < 1e-4 * max(1.0, check["logit_scale"])
-    assert payload["synthetic"][0]["adapters"] == 12 and payload["synthetic"][0]["bank_pct"] > 0
     assert payload["share_packages"] == {"lorashare": "0.1.3", "vlora-dev": "1.0.0"}
     saved = json.loads((out / "compression.json").read_text())
     assert saved["banks"] == payload["banks"] and saved["budget"] == payload["budget"]
     md = (out / "compression.md").read_text()
-    assert "python -m bench.compression --quick" in md and "STRUCTURED SYNTHETIC" in md and "TEST paraphrases" in md
+    assert "python -m bench.compression --quick" in md and "TEST paraphrases" in md and "SHARE" in md
     for png in ("compression.png", "compression_val.png"):
         assert (out / png).stat().st_size > 5000
 
@@ -142,3 +147,30 @@ def test_family_collection_and_scaling_without_ray():
             assert 0.05 < nearest < 0.15  # a perturbed copy of one trained adapter
     rows = scale.scaling(perturbed, [5, 20], "full", 4, 1, 0.05, 0, get_logger("test"))
     assert [r["adapters"] for r in rows] == [5, 20] and all(r["fit_wall_s"] >= 0 for r in rows)
+
+
+def test_quick_scale_bench_fits_the_planted_grid(tiny_adapters, tmp_path):
+    from bench import compression_scale
+
+    payload = compression_scale.main(["--quick", "--model", "tiny-random", "--adapters", str(tiny_adapters),
+                                      "--out", str(tmp_path), "--synthetic-n", "12", "--family-n", "0"])
+    (row,) = [r for r in payload["synthetic"] if r["config"] == "full r=4 K=2"]
+    assert row["adapters"] == 12 and row["bank_pct"] > 0
+    assert row["served_exact"] == 0 or row["served_pct"] > row["bank_pct"]  # exact copies cost their own size
+    md = (tmp_path / "compression_scale.md").read_text()
+    assert "STRUCTURED SYNTHETIC" in md and "the whole r x K grid" in md
+
+
+@pytest.mark.ray
+def test_quick_scale_bench_sweeps_perturbed_families_without_being_told_k(ray_session, tiny_adapters, tmp_path):
+    from bench import compression_scale
+
+    payload = compression_scale.main(["--quick", "--model", "tiny-random", "--adapters", str(tiny_adapters),
+                                      "--out", str(tmp_path), "--synthetic-n", "0", "--family-n", "16",
+                                      "--families", "crate-colors,project-status", "--scaling-sizes", "8,16"])
+    sweep = payload["family_sweep"]
+    assert sweep["adapters"] == 16 and sweep["families"] == ["crate-colors", "project-status"]
+    assert len(sweep["trials"]) == 4 and sweep["choice"]["clusters"] in (1, 2)
+    assert sum(r["adapters"] for r in sweep["clusters_vs_families"]) == 16
+    assert [r["adapters"] for r in payload["scaling"]] == [8, 16]
+    assert (tmp_path / "compression_scaling.png").stat().st_size > 5000

@@ -131,11 +131,6 @@ def suggest_budget(rows: list[dict], target: float, keys: tuple[str, ...] = ("tr
     return ok_until, None
 
 
-def markdown_table(rows: list[dict], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows])
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.compression", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,13 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bench-compression-")) if args.quick
-                                           else ROOT / "docs" / "bench")
-    out.mkdir(parents=True, exist_ok=True)
+    from bench.compression_report import parse_bench_args
+
+    args, out = parse_bench_args(build_parser(), argv, DEFAULTS, QUICK, "bench-compression-", ROOT)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from bench import compression_baselines as baselines

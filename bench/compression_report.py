@@ -11,7 +11,8 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-def _table(rows: list[dict], cols: list[str]) -> str:
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    """A Markdown table of ``cols`` (missing values empty)."""
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     return "\n".join(lines + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows])
 
@@ -49,7 +50,7 @@ def _verdicts(p: dict, args, labels: dict, sizes) -> list[str]:
         out.append(("**Versus SHARE** (same adapters, same scoring, same run; test paraphrases kept): "
                     + ("Atelier's best is ahead at every size limit." if not wins else
                        f"SHARE is ahead or tied at {', '.join(wins)}.")) + "\n\n"
-                   + _table(share_rows, list(share_rows[0])))
+                   + markdown_table(share_rows, list(share_rows[0])))
     return out
 
 
@@ -66,12 +67,12 @@ def report(p: dict, args, labels: dict, sizes) -> tuple[list[dict], str]:
         f"**Serving budget** (per adapter, chosen on VALIDATION paraphrases): compressed adapters sorted by error, "
         f"bins of {b['bin_size']}; the budget is the top error of the last bin that keeps >= "
         f"{100 * b['target']:.0f} %: **{b['chosen']}** (`compression.DEFAULT_ERROR_BUDGET` = {b['default']}).\n\n"
-        + _table(b["bins"], ["error_from", "error_to", "n", "kept"]) + "\n\n"
+        + markdown_table(b["bins"], ["error_from", "error_to", "n", "kept"]) + "\n\n"
         + "Every JD bank served at that budget (adapters over it stored exactly; the size includes their exact "
         "clusters; test paraphrases never used to choose anything):\n\n"
-        + _table(served_at, ["config", "exact", "bank_pct", "train_kept", "val_kept", "test_kept", "agreement"]))
+        + markdown_table(served_at, ["config", "exact", "bank_pct", "train_kept", "val_kept", "test_kept", "agreement"]))
     parts.append("Best configuration per method and size limit (chosen on validation, reported on test):\n\n"
-                 + _table(p["best_at_sizes"], ["method", "size_limit_pct", "config", "bank_pct", "val_kept",
+                 + markdown_table(p["best_at_sizes"], ["method", "size_limit_pct", "config", "bank_pct", "val_kept",
                                                "test_kept", "train_kept"]))
     adds = p["add_one_s"]
     parts.append("Time to add one new adapter (median seconds over the timed adapters, 1 thread): " + ", ".join(
@@ -87,7 +88,7 @@ def report(p: dict, args, labels: dict, sizes) -> tuple[list[dict], str]:
                  "assumes aligned factors: independently trained LoRAs (different random inits) are not aligned, so "
                  "its reconstructions are poor here by construction.")
     if p["peft_checks"]:
-        parts.append("PEFT export checks (bank op vs the same adapter loaded by `peft`):\n\n" + _table(
+        parts.append("PEFT export checks (bank op vs the same adapter loaded by `peft`):\n\n" + markdown_table(
             p["peft_checks"], ["bank", "adapter", "exact", "peft_dir", "answers_equal", "max_abs_logit_diff",
                                "logit_scale"]))
     rb = p["rebuild"]
@@ -105,3 +106,19 @@ def report(p: dict, args, labels: dict, sizes) -> tuple[list[dict], str]:
                  "Plots: `compression.png` (test kept vs size, one line per method), `compression_val.png` "
                  "(validation). Scale to 1000 adapters: `compression_scale.md` (`python -m bench.compression_scale`).")
     return table, "\n\n".join(parts)
+
+
+def parse_bench_args(parser, argv: list[str] | None, defaults: dict, quick: dict, temp_prefix: str, root):
+    """(args, out dir): ``--quick`` or full defaults for every knob left unset; ``--out``, else a temp dir
+    for quick runs, else ``<root>/docs/bench`` (created)."""
+    import tempfile
+    from pathlib import Path
+
+    args = parser.parse_args(argv)
+    for key, value in (quick if args.quick else defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix=temp_prefix)) if args.quick
+                                           else Path(root) / "docs" / "bench")
+    out.mkdir(parents=True, exist_ok=True)
+    return args, out

@@ -158,11 +158,6 @@ def plot_scaling(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
-def _table(rows: list[dict], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows])
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.compression_scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,15 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bench-scale-")) if args.quick
-                                           else ROOT / "docs" / "bench")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
     from bench.common import command_line, write_results
+    from bench.compression_report import markdown_table, parse_bench_args
+
+    args, out = parse_bench_args(build_parser(), argv, DEFAULTS, QUICK, "bench-scale-", ROOT)
+    torch.set_num_threads(args.threads)
     from cluster.banks import model_linear_shapes
     from cluster.models import resolve_model
     from compression import DEFAULT_ERROR_BUDGET, load_peft_adapter
@@ -259,14 +250,14 @@ def main(argv: list[str] | None = None) -> dict:
             f"{c['exact_adapters']} adapters exact, served mean error {c['mean_error']:.4f}. Sweep "
             f"{sweep['sweep_wall_s']} s + final fit {sweep['final_fit_wall_s']} s wall, {args.max_concurrent} trial(s) "
             f"at a time = the refit time at {sweep['adapters']} adapters. Its clusters vs the families:\n\n"
-            + _table(sweep["clusters_vs_families"], ["cluster", "family", "adapters"])
+            + markdown_table(sweep["clusters_vs_families"], ["cluster", "family", "adapters"])
             + "\n\nEvery trial (`fit_mean_error`: the fit; `mean_error`/`max_error`: as served, over-budget adapters "
-            "exact; `bank_pct` includes their exact clusters):\n\n" + _table(sweep["trials"], [
+            "exact; `bank_pct` includes their exact clusters):\n\n" + markdown_table(sweep["trials"], [
                 "method", "clusters", "rank", "fit_mean_error", "mean_error", "max_error", "exact_adapters",
                 "bank_pct", "fit_s"]))
     if scaling_rows:
         parts.append("Size, error and fit time vs number of adapters (`compression_scaling.png`), the sweep's "
-                     "configuration on the first n adapters of that collection:\n\n" + _table(scaling_rows, [
+                     "configuration on the first n adapters of that collection:\n\n" + markdown_table(scaling_rows, [
                          "config", "adapters", "bank_pct", "served_pct", "served_exact", "mean_error", "max_error",
                          "fit_wall_s", "fit_cpu_s", "load_1min"]))
     parts.append(f"Torch threads {args.threads}, one core; 2-core box shared with other jobs (1-min load average "

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from cluster.logs import get_logger
+from compression.jd import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 log = get_logger("bench.compression")
@@ -41,15 +42,18 @@ PAPER = ("Compress then Serve (arXiv 2407.00066, v4 / ICML 2025) claims up to 10
          "performance\" (Mistral-7B, r=16 q/k/v LoRAs on Natural-Instructions). SHARE (arXiv 2602.06043) claims up to "
          "100x parameter reduction.")
 DEFAULTS = {"limit": 0, "peft_checks": 2,
-            "grid": "full:8:1,full:16:1,full:24:1,full:32:1,full:16:2,full:24:2,full:8:4,full:12:4,full:16:4,"
-                    "full:20:4,full:24:4,full:8:8,full:12:8,full:16:8,diag:64:1,diag:128:1,diag:64:2,diag:16:4,"
-                    "diag:32:4,diag:36:4,svd:1,svd:2,share:8,share:16,share:24,share:32,share:48,share:62,"
-                    "vlora:4,vlora:9,vlora:19"}
-QUICK = {"limit": 8, "peft_checks": 1, "grid": "full:2:1,full:4:1,full:2:2,diag:4:1,svd:1,share:4,vlora:2"}
+            # sizes (% of the 100 SmolLM2 adapters) from ~2.5 to ~20 for every method, a few beyond; lowrank r=K
+            # configs store exactly what SHARE k=r stores at K=1 (r(d_in+d_out) bases + 2rR per adapter/module)
+            "grid": "full:8:1,full:16:1,full:32:1,full:24:2,full:8:4,full:12:4,full:16:4,full:20:4,full:24:4,"
+                    "full:12:8,full:16:8,diag:128:1,diag:20:4,diag:28:4,diag:32:4,diag:36:4,lowrank:32:1,"
+                    "lowrank:48:1,lowrank:62:1,lowrank:22:2,lowrank:34:2,lowrank:44:2,lowrank:14:4,lowrank:21:4,"
+                    "lowrank:28:4,lowrank:12:8,lowrank:16:8,svd:1,svd:2,share:8,share:16,share:24,share:32,"
+                    "share:48,share:62,vlora:4,vlora:19"}
+QUICK = {"limit": 8, "peft_checks": 1, "grid": "full:2:1,full:4:1,full:2:2,diag:4:1,lowrank:6:1,svd:1,share:4,vlora:2"}
 BUDGETS = (0.003, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3)
 SIZES = (2.5, 5.0, 10.0, 15.0, 20.0)
 LABELS = {"served": "Atelier served (JD + exact over budget)", "full": "JD-Full (clusters)",
-          "diag": "JD-Diag (clusters)", "svd": "per-adapter SVD", "share": "SHARE (lorashare)",
+          "diag": "JD-Diag (clusters)", "lowrank": "JD-Full, rank-R core Σ (clusters)", "svd": "per-adapter SVD", "share": "SHARE (lorashare)",
           "vlora": "SHARE (vlora-dev)"}
 
 
@@ -75,9 +79,8 @@ def parse_grid(text: str, n: int) -> list[Spec]:
     specs = []
     for item in filter(None, (x.strip() for x in text.split(","))):
         parts = item.split(":")
-        if parts[0] not in ("full", "diag", "svd", "share", "vlora") or \
-                len(parts) != (3 if parts[0] in ("full", "diag") else 2):
-            raise SystemExit(f"--grid item {item!r}: expected full:r:K, diag:r:K, svd:r, share:k or vlora:k")
+        if parts[0] not in (*METHODS, "svd", "share", "vlora") or len(parts) != (3 if parts[0] in METHODS else 2):
+            raise SystemExit(f"--grid item {item!r}: expected full|diag|lowrank:r:K, svd:r, share:k or vlora:k")
         specs.append(Spec(parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else n))
     return [s for s in specs if s.clusters <= n]
 
@@ -138,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", default=None, help="directory of the LoRA job's adapters "
                    "(default ~/.cache/atelier/lora-adapters/<model>)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N adapters by task id (0 = all)")
-    p.add_argument("--grid", default=None, help="banks: full:r:K, diag:r:K, svd:r, share:k (lorashare), vlora:k "
+    p.add_argument("--grid", default=None, help="banks: full:r:K, diag:r:K, lowrank:r:K, svd:r, share:k (lorashare), vlora:k "
                    f"(vlora-dev), comma-separated (default {DEFAULTS['grid']})")
     p.add_argument("--target-accuracy", type=float, default=0.95, help="share of the originals' accuracy to keep")
     p.add_argument("--target-params", type=float, default=0.20, help="max bank size as a share of the adapters")
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         per_adapter[spec.label] = [{"adapter": r["name"], "error": round(e, 5),
                                     **{k: r[k] for k in ev.SPLITS.values()}} for r, e in zip(bank_rows, errors,
                                                                                               strict=True)]
-        if spec.method in ("full", "diag"):
+        if spec.method in METHODS:
             jd[spec.label] = (bank, bank_rows, errors)
         log.info("bench.bank", **row)
 
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # PEFT checks: the original, the best compressed JD bank within the size target, and its served form
     checks = []
-    within = [r for r in rows if r["method"] in ("full", "diag") and r["bank_pct"] <= 100 * args.target_params]
+    within = [r for r in rows if r["method"] in METHODS and r["bank_pct"] <= 100 * args.target_params]
     top = max(within, key=lambda r: r["val_kept"])["config"] if within else None
     check_banks = [("original", original, True)]
     if top:  # time adding one new adapter to it (the bank a pool would serve)
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         "share_packages": baselines.installed_versions(), "banks": rows, "served": served,
         "best_at_sizes": best, "budget": {"chosen": chosen_budget, "default": DEFAULT_ERROR_BUDGET, **budget_bins},
         "bank_mean_budget": dict(zip(("trained", "first_failure"), suggest_budget(
-            [r for r in rows if r["method"] in ("full", "diag")], args.target_accuracy), strict=True)),
+            [r for r in rows if r["method"] in METHODS], args.target_accuracy), strict=True)),
         "add_one_s": {k: {"median": round(baselines.median(v), 5), "n": len(v)} for k, v in add_times.items()},
         "per_adapter": per_adapter, "peft_checks": checks, "paper": PAPER,
         "run": {"wall_s": round(wall_run, 1), "cpu_s": round(cpu_run, 1), "load_start": load_start,

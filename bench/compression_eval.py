@@ -106,7 +106,7 @@ def plot_methods(rows: list[dict], labels: dict[str, str], budget_line: float | 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {"served": "-o", "full": "-s", "diag": "--s", "svd": ":^", "share": "-D", "vlora": ":x"}
+    styles = {"served": "-o", "full": "-s", "diag": "--s", "lowrank": "-v", "svd": ":^", "share": "-D", "vlora": ":x"}
     for method in sorted({r["method"] for r in rows}):
         pts = sorted((r["bank_pct"], 100 * r[key]) for r in rows if r["method"] == method)
         env, best = [], -1.0

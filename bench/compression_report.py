@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-ATELIER = ("served", "full", "diag", "svd")
+ATELIER = ("served", "full", "diag", "lowrank", "svd")
 
 
 def _pct(x: float | None) -> str:

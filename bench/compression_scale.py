@@ -34,7 +34,7 @@ log = get_logger("bench.compression_scale")
 DEFAULTS = {"synthetic_n": 1000, "family_n": 1000, "scaling_sizes": "10,30,100,300,1000",
             "synthetic_grid": "full:8:1,full:8:2,full:8:4,full:8:8,full:8:16,full:16:1,full:16:2,full:16:4,full:16:8,"
                               "full:16:16,full:32:1,full:32:2,full:32:4,full:32:8,full:32:16,diag:32:8,diag:64:8",
-            "family_grid": "4,8,16,32:1,2,4,8:full,diag"}
+            "family_grid": "4,8,16,32:1,2,4,8:full,diag,lowrank"}
 QUICK = {"synthetic_n": 40, "family_n": 30, "scaling_sizes": "10,30", "synthetic_grid": "full:4:2,diag:4:2",
          "family_grid": "2,4:1,2:full"}
 

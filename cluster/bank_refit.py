@@ -34,7 +34,7 @@ class RefitRequest:
     budget: float | None = None
     ranks: tuple[int, ...] = (4, 8, 16, 32)
     clusters: tuple[int, ...] = (1, 2, 4, 8)
-    methods: tuple[str, ...] = ("full", "diag")
+    methods: tuple[str, ...] = ("full", "diag", "lowrank")
     max_rank: int | None = None
     trial_cpus: float = 0.5
     max_concurrent: int = 1

@@ -1,8 +1,9 @@
 """The compressed LoRA bank: typed in-memory form, validation and its on-disk format.
 
 A bank directory holds `bank.safetensors` (per module: `<module>.U` [K, d_out, r], `<module>.V`
-[K, d_in, r], `<module>.sigma` [n, r, r] for JD-Full or [n, r] for JD-Diag) and `bank.json`, the
-manifest (fields, adapter order, clusters, errors, module shapes and the sha256 of the tensors).
+[K, d_in, r], `<module>.sigma` [n, r, r] for JD-Full, [n, r] for JD-Diag or [n, r, 2R] for lowrank)
+and `bank.json`, the manifest (fields, adapter order, clusters, errors, module shapes and the
+sha256 of the tensors).
 The manifest is written last via a temp file + os.replace, so a directory with a bank.json is a
 complete bank; load_bank refuses anything inconsistent, naming the field or tensor at fault.
 
@@ -43,7 +44,7 @@ class ModuleBank:
 
     U: Tensor  # [K, d_out, r]
     V: Tensor  # [K, d_in, r]
-    sigma: Tensor  # [n, r, r] (full) or [n, r] (diag)
+    sigma: Tensor  # [n, r, r] (full), [n, r] (diag) or [n, r, 2R] (lowrank: P | Q, Σ_i = P_i Q_iᵀ)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -131,7 +132,8 @@ def validate_bank(bank: Bank) -> None:
                 f"{module}.U/V", f"must be 3-D [K, d, r], got {tuple(mb.U.shape)} / {tuple(mb.V.shape)}"
             )
         d_out, d_in = mb.shape
-        sigma_shape = (n, r, r) if bank.method == "full" else (n, r)
+        R2 = mb.sigma.shape[-1] if mb.sigma.dim() == 3 else 0  # lowrank: P | Q, 2R columns
+        sigma_shape = {"full": (n, r, r), "diag": (n, r), "lowrank": (n, r, max(2, R2 + R2 % 2))}[bank.method]
         for name, t, want in (
             ("U", mb.U, (K, d_out, r)),
             ("V", mb.V, (K, d_in, r)),
@@ -189,7 +191,7 @@ def exact_param_count(bank: Bank) -> int:
 
 
 def bank_param_count(bank: Bank) -> int:
-    """Numbers stored by the bank: Σ_modules K·(d_out + d_in)·r + n·r² (full) or n·r (diag)."""
+    """Numbers stored by the bank: Σ_modules K·(d_out + d_in)·r + n·r² (full), n·r (diag) or n·2rR (lowrank)."""
     return sum(mb.U.numel() + mb.V.numel() + mb.sigma.numel() for mb in bank.modules.values())
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from compression.bank import Bank, ModuleBank
 from compression.clustering import Bases, ProgressFn, assignment_costs, cluster_adapters
 from compression.factors import FactorStack, stack_factors
-from compression.jd import JDConfig, Method, project_with_error, svd_truncate
+from compression.jd import JDConfig, Method, pad_core, project_with_error, svd_truncate
 from compression.lora_io import Factors, LoraAdapter, ModuleShapes, save_peft_adapter, validate_adapter
 
 
@@ -213,10 +213,13 @@ def add_adapter(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True)
     shared_bases = {m: (U[index], V[index]) for m, (U, V) in _bank_bases(bank).items()}
     cluster = shared[int(assignment_costs(stacks, shared_bases, bank.method).argmin(1))]
     sigmas, errors = _coefficients(stacks, _bank_bases(bank), [cluster], bank.method)
-    modules = {
-        m: replace(mb, sigma=torch.cat([mb.sigma, sigmas[m].to(mb.sigma.dtype)]))
-        for m, mb in bank.modules.items()
-    }
+    modules = {}
+    for m, mb in bank.modules.items():
+        old, new = mb.sigma, sigmas[m].to(mb.sigma.dtype)
+        if bank.method == "lowrank":  # cores of one width: the wider of the bank's and the adapter's rank
+            R = max(old.shape[-1], new.shape[-1]) // 2
+            old, new = pad_core(old, R), pad_core(new, R)
+        modules[m] = replace(mb, sigma=torch.cat([old, new]))
     return replace(
         bank,
         adapters=[*bank.adapters, adapter.name],
@@ -227,15 +230,21 @@ def add_adapter(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True)
 
 
 def adapter_factors(bank: Bank, name: str) -> dict[str, Factors]:
-    """Adapter `name` as LoRA factors per module: B' = U_c Σ_i, A' = V_cᵀ (rank r); an exact adapter's
-    are its own uploaded factors (its slot's columns only, rank = its width)."""
+    """Adapter `name` as LoRA factors per module: B' = U_c Σ_i, A' = V_cᵀ (rank r; lowrank: U_c P_i and
+    Q_iᵀ V_cᵀ, rank R); an exact adapter's are its own uploaded factors (its slot, rank = its width)."""
     i = bank.index(name)
     c = bank.clusters[i]
-    cols = slice(bank.exact[name][0], sum(bank.exact[name])) if name in bank.exact else slice(None)
     factors = {}
     for module, mb in bank.modules.items():
-        S = mb.sigma[i] if bank.method == "full" else torch.diag(mb.sigma[i])
-        factors[module] = (mb.U[c] @ S[:, cols], mb.V[c][:, cols].T.contiguous())
+        if name in bank.exact:  # its own factors: Σ_i is the identity on its slot
+            slot = slice(bank.exact[name][0], sum(bank.exact[name]))
+            factors[module] = (mb.U[c][:, slot].clone(), mb.V[c][:, slot].T.contiguous())
+        elif bank.method == "lowrank":  # B' = U P_i, A' = Q_iᵀ Vᵀ: rank R, not r
+            R = mb.sigma.shape[2] // 2
+            factors[module] = (mb.U[c] @ mb.sigma[i][:, :R], (mb.V[c] @ mb.sigma[i][:, R:]).T.contiguous())
+        else:
+            S = mb.sigma[i] if bank.method == "full" else torch.diag(mb.sigma[i])
+            factors[module] = (mb.U[c] @ S, mb.V[c].T.contiguous())
     return factors
 
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from compression.bank import Bank, ModuleBank
 from compression.collection import add_adapter, check_addable, shapes_fingerprint
+from compression.jd import pad_core
 from compression.lora_io import LoraAdapter
 
 Served = Literal["compressed", "exact"]
@@ -61,10 +62,9 @@ def _pad_rank(bank: Bank, rank: int) -> Bank:
     extra = rank - bank.rank
     if extra <= 0:
         return bank
-    modules = {}
-    for m, mb in bank.modules.items():
-        pad_sigma = (0, extra, 0, extra) if mb.sigma.dim() == 3 else (0, extra)
-        modules[m] = ModuleBank(U=F.pad(mb.U, (0, extra)), V=F.pad(mb.V, (0, extra)), sigma=F.pad(mb.sigma, pad_sigma))
+    pad_sigma = {"full": (0, extra, 0, extra), "diag": (0, extra), "lowrank": (0, 0, 0, extra)}[bank.method]
+    modules = {m: ModuleBank(U=F.pad(mb.U, (0, extra)), V=F.pad(mb.V, (0, extra)), sigma=F.pad(mb.sigma, pad_sigma))
+               for m, mb in bank.modules.items()}
     return replace(bank, rank=rank, modules=modules)
 
 
@@ -81,16 +81,22 @@ def _free_offset(bank: Bank, cluster: int, width: int) -> int | None:
 
 
 def _write_slot(U: Tensor, V: Tensor, factors: tuple[Tensor, Tensor] | None, cluster: int, offset: int,
-                method: str) -> Tensor:
+                method: str, core: int = 0) -> Tensor:
     """Write B into U[cluster, :, slot] and Aᵀ into V[cluster, :, slot] (in place); return the adapter's
-    Σ row [1, r, r] (full) or [1, r] (diag): 1 on the slot's diagonal. A module it lacks stays 0."""
-    diagonal = torch.zeros(U.shape[2], dtype=U.dtype)
+    Σ row: the identity on the slot, as [1, r, r] (full), [1, r] (diag) or [1, r, 2·core] (lowrank,
+    P = Q = the slot's columns of the identity; core >= the slot's width). A module it lacks stays 0."""
+    r = U.shape[2]
+    width = 0 if factors is None else factors[0].shape[1]
     if factors is not None:
         B, A = factors
-        width = B.shape[1]
         U[cluster, :, offset:offset + width] = B.to(U.dtype)
         V[cluster, :, offset:offset + width] = A.T.to(V.dtype)
-        diagonal[offset:offset + width] = 1
+    if method == "lowrank":
+        E = torch.zeros(r, core, dtype=U.dtype)
+        E[offset + torch.arange(width), torch.arange(width)] = 1
+        return torch.cat([E, E], dim=1)[None]
+    diagonal = torch.zeros(r, dtype=U.dtype)
+    diagonal[offset:offset + width] = 1
     return (torch.diag(diagonal) if method == "full" else diagonal)[None]
 
 
@@ -107,8 +113,9 @@ def add_exact(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True) -
             U, V = F.pad(mb.U, (0, 0, 0, 0, 0, 1)), F.pad(mb.V, (0, 0, 0, 0, 0, 1))
         else:
             U, V = mb.U.clone(), mb.V.clone()
-        row = _write_slot(U, V, adapter.factors.get(m), cluster, offset, bank.method)
-        modules[m] = ModuleBank(U=U, V=V, sigma=torch.cat([mb.sigma, row.to(mb.sigma.dtype)]))
+        sigma = mb.sigma if bank.method != "lowrank" else pad_core(mb.sigma, width)
+        row = _write_slot(U, V, adapter.factors.get(m), cluster, offset, bank.method, sigma.shape[-1] // 2)
+        modules[m] = ModuleBank(U=U, V=V, sigma=torch.cat([sigma, row.to(sigma.dtype)]))
     return replace(
         bank,
         num_clusters=max(bank.num_clusters, cluster + 1),
@@ -149,7 +156,8 @@ def extend_modules(bank: Bank, shapes: Mapping[str, tuple[int, int]]) -> Bank:
     if not new:
         return bank
     n, K, r = len(bank.adapters), bank.num_clusters, bank.rank
-    sigma = (n, r, r) if bank.method == "full" else (n, r)
+    core = max(mb.sigma.shape[-1] for mb in bank.modules.values())  # lowrank: 2R of the widest core
+    sigma = {"full": (n, r, r), "diag": (n, r), "lowrank": (n, r, core)}[bank.method]
     modules = {**bank.modules, **{m: ModuleBank(U=torch.zeros(K, d_out, r), V=torch.zeros(K, d_in, r),
                                                 sigma=torch.zeros(sigma)) for m, (d_out, d_in) in new.items()}}
     errors = {a: {**e, **dict.fromkeys(new, 0.0)} for a, e in bank.recon_error.items()}
@@ -157,12 +165,19 @@ def extend_modules(bank: Bank, shapes: Mapping[str, tuple[int, int]]) -> Bank:
 
 
 def add_within_budget(
-    bank: Bank | None, adapter: LoraAdapter, budget: float, check_base_model: bool = True
+    bank: Bank | None,
+    adapter: LoraAdapter,
+    budget: float,
+    check_base_model: bool = True,
+    *,
+    base_model: str | None = None,
+    base_model_hash: str | None = None,
 ) -> tuple[Bank, Placement]:
     """Add `adapter` compressed (projected onto the best shared cluster) if its mean projection error is
-    <= `budget`, else exactly. `bank` None starts a new bank holding only this adapter (exact)."""
+    <= `budget`, else exactly. `bank` None starts a new bank holding only this adapter (exact), pinned
+    to `base_model` / `base_model_hash` when given."""
     if bank is None:
-        return exact_bank(adapter), Placement("exact", 0.0, None, budget)
+        return exact_bank(adapter, base_model, base_model_hash), Placement("exact", 0.0, None, budget)
     bank = extend_modules(bank, adapter.shapes)
     projection = None
     if bank.shared_clusters:

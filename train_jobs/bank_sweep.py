@@ -1,4 +1,4 @@
-"""Ray Tune sweep that (re)fits an adapter bank: rank r × clusters K × JD-Full/JD-Diag, within a budget.
+"""Ray Tune sweep that (re)fits an adapter bank: rank r × clusters K × JD-Full/JD-Diag/lowrank, within a budget.
 
 Every trial compresses the whole adapter collection with one (r, K, method), then stores exactly
 every adapter whose mean squared relative reconstruction error exceeds ``--budget``
@@ -237,7 +237,7 @@ def publish_refit(registry: Registry, bank_name: str, bank, used: dict[str, str]
 
 def refit_bank(store: str, bank_name: str, model_name: str, budget: float | None = None,
                ranks: tuple[int, ...] = (4, 8, 16, 32), clusters: tuple[int, ...] = (1, 2, 4, 8),
-               methods: tuple[str, ...] = ("full", "diag"), out: str | None = None, max_concurrent: int = 1,
+               methods: tuple[str, ...] = ("full", "diag", "lowrank"), out: str | None = None, max_concurrent: int = 1,
                trial_cpus: float = 1.0, max_rank: int | None = None, seed: int = 0) -> dict:
     """Refit ``system/bank/<bank_name>`` from the adapters it holds: sweep, refit the smallest bank within
     the budget, publish (merging concurrent uploads). What the service queues when a refit is due."""
@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default=None, help="base model (default: ATELIER_DEFAULT_MODEL)")
     p.add_argument("--ranks", default="4,8,16,32", help="comma-separated ranks r")
     p.add_argument("--clusters", default="1,2,4,8", help="comma-separated cluster counts K")
-    p.add_argument("--methods", default="full,diag", help="full, diag or both")
+    p.add_argument("--methods", default="full,diag,lowrank",
+                   help="full, diag, lowrank (JD-Full with Σ_i stored as a rank-R core), comma-separated")
     p.add_argument("--budget", type=float, default=DEFAULT_ERROR_BUDGET,
                    help="max mean squared relative reconstruction error at which an adapter is served compressed; "
                    f"above it, it is stored exactly (default compression.DEFAULT_ERROR_BUDGET = {DEFAULT_ERROR_BUDGET}, "

@@ -39,7 +39,7 @@ def served_delta(bank, name: str, module: str) -> torch.Tensor:
     d_in = mb.V.shape[1]
     eye = torch.eye(d_in)
     rows = torch.full((d_in,), bank.index(name))
-    out = bank_delta(eye, mb.U, mb.V, mb.sigma, torch.tensor(bank.clusters), rows)  # row j = ΔW e_j
+    out = bank_delta(eye, mb.U, mb.V, mb.sigma, torch.tensor(bank.clusters), rows, bank.method)  # row j = ΔW e_j
     return out.T
 
 

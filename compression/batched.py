@@ -22,12 +22,14 @@ from torch import Tensor, nn
 from compression.bank import Bank, ModuleBank
 
 
-def bank_delta(x: Tensor, U: Tensor, V: Tensor, sigma: Tensor, clusters: Tensor, indices: Tensor) -> Tensor:
+def bank_delta(
+    x: Tensor, U: Tensor, V: Tensor, sigma: Tensor, clusters: Tensor, indices: Tensor, method: str | None = None
+) -> Tensor:
     """Per-row ΔW_{indices[row]} x for one module, batched by cluster.
 
-    x [N, d_in] or [N, T, d_in]; U [K, d_out, r]; V [K, d_in, r]; sigma [n, r, r] (full) or
-    [n, r] (diag); clusters [n] (adapter -> cluster); indices [N] adapter per row, −1 = none.
-    Returns [N, d_out] or [N, T, d_out].
+    x [N, d_in] or [N, T, d_in]; U [K, d_out, r]; V [K, d_in, r]; sigma [n, r, r] (full), [n, r]
+    (diag) or [n, r, 2R] (lowrank: P | Q, pass method="lowrank"); clusters [n] (adapter -> cluster);
+    indices [N] adapter per row, −1 = none. Returns [N, d_out] or [N, T, d_out].
     """
     N, d_out = x.shape[0], U.shape[1]
     if indices.shape != (N,):
@@ -44,7 +46,13 @@ def bank_delta(x: Tensor, U: Tensor, V: Tensor, sigma: Tensor, clusters: Tensor,
         sel = rows[row_cluster == c]
         adapter = indices[sel]
         h = rows_x[sel] @ V[c]  # [m, T, r]
-        h = h @ sigma[adapter].mT if sigma.dim() == 3 else h * sigma[adapter][:, None, :]
+        if method == "lowrank":  # h Σᵀ = (h Q) Pᵀ through the rank-R core
+            R = sigma.shape[2] // 2
+            h = (h @ sigma[adapter][..., R:]) @ sigma[adapter][..., :R].mT
+        elif sigma.dim() == 3:
+            h = h @ sigma[adapter].mT
+        else:
+            h = h * sigma[adapter][:, None, :]
         out[sel] = h @ U[c].T
     return out.reshape(*x.shape[:-1], d_out)
 
@@ -61,7 +69,12 @@ class BankLinear(nn.Module):
     """nn.Linear + per-row compressed LoRA delta: y = base_layer(x) + ΔW_{idx[row]} x."""
 
     def __init__(
-        self, base_layer: nn.Linear, module: ModuleBank, clusters: Tensor, selection: AdapterSelection
+        self,
+        base_layer: nn.Linear,
+        module: ModuleBank,
+        clusters: Tensor,
+        selection: AdapterSelection,
+        method: str | None = None,
     ):
         super().__init__()
         self.base_layer = base_layer
@@ -72,6 +85,7 @@ class BankLinear(nn.Module):
         self.register_buffer("sigma", module.sigma.to(w), persistent=False)
         self.register_buffer("clusters", clusters.to(w.device), persistent=False)
         self.selection = selection
+        self.method = method
 
     @property
     def weight(self) -> Tensor:
@@ -85,7 +99,7 @@ class BankLinear(nn.Module):
         if self.selection.broadcast:
             indices = indices.expand(x.shape[0])
         delta = bank_delta(
-            x.to(self.U.dtype), self.U, self.V, self.sigma, self.clusters, indices.to(x.device)
+            x.to(self.U.dtype), self.U, self.V, self.sigma, self.clusters, indices.to(x.device), self.method
         )
         return result + delta.to(result.dtype)
 
@@ -163,7 +177,7 @@ def attach_bank(model: nn.Module, bank: Bank) -> BankHandle:
                 f"{(layer.out_features, layer.in_features)}"
             )
     for name, module in bank.modules.items():
-        wrapped = BankLinear(model.get_submodule(name), module, clusters, handle.selection)
+        wrapped = BankLinear(model.get_submodule(name), module, clusters, handle.selection, bank.method)
         _set_submodule(model, name, wrapped)
         handle.layers[name] = wrapped
     return handle

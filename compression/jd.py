@@ -8,6 +8,10 @@ errors that we report. Adapters with ΔW_i = 0 get weight 0 and error 0.
 - `svd_truncate`: per-adapter rank-r truncated SVD (the no-sharing baseline).
 - `jd_full`: orthonormal U, V and a full r×r Σ_i (weighted subspace iteration with QR).
 - `jd_diag`: unconstrained U, V and diagonal σ_i (alternating least squares from a JD-Full start).
+- "lowrank": the JD-Full fit with Σ_i stored as P_i Q_iᵀ (P_i, Q_i [r, R], R = the LoRA rank):
+  Σ_i = (UᵀU)⁻¹Uᵀ B_i · A_i V(VᵀV)⁻¹ has rank <= R, so P_i = (UᵀU)⁻¹UᵀB_i, Q_i = (VᵀV)⁻¹VᵀA_iᵀ is
+  the same least-squares Σ_i, exactly, in 2rR numbers instead of r² (smaller once r > 2R). The
+  storage idea of SHARE (arXiv 2602.06043: a large shared basis, per-adapter k×r loadings).
 - `project`: closed-form best Σ_i for a (new) adapter given an existing basis.
 - `reconstruction_error`: squared relative Frobenius error per adapter, from factors.
 """
@@ -22,8 +26,8 @@ from torch import Tensor
 
 from compression.factors import FactorStack
 
-Method = Literal["full", "diag"]
-METHODS = ("full", "diag")
+Method = Literal["full", "diag", "lowrank"]
+METHODS = ("full", "diag", "lowrank")
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class ModuleFit:
 
     U: Tensor  # [d_out, r]
     V: Tensor  # [d_in, r]
-    sigma: Tensor  # [n, r, r] (full) or [n, r] (diag)
+    sigma: Tensor  # [n, r, r] (full) or [n, r] (diag); a lowrank fit is a full fit
     history: list[float] = field(default_factory=list)  # objective after each iteration
     converged: bool = False
 
@@ -97,16 +101,32 @@ def _relative_error(sq_norms: Tensor, core: Tensor, S: Tensor, UtU: Tensor, VtV:
     return (sq_norms - 2 * inner + recon).clamp_min(0) * _inverse_or_zero(sq_norms)
 
 
-def _as_matrix(sigma: Tensor) -> Tensor:
-    return torch.diag_embed(sigma) if sigma.dim() == 2 else sigma
+def sigma_matrix(sigma: Tensor, method: Method | None = None) -> Tensor:
+    """Dense Σ_i [n, r, r] from a stored sigma: [n, r] (diag), [n, r, r] (full) or [n, r, 2R] (lowrank:
+    P | Q, Σ = P Qᵀ). `method` None infers full/diag from the shape."""
+    if method == "lowrank":
+        R = sigma.shape[-1] // 2
+        return sigma[..., :R] @ sigma[..., R:].mT
+    return torch.diag_embed(sigma) if method == "diag" or sigma.dim() == 2 else sigma
 
 
-def reconstruction_error(stack: FactorStack, U: Tensor, V: Tensor, sigma: Tensor) -> Tensor:
+def pad_core(sigma: Tensor, R: int) -> Tensor:
+    """A lowrank sigma [n, r, 2R₀] with its P and Q halves zero-padded to R >= R₀ columns each (exact)."""
+    R0 = sigma.shape[-1] // 2
+    if R <= R0:
+        return sigma
+    pad = (0, R - R0)
+    return torch.cat([torch.nn.functional.pad(sigma[..., :R0], pad), torch.nn.functional.pad(sigma[..., R0:], pad)], -1)
+
+
+def reconstruction_error(
+    stack: FactorStack, U: Tensor, V: Tensor, sigma: Tensor, method: Method | None = None
+) -> Tensor:
     """Squared relative Frobenius error ‖ΔW_i − U Σ_i Vᵀ‖² / ‖ΔW_i‖² per adapter, from factors. [n]
 
-    sigma is [n, r, r] (full) or [n, r] (diag). Works for any U, V (orthonormal or not).
+    sigma is [n, r, r] (full), [n, r] (diag) or [n, r, 2R] (lowrank, pass `method`). Works for any U, V.
     """
-    return _relative_error(stack.sq_norms, stack.core(U, V), _as_matrix(sigma), U.mT @ U, V.mT @ V)
+    return _relative_error(stack.sq_norms, stack.core(U, V), sigma_matrix(sigma, method), U.mT @ U, V.mT @ V)
 
 
 def _solve_sigma(core: Tensor, UtU: Tensor, VtV: Tensor, method: Method) -> Tensor:
@@ -115,22 +135,32 @@ def _solve_sigma(core: Tensor, UtU: Tensor, VtV: Tensor, method: Method) -> Tens
     return torch.linalg.pinv(UtU, hermitian=True) @ core @ torch.linalg.pinv(VtV, hermitian=True)
 
 
+def _lowrank_sigma(stack: FactorStack, U: Tensor, V: Tensor, UtU: Tensor, VtV: Tensor) -> Tensor:
+    """P | Q [n, r, 2R]: P = (UᵀU)⁻¹UᵀB_i, Q = (VᵀV)⁻¹VᵀA_iᵀ, so P Qᵀ is the full least-squares Σ_i."""
+    P = torch.linalg.pinv(UtU, hermitian=True) @ (U.mT @ stack.B)
+    Q = torch.linalg.pinv(VtV, hermitian=True) @ (stack.A @ V).mT
+    return torch.cat([P, Q], dim=-1)
+
+
 def project(stack: FactorStack, U: Tensor, V: Tensor, method: Method) -> Tensor:
     """Closed-form least-squares Σ_i of each adapter on a fixed basis (how a new adapter is added).
 
     full: Σ_i = (UᵀU)⁻¹ Uᵀ ΔW_i V (VᵀV)⁻¹, which is Uᵀ ΔW_i V for orthonormal U, V. [n, r, r]
     diag: σ_i = [(UᵀU)∘(VᵀV)]⁻¹ diag(Uᵀ ΔW_i V). [n, r]
+    lowrank: the full Σ_i as P_i | Q_i. [n, r, 2R]
     """
-    check_method(method)
-    return _solve_sigma(stack.core(U, V), U.mT @ U, V.mT @ V, method)
+    return project_with_error(stack, U, V, method)[0]
 
 
 def project_with_error(stack: FactorStack, U: Tensor, V: Tensor, method: Method) -> tuple[Tensor, Tensor]:
     """`project` and `reconstruction_error` of the result, sharing one pass over the factors."""
     check_method(method)
     core, UtU, VtV = stack.core(U, V), U.mT @ U, V.mT @ V
+    if method == "lowrank":
+        sigma = _lowrank_sigma(stack, U, V, UtU, VtV)
+        return sigma, _relative_error(stack.sq_norms, core, sigma_matrix(sigma, method), UtU, VtV)
     sigma = _solve_sigma(core, UtU, VtV, method)
-    return sigma, _relative_error(stack.sq_norms, core, _as_matrix(sigma), UtU, VtV)
+    return sigma, _relative_error(stack.sq_norms, core, sigma_matrix(sigma, method), UtU, VtV)
 
 
 def svd_truncate(stack: FactorStack, rank: int) -> SVDFit:
@@ -241,12 +271,12 @@ def fit_module(
 ) -> ModuleFit:
     """Fit one module with the chosen method.
 
-    full: JD-Full. diag: JD-Diag ALS started from a JD-Full fit, or directly from `init` when
+    full, lowrank: JD-Full. diag: JD-Diag ALS started from a JD-Full fit, or directly from `init` when
     given. `init` is a previous fit's (U, V) of the same method (warm start, e.g. between
     clustering rounds), so refitting after a small membership change is cheap.
     """
     check_method(method)
-    if method == "full":
+    if method in ("full", "lowrank"):  # lowrank stores the JD-Full Σ_i factored, same bases
         return jd_full(stack, rank, config, init=init, seed=seed)
     if init is None:
         full = jd_full(stack, rank, config, seed=seed)

@@ -70,6 +70,15 @@ class PoolConfig(_Strict):
     """vLLM engine: fraction of (CPU or GPU) memory for weights + KV cache."""
     bank_poll_s: float = Field(2.0, gt=0)
     """How often a replica checks the registry for a newer bank / expert versions."""
+    bank_error_budget: float | None = Field(None, ge=0)
+    """Largest mean (over modules) squared relative reconstruction error at which an uploaded adapter is
+    served compressed; above it, it is stored and served exactly until a refit. None = the measured
+    default ``compression.DEFAULT_ERROR_BUDGET`` (docs/serving.md, "Served as uploaded")."""
+    bank_refit_share: float | None = Field(0.25, gt=0)
+    """Queue a refit of the bank (the Tune bank sweep) when the adapters stored exactly since the last
+    refit hold more than this share of the bank's parameters; None = never refit automatically."""
+    bank_refit_min_adapters: int = Field(8, ge=2)
+    """No automatic refit below this many adapters in the bank (little to share)."""
     autoscaling: AutoscalingSpec = AutoscalingSpec()
 
     @field_validator("name")

@@ -3,8 +3,10 @@
 Uploads take either ``multipart/form-data`` (one part per file, plus optional ``description``
 and ``metadata`` fields) or JSON ``{"files": {"<name>": "<base64>"}, "metadata": {...}}``; a
 schema may also be sent as its plain JSON document. Everything is validated before anything is
-stored; the response names the new version. An uploaded adapter is projected into every torch
-pool's bank at once (a new bank version, picked up by replicas within seconds).
+stored; the response names the new version. An uploaded adapter joins every pool's bank at once
+(a new bank version, picked up by replicas within seconds): compressed (projected onto the bank's
+shared bases) when that keeps its reconstruction error within the pool's budget, else exact; the
+response says which, the error and the budget, and whether a refit of the bank was queued.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.artifacts import ArtifactError, ArtifactKind, check_name, validate_files
-from cluster.banks import add_to_bank
+from cluster.banks import RefitPolicy, add_to_bank
 from cluster.ledger import expert_ledger
 from cluster.logs import get_logger
 from cluster.models import resolve_model
@@ -164,13 +166,21 @@ async def _add_to_banks(state: RouterState, tenant: str, name: str) -> list[dict
     out = []
     for pool in state.config.pools:
         model = await asyncio.to_thread(resolve_model, pool.model)
+        policy = RefitPolicy(pool.bank_refit_share, pool.bank_refit_min_adapters)
+        max_rank = pool.max_lora_rank if pool.engine == "vllm" else None
         try:
-            update = await asyncio.to_thread(add_to_bank, state.registry, pool.bank_name, model, tenant, name)
-        except (ArtifactError, ValueError) as exc:  # shapes do not fit this pool's base model
+            update = await asyncio.to_thread(add_to_bank, state.registry, pool.bank_name, model, tenant, name,
+                                             pool.bank_error_budget, policy, max_rank)
+        except (ArtifactError, ValueError) as exc:  # shapes do not fit this pool's base model, rank too high
             out.append({"pool": pool.name, "added": False, "error": str(exc)})
             continue
         out.append({"pool": pool.name, "added": True, "bank_version": update.version,
-                    "bank_adapters": update.adapters, "recon_error_mean": round(update.mean_error, 4)})
+                    "bank_adapters": update.adapters, "served": update.served,
+                    "recon_error": round(update.mean_error, 6), "recon_error_mean": round(update.mean_error, 6),
+                    "projection_error": None if update.projection_error is None else round(update.projection_error, 6),
+                    "error_budget": update.budget, "bank_exact_adapters": update.exact_adapters,
+                    "bank_exact_share": round(update.exact_share, 4),
+                    "refit": await _queue_refit(state, pool) if update.refit_due else "not due"})
         try:  # reach running replicas now; they also poll the registry
             await state.pools[pool.name].broadcast("reload_bank", update.version)
         except Exception as exc:
@@ -178,6 +188,20 @@ async def _add_to_banks(state: RouterState, tenant: str, name: str) -> list[dict
     if not any(o["added"] for o in out):
         raise OpenAIError(422, f"adapter fits no pool's base model: {out}", param="files")
     return out
+
+
+async def _queue_refit(state: RouterState, pool) -> str:
+    """Queue the Tune bank sweep on this pool's bank (cluster.bank_refit); "started", "queued" or why not."""
+    from cluster.bank_refit import RefitRequest, queue_refit
+
+    request = RefitRequest(store=state.registry.store.uri, bank=pool.bank_name, model=pool.model,
+                           budget=pool.bank_error_budget,
+                           max_rank=pool.max_lora_rank if pool.engine == "vllm" else None)
+    try:
+        return await asyncio.to_thread(queue_refit, request)
+    except Exception as exc:  # the upload itself succeeded; say why no refit was queued
+        log.error("manage.refit_not_queued", pool=pool.name, error=repr(exc))
+        return f"not queued: {exc!r}"
 
 
 async def _read_upload(request: Request, kind: ArtifactKind, max_mb: float) -> tuple[dict[str, bytes], dict]:

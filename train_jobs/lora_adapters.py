@@ -119,8 +119,9 @@ def publish_adapter(registry, task, adapter_dir: Path, record: dict, tenant_mode
     m = record["metrics"]
     metadata = {"description": task.description, "title": task.title, "family": task.family,
                 "task_id": task.task_id, "task_seed": task.seed, "base_model": record["base_model"],
-                "metrics": {k: m.get(k) for k in ("accuracy", "heldout_accuracy", "base_accuracy",
-                                                  "base_heldout_accuracy", "choice_accuracy", "chance")},
+                "metrics": {k: m.get(k) for k in ("accuracy", "heldout_accuracy", "test_accuracy", "base_accuracy",
+                                                  "base_heldout_accuracy", "base_test_accuracy",
+                                                  "choice_accuracy", "chance")},
                 "answer_vocab": task.answer_vocab, "fingerprint": record["fingerprint"]}
     return str(registry.publish(tenant, "adapter", task.name, files, metadata))
 
@@ -178,6 +179,7 @@ def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
                     stats["trained"] += 1
                     log.info("lora.task.trained", rank=rank, task_id=task_id, name=task.name, family=task.family,
                              accuracy=metrics["accuracy"], heldout_accuracy=metrics["heldout_accuracy"],
+                             test_accuracy=metrics["test_accuracy"],
                              base_accuracy=metrics["base_accuracy"], steps=metrics["steps"],
                              seconds=metrics["seconds_total"], cpu_seconds=metrics["cpu_seconds_total"])
                 stats["accuracy"].append(record["metrics"]["accuracy"])
@@ -225,6 +227,7 @@ def build_index(out: Path, model_record: dict, run: dict) -> dict:
             "description": task["description"], "path": d.name,
             "base_accuracy": m["base_accuracy"], "accuracy": m["accuracy"],
             "base_heldout_accuracy": m["base_heldout_accuracy"], "heldout_accuracy": m["heldout_accuracy"],
+            "base_test_accuracy": m.get("base_test_accuracy"), "test_accuracy": m.get("test_accuracy"),
             "base_choice_accuracy": m["base_choice_accuracy"], "choice_accuracy": m["choice_accuracy"],
             "first_token_accuracy": m.get("first_token_accuracy"),
             "chance": m["chance"], "steps": m["steps"], "train_seconds": m["seconds_total"],
@@ -243,15 +246,16 @@ def build_index(out: Path, model_record: dict, run: dict) -> dict:
     for r in rows:
         families.setdefault(r["family"], []).append(r["accuracy"])
     summary = {"adapters": len(rows), **{k: stat(k) for k in (
-        "accuracy", "heldout_accuracy", "base_accuracy", "base_heldout_accuracy", "base_choice_accuracy",
+        "accuracy", "heldout_accuracy", "test_accuracy", "base_accuracy", "base_heldout_accuracy",
+        "base_test_accuracy", "base_choice_accuracy",
         "train_seconds", "train_cpu_seconds", "steps")},
         "accuracy_by_family": {f: round(sum(v) / len(v), 4) for f, v in sorted(families.items())},
         "at_least_90pct": sum(r["accuracy"] >= 0.9 for r in rows)}
     index = {"model": model_record, "created_at": time.time(), "run": run, "summary": summary,
              "metric": "exact match of the greedy reply (argmax over the full vocabulary: the single-token answer "
-                       "word, then end of turn). accuracy: trained phrasings; heldout_accuracy: paraphrases "
-                       "not trained on; base_choice_accuracy: base model restricted to the answer vocabulary "
-                       "(chance 1/8)",
+                       "word, then end of turn). accuracy: trained phrasings; heldout_accuracy: validation "
+                       "paraphrases not trained on; test_accuracy: test paraphrases (final numbers only); "
+                       "base_choice_accuracy: base model restricted to the answer vocabulary (chance 1/8)",
              "adapters": rows}
     tmp = out / f".{INDEX_FILE}.tmp"
     tmp.write_text(json.dumps(index, indent=2))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from llamdex.prompting import end_of_turn_ids
-from serve_app.engine import encode_prompt
+from serve_app.engine import encode_prompt, sample_token
 from serve_app.engine_api import EngineCapabilities, check_supported
 from serve_app.modifiers import ADAPTER, RowModifier
 from serve_app.wire import EngineStats, GenerationEvent, GenerationRequest, ReplicaError
@@ -172,17 +172,8 @@ class StaticWaveEngine:
         logits = logits.float()
         out = torch.empty(len(rows), dtype=torch.long)
         for i, row in enumerate(rows):
-            t, p = row.req.temperature, row.req.top_p
-            if t == 0:
-                out[i] = int(logits[i].argmax())
-                continue
-            probs = torch.softmax(logits[i] / t, dim=-1)
-            if p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < p
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-                probs = probs / probs.sum()
-            out[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+            t = row.req.temperature
+            out[i] = int(logits[i].argmax()) if t == 0 else sample_token(logits[i], t, row.req.top_p, row.generator)
         return out
 
     def _advance(self, row: _Row, token: int) -> None:

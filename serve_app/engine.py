@@ -50,7 +50,7 @@ from serve_app.wire import EngineStats, GenerationEvent, GenerationRequest, Pred
 log = get_logger("engine")
 
 __all__ = ["EngineError", "GenerationEvent", "GenerationRequest", "TorchEngine", "TorchEngineConfig",
-           "encode_prompt"]
+           "encode_prompt", "sample_token"]
 
 
 class TorchEngineConfig(BaseModel):
@@ -74,6 +74,17 @@ def encode_prompt(tokenizer, request: GenerationRequest) -> list[int]:
     else:
         ids = tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"]
     return [int(i) for i in ids]
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from ``logits`` (V,) at ``temperature`` (> 0) with nucleus ``top_p``."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @dataclass(eq=False)
@@ -399,16 +410,8 @@ class TorchEngine:
                 if forced is not None:
                     out[i], row.prediction = forced.token, forced.prediction
                     continue
-            t, p = row.req.temperature, row.req.top_p
-            if t == 0:
-                continue
-            probs = torch.softmax(logits[i] / t, dim=-1)
-            if p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < p
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-                probs = probs / probs.sum()
-            out[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+            if row.req.temperature > 0:
+                out[i] = sample_token(logits[i], row.req.temperature, row.req.top_p, row.generator)
         return out
 
     def _advance(self, row: _Row, token: int) -> None:

@@ -58,38 +58,31 @@ class Prediction(_Wire):
     probabilities: dict[str, float]
 
 
-class GenerationEvent(_Wire):
-    """One streamed piece of a generation; the last one has ``finish_reason`` (and usage) or ``error``."""
-
+class _Generated(_Wire):
     text: str = ""
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prediction: Prediction | None = None
     error: ReplicaError | None = None
+
+
+class GenerationEvent(_Generated):
+    """One streamed piece of a generation; the last one has ``finish_reason`` (and usage) or ``error``."""
 
     @property
     def final(self) -> bool:
         return self.finish_reason is not None or self.error is not None
 
 
-class GenerationResult(_Wire):
+class GenerationResult(_Generated):
     """A whole (non-streamed) generation, or the error that stopped it."""
-
-    text: str = ""
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prediction: Prediction | None = None
-    error: ReplicaError | None = None
 
     @classmethod
     def collect(cls, events: list[GenerationEvent]) -> GenerationResult:
         """Join a stream's events: all text, the last event's finish, usage, prediction and error."""
         last = events[-1] if events else GenerationEvent(error=ReplicaError(message="empty stream"))
-        return cls(text="".join(e.text for e in events), finish_reason=last.finish_reason,
-                   prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                   prediction=last.prediction, error=last.error)
+        return cls(**{**last.model_dump(exclude={"text"}), "text": "".join(e.text for e in events)})
 
 
 class PredictCall(_Wire):

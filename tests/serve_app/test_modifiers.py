@@ -25,21 +25,9 @@ from serve_app.modifiers import (
 from serve_app.wire import GenerationRequest, GenerationResult
 from tests.serve_app.conftest import load, reference
 from tests.serve_fixtures import expert_reference, make_peft_adapter, train_tiny_connectors
+from tests.test_serve_experts import SCHEMA, Q
 
 HI = [{"role": "user", "content": "Tell me about pirates and ships."}]
-SCHEMA = {
-    "name": "titanic", "description": "Passengers of the RMS Titanic", "subject": "passenger",
-    "features": [
-        {"name": "age", "type": "int", "range": [0, 100], "unit": "years", "description": "age of the passenger"},
-        {"name": "fare", "type": "float", "range": [0, 600], "unit": "pounds", "description": "ticket price",
-         "decimals": 2},
-        {"name": "alone", "type": "bool", "description": "travelling alone"},
-    ],
-    "target": {"name": "survived", "question": "Did the passenger survive?",
-               "classes": [{"name": "no", "description": "did not survive"},
-                           {"name": "yes", "description": "survived"}]},
-}
-Q = "A 30 year old man, fare 7.25 pounds, travelling alone. Did the passenger survive?"
 
 
 async def collect(engine, req, modifiers=()) -> GenerationResult:

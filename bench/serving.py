@@ -10,7 +10,8 @@ Contenders (``bench/serving_setup.py`` builds them behind the one Engine protoco
 * ``vllm-pool`` — Atelier's vLLM pool: bank adapters exported as rank-16 LoRAs, served by vLLM;
 * ``vllm-lora`` — plain vLLM multi-LoRA serving the uncompressed PEFT adapters;
 * ``peft`` — the naive server: peft, one adapter active at a time (``set_adapter`` per group);
-* ``torch-static-bank`` — today's static-wave torch engine (the continuous-batching baseline).
+* ``torch-static-bank`` — the torch engine as it was: static waves and the bank's per-cluster loop
+  (the baseline of the continuous-batching scenarios).
 
 Driving method (the same for all): in-process. Each (scenario, contender, N) runs in its own
 subprocess (clean peak RSS, no shared threads or caches); C async clients send the requests
@@ -112,6 +113,10 @@ def worker(spec: dict) -> dict:
     from cluster.models import resolve_model
     from cluster.settings import load_settings
 
+    if spec.get("legacy_bank") or spec["contender"] == "torch-static-bank":
+        import compression.batched  # the bank op as it was: the per-module cluster loop (bank_delta)
+
+        compression.batched.STACK_MAX_CLUSTERS = 0
     model = resolve_model(spec["model"], load_settings())
     root = Path(spec["cache"]) / model.id
     n, contender = spec["n"], spec["contender"]

@@ -195,6 +195,11 @@ class TorchEngine:
             return bank is not None and name in bank.adapters
         return self.runtime.bank is not None and name in self.runtime.bank.bank.adapters
 
+    def _servable_now(self, name: str) -> bool:
+        """In the attached bank (and, by the caller's check, in the pending one if a swap waits: rows
+        for adapters the new bank drops are refused, or the swap could wait for them forever)."""
+        return self.runtime.bank is not None and name in self.runtime.bank.bank.adapters
+
     def stats(self) -> EngineStats:
         return self._stats.model_copy(update={"running": len(self._table), "waiting": len(self._waiting)})
 
@@ -311,19 +316,24 @@ class TorchEngine:
             self._apply_moves(self._table.release(row))
 
     def _admit(self) -> None:
+        deferred = []
         while self._table.free > 0:
             row = self._waiting.pop()
             if row is None:
-                return
+                break
             if row.cancelled:
                 continue
-            bad = [m.name for m in row.modifiers if m.kind == ADAPTER  # type: ignore[attr-defined]
-                   and (self.runtime.bank is None or m.name not in self.runtime.bank.bank.adapters)]  # type: ignore[attr-defined]
-            if bad:
-                row.fail(404, f"adapter {bad[0]!r} is not in this replica's bank (version {self.bank_version})")
+            names = [m.name for m in row.modifiers if m.kind == ADAPTER]  # type: ignore[attr-defined]
+            if any(not self._knows_adapter(n) for n in names):
+                row.fail(404, f"adapter {names[0]!r} is not in this replica's bank (version {self.bank_version})")
+                continue
+            if any(not self._servable_now(n) for n in names):
+                deferred.append(row)  # only in the bank a pending swap brings: wait for it
                 continue
             self._table.admit(row)
             self._stats.rows_served += 1
+        for row in deferred:
+            self._waiting.push(row)
 
     def _apply_moves(self, moves) -> None:
         for mv in moves:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.engine import TorchEngine, TorchEngineConfig
+from serve_app.engine_api import EngineError
 from serve_app.modifiers import (
     AdapterModifier,
     ExpertModifier,
@@ -164,3 +165,34 @@ def test_adapter_index_follows_the_bank_version():
     m = AdapterModifier("acme/b")
     assert m.index_in(TorchRuntime(None, None, Handle(["acme/a", "acme/b"]), 1)) == 1
     assert m.index_in(TorchRuntime(None, None, Handle(["acme/b"]), 2)) == 0
+
+
+def test_bank_swap_while_rows_generate(lively, adapters):
+    """Swap to a bank without a1 while an a1 row generates: that row finishes on the old bank (its
+    answer equals peft), a2 (only in the new bank) waits for the swap, a1 asked meanwhile is refused."""
+    from compression import load_peft_adapter, svd_bank
+
+    a1, a2 = (load_peft_adapter(adapters[n], name=n) for n in ("acme/a1", "acme/a2"))
+    model, tok = load(lively)
+    engine = TorchEngine(model, tok, TorchEngineConfig(max_batch_rows=4))
+    engine.set_bank(svd_bank([a1], rank=4), 1)
+
+    async def main():
+        long = asyncio.create_task(collect(engine, greedy(HI, 40, ignore_eos=True), [AdapterModifier("acme/a1")]))
+        while engine.stats().running == 0:
+            await asyncio.sleep(0.001)
+        swap = asyncio.create_task(engine.swap_bank(svd_bank([a2], rank=4), 2))
+        await asyncio.sleep(0.01)
+        new = asyncio.create_task(collect(engine, greedy(HI, 8), [AdapterModifier("acme/a2")]))
+        with pytest.raises(EngineError, match="not in this replica's bank"):
+            await collect(engine, greedy(HI, 8), [AdapterModifier("acme/a1")])
+        return await long, await new, await swap
+
+    try:
+        long, new, _ = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert engine.bank_version == 2 and long.completion_tokens == 40 and long.error is None
+    want = peft_reference(lively, adapters["acme/a1"], HI, 40, set())
+    assert long.text == want
+    assert new.text == peft_reference(lively, adapters["acme/a2"], HI, 8, engine.stop_ids)

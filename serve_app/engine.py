@@ -76,6 +76,11 @@ def encode_prompt(tokenizer, request: GenerationRequest) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _put_all(items: list) -> None:
+    for q, event in items:
+        q.put_nowait(event)
+
+
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """One token from ``logits`` (V,) at ``temperature`` (> 0) with nucleus ``top_p``."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -97,6 +102,8 @@ class _Row:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     tenant: str
+    outbox: dict
+    """The engine's events of the current step, by event loop (one wake-up per loop per step)."""
     slot: int = -1
     cached: int = 0
     generated: int = 0
@@ -112,7 +119,8 @@ class _Row:
         return len(self.prompt_ids) + self.num_slots
 
     def push(self, event: GenerationEvent) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        """Queue ``event`` for the row's consumer; delivered with the rest of the step's events."""
+        self.outbox.setdefault(self.loop, []).append((self.queue, event))
 
     def fail(self, status: int, message: str) -> None:
         if not self.done:
@@ -139,7 +147,9 @@ class TorchEngine:
         self._waiting: FairQueue[_Row] = FairQueue()
         self._table: SlotTable[_Row] = SlotTable(self.config.max_batch_rows)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
         self._pending_bank: tuple[Any, int | None, concurrent.futures.Future] | None = None
+        self._bank_lock = threading.Lock()
         self._stats = EngineStats(engine="torch")
         self._stopped = threading.Event()
         self._warmup()
@@ -183,16 +193,20 @@ class TorchEngine:
         """Swap banks between steps. Rows already generating with an adapter the new bank lacks
         finish on the old bank first (requests arriving meanwhile are checked against the new one)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("bank", (bank, version), future))
+        with self._bank_lock:  # visible at once to generate() (it checks adapters against this bank)
+            if self._pending_bank is not None:  # superseded: the newer bank wins
+                self._pending_bank[2].set_result(None)
+            self._pending_bank = (bank, version, future)
+        self._inbox.put(("wake", None, None))
         await asyncio.wrap_future(future)
 
     def adapter_names(self) -> list[str]:
         return list(self.runtime.bank.bank.adapters) if self.runtime.bank is not None else []
 
     def _knows_adapter(self, name: str) -> bool:
-        if self._pending_bank is not None:
-            bank = self._pending_bank[0]
-            return bank is not None and name in bank.adapters
+        pending = self._pending_bank
+        if pending is not None:
+            return pending[0] is not None and name in pending[0].adapters
         return self.runtime.bank is not None and name in self.runtime.bank.bank.adapters
 
     def _servable_now(self, name: str) -> bool:
@@ -231,7 +245,7 @@ class TorchEngine:
         loop = asyncio.get_running_loop()
         row = _Row(req=request, modifiers=tuple(modifiers), prompt_ids=prompt,
                    num_slots=sum(m.num_slots for m in modifiers), detok=Detokenizer(self.tokenizer, list(request.stop)),
-                   loop=loop, queue=asyncio.Queue(), tenant=request.tenant)
+                   loop=loop, queue=asyncio.Queue(), tenant=request.tenant, outbox=self._outbox)
         if request.seed is not None:
             row.generator = torch.Generator().manual_seed(request.seed)
         self._inbox.put(("row", row, None))
@@ -260,6 +274,13 @@ class TorchEngine:
                     for row in list(self._table.decoding) + list(self._table.prefilling):
                         row.fail(500, f"internal error: {exc!r}")
                         self._table.release(row)
+                self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the step's events to their event loops: one thread-safe wake-up per loop, not per token."""
+        for loop, items in self._outbox.items():
+            loop.call_soon_threadsafe(_put_all, items)
+        self._outbox.clear()
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -276,28 +297,29 @@ class TorchEngine:
                         future.set_result(payload())
                     except Exception as exc:
                         future.set_exception(exc)
-            elif kind == "bank":
-                if self._pending_bank is not None:  # superseded: the newer bank wins
-                    self._pending_bank[2].set_result(None)
-                self._pending_bank = (payload[0], payload[1], future)
-        # (wake: nothing to do)
+        # ("wake": nothing to do)
 
     def _apply_pending_bank(self) -> None:
-        if self._pending_bank is None:
+        with self._bank_lock:
+            pending = self._pending_bank
+        if pending is None:
             return
-        bank, version, future = self._pending_bank
+        bank, version, future = pending
         names = set(bank.adapters) if bank is not None else set()
         running = [m.name for r in self._table.decoding + self._table.prefilling  # type: ignore[attr-defined]
                    for m in r.modifiers if m.kind == ADAPTER]
         if any(n not in names for n in running):
             return  # rows using adapters the new bank lacks finish first
+        with self._bank_lock:
+            if self._pending_bank is not pending:
+                return  # superseded meanwhile: the next step applies the newer one
+            self._pending_bank = None
         try:
             self.set_bank(bank, version)
         except Exception as exc:
             future.set_exception(exc)
         else:
             future.set_result(None)
-        self._pending_bank = None
 
     def _step(self) -> None:
         self._apply_pending_bank()

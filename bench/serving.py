@@ -6,6 +6,7 @@
 Contenders (``bench/serving_setup.py`` builds them behind the one Engine protocol):
 
 * ``torch-base`` / ``vllm-base`` — the base model alone on each engine (the ceiling is the faster);
+* ``hf-cb-base`` — the base model on transformers' ContinuousBatchingManager (for reference);
 * ``torch-bank`` — Atelier's torch pool: continuous batching + the compressed bank (per-row adapters);
 * ``vllm-pool`` — Atelier's vLLM pool: bank adapters exported as rank-16 LoRAs, served by vLLM;
 * ``vllm-lora`` — plain vLLM multi-LoRA serving the uncompressed PEFT adapters;
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="base model (catalog name or directory)")
     p.add_argument("--ns", default="1,10,100,1000", help="adapter counts N")
-    p.add_argument("--contenders", default="torch-base,vllm-base,torch-bank,vllm-pool,vllm-lora,peft")
+    p.add_argument("--contenders", default="torch-base,vllm-base,hf-cb-base,torch-bank,vllm-pool,vllm-lora,peft")
     p.add_argument("--scenarios", default="sweep,join,mixed,dtype")
     p.add_argument("--concurrency", type=int, default=8, help="C concurrent clients (sweep)")
     p.add_argument("--requests", type=int, default=32, help="measured requests per sweep point")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 LABELS = {"torch-base": "base model, torch engine", "vllm-base": "base model, vLLM",
+          "hf-cb-base": "base model, transformers ContinuousBatchingManager",
           "torch-bank": "Atelier torch pool (bank)", "vllm-pool": "Atelier vLLM pool (bank exports)",
           "vllm-lora": "plain vLLM multi-LoRA (uncompressed)", "peft": "peft, one adapter at a time",
           "torch-static-bank": "torch static waves (before)"}
@@ -22,7 +23,7 @@ def targets(results: list[dict]) -> dict:
         return {}
     top = max(r["n"] for r in sweep)
     at = {r["contender"]: r["tok_s"] for r in sweep if r["n"] in (top, 0)}
-    ceiling = max([at[c] for c in ("torch-base", "vllm-base") if c in at] or [float("nan")])
+    ceiling = max([at[c] for c in ("torch-base", "vllm-base", "hf-cb-base") if c in at] or [float("nan")])
     pools = {c: at[c] for c in ("torch-bank", "vllm-pool") if c in at}
     best = max(pools, key=pools.get) if pools else None
     out = {"n": top, "ceiling_tok_s": ceiling, "best_pool": best, "best_pool_tok_s": pools.get(best)}

@@ -30,7 +30,8 @@ WORDS = ("time year people way day man thing woman life child world school state
          "office door health person art war history party result change morning reason research girl guy "
          "moment air teacher force education").split()
 RANK, CLUSTERS, BANK_RANK = 8, 4, 16
-CONTENDERS = ("torch-base", "vllm-base", "torch-bank", "vllm-pool", "vllm-lora", "peft", "torch-static-bank")
+CONTENDERS = ("torch-base", "vllm-base", "hf-cb-base", "torch-bank", "vllm-pool", "vllm-lora", "peft",
+              "torch-static-bank")
 
 
 def adapter_dirs(root: Path, model_dir: Path, n: int) -> list[tuple[str, Path]]:
@@ -116,6 +117,11 @@ def build(contender: str, model, dtype: str, threads: int, max_rows: int, root: 
         if contender == "torch-bank":
             engine.set_bank(load_bank(bank_dir(root, model, n, log)), 1)
         return engine, time.perf_counter() - started
+    if contender == "hf-cb-base":
+        from bench.hf_continuous import HFContinuousBatching
+
+        lm, tok = load_model(model, dtype)
+        return HFContinuousBatching(lm, tok, max_rows=max_rows), 0.0
     if contender == "torch-static-bank":
         from bench.static_waves import StaticWaveEngine
         from compression import load_bank

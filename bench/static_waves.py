@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from llamdex.prompting import end_of_turn_ids
-from serve_app.engine import encode_prompt, sample_token
 from serve_app.engine_api import EngineCapabilities, check_supported
 from serve_app.modifiers import ADAPTER, RowModifier
+from serve_app.rows import encode_prompt, sample_token
 from serve_app.wire import EngineStats, GenerationEvent, GenerationRequest, ReplicaError
 
 

@@ -22,9 +22,7 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,13 +42,13 @@ from serve_app.modifiers import (
     TorchRuntime,
     apply_all,
 )
+from serve_app.rows import Row, encode_prompt, next_tokens, put_all
 from serve_app.scheduler import FairQueue, SlotTable, plan_prefill
-from serve_app.wire import EngineStats, GenerationEvent, GenerationRequest, Prediction, ReplicaError
+from serve_app.wire import EngineStats, GenerationEvent, GenerationRequest
 
 log = get_logger("engine")
 
-__all__ = ["EngineError", "GenerationEvent", "GenerationRequest", "TorchEngine", "TorchEngineConfig",
-           "encode_prompt", "sample_token"]
+__all__ = ["EngineError", "GenerationEvent", "GenerationRequest", "TorchEngine", "TorchEngineConfig"]
 
 
 class TorchEngineConfig(BaseModel):
@@ -64,68 +62,6 @@ class TorchEngineConfig(BaseModel):
     stall the generating rows."""
     max_prompt_tokens: int = Field(2048, ge=1)
     threads: int = Field(1, ge=1)
-
-
-def encode_prompt(tokenizer, request: GenerationRequest) -> list[int]:
-    """Default prompt ids: the chat template with generation prompt, or the raw completion prompt."""
-    if request.messages is not None:
-        ids = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"]
-    return [int(i) for i in ids]
-
-
-def _put_all(items: list) -> None:
-    for q, event in items:
-        q.put_nowait(event)
-
-
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token from ``logits`` (V,) at ``temperature`` (> 0) with nucleus ``top_p``."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-@dataclass(eq=False)
-class _Row:
-    req: GenerationRequest
-    modifiers: tuple[RowModifier, ...]
-    prompt_ids: list[int]
-    num_slots: int
-    detok: Detokenizer
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    tenant: str
-    outbox: dict
-    """The engine's events of the current step, by event loop (one wake-up per loop per step)."""
-    slot: int = -1
-    cached: int = 0
-    generated: int = 0
-    last_token: int = -1
-    generator: torch.Generator | None = None
-    prediction: Prediction | None = None
-    done: bool = False
-    cancelled: bool = False
-    arrived: float = field(default_factory=time.perf_counter)
-
-    @property
-    def prefill_len(self) -> int:
-        return len(self.prompt_ids) + self.num_slots
-
-    def push(self, event: GenerationEvent) -> None:
-        """Queue ``event`` for the row's consumer; delivered with the rest of the step's events."""
-        self.outbox.setdefault(self.loop, []).append((self.queue, event))
-
-    def fail(self, status: int, message: str) -> None:
-        if not self.done:
-            self.done = True
-            self.push(GenerationEvent(error=ReplicaError(status=status, message=message)))
 
 
 class TorchEngine:
@@ -144,8 +80,8 @@ class TorchEngine:
         self.stop_ids = end_of_turn_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._on_step = on_step
-        self._waiting: FairQueue[_Row] = FairQueue()
-        self._table: SlotTable[_Row] = SlotTable(self.config.max_batch_rows)
+        self._waiting: FairQueue[Row] = FairQueue()
+        self._table: SlotTable[Row] = SlotTable(self.config.max_batch_rows)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
         self._pending_bank: tuple[Any, int | None, concurrent.futures.Future] | None = None
@@ -243,7 +179,7 @@ class TorchEngine:
                 raise EngineError(404, f"adapter {m.name!r} is not in this replica's bank "  # type: ignore[attr-defined]
                                        f"(version {self.bank_version})")
         loop = asyncio.get_running_loop()
-        row = _Row(req=request, modifiers=tuple(modifiers), prompt_ids=prompt,
+        row = Row(req=request, modifiers=tuple(modifiers), prompt_ids=prompt,
                    num_slots=sum(m.num_slots for m in modifiers), detok=Detokenizer(self.tokenizer, list(request.stop)),
                    loop=loop, queue=asyncio.Queue(), tenant=request.tenant, outbox=self._outbox)
         if request.seed is not None:
@@ -279,7 +215,7 @@ class TorchEngine:
     def _deliver(self) -> None:
         """Hand the step's events to their event loops: one thread-safe wake-up per loop, not per token."""
         for loop, items in self._outbox.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            loop.call_soon_threadsafe(put_all, items)
         self._outbox.clear()
 
     def _drain_inbox(self, block: bool) -> None:
@@ -362,7 +298,7 @@ class TorchEngine:
             (self.cache.swap if mv.swap else self.cache.move)(mv.src, mv.dst, mv.length)
 
     # ------------------------------------------------------------------ forwards
-    def _forward(self, batch: ForwardBatch, rows: list[_Row], input_ids: torch.Tensor, positions: torch.Tensor,
+    def _forward(self, batch: ForwardBatch, rows: list[Row], input_ids: torch.Tensor, positions: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
         """One backbone forward with the rows' modifiers active; returns hidden states (B, T, d)."""
         inner = self.model.get_decoder()
@@ -376,7 +312,7 @@ class TorchEngine:
         return out.last_hidden_state
 
     def _prefill(self, chunks) -> None:
-        rows: list[_Row] = [c.row for c in chunks]
+        rows: list[Row] = [c.row for c in chunks]
         width = max(c.length for c in chunks)
         ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long)
         for i, c in enumerate(chunks):
@@ -406,7 +342,7 @@ class TorchEngine:
         last = torch.stack([hidden[i, c.length - 1] for i, c in done])
         logits = self.model.get_output_embeddings()(last).float()
         finished = [rows[i] for i, _ in done]
-        tokens = self._sample(logits, finished, first=True)
+        tokens = next_tokens(logits, finished, first=True)
         for row, token in zip(finished, tokens, strict=True):
             self._apply_moves(self._table.promote(row))
             self._advance(row, token)
@@ -428,42 +364,11 @@ class TorchEngine:
         self._stats.peak_batch_rows = max(self._stats.peak_batch_rows, len(rows))
         if self._on_step is not None:
             self._on_step(len(rows))
-        for row, token in zip(rows, self._sample(logits, rows), strict=True):
+        for row, token in zip(rows, next_tokens(logits, rows), strict=True):
             self._advance(row, token)
 
     # ------------------------------------------------------------------ tokens
-    def _sample(self, logits: torch.Tensor, rows: list[_Row], first: bool = False) -> list[int]:
-        """Next token per row: forced by a modifier (first token only), greedy, or sampled with the
-        row's temperature / top-p / seed."""
-        out = logits.argmax(-1).tolist()
-        for i, row in enumerate(rows):
-            if first:
-                forced = next((f for m in row.modifiers if (f := m.first_token(logits[i])) is not None), None)
-                if forced is not None:
-                    out[i], row.prediction = forced.token, forced.prediction
-                    continue
-            if row.req.temperature > 0:
-                out[i] = sample_token(logits[i], row.req.temperature, row.req.top_p, row.generator)
-        return out
 
-    def _advance(self, row: _Row, token: int) -> None:
-        """Append one generated token to ``row``; stream its text; finish on stop token/string or length."""
-        finish = None
-        if token in self.stop_ids and not row.req.ignore_eos:
-            finish, delta = "stop", row.detok.flush()
-        else:
-            row.generated += 1
-            row.last_token = token
-            delta, stopped = row.detok.push(token)
-            if stopped:
-                finish = "stop"
-            elif row.generated >= row.req.max_tokens:
-                finish, delta = "length", delta + row.detok.flush()
-        if finish is None:
-            if delta:
-                row.push(GenerationEvent(text=delta))
-            return
-        row.done = True
-        self._apply_moves(self._table.release(row))
-        row.push(GenerationEvent(text=delta, finish_reason=finish, prompt_tokens=len(row.prompt_ids),
-                                 completion_tokens=row.generated, prediction=row.prediction))
+    def _advance(self, row: Row, token: int) -> None:
+        if row.advance(token, self.stop_ids):
+            self._apply_moves(self._table.release(row))

@@ -159,7 +159,11 @@ def run_worker(spec: dict, timeout_s: float) -> dict:
     with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
         cmd = [sys.executable, "-m", "bench.serving", "--worker", json.dumps(spec), "--worker-out", f.name]
         started = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout_s, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout_s, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            print(f"[bench.serving] {spec['scenario']} {spec['contender']} N={spec['n']} timed out", flush=True)
+            return {**spec, "error": f"timed out after {timeout_s:.0f} s"}
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.splitlines()[-15:])
             print(f"[bench.serving] {spec['scenario']} {spec['contender']} N={spec['n']} FAILED:\n{tail}", flush=True)
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixed-requests", type=int, default=48)
     p.add_argument("--mixed-n", type=int, default=100, help="adapters in the mixed and dtype scenarios")
     p.add_argument("--reps", type=int, default=3, help="repetitions of the join probe (median)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="every contender's dtype (the dtype scenario measures both for the torch pool)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("ATELIER_THREADS", "2")))
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="synthetic adapters and banks (reused)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")

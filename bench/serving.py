@@ -22,7 +22,8 @@ distinct random words (nothing for a prefix cache to reuse), adapters are drawn 
 Adapter loading happens before the clock starts for everyone (bank attach; peft load_adapter;
 vLLM ``add_lora`` into its CPU cache) and is reported apart.
 
-Scenarios: ``sweep`` (throughput, TTFT, e2e p50/p99, peak RSS vs N), ``join`` (a 4-token request
+Peak RSS is the worker's process tree (vLLM runs its engine core in a child process), sampled
+every 0.2 s. Scenarios: ``sweep`` (throughput, TTFT, e2e p50/p99, peak RSS vs N), ``join`` (a 4-token request
 sent 0.3 s after a 128-token one vs alone), ``mixed`` (C=16 mixed prompt and output lengths,
 continuous vs static waves), ``dtype`` (the torch pool in float32 vs bfloat16).
 """
@@ -108,8 +109,43 @@ async def join_scenario(engine, reps: int) -> dict:
             "joined_all_ms": [round(1000 * x, 1) for x in joined]}
 
 
+class TreeRSS:
+    """Peak resident memory of this process plus its children (vLLM's engine core runs in a child),
+    sampled every ``interval_s`` on a daemon thread."""
+
+    def __init__(self, interval_s: float = 0.2):
+        import threading
+
+        import psutil
+
+        self.peak = 0
+        self._me = psutil.Process()
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, args=(interval_s,), daemon=True).start()
+
+    def sample(self) -> int:
+        total = self._me.memory_info().rss
+        for child in self._me.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except Exception:  # the child exited meanwhile
+                pass
+        self.peak = max(self.peak, total)
+        return total
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.sample()
+
+    def stop(self) -> int:
+        self.sample()
+        self._stop.set()
+        return self.peak
+
+
 def worker(spec: dict) -> dict:
     """One (scenario, contender, N, dtype) measurement in this process."""
+    rss = TreeRSS()
     from bench.serving_setup import adapter_dirs, build, warm, workload
     from cluster.models import resolve_model
     from cluster.settings import load_settings
@@ -147,9 +183,11 @@ def worker(spec: dict) -> dict:
 
     result = asyncio.run(main())
     stats = engine.stats().model_dump()
+    peak = rss.stop()
     engine.shutdown()
     return {**spec, **result, "adapters_load_s": round(adapters_s + result.pop("warm_s"), 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mb": round(peak / 2**20),
+            "peak_rss_self_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2),
             "engine_stats": stats, "threads": spec["threads"]}
 

@@ -57,15 +57,29 @@ class PoolConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1)
     max_batch_size: int = Field(8, ge=1)
+    """torch engine: rows generating at once (KV slots of the continuous batch); also the largest
+    batch of expert predictions."""
     batch_wait_ms: float = Field(10.0, ge=0)
+    """How long concurrent expert predictions wait for company before their batched forward."""
+    prefill_chunk_tokens: int = Field(256, ge=16)
+    """torch engine: prompt positions prefilled per step at most (chunked prefill). Smaller bounds
+    how long generating rows stall behind a long new prompt; larger prefills faster."""
     max_experts_per_replica: int = Field(8, ge=1)
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     max_new_tokens: int = Field(512, ge=1)
     """Upper limit of a request's max_tokens on this pool."""
     max_prompt_tokens: int = Field(2048, ge=16)
-    max_lora_rank: int = Field(16, ge=1)
-    """vLLM engine: largest adapter/bank rank it accepts (vLLM allows 8, 16, 32, 64, ...)."""
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+    """vLLM engine: largest adapter/bank rank it accepts. Every LoRA slot is allocated at this rank:
+    memory per slot = rank x sum over adapted modules of (d_in + d_out) x dtype size."""
+    max_loras: int = Field(8, ge=1)
+    """vLLM engine: distinct adapters in one batch (LoRA slots). A request whose adapter finds no
+    free slot waits; keep it above the number of adapters active at once (vLLM's CPU kernels also
+    mis-serve no-adapter rows when every slot is taken). Memory: max_loras x one slot (above)."""
+    max_cpu_loras: int = Field(64, ge=1)
+    """vLLM engine: adapters kept loaded in host memory (LRU; >= max_loras); a miss re-reads the
+    adapter from disk. Memory: max_cpu_loras x one adapter's own size."""
     vllm_memory_fraction: float = Field(0.15, gt=0, le=1)
     """vLLM engine: fraction of (CPU or GPU) memory for weights + KV cache."""
     bank_poll_s: float = Field(2.0, gt=0)
@@ -88,9 +102,22 @@ class PoolConfig(_Strict):
             raise ValueError(f"pool name {v!r} must match {POOL_NAME.pattern}")
         return v
 
+    @model_validator(mode="after")
+    def _loras(self) -> PoolConfig:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        return self
+
     @property
     def bank_name(self) -> str:
         return self.bank or self.name
+
+    def torch_engine_config(self):
+        """The torch engine's settings from this pool."""
+        from serve_app.engine import TorchEngineConfig
+
+        return TorchEngineConfig(max_batch_rows=self.max_batch_size, prefill_chunk_tokens=self.prefill_chunk_tokens,
+                                 max_prompt_tokens=self.max_prompt_tokens, threads=self.torch_threads)
 
 
 class AppConfig(_Strict):

@@ -26,6 +26,7 @@ from serve_app.openai_api import OpenAIError, RoutingHints, new_id, now
 from serve_app.retry import call_with_retry
 from serve_app.routes_openai import record_success, replica_error
 from serve_app.state import RouterState, get_state
+from serve_app.wire import PredictCall, PredictReply, ReplicaError
 
 api = APIRouter()
 
@@ -83,21 +84,23 @@ async def predict(tenant: str, name: str, body: PredictRequest, who: Principal =
     tags = {"tenant": who.tenant or "admin", "model": model, "endpoint": "predict"}
     handle = state.pools[target.pool].options(multiplexed_model_id=target.expert_key)
     try:
-        result = await call_with_retry(lambda: handle.predict.remote({"expert": target.expert_key,
-                                                                      "question": body.question}),
-                                       f"pool {target.pool!r}")
+        reply: PredictReply = await call_with_retry(
+            lambda: handle.predict.remote(PredictCall(expert=target.expert_key, question=body.question)),
+            f"pool {target.pool!r}")
     except BackPressureError:
         raise OpenAIError(503, f"pool {target.pool!r} is at capacity; retry shortly", type_="overloaded") from None
-    if result.get("error"):
-        raise replica_error(state, tags, result)
-    record_success(state, tags, {"prompt_tokens": result["prompt_tokens"]}, started, status=200)
+    if reply.error is not None or reply.result is None:
+        raise replica_error(state, tags, reply.error or ReplicaError(message="empty prediction"))
+    result = reply.result
+    record_success(state, tags, started, status=200, prompt_tokens=result.prompt_tokens)
     return PredictResponse(
-        id=new_id("pred"), created=now(), model=model, label=result["label"],
-        probabilities=result["probabilities"], features=result["features"],
-        stated=result.get("stated", []), not_stated=result.get("not_stated", []),
-        expert_probabilities=result["expert_probabilities"],
-        versions=ExpertVersions(expert=result["expert_version"], connectors=result["connectors_version"],
-                                key=result["expert"]),
-        privacy=target.privacy if target.expert_key == result["expert"] else None, pool=target.pool, usage=PredictUsage(prompt_tokens=result["prompt_tokens"]),
-        atelier={"batch_rows": result["batch_rows"], "layer": result["layer"], "num_slots": result["num_slots"],
+        id=new_id("pred"), created=now(), model=model, label=result.label,
+        probabilities=result.probabilities, features=result.features,
+        stated=result.stated, not_stated=result.not_stated,
+        expert_probabilities=result.expert_probabilities,
+        versions=ExpertVersions(expert=result.expert_version, connectors=result.connectors_version,
+                                key=result.expert_key),
+        privacy=target.privacy if target.expert_key == result.expert_key else None,
+        pool=target.pool, usage=PredictUsage(prompt_tokens=result.prompt_tokens),
+        atelier={"batch_rows": result.batch_rows, "layer": result.layer, "num_slots": result.num_slots,
                  "routing": target.routing})

@@ -21,7 +21,6 @@ from ray.serve.exceptions import BackPressureError
 from cluster.registry import Principal
 from serve_app.auth import principal
 from serve_app.catalog import Target
-from serve_app.engine import GenerationRequest
 from serve_app.limits import check_request, replica_refusal
 from serve_app.openai_api import (
     ChatCompletion,
@@ -40,6 +39,7 @@ from serve_app.openai_api import (
 )
 from serve_app.retry import call_with_retry
 from serve_app.state import RouterState, get_state
+from serve_app.wire import GenerationEvent, GenerationRequest, GenerationResult, ReplicaError
 
 api = APIRouter()
 
@@ -91,25 +91,26 @@ async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_
     if target.expert_key:  # ties the answer to one expert version and its DP ledger
         info.update(expert_key=target.expert_key, expert_version=target.expert_version, privacy=target.privacy)
     if body.stream:
-        gen = handle.options(stream=True).generate_stream.remote(req.model_dump())
+        gen = handle.options(stream=True).generate_stream.remote(req)
         return StreamingResponse(_sse(state, gen, endpoint, req, info, tags, started), media_type="text/event-stream")
     try:
-        result = await call_with_retry(lambda: handle.generate.remote(req.model_dump()), f"pool {target.pool!r}")
+        result: GenerationResult = await call_with_retry(lambda: handle.generate.remote(req), f"pool {target.pool!r}")
     except BackPressureError:
         raise OpenAIError(503, f"pool {target.pool!r} is at capacity; retry shortly", type_="overloaded") from None
-    if result.get("error"):
-        raise replica_error(state, tags, result)
-    record_success(state, tags, result, started, status=200)
-    if (result.get("extra") or {}).get("prediction"):
-        info["prediction"] = result["extra"]["prediction"]
-    usage = Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
-                  total_tokens=result["prompt_tokens"] + result["completion_tokens"])
+    if result.error is not None:
+        raise replica_error(state, tags, result.error)
+    record_success(state, tags, started, status=200, completion_tokens=result.completion_tokens,
+                   prompt_tokens=result.prompt_tokens)
+    if result.prediction is not None:
+        info["prediction"] = result.prediction.model_dump()
+    usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                  total_tokens=result.prompt_tokens + result.completion_tokens)
     if endpoint == "chat":
         return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=target.model_id, usage=usage, atelier=info,
-                              choices=[Choice(message={"role": "assistant", "content": result["text"]},
-                                              finish_reason=result["finish_reason"])])
+                              choices=[Choice(message={"role": "assistant", "content": result.text},
+                                              finish_reason=result.finish_reason or "stop")])
     return TextCompletion(id=new_id("cmpl"), created=now(), model=target.model_id, usage=usage, atelier=info,
-                          choices=[TextChoice(text=result["text"], finish_reason=result["finish_reason"])])
+                          choices=[TextChoice(text=result.text, finish_reason=result.finish_reason or "stop")])
 
 
 async def _sse(state: RouterState, gen, endpoint: str, req: GenerationRequest, info: dict, tags: dict,
@@ -129,41 +130,42 @@ async def _sse(state: RouterState, gen, endpoint: str, req: GenerationRequest, i
 
     yield chunk("", None, first=True, atelier=info)
     try:
+        event: GenerationEvent
         async for event in gen:
-            if event.get("error"):
-                err = OpenAIError(event["error_status"], event["error"], type_="server_error")
-                state.metrics and state.metrics.errors.inc(tags={**tags, "status": str(err.status)})
+            if event.error is not None:
+                err = replica_error(state, tags, event.error)
                 yield "data: " + json.dumps(err.body()) + "\n\n"
                 break
-            if event["text"] or event["finish_reason"]:
+            if event.text or event.finish_reason:
                 extra = {}
-                if event["finish_reason"]:
-                    if (event.get("extra") or {}).get("prediction"):
-                        extra["atelier"] = {"prediction": event["extra"]["prediction"]}
-                    extra["usage"] = {"prompt_tokens": event["prompt_tokens"],
-                                      "completion_tokens": event["completion_tokens"],
-                                      "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
-                    record_success(state, tags, event, started, status=200)
-                yield chunk(event["text"], event["finish_reason"], **extra)
+                if event.finish_reason:
+                    if event.prediction is not None:
+                        extra["atelier"] = {"prediction": event.prediction.model_dump()}
+                    extra["usage"] = {"prompt_tokens": event.prompt_tokens,
+                                      "completion_tokens": event.completion_tokens,
+                                      "total_tokens": event.prompt_tokens + event.completion_tokens}
+                    record_success(state, tags, started, status=200, completion_tokens=event.completion_tokens,
+                                   prompt_tokens=event.prompt_tokens)
+                yield chunk(event.text, event.finish_reason, **extra)
     except BackPressureError:
         yield "data: " + json.dumps(OpenAIError(503, "pool at capacity; retry shortly", "overloaded").body()) + "\n\n"
     yield "data: [DONE]\n\n"
 
 
-def replica_error(state: RouterState, tags: dict, result: dict) -> OpenAIError:
-    """The OpenAI error for a replica's error result, counted in the error metric."""
-    status = int(result.get("error_status") or 500)
+def replica_error(state: RouterState, tags: dict, error: ReplicaError) -> OpenAIError:
+    """The OpenAI error for a replica's error, counted in the error metric."""
     if state.metrics is not None:
-        state.metrics.errors.inc(tags={**tags, "status": str(status)})
-    return replica_refusal(status, result["error"], tags.get("endpoint", ""))
+        state.metrics.errors.inc(tags={**tags, "status": str(error.status)})
+    return replica_refusal(error.status, error.message, tags.get("endpoint", ""))
 
 
-def record_success(state: RouterState, tags: dict, result: dict, started: float, status: int) -> None:
+def record_success(state: RouterState, tags: dict, started: float, status: int, completion_tokens: int = 0,
+                   prompt_tokens: int = 0) -> None:
     m = state.metrics
     if m is None:
         return
     m.requests.inc(tags={**tags, "status": str(status)})
-    for counter, n in ((m.tokens, result.get("completion_tokens")), (m.prompt_tokens, result.get("prompt_tokens"))):
+    for counter, n in ((m.tokens, completion_tokens), (m.prompt_tokens, prompt_tokens)):
         if n:  # Ray counters refuse inc(0)
             counter.inc(n, tags=tags)
     m.latency.observe(time.perf_counter() - started, tags=tags)

@@ -132,8 +132,8 @@ def test_mixed_adapters_in_one_batch(app, uploaded, tmp_path):
     after = serve.get_deployment_handle("pool-small", "atelier").stats.remote().result()
     refs = {m: greedy_with_peft(app["model"].path, exported(app, m, tmp_path), HI, 5) for m in set(models)}
     assert answers == [refs[m] for m in models]
-    assert after["rows_served"] - before["rows_served"] == len(models)
-    assert after["waves"] - before["waves"] < len(models), "requests were not batched"
+    assert after.engine.rows_served - before.engine.rows_served == len(models)
+    assert after.engine.batched_steps > before.engine.batched_steps, "requests were not batched"
 
 
 def test_streaming_chat_and_completions(app, uploaded):
@@ -248,7 +248,7 @@ def test_new_bank_reaches_replicas_without_failures(app, uploaded):
             assert r.status_code == 201, r.text
             version = r.json()["banks"][0]["bank_version"]
         handle = serve.get_deployment_handle("pool-small", "atelier")
-        wait_for(lambda: handle.stats.remote().result()["bank_version"] == version, timeout_s=20)
+        wait_for(lambda: handle.stats.remote().result().bank_version == version, timeout_s=20)
         answer = client.chat.completions.create(model="acme/late", messages=HI, max_tokens=4, temperature=0)
         stop.set_result(True)
         for w in workers:

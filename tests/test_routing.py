@@ -197,3 +197,17 @@ def test_decisions_survive_the_replica_that_made_them(world, tmp_path):
     found = b.decision("acme", "chatcmpl-elsewhere")
     assert found is not None and found.chosen == "acme/sql"
     assert b.decision("globex", "chatcmpl-elsewhere") is None and b.decision("acme", "../keys") is None
+
+
+def test_feedback_memory_keeps_the_newest_per_tenant(registry):
+    from serve_app.routing.feedback import Feedback, FeedbackStore
+
+    for tenant in ("acme", "globex"):
+        registry.create_tenant(tenant)
+    store = FeedbackStore(registry.store, memory_size=3, cache_ttl_s=0)
+    for i in range(5):
+        store.add(Feedback(response_id=f"r{i}", tenant="acme", prompt=f"prompt {i}", label=BASE, vote=1,
+                           chosen="acme/x", created_at=1000.0 + i))
+    assert [m.prompt for m in store.memory("acme")] == ["prompt 2", "prompt 3", "prompt 4"]
+    assert len(registry.store.list_dir("routing/acme/feedback")) == 3
+    assert store.memory("globex") == [] and store.memory(None) == []

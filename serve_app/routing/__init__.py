@@ -18,7 +18,7 @@ from serve_app.routing.recommender import BASE, MemoryItem, Recommendation, Reco
 
 # Thresholds chosen on the routing benchmark's validation split (bench/routing.py): z-scores for
 # the normalised embedders. tfidf uses AppConfig.auto_min_similarity.
-DEFAULT_THRESHOLDS = {"minilm": 2.95, "base-lm": 2.95}
+DEFAULT_THRESHOLDS = {"minilm": 2.95, "base-lm": 1.65}
 
 
 def build_recommender(cfg, tfidf_threshold: float = 0.12):

@@ -82,6 +82,7 @@ class FeedbackStore:
         self.cache_ttl_s, self.recent_decisions = cache_ttl_s, recent_decisions
         self._recent: OrderedDict[str, Decision] = OrderedDict()
         self._memory: dict[str, tuple[float, list[MemoryItem]]] = {}
+        self._files: dict[str, dict[str, MemoryItem | None]] = {}  # tenant -> feedback file -> item
         self._pruned: dict[str, float] = {}
         self._lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auto-decisions")
@@ -150,22 +151,29 @@ class FeedbackStore:
         return min(len(names), self.memory_size)
 
     def memory(self, tenant: str | None) -> list[MemoryItem]:
-        """The tenant's most recent ``memory_size`` feedback items (cached ``cache_ttl_s``)."""
+        """The tenant's most recent ``memory_size`` feedback items (listing cached ``cache_ttl_s``;
+        feedback files are immutable, so each is read once per replica)."""
         if tenant is None:  # admin keys route across tenants and have no memory of their own
             return []
         with self._lock:
             hit = self._memory.get(tenant)
             if hit and time.monotonic() - hit[0] < self.cache_ttl_s:
                 return hit[1]
-        items = []
-        for name in self.store.list_dir(f"{ROOT}/{tenant}/feedback")[-self.memory_size:]:
+            known = dict(self._files.get(tenant, {}))
+        names = self.store.list_dir(f"{ROOT}/{tenant}/feedback")[-self.memory_size:]
+        files: dict[str, MemoryItem | None] = {}
+        for name in names:
+            if name in known:
+                files[name] = known[name]
+                continue
             try:
                 f = Feedback.model_validate_json(self.store.read_bytes(f"{ROOT}/{tenant}/feedback/{name}"))
-            except (FileNotFoundError, ValueError):  # pruned meanwhile, or not ours: skip
-                continue
-            if f.tenant == tenant:
-                items.append(MemoryItem(f.prompt, f.label, f.vote))
+                files[name] = MemoryItem(f.prompt, f.label, f.vote) if f.tenant == tenant else None
+            except (FileNotFoundError, ValueError):  # pruned meanwhile, or unreadable: skip
+                files[name] = None
+        items = [m for m in files.values() if m is not None]
         with self._lock:
+            self._files[tenant] = files
             self._memory[tenant] = (time.monotonic(), items)
         return items
 

@@ -114,13 +114,17 @@ class Recommender:
                 self._stats[p.documents] = hit
         return hit
 
+    def embed_prompt(self, prompt: str) -> np.ndarray:
+        """The prompt's vector, computed afresh (prompts are not cached: they rarely repeat, and
+        the router should not keep users' prompts around)."""
+        return self.embedder.inner.encode([prompt])[0]
+
     def scores(self, prompt: str, profiles: Sequence[Profile]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """(rank scores, gate scores, index of each profile's most similar document) for ``prompt``."""
-        rank, gate, best, _ = self._scores(prompt, profiles)
+        rank, gate, best, _ = self._scores(self.embed_prompt(prompt), profiles)
         return rank, gate, best
 
-    def _scores(self, prompt: str, profiles: Sequence[Profile]):
-        q = self.embedder.encode([prompt])[0]
+    def _scores(self, q: np.ndarray, profiles: Sequence[Profile]):
         rank = np.full(len(profiles), -1e9, dtype=np.float32)
         gate = np.full(len(profiles), -1e9, dtype=np.float32)
         nearest = np.full(len(profiles), -1.0, dtype=np.float32)  # best single-document cosine
@@ -147,13 +151,14 @@ class Recommender:
         if not profiles:
             rec.why = "the caller has no servable customization"
         else:
-            rank, gate, best_doc, nearest = self._scores(prompt, profiles)
+            q = self.embed_prompt(prompt)
+            rank, gate, best_doc, nearest = self._scores(q, profiles)
             ids = [p.model_id for p in profiles]
             order = [int(i) for i in np.argsort(-rank)]
             rec.candidates = [{"model": ids[i], "kind": profiles[i].kind, "similarity": round(float(rank[i]), 4),
                                **({"z": round(float(gate[i]), 2)} if self.normalize else {})}
                               for i in order[: self.top]]
-            recalled = self._recall(prompt, memory, ids) if memory else ([], [])
+            recalled = self._recall(q, memory, ids) if memory else ([], [])
             # vetoes: a thumbs-down prompt nearer than any of the customization's own documents
             rec.vetoed = sorted({label for label, sim in recalled[1]
                                  if sim >= nearest[ids.index(label)] + self.memory_margin})
@@ -179,10 +184,9 @@ class Recommender:
         rec.elapsed_ms = (time.perf_counter() - started) * 1000
         return rec
 
-    def _recall(self, prompt: str, memory: Sequence[MemoryItem], ids: list[str]):
+    def _recall(self, q: np.ndarray, memory: Sequence[MemoryItem], ids: list[str]):
         """([(label, item, sim)] of positive feedback, nearest first; [(label, sim)] of thumbs-downs),
         keeping only items at least ``memory_similarity`` alike whose label is still servable."""
-        q = self.embedder.encode([prompt])[0]
         sims = self.embedder.encode([m.prompt for m in memory]) @ q
         near = [(float(s), m) for s, m in zip(sims, memory, strict=True) if s >= self.memory_similarity]
         positives = sorted(((m.label, m, s) for s, m in near if m.vote > 0 and (m.label == BASE or m.label in ids)),

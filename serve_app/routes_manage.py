@@ -1,7 +1,8 @@
 """Management API: tenants and keys (admin), artifact uploads and listings (tenant or admin).
 
-Uploads take either ``multipart/form-data`` (one part per file, plus optional ``description``
-and ``metadata`` fields) or JSON ``{"files": {"<name>": "<base64>"}, "metadata": {...}}``; a
+Uploads take either ``multipart/form-data`` (one part per file, plus optional ``description``,
+``metadata`` and, for adapters, ``examples`` fields: example user prompts that ``model="auto"``
+routes by) or JSON ``{"files": {"<name>": "<base64>"}, "metadata": {...}}``; a
 schema may also be sent as its plain JSON document. Everything is validated before anything is
 stored; the response names the new version. An uploaded adapter joins every pool's bank at once
 (a new bank version, picked up by replicas within seconds): compressed (projected onto the bank's
@@ -29,6 +30,7 @@ from cluster.registry import SYSTEM_TENANT, Principal, RegistryError
 from cluster.validators import check_adapter_fits, check_expert_for_tenant
 from serve_app.auth import admin, check_tenant_access, principal
 from serve_app.openai_api import OpenAIError, bad_request
+from serve_app.routing import check_examples
 from serve_app.state import RouterState, get_state
 
 api = APIRouter()
@@ -120,6 +122,14 @@ async def upload(tenant: str, kind: str, name: str, request: Request, who: Princ
         raise bad_request(str(exc), "name") from None
     await _known_tenant(state, tenant)
     files, metadata = await _read_upload(request, art_kind, state.config.max_upload_mb)
+    if "examples" in metadata:
+        if art_kind != ArtifactKind.adapter:
+            raise bad_request("examples: example prompts describe adapters (experts are described by their "
+                              "schema); leave the field out", "examples")
+        try:
+            metadata["examples"] = check_examples(metadata["examples"])
+        except ValueError as exc:
+            raise OpenAIError(422, str(exc), param="examples") from None
     other = ArtifactKind.expert if art_kind == ArtifactKind.adapter else ArtifactKind.adapter
     if art_kind in (ArtifactKind.adapter, ArtifactKind.expert) and await asyncio.to_thread(
             state.registry.versions, tenant, other, name):
@@ -238,8 +248,13 @@ async def _read_upload(request: Request, kind: ArtifactKind, max_mb: float) -> t
                 metadata.update(_json_object(value, "metadata"))
             elif key == "description":
                 metadata["description"] = str(value)
+            elif key == "examples":  # repeated field, one prompt each, or one JSON list
+                value = str(value)
+                new = _json_list(value, "examples") if value.lstrip().startswith("[") else [value]
+                metadata["examples"] = [*metadata.get("examples", []), *new]
             else:
-                raise bad_request(f"unexpected form field {key!r}; send files, 'description' or 'metadata'", key)
+                raise bad_request(f"unexpected form field {key!r}; send files, 'description', 'examples' or "
+                                  "'metadata'", key)
         return files, metadata
     if ctype.startswith("application/json"):
         doc = _json_object(body, "body")
@@ -260,9 +275,21 @@ async def _read_upload(request: Request, kind: ArtifactKind, max_mb: float) -> t
             raise bad_request("metadata must be a JSON object", "metadata")
         if "description" in doc:
             metadata["description"] = str(doc["description"])
+        if "examples" in doc:
+            metadata["examples"] = doc["examples"]
         return files, metadata
     raise OpenAIError(415, f"content-type {ctype or 'missing'} not supported; use multipart/form-data or "
                            "application/json", param="content-type")
+
+
+def _json_list(raw: str, field: str) -> list:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise bad_request(f"{field} is not a valid JSON list", field) from None
+    if not isinstance(value, list):
+        raise bad_request(f"{field} must be a JSON list of strings", field)
+    return value
 
 
 def _json_object(raw: bytes | str, field: str) -> dict:

@@ -5,6 +5,10 @@ For an expert model the response's ``atelier`` object also holds ``expert_key``,
 ``secure_rng``, ...) and ``prediction`` (label, answer token, class probabilities at the last
 slot); streams send the first three in the first chunk and the prediction in the final one.
 ``GET /v1/models`` lists each expert's ``privacy`` too.
+
+``model="auto"`` responses explain the choice in ``atelier.routing`` (scores, threshold, what
+matched, pool rule); ``POST /v1/feedback`` with such a response's id and the right model (or a
+thumbs up/down) teaches the tenant's router (:mod:`serve_app.routing.feedback`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from ray.serve.exceptions import BackPressureError
 
 from cluster.registry import Principal
 from serve_app.auth import principal
-from serve_app.catalog import Target
+from serve_app.catalog import Target, apply_feedback
 from serve_app.limits import check_request, replica_refusal
 from serve_app.openai_api import (
     ChatCompletion,
@@ -38,6 +42,7 @@ from serve_app.openai_api import (
     now,
 )
 from serve_app.retry import call_with_retry
+from serve_app.routing.feedback import Decision, FeedbackRequest
 from serve_app.state import RouterState, get_state
 from serve_app.wire import GenerationEvent, GenerationRequest, GenerationResult, ReplicaError
 
@@ -48,7 +53,7 @@ api = APIRouter()
 async def list_models(who: Principal = Depends(principal), state: RouterState = Depends(get_state)) -> ModelList:
     """``base``, ``auto`` and the caller's own customizations (admins see every tenant's)."""
     cards = [ModelCard(id="base", owned_by="atelier", atelier={"kind": "base", "pools": [p.name for p in state.config.pools]}),
-             ModelCard(id="auto", owned_by="atelier", atelier={"kind": "auto"})]
+             ModelCard(id="auto", owned_by="atelier", atelier={"kind": "auto", "method": state.config.routing.method})]
     for c in await asyncio.to_thread(state.catalog.visible, who):
         cards.append(ModelCard(id=c.model_id, owned_by=c.tenant,
                                atelier={"kind": c.kind, "version": c.version, "pools": list(c.pools),
@@ -72,10 +77,22 @@ async def completions(body: CompletionRequest, who: Principal = Depends(principa
     return await _serve(state, who, body, "completion", body.prompt_text(), prompt=body.prompt_text())
 
 
+@api.post("/v1/feedback")
+async def feedback(body: FeedbackRequest, who: Principal = Depends(principal),
+                   state: RouterState = Depends(get_state)) -> dict:
+    """Which customization was right for a ``model="auto"`` response (or thumbs up/down); the
+    tenant's router follows it for prompts this alike from then on."""
+    return await asyncio.to_thread(apply_feedback, state.catalog, who, body)
+
+
 async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_text: str, **content):
     started = time.perf_counter()
     check_request(body, endpoint)
+    response_id = new_id("chatcmpl" if endpoint == "chat" else "cmpl")
     target: Target = await asyncio.to_thread(state.catalog.resolve, who, body.model, route_text, body.atelier)
+    if target.routing and target.routing.get("auto") and who.tenant:  # feedback may name this response
+        state.catalog.feedback.record(Decision(id=response_id, tenant=who.tenant, prompt=route_text,
+                                               chosen=target.model_id))
     pool = state.config.pool(target.pool)
     max_tokens = body.token_limit(min(256, pool.max_new_tokens))
     if max_tokens > pool.max_new_tokens:
@@ -92,13 +109,16 @@ async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_
         info.update(expert_key=target.expert_key, expert_version=target.expert_version, privacy=target.privacy)
     if body.stream:
         gen = handle.options(stream=True).generate_stream.remote(req)
-        return StreamingResponse(_sse(state, gen, endpoint, req, info, tags, started), media_type="text/event-stream")
+        return StreamingResponse(_sse(state, gen, endpoint, req, info, tags, started, response_id, target.pool),
+                                 media_type="text/event-stream")
+    sent = time.perf_counter()
     try:
         result: GenerationResult = await call_with_retry(lambda: handle.generate.remote(req), f"pool {target.pool!r}")
     except BackPressureError:
         raise OpenAIError(503, f"pool {target.pool!r} is at capacity; retry shortly", type_="overloaded") from None
     if result.error is not None:
         raise replica_error(state, tags, result.error)
+    state.catalog.latency.observe(target.pool, time.perf_counter() - sent)  # for atelier.max_latency_ms
     record_success(state, tags, started, status=200, completion_tokens=result.completion_tokens,
                    prompt_tokens=result.prompt_tokens)
     if result.prediction is not None:
@@ -106,17 +126,17 @@ async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_
     usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                   total_tokens=result.prompt_tokens + result.completion_tokens)
     if endpoint == "chat":
-        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=target.model_id, usage=usage, atelier=info,
+        return ChatCompletion(id=response_id, created=now(), model=target.model_id, usage=usage, atelier=info,
                               choices=[Choice(message={"role": "assistant", "content": result.text},
                                               finish_reason=result.finish_reason or "stop")])
-    return TextCompletion(id=new_id("cmpl"), created=now(), model=target.model_id, usage=usage, atelier=info,
+    return TextCompletion(id=response_id, created=now(), model=target.model_id, usage=usage, atelier=info,
                           choices=[TextChoice(text=result.text, finish_reason=result.finish_reason or "stop")])
 
 
 async def _sse(state: RouterState, gen, endpoint: str, req: GenerationRequest, info: dict, tags: dict,
-               started: float) -> AsyncIterator[str]:
+               started: float, chunk_id: str, pool: str) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
-    chunk_id, created = new_id("chatcmpl" if endpoint == "chat" else "cmpl"), now()
+    created, sent = now(), time.perf_counter()
     obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
 
     def chunk(text: str | None, finish: str | None, first: bool = False, **extra) -> str:
@@ -144,6 +164,7 @@ async def _sse(state: RouterState, gen, endpoint: str, req: GenerationRequest, i
                     extra["usage"] = {"prompt_tokens": event.prompt_tokens,
                                       "completion_tokens": event.completion_tokens,
                                       "total_tokens": event.prompt_tokens + event.completion_tokens}
+                    state.catalog.latency.observe(pool, time.perf_counter() - sent)
                     record_success(state, tags, started, status=200, completion_tokens=event.completion_tokens,
                                    prompt_tokens=event.prompt_tokens)
                 yield chunk(event.text, event.finish_reason, **extra)

@@ -81,3 +81,33 @@ def test_lora_job_reports_every_workers_failed_tasks(ray_session, tmp_path):
     assert "3 of 3 tasks failed (on ranks [0, 1])" in message and "no_such_proj" in message
     failures = job.collect_failures(out, [p.stem for p in (out / job.FAILURES_DIR).iterdir()])
     assert sorted(f["task_id"] for f in failures) == [0, 1, 2]
+
+
+@pytest.mark.ray
+def test_lora_job_killed_mid_run_resumes_where_it_stopped(tiny_model, tmp_path):
+    """SIGKILL the LoRA job (a real process) once some adapters are written; resubmitting trains
+    only the rest (every finished adapter is its own checkpoint: task.json + fingerprint)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from train_jobs import lora_adapters as job
+
+    out = tmp_path / "adapters"
+    argv = ["--model", "tiny-random", "--num-adapters", "6", "--workers", "0", "--out", str(out),
+            "--steps", "30", "--layers", "2", "--rank", "4", "--report-every", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "train_jobs.lora_adapters", *argv], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("*/task.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("*/task.json")))
+    assert 2 <= done < 6, f"kill landed after {done} adapters; make the tasks longer"
+    index = job.main(argv)
+    rank0 = index["run"]["rank0"]
+    assert rank0["skipped"] == done and rank0["trained"] == 6 - done and rank0["failed"] == 0
+    assert index["summary"]["adapters"] == 6

@@ -61,6 +61,13 @@ def report(p: dict, args, labels: dict, sizes) -> tuple[list[dict], str]:
             "test_kept": "kept (TEST)", "agreement": "answers = original", "worst_adapter_train": "worst adapter"}
     table = [{v: r.get(k, "") for k, v in cols.items()} for r in p["banks"]]
     parts = _verdicts(p, args, labels, sizes)
+    scored = p.get("scored") or []
+    parts.insert(0, f"**Scored adapters**: every bank is fitted on all {p['adapters']} adapters (mean/max err over "
+                 f"all of them); accuracy is scored on "
+                 + (f"all {p['adapters']}." if len(scored) in (0, p["adapters"]) else
+                    f"{len(scored)} of them, spread evenly over task ids (`--score-adapters {len(scored)}`: "
+                    f"{', '.join(n.split('/')[-1] for n in scored)}), every split of each; \"kept\" is relative to "
+                    "the originals on the same adapters."))
     b = p["budget"]
     served_at = [r for r in p["served"] if r["budget"] == b["chosen"]]
     parts.append(

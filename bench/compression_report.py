@@ -47,9 +47,12 @@ def _verdicts(p: dict, args, labels: dict, sizes) -> list[str]:
                            ("tie" if mine["test_kept"] == share["test_kept"] else "SHARE")})
     if share_rows:
         wins = [r["size <="] for r in share_rows if r["ahead"] == "SHARE"]
+        ties = [r["size <="] for r in share_rows if r["ahead"] == "tie"]
         out.append(("**Versus SHARE** (same adapters, same scoring, same run; test paraphrases kept): "
-                    + ("Atelier's best is ahead at every size limit." if not wins else
-                       f"SHARE is ahead or tied at {', '.join(wins)}.")) + "\n\n"
+                    + ("Atelier's best is ahead at every size limit." if not wins and not ties else
+                       "; ".join(x for x in (f"SHARE is ahead at {', '.join(wins)}" if wins else "",
+                                             f"tied at {', '.join(ties)}" if ties else "") if x)
+                       + " (elsewhere Atelier's best is ahead).")) + "\n\n"
                    + markdown_table(share_rows, list(share_rows[0])))
     return out
 

@@ -41,7 +41,7 @@ PAPER = ("Compress then Serve (arXiv 2407.00066, v4 / ICML 2025) claims up to 10
          "compression with 500 and 1000 LoRAs (slides), and \"up to 50 % reconstruction error preserves the "
          "performance\" (Mistral-7B, r=16 q/k/v LoRAs on Natural-Instructions). SHARE (arXiv 2602.06043) claims up to "
          "100x parameter reduction.")
-DEFAULTS = {"limit": 0, "peft_checks": 2,
+DEFAULTS = {"limit": 0, "score_adapters": 0, "peft_checks": 2,
             # sizes (% of the 100 SmolLM2 adapters) from ~2.5 to ~20 for every method, a few beyond; lowrank r=K
             # configs store exactly what SHARE k=r stores at K=1 (r(d_in+d_out) bases + 2rR per adapter/module)
             "grid": "full:8:1,full:16:1,full:32:1,full:24:2,full:8:4,full:12:4,full:16:4,full:20:4,full:24:4,"
@@ -49,7 +49,7 @@ DEFAULTS = {"limit": 0, "peft_checks": 2,
                     "lowrank:48:1,lowrank:62:1,lowrank:22:2,lowrank:34:2,lowrank:44:2,lowrank:14:4,lowrank:21:4,"
                     "lowrank:28:4,lowrank:12:8,lowrank:16:8,svd:1,svd:2,share:8,share:16,share:24,share:32,"
                     "share:48,share:62,vlora:4,vlora:19"}
-QUICK = {"limit": 8, "peft_checks": 1, "grid": "full:2:1,full:4:1,full:2:2,diag:4:1,lowrank:6:1,svd:1,share:4,vlora:2"}
+QUICK = {"limit": 8, "score_adapters": 0, "peft_checks": 1, "grid": "full:2:1,full:4:1,full:2:2,diag:4:1,lowrank:6:1,svd:1,share:4,vlora:2"}
 BUDGETS = (0.003, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3)
 SIZES = (2.5, 5.0, 10.0, 15.0, 20.0)
 LABELS = {"served": "Atelier served (JD + exact over budget)", "full": "JD-Full (clusters)",
@@ -83,6 +83,14 @@ def parse_grid(text: str, n: int) -> list[Spec]:
             raise SystemExit(f"--grid item {item!r}: expected full|diag|lowrank:r:K, svd:r, share:k or vlora:k")
         specs.append(Spec(parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else n))
     return [s for s in specs if s.clusters <= n]
+
+
+def scored_indices(n: int, k: int) -> list[int]:
+    """k adapters of n spread evenly over the task ids (k = 0 or k >= n: all): the ones every bank is scored on.
+    Banks are always fitted on all n; scoring fewer only cuts evaluation time (each adapter x split x bank)."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    return sorted({round(i * n / k) for i in range(k)})
 
 
 def build_bank(spec: Spec, adapters: list, model, seed: int):
@@ -141,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", default=None, help="directory of the LoRA job's adapters "
                    "(default ~/.cache/atelier/lora-adapters/<model>)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N adapters by task id (0 = all)")
+    p.add_argument("--score-adapters", type=int, default=None, help="score banks on N of the adapters, spread "
+                   "evenly over task ids (0 = all); every bank is still fitted on all of them")
     p.add_argument("--grid", default=None, help="banks: full:r:K, diag:r:K, lowrank:r:K, svd:r, share:k (lorashare), vlora:k "
                    f"(vlora-dev), comma-separated (default {DEFAULTS['grid']})")
     p.add_argument("--target-accuracy", type=float, default=0.95, help="share of the originals' accuracy to keep")
@@ -198,11 +208,14 @@ def main(argv: list[str] | None = None) -> dict:
     lora_rank = max(r for a in adapters for r in a.ranks.values())
     model, tok = load_model(model_ref)
     model.eval()
-    log.info("bench.start", adapters=len(adapters), collection_params=base_params, out=str(out), load=load_start)
+    scored = scored_indices(len(adapters), args.score_adapters)
+    s_tasks, s_names = [tasks[i] for i in scored], [names[i] for i in scored]
+    log.info("bench.start", adapters=len(adapters), scored=len(scored), collection_params=base_params, out=str(out),
+             load=load_start)
 
     original, o_wall, o_cpu = build_bank(Spec("original", lora_rank), adapters, model_ref, args.seed)
     t = time.perf_counter()
-    orig_rows = ev.evaluate_bank(model, tok, original, tasks, names)
+    orig_rows = ev.evaluate_bank(model, tok, original, s_tasks, s_names)
     eval_s = round(time.perf_counter() - t, 1)
     rows = [{"config": "original adapters (exact bank)", "method": "original", "bank_pct": 100.0, "mean_error": 0.0,
              "max_error": 0.0, "fit_wall_s": o_wall, "fit_cpu_s": o_cpu, **ev.summarize(orig_rows, orig_rows)}]
@@ -226,16 +239,17 @@ def main(argv: list[str] | None = None) -> dict:
             bank, wall, cpu = build_bank(spec, adapters, model_ref, args.seed)
             params = bank_param_count(bank)
             errors = mean_recon_errors(bank)
-        bank_rows = ev.evaluate_bank(model, tok, bank, tasks, names)
+        bank_rows = ev.evaluate_bank(model, tok, bank, s_tasks, s_names)
         row = {"config": spec.label, "method": spec.method, "bank_pct": round(100 * params / base_params, 2),
                "mean_error": round(sum(errors) / len(errors), 4), "max_error": round(max(errors), 4),
                "fit_wall_s": wall, "fit_cpu_s": cpu, **ev.summarize(bank_rows, orig_rows)}
         rows.append(row)
+        s_errors = [errors[i] for i in scored]
         per_adapter[spec.label] = [{"adapter": r["name"], "error": round(e, 5),
-                                    **{k: r[k] for k in ev.SPLITS.values()}} for r, e in zip(bank_rows, errors,
+                                    **{k: r[k] for k in ev.SPLITS.values()}} for r, e in zip(bank_rows, s_errors,
                                                                                               strict=True)]
         if spec.method in METHODS:
-            jd[spec.label] = (bank, bank_rows, errors)
+            jd[spec.label] = (bank, bank_rows, s_errors)
         log.info("bench.bank", **row)
 
     # served = uploaded: each JD bank at each budget; the budget itself is chosen on validation paraphrases
@@ -287,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     command = command_line("bench.compression", argv)
     payload = {
-        "args": vars(args), "adapters": len(adapters), "collection_params": base_params, "lora_rank": lora_rank,
+        "args": vars(args), "adapters": len(adapters), "scored": s_names, "collection_params": base_params, "lora_rank": lora_rank,
         "rebuild": {"command": "python -m train_jobs.lora_adapters --model smollm2-135m --num-adapters 100",
                     "index_run": index.get("run"), "summary": index.get("summary"),
                     "train_cpu_s_sum": round(sum(r["metrics"].get("cpu_seconds_total", 0) for r in records), 1)},

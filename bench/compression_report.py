@@ -47,9 +47,12 @@ def _verdicts(p: dict, args, labels: dict, sizes) -> list[str]:
                            ("tie" if mine["test_kept"] == share["test_kept"] else "SHARE")})
     if share_rows:
         wins = [r["size <="] for r in share_rows if r["ahead"] == "SHARE"]
+        ties = [r["size <="] for r in share_rows if r["ahead"] == "tie"]
         out.append(("**Versus SHARE** (same adapters, same scoring, same run; test paraphrases kept): "
-                    + ("Atelier's best is ahead at every size limit." if not wins else
-                       f"SHARE is ahead or tied at {', '.join(wins)}.")) + "\n\n"
+                    + ("Atelier's best is ahead at every size limit." if not wins and not ties else
+                       "; ".join(x for x in (f"SHARE is ahead at {', '.join(wins)}" if wins else "",
+                                             f"tied at {', '.join(ties)}" if ties else "") if x)
+                       + " (elsewhere Atelier's best is ahead).")) + "\n\n"
                    + markdown_table(share_rows, list(share_rows[0])))
     return out
 
@@ -61,6 +64,13 @@ def report(p: dict, args, labels: dict, sizes) -> tuple[list[dict], str]:
             "test_kept": "kept (TEST)", "agreement": "answers = original", "worst_adapter_train": "worst adapter"}
     table = [{v: r.get(k, "") for k, v in cols.items()} for r in p["banks"]]
     parts = _verdicts(p, args, labels, sizes)
+    scored = p.get("scored") or []
+    parts.insert(0, f"**Scored adapters**: every bank is fitted on all {p['adapters']} adapters (mean/max err over "
+                 f"all of them); accuracy is scored on "
+                 + (f"all {p['adapters']}." if len(scored) in (0, p["adapters"]) else
+                    f"{len(scored)} of them, spread evenly over task ids (`--score-adapters {len(scored)}`: "
+                    f"{', '.join(n.split('/')[-1] for n in scored)}), every split of each; \"kept\" is relative to "
+                    "the originals on the same adapters."))
     b = p["budget"]
     served_at = [r for r in p["served"] if r["budget"] == b["chosen"]]
     parts.append(

@@ -27,7 +27,7 @@ from torch import Tensor
 from compression.bank import Bank, ModuleBank
 from compression.collection import add_adapter, check_addable, shapes_fingerprint
 from compression.jd import pad_core
-from compression.lora_io import LoraAdapter
+from compression.lora_io import LoraAdapter, validate_adapter
 
 Served = Literal["compressed", "exact"]
 DEFAULT_ERROR_BUDGET = 0.03
@@ -70,14 +70,18 @@ def _pad_rank(bank: Bank, rank: int) -> Bank:
 
 def _free_offset(bank: Bank, cluster: int, width: int) -> int | None:
     """First column offset in exact cluster `cluster` with `width` free columns, or None."""
-    taken = sorted(bank.exact[a] for a, c in zip(bank.adapters, bank.clusters, strict=True)
-                   if c == cluster and a in bank.exact)
+    return _first_fit([bank.exact[a] for a, c in zip(bank.adapters, bank.clusters, strict=True)
+                       if c == cluster and a in bank.exact], width, bank.rank)
+
+
+def _first_fit(taken: list[tuple[int, int]], width: int, rank: int) -> int | None:
+    """First offset with `width` free columns among `rank` columns of which `taken` (offset, width) are used."""
     start = 0
-    for offset, w in taken:
+    for offset, w in sorted(taken):
         if offset - start >= width:
             return start
         start = max(start, offset + w)
-    return start if bank.rank - start >= width else None
+    return start if rank - start >= width else None
 
 
 def _write_slot(U: Tensor, V: Tensor, factors: tuple[Tensor, Tensor] | None, cluster: int, offset: int,
@@ -215,15 +219,66 @@ def serve_within_budget(bank: Bank, adapters: Sequence[LoraAdapter], budget: flo
     """Store exactly every adapter whose mean error in `bank` exceeds `budget` (after a fit or refit).
 
     `adapters` must hold the uploaded form of those adapters (matched by name); the others are
-    untouched. Shared clusters left without members are dropped.
+    untouched. Shared clusters left without members are dropped. The result equals removing each
+    over-budget adapter and adding it back with :func:`add_exact`, one after another, but is built in
+    one pass (linear, not quadratic, in the number of adapters: a refit of 1000 adapters stores
+    hundreds exactly).
     """
     by_name = {a.name: a for a in adapters}
     over = [a for a in bank.adapters if a not in bank.exact and mean_error(bank.recon_error[a]) > budget]
     missing = [a for a in over if a not in by_name]
     if missing:
         raise ValueError(f"serve_within_budget: need the uploaded factors of {missing[:3]} (over budget {budget})")
-    for name in over:
-        reduced = remove_adapter(bank, name)
-        bank = add_exact(reduced, by_name[name], check_base_model=False) if reduced is not None else \
-            exact_bank(by_name[name], bank.base_model, bank.base_model_hash)
-    return bank
+    if not over:
+        return bank
+    if len(bank.adapters) == 1:
+        return exact_bank(by_name[over[0]], bank.base_model, bank.base_model_hash)
+    return _store_exactly(bank, [by_name[name] for name in over])
+
+
+def _store_exactly(bank: Bank, moved: list[LoraAdapter]) -> Bank:
+    """`bank` with the adapters `moved` (in it, not exact) taken out of their clusters and stored exactly,
+    first-fit into free exact-cluster slots, then new exact clusters; appended in the given order."""
+    shapes = {m: mb.shape for m, mb in bank.modules.items()}
+    for adapter in moved:
+        validate_adapter(adapter, shapes)
+    names = {a.name for a in moved}
+    widths = [adapter_width(a) for a in moved]
+    rank = bank.rank  # grows as wider adapters arrive, as one-by-one adds would grow it
+    bank = _pad_rank(bank, max(widths))
+    keep = [j for j, a in enumerate(bank.adapters) if a not in names]
+    used = sorted({bank.clusters[j] for j in keep})
+    renumber = {c: k for k, c in enumerate(used)}
+    kept_clusters = [renumber[bank.clusters[j]] for j in keep]
+    taken: dict[int, list[tuple[int, int]]] = {}
+    for j, c in zip(keep, kept_clusters, strict=True):
+        if bank.adapters[j] in bank.exact:
+            taken.setdefault(c, []).append(bank.exact[bank.adapters[j]])
+    slots, next_cluster = [], len(used)
+    for width in widths:
+        rank = max(rank, width)
+        slot = next(((c, o) for c in sorted(taken) if (o := _first_fit(taken[c], width, rank)) is not None), None)
+        if slot is None:
+            slot, next_cluster = (next_cluster, 0), next_cluster + 1
+        taken.setdefault(slot[0], []).append((slot[1], width))
+        slots.append(slot)
+    modules = {}
+    for m, mb in bank.modules.items():
+        extra = next_cluster - len(used)
+        U = torch.cat([mb.U[used], mb.U.new_zeros(extra, *mb.U.shape[1:])])
+        V = torch.cat([mb.V[used], mb.V.new_zeros(extra, *mb.V.shape[1:])])
+        sigma = mb.sigma[keep] if bank.method != "lowrank" else pad_core(mb.sigma[keep], max(widths))
+        rows = [_write_slot(U, V, a.factors.get(m), c, o, bank.method, sigma.shape[-1] // 2).to(sigma.dtype)
+                for a, (c, o) in zip(moved, slots, strict=True)]
+        modules[m] = ModuleBank(U=U, V=V, sigma=torch.cat([sigma, *rows]))
+    zero = dict.fromkeys(bank.modules, 0.0)
+    return replace(
+        bank,
+        num_clusters=next_cluster,
+        adapters=[bank.adapters[j] for j in keep] + [a.name for a in moved],
+        clusters=kept_clusters + [c for c, _ in slots],
+        recon_error={**{a: e for a, e in bank.recon_error.items() if a not in names}, **{a.name: dict(zero) for a in moved}},
+        modules=modules,
+        exact={**{a: s for a, s in bank.exact.items() if a not in names},
+               **{a.name: (o, w) for a, (_, o), w in zip(moved, slots, widths, strict=True)}},
+    )

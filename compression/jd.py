@@ -89,6 +89,23 @@ def random_basis(d: int, r: int, generator: torch.Generator) -> Tensor:
     return torch.linalg.qr(torch.randn(d, r, generator=generator)).Q
 
 
+def pinv_psd(m: Tensor) -> Tensor:
+    """Pseudo-inverse of a symmetric PSD matrix (or batch): eigh in float32; if LAPACK's eigh does not
+    converge or returns non-finite values, which happens on rank-deficient inputs with many repeated zero
+    eigenvalues (a JD-Diag basis wider than what its cluster's adapters span, e.g. r=32 for one or two
+    rank-8 adapters), eigh in float64, then SVD in float64."""
+    for attempt in (lambda: torch.linalg.pinv(m, hermitian=True),
+                    lambda: torch.linalg.pinv(m.double(), hermitian=True).to(m.dtype),
+                    lambda: torch.linalg.pinv(m.double()).to(m.dtype)):
+        try:
+            out = attempt()
+        except torch.linalg.LinAlgError:
+            continue
+        if bool(torch.isfinite(out).all()):
+            return out
+    raise torch.linalg.LinAlgError(f"no finite pseudo-inverse of a {tuple(m.shape)} matrix (non-finite input?)")
+
+
 def _inverse_or_zero(x: Tensor) -> Tensor:
     """1/x where x > 0, else 0: the fit weights 1/‖ΔW_i‖², and "zero adapter => zero error"."""
     return torch.where(x > 0, 1 / x.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
@@ -131,14 +148,14 @@ def reconstruction_error(
 
 def _solve_sigma(core: Tensor, UtU: Tensor, VtV: Tensor, method: Method) -> Tensor:
     if method == "diag":
-        return core.diagonal(dim1=1, dim2=2) @ torch.linalg.pinv(UtU * VtV, hermitian=True)
-    return torch.linalg.pinv(UtU, hermitian=True) @ core @ torch.linalg.pinv(VtV, hermitian=True)
+        return core.diagonal(dim1=1, dim2=2) @ pinv_psd(UtU * VtV)
+    return pinv_psd(UtU) @ core @ pinv_psd(VtV)
 
 
 def _lowrank_sigma(stack: FactorStack, U: Tensor, V: Tensor, UtU: Tensor, VtV: Tensor) -> Tensor:
     """P | Q [n, r, 2R]: P = (UᵀU)⁻¹UᵀB_i, Q = (VᵀV)⁻¹VᵀA_iᵀ, so P Qᵀ is the full least-squares Σ_i."""
-    P = torch.linalg.pinv(UtU, hermitian=True) @ (U.mT @ stack.B)
-    Q = torch.linalg.pinv(VtV, hermitian=True) @ (stack.A @ V).mT
+    P = pinv_psd(UtU) @ (U.mT @ stack.B)
+    Q = pinv_psd(VtV) @ (stack.A @ V).mT
     return torch.cat([P, Q], dim=-1)
 
 
@@ -247,9 +264,9 @@ def jd_diag(stack: FactorStack, init: tuple[Tensor, Tensor], config: JDConfig | 
     for _ in range(0 if fit.converged else config.diag_iters):
         ss = (w[:, None] * sigma).T @ sigma  # Σ_i w_i σ_i σ_iᵀ
         num = stack.sum_B((A @ V) * sigma[:, None, :], w)  # Σ_i w_i ΔW_i V D_i
-        U = num @ torch.linalg.pinv((V.mT @ V) * ss, hermitian=True)
+        U = num @ pinv_psd((V.mT @ V) * ss)
         num = stack.sum_At((B.mT @ U) * sigma[:, None, :], w)  # Σ_i w_i ΔW_iᵀ U D_i
-        V = num @ torch.linalg.pinv((U.mT @ U) * ss, hermitian=True)
+        V = num @ pinv_psd((U.mT @ U) * ss)
         U = U / U.norm(dim=0).clamp_min(1e-30)
         V = V / V.norm(dim=0).clamp_min(1e-30)
         sigma, errors = project_with_error(stack, U, V, "diag")

@@ -93,7 +93,19 @@ class PoolConfig(_Strict):
     refit hold more than this share of the bank's parameters; None = never refit automatically."""
     bank_refit_min_adapters: int = Field(8, ge=2)
     """No automatic refit below this many adapters in the bank (little to share)."""
+    bank_refit_ranks: list[int] = Field([4, 8, 16, 32], min_length=1)
+    bank_refit_clusters: list[int] = Field([1, 2, 4, 8], min_length=1)
+    bank_refit_methods: list[Literal["full", "diag", "lowrank"]] = Field(["full", "diag", "lowrank"], min_length=1)
+    """The refit's Tune grid: ranks x clusters x methods, one trial each (refit time grows with both the grid
+    and the number of adapters; docs/serving.md gives measured times)."""
     autoscaling: AutoscalingSpec = AutoscalingSpec()
+
+    @field_validator("bank_refit_ranks", "bank_refit_clusters")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(x < 1 for x in v):
+            raise ValueError(f"every entry must be >= 1, got {v}")
+        return v
 
     @field_validator("name")
     @classmethod

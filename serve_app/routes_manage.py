@@ -205,7 +205,8 @@ async def _queue_refit(state: RouterState, pool) -> str:
     from cluster.bank_refit import RefitRequest, queue_refit
 
     request = RefitRequest(store=state.registry.store.uri, bank=pool.bank_name, model=pool.model,
-                           budget=pool.bank_error_budget,
+                           budget=pool.bank_error_budget, ranks=tuple(pool.bank_refit_ranks),
+                           clusters=tuple(pool.bank_refit_clusters), methods=tuple(pool.bank_refit_methods),
                            max_rank=pool.max_lora_rank if pool.engine == "vllm" else None)
     try:
         return await asyncio.to_thread(queue_refit, request)

@@ -62,7 +62,7 @@ def test_help_lists_every_knob(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--adapters", "--limit", "--grid", "--target-accuracy", "--target-params", "--budget-bin",
+    for flag in ("--adapters", "--limit", "--score-adapters", "--grid", "--target-accuracy", "--target-params", "--budget-bin",
                  "--peft-checks", "--add-adapters", "--quick", "--out"):
         assert flag in text
     from bench import compression_scale
@@ -128,6 +128,19 @@ def test_quick_bench_measures_banks_and_share_through_the_serving_op(tiny_adapte
     assert "python -m bench.compression --quick" in md and "TEST paraphrases" in md and "SHARE" in md
     for png in ("compression.png", "compression_val.png"):
         assert (out / png).stat().st_size > 5000
+
+
+def test_scoring_a_subset_fits_on_all_and_scores_the_evenly_spread_ones(tiny_adapters, tmp_path):
+    assert bench.scored_indices(100, 30)[:4] == [0, 3, 7, 10] and len(bench.scored_indices(100, 30)) == 30
+    assert bench.scored_indices(4, 0) == bench.scored_indices(4, 9) == [0, 1, 2, 3]
+    payload = bench.main(["--quick", "--model", "tiny-random", "--adapters", str(tiny_adapters), "--out",
+                          str(tmp_path), "--grid", "full:2:1", "--score-adapters", "2", "--add-adapters", "1",
+                          "--budget-bin", "1", "--peft-checks", "0"])
+    assert payload["adapters"] == 4 and [n.split("/")[-1] for n in payload["scored"]] == ["codebook-0000",
+                                                                                          "codebook-0002"]
+    assert [r["adapter"] for r in payload["per_adapter"]["full r=2 K=1"]] == payload["scored"]
+    assert all(s["exact"] <= 4 for s in payload["served"])  # served banks still hold all 4 adapters
+    assert "2 of them, spread evenly" in (tmp_path / "compression.md").read_text()
 
 
 def test_family_collection_and_scaling_without_ray():

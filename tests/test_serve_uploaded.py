@@ -125,7 +125,9 @@ def test_refit_is_queued_when_too_much_is_exact_and_answers_survive_it(ray_sessi
     from cluster.bank_refit import refit_status
     from cluster.banks import bank_metadata, read_bank
 
-    app = deploy(tiny_model, tmp_path, "refit", bank_refit_share=0.25, bank_refit_min_adapters=2)
+    # a small refit grid (the default 48-trial grid takes minutes on a loaded 2-core box)
+    app = deploy(tiny_model, tmp_path, "refit", bank_refit_share=0.25, bank_refit_min_adapters=2,
+                 bank_refit_ranks=[4, 8], bank_refit_clusters=[1, 2], bank_refit_methods=["full"])
     try:
         dirs = {f"a{i}": make_peft_adapter(tiny_model.path, tmp_path / f"a{i}", seed=30 + i) for i in range(3)}
         first = upload(app, "a0", dirs["a0"])

@@ -151,3 +151,32 @@ def test_exact_slots_survive_save_and_load_and_bad_slots_are_refused(tmp_path):
         replace(bank, exact={**bank.exact, "b": (3, 2)})
     with pytest.raises(BankFormatError, match="not in the bank"):
         replace(bank, exact={**bank.exact, "zz": (0, 1)})
+
+
+def _serve_one_by_one(bank, adapters, budget):
+    """The reference: each over-budget adapter removed and added back exactly, one after another."""
+    by_name = {a.name: a for a in adapters}
+    for name in [a for a in bank.adapters if a not in bank.exact and mean_error(bank.recon_error[a]) > budget]:
+        bank = add_exact(remove_adapter(bank, name), by_name[name], check_base_model=False)
+    return bank
+
+
+@pytest.mark.parametrize("method", ["full", "diag", "lowrank"])
+@pytest.mark.parametrize("budget", [0.05, 0.0])  # 0: every adapter exact, every shared cluster dropped
+def test_serving_within_budget_in_one_pass_equals_one_by_one(family, method, budget):
+    narrow = [random_adapter(f"narrow-{i}", 2, seed=40 + i) for i in range(3)]  # packed side by side
+    wide = random_adapter("wide", 6, seed=50)  # wider than the bank: raises its rank
+    adapters = [*family.adapters, *narrow, wide]
+    bank = compress_collection(adapters, rank=4, clusters=2, method=method, config=CONFIG)
+    bank = add_exact(bank, random_adapter("already", 2, seed=60))  # an exact slot with room beside it
+    adapters.append(random_adapter("already", 2, seed=60))
+    got, want = serve_within_budget(bank, adapters, budget), _serve_one_by_one(bank, adapters, budget)
+    assert (got.adapters, got.clusters, got.exact, got.num_clusters, got.rank) == (
+        want.adapters, want.clusters, want.exact, want.num_clusters, want.rank)
+    assert got.recon_error == want.recon_error and set(got.exact) >= {"wide", "already"}
+    for m in got.modules:
+        for field in ("U", "V", "sigma"):
+            torch.testing.assert_close(getattr(got.modules[m], field), getattr(want.modules[m], field))
+    for adapter in adapters:
+        if adapter.name in got.exact:
+            assert_serves_exactly(got, adapter)

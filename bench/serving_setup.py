@@ -100,9 +100,11 @@ def workload(requests: int, prompt_tokens: int | list[int], max_tokens: int | li
     return Workload(prompts, outs, chosen)
 
 
-def build(contender: str, model, dtype: str, threads: int, max_rows: int, root: Path, n: int, log=print):
+def build(contender: str, model, dtype: str, threads: int, max_rows: int, root: Path, n: int, log=print,
+          vllm_cpus: str | None = None):
     """The engine for ``contender`` with the first ``n`` adapters loaded or attached (vLLM contenders
-    load theirs into vLLM's CPU cache in :func:`warm`). Returns (engine, seconds spent on adapters)."""
+    load theirs into vLLM's CPU cache in :func:`warm`; ``vllm_cpus``: the cores vLLM's threads are
+    bound to, default the first ``threads``). Returns (engine, seconds spent on adapters)."""
     from cluster.models import load_model
 
     torch.set_num_threads(threads)
@@ -156,8 +158,8 @@ def build(contender: str, model, dtype: str, threads: int, max_rows: int, root: 
         rank = BANK_RANK if contender == "vllm-pool" else RANK
         options = VLLMOptions(dtype=dtype, max_lora_rank=rank, max_loras=max_rows + 1,
                               max_cpu_loras=max(max_rows + 1, n), max_model_len=1024, max_num_seqs=max_rows,
-                              cpu_threads_bind=f"0-{threads - 1}")
-        engine = VLLMEngine(model.path, root / "vllm-exports", options)
+                              cpu_threads_bind=vllm_cpus or f"0-{threads - 1}")
+        engine = VLLMEngine(model.path, root / f"vllm-exports-{n}", options)  # one export cache per bank
         started = time.perf_counter()
         if contender == "vllm-pool" and n:
             engine.set_bank(load_bank(bank_dir(root, model, n, log)), 1)

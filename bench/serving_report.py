@@ -132,8 +132,9 @@ def report(results: list[dict], args, argv, seconds: float, sources: list[str] |
                 ("Torch pool dtype", "dtype")]
     threads = sorted({r["threads"] for r in results if "threads" in r}) or [args.threads]
     notes = [("Combined from: " + "; ".join(sources) + ". " if sources else "")
-             + f"Total run time {seconds / 60:.1f} min; load average at the end {os.getloadavg()[0]:.2f} "
-             f"(each row: the load average when its worker started). Threads per contender: "
+             + f"Total run time {seconds / 60:.1f} min"
+             + ("" if sources else f"; load average at the end {os.getloadavg()[0]:.2f}")
+             + " (each row: the load average when its worker started). Threads per contender: "
              f"{', '.join(map(str, threads))}.",
              "",
              "Driving: in-process, the same async client loop for every contender (see bench/serving.py); "
@@ -145,7 +146,8 @@ def report(results: list[dict], args, argv, seconds: float, sources: list[str] |
     payload = {"results": results, "targets": goals, "seconds": round(seconds, 1), "sources": sources or [],
                "args": {k: (str(v) if isinstance(v, Path) else v)
                                                                 for k, v in vars(args).items()}}
-    write_results(args.out, args.name, payload, rows(results, "sweep"), "Serving at scale: every contender, one run",
+    write_results(args.out, args.name, payload, rows(results, "sweep"),
+                  "Serving at scale: every contender, " + ("runs made side by side" if sources else "one run"),
                   command_line("bench.serving", argv), "\n".join(notes))
     plot(results, args.out / f"{args.name}.png")
     print(f"[bench.serving] wrote {args.out / args.name}.md/.json/.png; targets: {goals}", flush=True)

@@ -20,10 +20,25 @@ def _ok(results: list[dict], scenario: str) -> list[dict]:
 
 
 def targets(results: list[dict]) -> dict:
-    """The issue's targets at the largest N measured (None where a contender is missing)."""
+    """The issue's targets: the sweep's at the largest N measured (None where a contender is missing),
+    the join probe's and the mixed scenario's (each only if measured)."""
     sweep = _ok(results, "sweep")
-    if not sweep:
-        return {}
+    out = _sweep_targets(sweep) if sweep else {}
+    joins = {r["contender"]: r["join"] for r in _ok(results, "join")}
+    if "torch-base" in joins:
+        out["join_ratio"] = joins["torch-base"]["ratio"]
+        out["join_ok"] = joins["torch-base"]["ratio"] <= 1.5
+    mixed = {(r["contender"], r["max_rows"]): r["tok_s"] for r in _ok(results, "mixed")}
+    cb = mixed.get(("torch-bank", 16))
+    static = [v for (c, _), v in mixed.items() if c == "torch-static-bank"]
+    if cb and static:
+        out["mixed_vs_static_best"] = round(cb / max(static), 2)
+        out["mixed_vs_static_default"] = round(cb / mixed.get(("torch-static-bank", 8), max(static)), 2)
+        out["mixed_ok"] = out["mixed_vs_static_default"] >= 1.5
+    return out
+
+
+def _sweep_targets(sweep: list[dict]) -> dict:
     top = max(r["n"] for r in sweep)
     runs = {r.get("run") for r in sweep if r["n"] == top}  # combined runs: the ceiling of the same run as top N
     at = {r["contender"]: r["tok_s"] for r in sweep if r["n"] == 0 and (r.get("run") in runs or len(runs) > 1)}
@@ -42,17 +57,6 @@ def targets(results: list[dict]) -> dict:
             if peer_tok_s:
                 out[key] = round(pools[best] / peer_tok_s, 2)
                 out[f"{key}_ok"] = out[key] >= need if key == "vs_peft" else out[key] > need
-    joins = {r["contender"]: r["join"] for r in _ok(results, "join")}
-    if "torch-base" in joins:
-        out["join_ratio"] = joins["torch-base"]["ratio"]
-        out["join_ok"] = joins["torch-base"]["ratio"] <= 1.5
-    mixed = {(r["contender"], r["max_rows"]): r["tok_s"] for r in _ok(results, "mixed")}
-    cb = mixed.get(("torch-bank", 16))
-    static = [v for (c, _), v in mixed.items() if c == "torch-static-bank"]
-    if cb and static:
-        out["mixed_vs_static_best"] = round(cb / max(static), 2)
-        out["mixed_vs_static_default"] = round(cb / mixed.get(("torch-static-bank", 8), max(static)), 2)
-        out["mixed_ok"] = out["mixed_vs_static_default"] >= 1.5
     return out
 
 

@@ -151,7 +151,7 @@ def report(results: list[dict], args, argv, seconds: float, sources: list[str] |
                "args": {k: (str(v) if isinstance(v, Path) else v)
                                                                 for k, v in vars(args).items()}}
     write_results(args.out, args.name, payload, rows(results, "sweep"),
-                  "Serving at scale: every contender, " + ("runs made side by side" if sources else "one run"),
+                  "Serving at scale: every contender, " + ("runs made side by side" if sources and len(sources) > 1 else "one run"),
                   command_line("bench.serving", argv), "\n".join(notes))
     plot(results, args.out / f"{args.name}.png")
     print(f"[bench.serving] wrote {args.out / args.name}.md/.json/.png; targets: {goals}", flush=True)

@@ -158,7 +158,8 @@ def worker(spec: dict) -> dict:
     root = Path(spec["cache"]) / model.id
     n, contender = spec["n"], spec["contender"]
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    engine, adapters_s = build(contender, model, spec["dtype"], spec["threads"], spec["max_rows"], root, n, log)
+    engine, adapters_s = build(contender, model, spec["dtype"], spec["threads"], spec["max_rows"], root, n, log,
+                               spec.get("vllm_cpus"))
     names = [name for name, _ in adapter_dirs(root, model.path, n)] if n else None
     if contender.endswith("base"):
         names = None
@@ -218,13 +219,14 @@ def run_worker(spec: dict, timeout_s: float) -> dict:
 def plan(args) -> list[dict]:
     base = {"model": args.model, "cache": str(args.cache), "threads": args.threads, "max_rows": args.max_rows,
             "concurrency": args.concurrency, "requests": args.requests, "prompt_tokens": args.prompt_tokens,
-            "max_tokens": args.max_tokens, "dtype": args.dtype, "reps": args.reps}
+            "max_tokens": args.max_tokens, "dtype": args.dtype, "reps": args.reps, "vllm_cpus": args.vllm_cpus}
     specs = []
     scen = args.scenarios
-    if "sweep" in scen:
-        for c in args.contenders:
-            for n in ([0] if c.endswith("base") else args.ns):
-                specs.append({**base, "scenario": "sweep", "contender": c, "n": n})
+    if "sweep" in scen:  # ordered by N (bases first, the reference manager last): a stopped run keeps small Ns
+        sweep = {**base, "scenario": "sweep"}
+        specs += [{**sweep, "contender": c, "n": 0} for c in args.contenders if c.endswith("base") and c != "hf-cb-base"]
+        specs += [{**sweep, "contender": c, "n": n} for n in args.ns for c in args.contenders if not c.endswith("base")]
+        specs += [{**sweep, "contender": c, "n": 0} for c in args.contenders if c == "hf-cb-base"]
     if "join" in scen:
         for c in ("torch-base", "torch-static-bank"):
             specs.append({**base, "scenario": "join", "contender": c, "n": 0, "max_rows": 8})
@@ -256,11 +258,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="every contender's dtype (the dtype scenario measures both for the torch pool)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("ATELIER_THREADS", "2")))
+    p.add_argument("--vllm-cpus", help="cores vLLM binds its threads to (VLLM_CPU_OMP_THREADS_BIND, e.g. '1' "
+                   "when another run holds core 0); default the first --threads cores")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="synthetic adapters and banks (reused)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     p.add_argument("--name", default="serving", help="result file name")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     p.add_argument("--smoke", action="store_true", help="CI: tiny-random, N=2, no vLLM, a few requests")
+    p.add_argument("--combine", help="comma-separated result JSONs of earlier runs (e.g. the sweep and the "
+                   "continuous-batching scenarios run apart): one report of all their results, nothing re-run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -277,8 +283,18 @@ def main(argv: list[str] | None = None) -> None:
     from bench.serving_report import report
 
     started = time.perf_counter()
-    results = [run_worker(spec, args.timeout) for spec in plan(args)]
-    report(results, args, argv, time.perf_counter() - started)
+    if args.combine:
+        payloads = [json.loads(Path(f).read_text()) for f in args.combine.split(",")]
+        results = [{**r, "run": Path(f).stem} for f, payload in zip(args.combine.split(","), payloads, strict=True)
+                   for r in payload["results"]]
+        sources = [f"`{payload['command']}` ({payload['machine']['time']}, {payload.get('seconds', 0) / 60:.1f} min)"
+                   for payload in payloads]
+        report(results, args, argv, sum(payload.get("seconds", 0) for payload in payloads), sources)
+        return
+    results = []
+    for spec in plan(args):  # the report is rewritten after every worker: a stopped run keeps what it measured
+        results.append(run_worker(spec, args.timeout))
+        report(results, args, argv, time.perf_counter() - started)
 
 
 if __name__ == "__main__":

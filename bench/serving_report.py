@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 LABELS = {"torch-base": "base model, torch engine", "vllm-base": "base model, vLLM",
           "hf-cb-base": "base model, transformers ContinuousBatchingManager",
           "torch-bank": "Atelier torch pool (bank)", "vllm-pool": "Atelier vLLM pool (bank exports)",
-          "vllm-lora": "plain vLLM multi-LoRA (uncompressed)", "peft": "peft, one adapter at a time",
+          "vllm-lora": "plain vLLM multi-LoRA (uncompressed)",
+          "vllm-lora-all": "plain vLLM multi-LoRA (uncompressed, LoRA slots on all modules)",
+          "peft": "peft, one adapter at a time",
           "torch-static-bank": "torch static waves (before)"}
 
 
@@ -17,23 +20,10 @@ def _ok(results: list[dict], scenario: str) -> list[dict]:
 
 
 def targets(results: list[dict]) -> dict:
-    """The issue's targets at the largest N measured (None where a contender is missing)."""
+    """The issue's targets: the sweep's at the largest N measured (None where a contender is missing),
+    the join probe's and the mixed scenario's (each only if measured)."""
     sweep = _ok(results, "sweep")
-    if not sweep:
-        return {}
-    top = max(r["n"] for r in sweep)
-    at = {r["contender"]: r["tok_s"] for r in sweep if r["n"] in (top, 0)}
-    ceiling = max([at[c] for c in ("torch-base", "vllm-base", "hf-cb-base") if c in at] or [float("nan")])
-    pools = {c: at[c] for c in ("torch-bank", "vllm-pool") if c in at}
-    best = max(pools, key=pools.get) if pools else None
-    out = {"n": top, "ceiling_tok_s": ceiling, "best_pool": best, "best_pool_tok_s": pools.get(best)}
-    if best:
-        out["vs_ceiling"] = round(pools[best] / ceiling, 2)
-        out["vs_ceiling_ok"] = out["vs_ceiling"] >= 0.8
-        for peer, key, need in (("peft", "vs_peft", 3.0), ("vllm-lora", "vs_vllm_lora", 1.0)):
-            if peer in at:
-                out[key] = round(pools[best] / at[peer], 2)
-                out[f"{key}_ok"] = out[key] >= need if peer == "peft" else out[key] > need
+    out = _sweep_targets(sweep) if sweep else {}
     joins = {r["contender"]: r["join"] for r in _ok(results, "join")}
     if "torch-base" in joins:
         out["join_ratio"] = joins["torch-base"]["ratio"]
@@ -48,6 +38,28 @@ def targets(results: list[dict]) -> dict:
     return out
 
 
+def _sweep_targets(sweep: list[dict]) -> dict:
+    top = max(r["n"] for r in sweep)
+    runs = {r.get("run") for r in sweep if r["n"] == top}  # combined runs: the ceiling of the same run as top N
+    at = {r["contender"]: r["tok_s"] for r in sweep if r["n"] == 0 and (r.get("run") in runs or len(runs) > 1)}
+    if not any(c.endswith("base") for c in at):
+        at = {r["contender"]: r["tok_s"] for r in sweep if r["n"] == 0}
+    at |= {r["contender"]: r["tok_s"] for r in sweep if r["n"] == top}
+    ceiling = max([at[c] for c in ("torch-base", "vllm-base", "hf-cb-base") if c in at] or [float("nan")])
+    pools = {c: at[c] for c in ("torch-bank", "vllm-pool") if c in at}
+    best = max(pools, key=pools.get) if pools else None
+    out = {"n": top, "ceiling_tok_s": ceiling, "best_pool": best, "best_pool_tok_s": pools.get(best)}
+    if best:
+        out["vs_ceiling"] = round(pools[best] / ceiling, 2)
+        out["vs_ceiling_ok"] = out["vs_ceiling"] >= 0.8
+        plain = [at[c] for c in ("vllm-lora", "vllm-lora-all") if c in at]  # the better-configured plain vLLM
+        for peer_tok_s, key, need in ((at.get("peft"), "vs_peft", 3.0), (max(plain, default=None), "vs_vllm_lora", 1.0)):
+            if peer_tok_s:
+                out[key] = round(pools[best] / peer_tok_s, 2)
+                out[f"{key}_ok"] = out[key] >= need if key == "vs_peft" else out[key] > need
+    return out
+
+
 def rows(results: list[dict], scenario: str) -> list[dict]:
     """One table row per result of ``scenario``."""
     table = []
@@ -56,6 +68,8 @@ def rows(results: list[dict], scenario: str) -> list[dict]:
             continue
         row = {"contender": LABELS.get(r["contender"], r["contender"]), "N": r["n"], "dtype": r["dtype"],
                "C": r["concurrency"], "rows": r["max_rows"]}
+        if "run" in r:  # a --combine report: which run measured it
+            row = {"run": r["run"], **row}
         if "error" in r:
             row["result"] = "FAILED: " + r["error"].splitlines()[-1][:100]
         elif "join" in r:
@@ -96,7 +110,7 @@ def plot(results: list[dict], path: Path) -> None:
         if not pts:
             continue
         if contender.endswith("base"):
-            ax.axhline(pts[0][1], ls="--", lw=1, label=LABELS[contender], color="grey" if "torch" in contender
+            ax.axhline(statistics.median(t for _, t in pts), ls="--", lw=1, label=LABELS[contender], color="grey" if "torch" in contender
                        else "black")
         else:
             ax.plot([n for n, _ in pts], [t for _, t in pts], marker="o", label=LABELS[contender])
@@ -112,15 +126,20 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def report(results: list[dict], args, argv, seconds: float) -> None:
+def report(results: list[dict], args, argv, seconds: float, sources: list[str] | None = None) -> None:
+    """Write JSON, Markdown and PNG of ``results`` (``sources``: the runs a ``--combine`` merged)."""
     from bench.common import command_line, write_results
 
     goals = targets(results)
     sections = [("Continuous batching: a short request joining a long one", "join"),
                 ("Continuous batching: C=16, mixed prompt and output lengths", "mixed"),
                 ("Torch pool dtype", "dtype")]
-    notes = [f"Total run time {seconds / 60:.1f} min; load average at the end {os.getloadavg()[0]:.2f} "
-             f"(each row: the load average when its worker started). Threads per contender: {args.threads}.",
+    threads = sorted({r["threads"] for r in results if "threads" in r}) or [args.threads]
+    notes = [("Combined from: " + "; ".join(sources) + ". " if sources else "")
+             + f"Total run time {seconds / 60:.1f} min"
+             + ("" if sources else f"; load average at the end {os.getloadavg()[0]:.2f}")
+             + " (each row: the load average when its worker started). Threads per contender: "
+             f"{', '.join(map(str, threads))}.",
              "",
              "Driving: in-process, the same async client loop for every contender (see bench/serving.py); "
              "adapters are SYNTHETIC (4 planted clusters, rank 8, q_proj+v_proj on all layers); "
@@ -128,9 +147,11 @@ def report(results: list[dict], args, argv, seconds: float) -> None:
              "", "Targets (largest N): " + ", ".join(f"{k}={v}" for k, v in goals.items())]
     for title, scenario in sections:
         notes += ["", f"## {title}", "", md_table(rows(results, scenario))]
-    payload = {"results": results, "targets": goals, "args": {k: (str(v) if isinstance(v, Path) else v)
+    payload = {"results": results, "targets": goals, "seconds": round(seconds, 1), "sources": sources or [],
+               "args": {k: (str(v) if isinstance(v, Path) else v)
                                                                 for k, v in vars(args).items()}}
-    write_results(args.out, args.name, payload, rows(results, "sweep"), "Serving at scale: every contender, one run",
+    write_results(args.out, args.name, payload, rows(results, "sweep"),
+                  "Serving at scale: every contender, " + ("runs made side by side" if sources and len(sources) > 1 else "one run"),
                   command_line("bench.serving", argv), "\n".join(notes))
     plot(results, args.out / f"{args.name}.png")
     print(f"[bench.serving] wrote {args.out / args.name}.md/.json/.png; targets: {goals}", flush=True)

@@ -30,8 +30,9 @@ WORDS = ("time year people way day man thing woman life child world school state
          "office door health person art war history party result change morning reason research girl guy "
          "moment air teacher force education").split()
 RANK, CLUSTERS, BANK_RANK = 8, 4, 16
-CONTENDERS = ("torch-base", "vllm-base", "hf-cb-base", "torch-bank", "vllm-pool", "vllm-lora", "peft",
-              "torch-static-bank")
+TARGETS = ("q_proj", "v_proj")
+CONTENDERS = ("torch-base", "vllm-base", "hf-cb-base", "torch-bank", "vllm-pool", "vllm-lora", "vllm-lora-all",
+              "peft", "torch-static-bank")
 
 
 def adapter_dirs(root: Path, model_dir: Path, n: int) -> list[tuple[str, Path]]:
@@ -58,8 +59,8 @@ def _target_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
     head_dim = d // heads
     shapes = {}
     for layer in range(cfg["num_hidden_layers"]):
-        shapes[f"model.layers.{layer}.self_attn.q_proj"] = (d, d)
-        shapes[f"model.layers.{layer}.self_attn.v_proj"] = (kv * head_dim, d)
+        shapes[f"model.layers.{layer}.self_attn.{TARGETS[0]}"] = (d, d)
+        shapes[f"model.layers.{layer}.self_attn.{TARGETS[1]}"] = (kv * head_dim, d)
     return shapes
 
 
@@ -100,9 +101,11 @@ def workload(requests: int, prompt_tokens: int | list[int], max_tokens: int | li
     return Workload(prompts, outs, chosen)
 
 
-def build(contender: str, model, dtype: str, threads: int, max_rows: int, root: Path, n: int, log=print):
+def build(contender: str, model, dtype: str, threads: int, max_rows: int, root: Path, n: int, log=print,
+          vllm_cpus: str | None = None):
     """The engine for ``contender`` with the first ``n`` adapters loaded or attached (vLLM contenders
-    load theirs into vLLM's CPU cache in :func:`warm`). Returns (engine, seconds spent on adapters)."""
+    load theirs into vLLM's CPU cache in :func:`warm`; ``vllm_cpus``: the cores vLLM's threads are
+    bound to, default the first ``threads``). Returns (engine, seconds spent on adapters)."""
     from cluster.models import load_model
 
     torch.set_num_threads(threads)
@@ -147,21 +150,23 @@ def build(contender: str, model, dtype: str, threads: int, max_rows: int, root: 
         return PeftServer(peft_model, tok, max_batch_size=max_rows, threads=threads), time.perf_counter() - started
     if contender.startswith("vllm"):
         from compression import load_bank
-        from serve_app.engine_vllm import PeftDirectories, VLLMEngine, VLLMOptions
+        from serve_app.engine_vllm import PeftDirectories, VLLMEngine, VLLMOptions, vllm_lora_modules
 
         # LoRA sizing as vLLM documents it: max_loras = distinct adapters in one batch (every running
         # row may name a different one; one spare slot, see the CPU -1 note in serve_app.config),
         # max_cpu_loras = adapters cached in host memory (all of them: they fit), max_lora_rank =
-        # the largest rank served (8 for the originals, the bank's 16 for exported bank adapters).
+        # the largest rank served (8 for the originals, the bank's 16 for exported bank adapters),
+        # lora_target_modules = the modules the adapters touch (vLLM's tuning knob; default: all four).
         rank = BANK_RANK if contender == "vllm-pool" else RANK
         options = VLLMOptions(dtype=dtype, max_lora_rank=rank, max_loras=max_rows + 1,
                               max_cpu_loras=max(max_rows + 1, n), max_model_len=1024, max_num_seqs=max_rows,
-                              cpu_threads_bind=f"0-{threads - 1}")
-        engine = VLLMEngine(model.path, root / "vllm-exports", options)
+                              cpu_threads_bind=vllm_cpus or f"0-{threads - 1}",
+                              lora_target_modules=None if contender == "vllm-lora-all" else vllm_lora_modules(TARGETS))
+        engine = VLLMEngine(model.path, root / f"vllm-exports-{n}", options)  # one export cache per bank
         started = time.perf_counter()
         if contender == "vllm-pool" and n:
             engine.set_bank(load_bank(bank_dir(root, model, n, log)), 1)
-        elif contender == "vllm-lora" and n:
+        elif contender in ("vllm-lora", "vllm-lora-all") and n:
             engine.source = PeftDirectories(dict(adapter_dirs(root, model.path, n)))
         return engine, time.perf_counter() - started
     raise ValueError(f"contender {contender!r}: choose from {CONTENDERS}")
@@ -171,6 +176,6 @@ async def warm(engine, contender: str) -> float:
     """Inside the measuring event loop: vLLM contenders load every adapter into vLLM's CPU LoRA
     cache (``add_lora``), so all contenders start from a steady state. Returns the seconds spent."""
     started = time.perf_counter()
-    if contender in ("vllm-pool", "vllm-lora") and engine.adapter_names():
+    if contender in ("vllm-pool", "vllm-lora", "vllm-lora-all") and engine.adapter_names():
         await engine.preload(engine.adapter_names())
     return time.perf_counter() - started

@@ -80,6 +80,9 @@ class PoolConfig(_Strict):
     max_cpu_loras: int = Field(64, ge=1)
     """vLLM engine: adapters kept loaded in host memory (LRU; >= max_loras); a miss re-reads the
     adapter from disk. Memory: max_cpu_loras x one adapter's own size."""
+    vllm_lora_target_modules: list[str] | None = None
+    """vLLM engine: module suffixes that get LoRA slots (e.g. ["qkv_proj"] for q/v adapters); None =
+    all LoRA-capable modules (vLLM's default: every slot then also holds and runs o/gate_up/down)."""
     vllm_memory_fraction: float = Field(0.15, gt=0, le=1)
     """vLLM engine: fraction of (CPU or GPU) memory for weights + KV cache."""
     bank_poll_s: float = Field(2.0, gt=0)

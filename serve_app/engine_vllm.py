@@ -46,6 +46,10 @@ class VLLMOptions(BaseModel):
     memory_fraction: float = 0.15
     max_num_seqs: int = 16
     """Rows vLLM runs at once (its continuous batch)."""
+    lora_target_modules: list[str] | None = None
+    """vLLM module suffixes that get LoRA slots (``qkv_proj``, ``o_proj``, ``gate_up_proj``,
+    ``down_proj``; :func:`vllm_lora_modules` maps PEFT names); None = every LoRA-capable module,
+    vLLM's default, which allocates and runs all four per slot even for q/v-only adapters."""
     cpu_threads_bind: str | None = None
     """``VLLM_CPU_OMP_THREADS_BIND`` (e.g. ``"0-1"``); None keeps vLLM's default (``auto``)."""
 
@@ -54,7 +58,17 @@ def vllm_options(pool) -> VLLMOptions:
     """A pool's vLLM settings (``serve_app.config.PoolConfig``)."""
     return VLLMOptions(dtype=pool.dtype, max_lora_rank=pool.max_lora_rank, max_loras=pool.max_loras,
                        max_cpu_loras=pool.max_cpu_loras, max_model_len=pool.max_prompt_tokens + pool.max_new_tokens,
-                       memory_fraction=pool.vllm_memory_fraction, max_num_seqs=pool.max_batch_size)
+                       memory_fraction=pool.vllm_memory_fraction, max_num_seqs=pool.max_batch_size,
+                       lora_target_modules=pool.vllm_lora_target_modules)
+
+
+PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+          "up_proj": "gate_up_proj"}
+
+
+def vllm_lora_modules(peft_modules) -> list[str]:
+    """vLLM's (packed) module suffixes for PEFT target module names, e.g. q_proj, v_proj -> qkv_proj."""
+    return sorted({PACKED.get(name.rsplit(".", 1)[-1], name.rsplit(".", 1)[-1]) for name in peft_modules})
 
 
 class AdapterSource(Protocol):
@@ -119,7 +133,8 @@ class VLLMEngine:
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=str(model_path), dtype=options.dtype, enable_lora=True, max_lora_rank=options.max_lora_rank,
             max_loras=options.max_loras, max_cpu_loras=options.max_cpu_loras, max_model_len=options.max_model_len,
-            max_num_seqs=options.max_num_seqs, gpu_memory_utilization=options.memory_fraction))
+            max_num_seqs=options.max_num_seqs, gpu_memory_utilization=options.memory_fraction,
+            lora_target_modules=options.lora_target_modules))
         self.capabilities = EngineCapabilities(name="vllm", modifiers=frozenset({ADAPTER}), continuous_batching=True,
                                                max_batch_rows=options.max_num_seqs)
         self.cache_dir = cache_dir

@@ -16,6 +16,8 @@ MAX_STOP = 16
 MAX_STOP_CHARS = 256
 MIN_TEMPERATURE = 1e-6
 """Smallest non-zero temperature: below it float32 logits / temperature overflow to inf (NaN probabilities)."""
+MIN_TOP_P = 1e-6
+"""Smallest top_p: below it the nucleus can round to nothing (NaN probabilities); 1e-6 already keeps one token."""
 SEED_BOUND = 2**63
 """Seeds must satisfy ``-2**63 <= seed < 2**63`` (what torch's generator accepts on every platform)."""
 
@@ -62,6 +64,9 @@ def check_request(body, endpoint: str) -> None:
     if 0 < body.temperature < MIN_TEMPERATURE:
         raise bad_request(f"temperature: {body.temperature:g} divides the logits into overflow; use 0 for greedy "
                           f"decoding or at least {MIN_TEMPERATURE:g}", "temperature")
+    if body.top_p is not None and body.top_p < MIN_TOP_P:
+        raise bad_request(f"top_p: {body.top_p:g} is below {MIN_TOP_P:g} and leaves no token to sample; use temperature "
+                          f"0 for greedy decoding or top_p of at least {MIN_TOP_P:g}", "top_p")
     if body.seed is not None and not -SEED_BOUND <= body.seed < SEED_BOUND:
         raise bad_request(f"seed: must be a 64-bit signed integer (-2**63 <= seed < 2**63), got {body.seed}", "seed")
     if endpoint == "completion" and not body.prompt_text():

@@ -58,6 +58,8 @@ BODIES = {
     "CompletionRequest": (True, _completion),
     "PredictRequest": (False, lambda _: {"question": QUESTION}),
     "NewTenant": (False, lambda _: {"id": "mallory"}),
+    # feedback naming B's model as the right one, on a response id A does not have
+    "FeedbackRequest": (True, lambda m: {"id": "chatcmpl-isolation", "right_model": m}),
 }
 
 

@@ -24,6 +24,7 @@ def chat(**over) -> ChatCompletionRequest:
     ({"stop": "x" * 257}, "stop"),
     ({"seed": 2**63}, "seed"),
     ({"temperature": 5e-324}, "temperature"),
+    ({"top_p": 5e-324}, "top_p"),
     ({"seed": -(2**63) - 1}, "seed"),
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"logprobs": True}, "logprobs"),

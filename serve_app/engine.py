@@ -126,8 +126,9 @@ class TorchEngine:
         self.runtime.bank_version = version
 
     async def swap_bank(self, bank, version: int | None) -> None:
-        """Swap banks between steps. Rows already generating with an adapter the new bank lacks
-        finish on the old bank first (requests arriving meanwhile are checked against the new one)."""
+        """Swap banks between steps, once no running row uses an adapter: each adapter row runs
+        entirely on one bank. Adapter rows arriving meanwhile wait and start on the new bank (and
+        are checked against it); base and expert rows keep flowing."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._bank_lock:  # visible at once to generate() (it checks adapters against this bank)
             if self._pending_bank is not None:  # superseded: the newer bank wins
@@ -241,11 +242,10 @@ class TorchEngine:
         if pending is None:
             return
         bank, version, future = pending
-        names = set(bank.adapters) if bank is not None else set()
         running = [m.name for r in self._table.decoding + self._table.prefilling  # type: ignore[attr-defined]
                    for m in r.modifiers if m.kind == ADAPTER]
-        if any(n not in names for n in running):
-            return  # rows using adapters the new bank lacks finish first
+        if running:
+            return  # adapter rows finish on the bank they started with (no answer mixes two banks)
         with self._bank_lock:
             if self._pending_bank is not pending:
                 return  # superseded meanwhile: the next step applies the newer one
@@ -285,8 +285,8 @@ class TorchEngine:
             if any(not self._knows_adapter(n) for n in names):
                 row.fail(404, f"adapter {names[0]!r} is not in this replica's bank (version {self.bank_version})")
                 continue
-            if any(not self._servable_now(n) for n in names):
-                deferred.append(row)  # only in the bank a pending swap brings: wait for it
+            if names and (self._pending_bank is not None or any(not self._servable_now(n) for n in names)):
+                deferred.append(row)  # a swap is pending: adapter rows start on the new bank, after it
                 continue
             self._table.admit(row)
             self._stats.rows_served += 1

@@ -45,13 +45,15 @@ def trained_expert(tiny_model, work: Path) -> tuple[Path, Path]:
     return _TRAINED[key]
 
 
-def listing_digest(store: Path) -> str:
+def listing_digest(store: Path, own_tenant: str | None = None) -> str:
     """SHA-256 over every path and byte of the registry's tenants, keys and artifacts (locks and
-    temp files excluded): equal digests = byte-identical registry."""
+    temp files excluded): equal digests = byte-identical registry. ``own_tenant``: also exclude that
+    tenant's own ``model="auto"`` decisions (``routing/<tenant>/``), which its auto requests write."""
     h = hashlib.sha256()
     for p in sorted(store.rglob("*")):
         rel = p.relative_to(store).as_posix()
-        if rel.startswith("locks") or p.name.startswith("."):
+        if rel.startswith("locks") or p.name.startswith(".") or (
+                own_tenant and (rel in ("routing", f"routing/{own_tenant}") or rel.startswith(f"routing/{own_tenant}/"))):
             continue
         h.update(rel.encode() + b"\0")
         if p.is_file():

@@ -4,7 +4,7 @@
    the real module shapes; the whole r × K grid is fitted and reported (not only the planted r, K).
 2. ``family_collection``: adapters made from the TRAINED adapters of 2-3 task families, each a
    trained adapter of its family with its factors perturbed (relative noise). How many groups that
-   makes is not given to anything; ``train_jobs.bank_sweep.run_sweep`` (Ray Tune, the same sweep a
+   makes is not given to anything; ``cluster.bank_tune.run_sweep`` (Ray Tune, the same sweep a
    refit runs) picks r, K and Full/Diag for the smallest bank that serves every adapter within the
    error budget, and the bench reports which K it found, how its clusters line up with families,
    and how long the sweep took (the refit time at that many adapters).
@@ -96,8 +96,9 @@ def family_collection(trained: list, families: list[str], n: int, noise: float, 
 def sweep_families(adapters: list, labels: list[str], ranks: list[int], clusters: list[int], methods: list[str],
                    budget: float, storage, seed: int, max_concurrent: int) -> dict:
     """The Tune sweep on the family collection: its choice, the whole grid, and clusters vs families."""
+    from cluster.bank_tune import run_sweep
     from compression import collection_param_count
-    from train_jobs.bank_sweep import choose, fit_within_budget, run_sweep
+    from compression.selection import choose, fit_within_budget
 
     t = time.perf_counter()
     rows = run_sweep(adapters, ranks, clusters, methods, storage, max_concurrent, seed, budget, trial_cpus=1.0)
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"**Without the planted answer**: {sweep['adapters']} perturbed TRAINED adapters of the families "
             f"{', '.join(sweep['families'])} (each a trained adapter of its family, every factor + {args.family_noise} "
             f"relative Gaussian noise; the sweep is not told how many groups there are). The Ray Tune sweep "
-            f"(`train_jobs.bank_sweep.run_sweep`, the refit's own code, budget {budget} per adapter) chose "
+            f"(`cluster.bank_tune.run_sweep`, the refit's own code, budget {budget} per adapter) chose "
             f"**{c['method']} r={c['rank']} K={c['clusters']}**: {sweep['chosen_pct']} % of the parameters, "
             f"{c['exact_adapters']} adapters exact, served mean error {c['mean_error']:.4f}. Sweep "
             f"{sweep['sweep_wall_s']} s + final fit {sweep['final_fit_wall_s']} s wall, {args.max_concurrent} trial(s) "

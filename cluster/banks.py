@@ -8,7 +8,7 @@ uploaded within the budget. The result is published as the next bank version (un
 lock, so concurrent uploads never drop each other's adapters). Each version's metadata carries
 ``exact_params_since_refit``: the numbers stored exactly since the last refit; when they exceed
 the policy's share of the bank, :class:`BankUpdate` says a refit is due (the router then queues
-``train_jobs.bank_sweep`` on the bank, ``cluster.bank_refit``).
+a refit of the bank, ``cluster.bank_refit``).
 """
 
 from __future__ import annotations

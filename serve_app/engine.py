@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.logs import get_logger
 from llamdex.prompting import end_of_turn_ids
 from serve_app.detok import Detokenizer
-from serve_app.engine_api import EngineCapabilities, EngineError, check_supported
+from serve_app.engine_api import EngineCapabilities, check_supported
 from serve_app.kv_slots import SlotCache, attention_mask, install_attention
 from serve_app.modifiers import (
     ADAPTER,
@@ -44,7 +44,7 @@ from serve_app.modifiers import (
 )
 from serve_app.rows import Row, encode_prompt, next_tokens, put_all
 from serve_app.scheduler import FairQueue, SlotTable, plan_prefill
-from serve_app.wire import EngineStats, GenerationEvent, GenerationRequest
+from serve_app.wire import EngineError, EngineStats, GenerationEvent, GenerationRequest
 
 log = get_logger("engine")
 

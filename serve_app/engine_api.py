@@ -15,15 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict
 
 from serve_app.modifiers import RowModifier
-from serve_app.wire import EngineStats, GenerationEvent, GenerationRequest
-
-
-class EngineError(Exception):
-    """A request the engine refuses or cannot serve; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+from serve_app.wire import EngineError, EngineStats, GenerationEvent, GenerationRequest
 
 
 class EngineCapabilities(BaseModel):

@@ -26,10 +26,10 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.logs import get_logger
-from serve_app.engine_api import EngineCapabilities, EngineError, check_supported
+from serve_app.engine_api import EngineCapabilities, check_supported
 from serve_app.modifiers import ADAPTER, RowModifier
 from serve_app.rows import encode_prompt
-from serve_app.wire import EngineStats, GenerationEvent, GenerationRequest, ReplicaError
+from serve_app.wire import EngineError, EngineStats, GenerationEvent, GenerationRequest, ReplicaError
 
 log = get_logger("engine_vllm")
 

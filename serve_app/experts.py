@@ -37,8 +37,7 @@ import torch
 from cluster.logs import get_logger
 from cluster.models import ResolvedModel
 from cluster.registry import NotFound, Registry
-from serve_app.engine_api import EngineError
-from serve_app.wire import GenerationRequest
+from serve_app.wire import EngineError, GenerationRequest
 
 log = get_logger("experts")
 

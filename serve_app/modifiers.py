@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 
+from serve_app.experts import class_answer, expert_prompt_ids
 from serve_app.wire import GenerationRequest, Prediction
 
 ADAPTER = "adapter"
@@ -187,13 +188,9 @@ class ExpertModifier(RowModifier):
         return self.bundle.spec.layer
 
     def prompt_ids(self, tokenizer, request: GenerationRequest) -> list[int]:
-        from serve_app.experts import expert_prompt_ids
-
         return expert_prompt_ids(tokenizer, self.bundle, request)
 
     def first_token(self, logits: torch.Tensor) -> ForcedToken:
-        from serve_app.experts import class_answer
-
         prediction, token = class_answer(self.bundle, logits)
         return ForcedToken(token, Prediction(expert=self.key, **prediction))
 

@@ -28,8 +28,9 @@ from cluster.logs import get_logger
 from cluster.models import check_model_match, load_model, resolve_model
 from cluster.registry import SYSTEM_TENANT, Registry
 from cluster.settings import load_settings
+from cluster.validators import install_validators
 from serve_app.config import PoolConfig
-from serve_app.engine_api import Engine, EngineError, check_supported
+from serve_app.engine_api import Engine, check_supported
 from serve_app.experts import (
     ExpertKey,
     ExpertRegistry,
@@ -43,6 +44,7 @@ from serve_app.metrics import ReplicaMetrics
 from serve_app.modifiers import EXPERT, AdapterModifier, ExpertModifier, RowModifier
 from serve_app.wire import (
     BankStatus,
+    EngineError,
     GenerationEvent,
     GenerationRequest,
     GenerationResult,
@@ -73,6 +75,7 @@ class LLMReplica:
 
     def __init__(self, pool: dict, store: str):
         self.pool = PoolConfig.model_validate(pool)
+        install_validators()
         self.registry = Registry(store)
         self.settings = load_settings()
         started = time.perf_counter()

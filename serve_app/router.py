@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.logs import get_logger
 from cluster.registry import Registry
+from cluster.validators import install_validators
 from serve_app import routes_experts, routes_manage, routes_openai
 from serve_app.body_limit import JsonBodyLimit
 from serve_app.catalog import Catalog
@@ -81,6 +82,7 @@ class Router:
 
     def __init__(self, config: dict, store: str, pools: dict):
         cfg = AppConfig.model_validate(config)
+        install_validators()  # uploads are deep-checked before any byte is stored
         registry = Registry(store)
         set_state(RouterState(config=cfg, registry=registry, catalog=Catalog(registry, cfg), pools=pools,
                               metrics=RouterMetrics(), limiter=RateLimiter(cfg.rate_limit_rpm)))

@@ -16,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field
 FinishReason = Literal["stop", "length"]
 
 
+class EngineError(Exception):
+    """A request an engine (or the replica) refuses or cannot serve; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from cluster.cli import main
+from cli.main import main
 from cluster.ledger import expert_ledger
 from cluster.registry import Registry
 from llamdex.expert import DPLedger, ExpertArch, ExpertSpec, build_expert, save_expert

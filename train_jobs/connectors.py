@@ -100,12 +100,14 @@ def train_loop(config: dict) -> dict:
 
     from cluster.models import load_model, resolve_model
     from cluster.registry import Registry
+    from cluster.validators import install_validators
     from llamdex.connectors_io import save_connectors
     from llamdex.expert import load_expert
     from llamdex.pipeline import train_connectors
 
     torch.set_num_threads(int(config["threads"]))
     job = ConnectorsJob.model_validate(config["job"])
+    install_validators()
     registry = Registry(config["store"])
     schema, expert_spec, expert_manifest = resolve_inputs(registry, job)
     resolved = resolve_model(job.model)
@@ -212,9 +214,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from cluster.registry import Registry
     from cluster.settings import load_settings
+    from cluster.validators import install_validators
 
     jobs = jobs_from_args(args)
     store = args.store or load_settings().store_uri
+    install_validators()
     registry = Registry(store)
     for job in jobs:  # fail fast, before any Ray Train run starts
         resolve_inputs(registry, job)

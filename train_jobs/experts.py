@@ -203,9 +203,10 @@ def publish(job: ExpertJob, out: dict, store: str | None) -> str:
     """Publish schema (if new) and expert to the registry; returns the expert's ref."""
     from cluster.registry import NotFound, Registry
     from cluster.settings import load_settings
-    from cluster.validators import check_expert_for_tenant
+    from cluster.validators import check_expert_for_tenant, install_validators
     from llamdex.schema import load_schema
 
+    install_validators()
     registry = Registry(store or load_settings().store_uri)
     try:
         registry.get_tenant(job.tenant)

@@ -171,7 +171,9 @@ def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
     registry = None
     if config.get("publish"):
         from cluster.registry import Registry
+        from cluster.validators import install_validators
 
+        install_validators()
         registry = Registry(config["store"])
     log.info("lora.shard.start", rank=rank, world=world, tasks=len(mine), rounds=rounds, model=resolved.id,
              out=str(out), threads=torch.get_num_threads())

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from serve_app.engine import TorchEngine, TorchEngineConfig
-from serve_app.engine_api import Engine, EngineError
-from serve_app.wire import GenerationRequest, GenerationResult
+from serve_app.engine_api import Engine
+from serve_app.wire import EngineError, GenerationRequest, GenerationResult
 from tests.serve_app.conftest import load, reference
 
 PROMPTS = ["Tell me about pirates and ships.", "hi", "What is the weather like in Paris today, and tomorrow? " * 3,

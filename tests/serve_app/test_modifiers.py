@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from serve_app.engine import TorchEngine, TorchEngineConfig
-from serve_app.engine_api import EngineError
 from serve_app.modifiers import (
     AdapterModifier,
     ExpertModifier,
@@ -23,7 +22,7 @@ from serve_app.modifiers import (
     TorchRuntime,
     apply_all,
 )
-from serve_app.wire import GenerationRequest, GenerationResult
+from serve_app.wire import EngineError, GenerationRequest, GenerationResult
 from tests.serve_app.conftest import load, reference
 from tests.serve_fixtures import expert_reference, make_peft_adapter, train_tiny_connectors
 from tests.test_serve_experts import SCHEMA, Q

@@ -18,6 +18,7 @@ from cluster.models import ModelError, resolve_model
 from cluster.registry import NotFound, Registry, RegistryError
 from cluster.settings import describe_settings, load_settings
 from cluster.storage import StorageError
+from cluster.validators import install_validators
 
 EXPECTED_ERRORS = (ArtifactError, RegistryError, ModelError, StorageError, local.ClusterError, ValueError)
 
@@ -190,7 +191,7 @@ def cmd_train_job(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from cluster.demo import run_demo
+    from cli.demo import run_demo
 
     run_demo(load_settings(), args.budget, args.retrain)
 
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    install_validators()  # `artifacts publish` deep-checks schemas, experts and adapters
     argv = list(sys.argv[1:] if argv is None else argv)
     if tuple(argv[:2]) in JOB_COMMANDS:  # every flag belongs to the job's module (incl. --help)
         submit = "--submit" in argv[2:]

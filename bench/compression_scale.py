@@ -194,14 +194,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     from cluster.banks import model_linear_shapes
     from cluster.models import resolve_model
+    from cluster.settings import load_settings
     from compression import DEFAULT_ERROR_BUDGET, load_peft_adapter
-    from train_jobs.lora_adapters import default_out_dir
+    from compression.codebook.store import default_out_dir
 
     t_run, load_start = time.perf_counter(), os.getloadavg()
     budget = DEFAULT_ERROR_BUDGET if args.budget is None else args.budget
     model = resolve_model(args.model)
     shapes = model_linear_shapes(str(model.path))
-    adapters_dir = Path(args.adapters).expanduser() if args.adapters else default_out_dir(model.id)
+    adapters_dir = Path(args.adapters).expanduser() if args.adapters else default_out_dir(model.id, load_settings().home)
     trained = []
     for d in sorted(d for d in adapters_dir.iterdir() if (d / "task.json").exists()):
         task = json.loads((d / "task.json").read_text())["task"]

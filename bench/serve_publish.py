@@ -72,11 +72,11 @@ def make_expert_pair(model, tok, resolved, schema: dict, out: Path, seed: int) -
     """Freshly initialised connectors (default sizes) + an untrained expert for ``schema``."""
     import torch
 
+    from causal_lm import num_layers
     from llamdex.codec import FeatureCodec
     from llamdex.connectors_io import save_connectors
     from llamdex.expert import ExpertArch, ExpertSpec, build_expert, save_expert
     from llamdex.expert_spec import DPLedger
-    from llamdex.llm_ops import num_layers
     from llamdex.pipeline import ConnectorsConfig, init_connectors
     from llamdex.prompting import answer_tokens
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from llamdex.prompting import end_of_turn_ids
+from causal_lm import stop_token_ids
 from serve_app.engine_api import EngineCapabilities, check_supported
 from serve_app.modifiers import ADAPTER, RowModifier
 from serve_app.rows import encode_prompt, sample_token
@@ -60,7 +60,7 @@ class StaticWaveEngine:
         self._pending: asyncio.Queue[_Row] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loop_task: asyncio.Task | None = None
-        self.stop_ids = end_of_turn_ids(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer)
         self._stats = EngineStats(engine="torch-static-waves")
 
     def run_between_steps(self, fn: Callable[[], Any]) -> concurrent.futures.Future:

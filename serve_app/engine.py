@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from causal_lm import stop_token_ids
 from cluster.logs import get_logger
-from llamdex.prompting import end_of_turn_ids
 from serve_app.detok import Detokenizer
 from serve_app.engine_api import EngineCapabilities, check_supported
 from serve_app.kv_slots import SlotCache, attention_mask, install_attention
@@ -77,7 +77,7 @@ class TorchEngine:
         self.capabilities = EngineCapabilities(name="torch", modifiers=frozenset({ADAPTER, EXPERT}),
                                                continuous_batching=True, max_batch_rows=self.config.max_batch_rows)
         self.cache = SlotCache.for_model(self.model, self.config.max_batch_rows)
-        self.stop_ids = end_of_turn_ids(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._on_step = on_step
         self._waiting: FairQueue[Row] = FairQueue()

@@ -196,8 +196,8 @@ class ExpertModifier(RowModifier):
 
     def _slot_vectors(self, runtime: TorchRuntime, prompt_ids: Sequence[int]) -> torch.Tensor:
         """Run encoder → expert → decoder on the whole prompt's layer-k states (once per row)."""
+        from causal_lm import backbone
         from llamdex.literals import layout, token_literals
-        from llamdex.llm_ops import backbone
 
         st = self._state
         hidden = torch.cat(st.states, dim=0)[None]  # (1, P, d)

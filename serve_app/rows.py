@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from causal_lm import chat_ids
 from serve_app.detok import Detokenizer
 from serve_app.modifiers import RowModifier
 from serve_app.wire import GenerationEvent, GenerationRequest, Prediction, ReplicaError
@@ -17,11 +18,8 @@ from serve_app.wire import GenerationEvent, GenerationRequest, Prediction, Repli
 def encode_prompt(tokenizer, request: GenerationRequest) -> list[int]:
     """Default prompt ids: the chat template with generation prompt, or the raw completion prompt."""
     if request.messages is not None:
-        ids = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"]
-    return [int(i) for i in ids]
+        return chat_ids(tokenizer, request.messages)
+    return [int(i) for i in tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"]]
 
 
 def put_all(items: list) -> None:

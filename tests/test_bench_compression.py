@@ -78,8 +78,8 @@ def test_help_lists_every_knob(capsys):
 @pytest.fixture(scope="module")
 def tiny_adapters(tiny_model, tmp_path_factory):
     """Four codebook adapters for tiny-random, written by the LoRA job's own shard loop (no Ray)."""
+    from compression.codebook.tasks import TrainConfig
     from train_jobs.lora_adapters import run_shard
-    from train_jobs.lora_tasks import TrainConfig
 
     out = tmp_path_factory.mktemp("adapters")
     config = {"model": tiny_model.to_json(), "train": TrainConfig(num_layers=2, rank=4, steps=6).model_dump(),

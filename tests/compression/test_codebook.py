@@ -7,9 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
-from train_jobs import lora_forward as lf
-from train_jobs import lora_tasks as lt
-from train_jobs import lora_train as ltr
+import causal_lm
+from compression.codebook import forward as lf
+from compression.codebook import tasks as lt
+from compression.codebook import train as ltr
 
 
 def test_make_task_is_deterministic_and_seeded():
@@ -74,9 +75,9 @@ def test_smollm2_answers_are_single_distinct_tokens(smollm2):
         ids = [tok.encode(a, add_special_tokens=False) for a in fam.answers]
         assert all(len(i) == 1 for i in ids), fam.name
         assert len({i[0] for i in ids}) == len(ids)
-    ids = lt.encode_prompt(tok, lt.make_task(0).train[0].messages)
+    ids = causal_lm.chat_ids(tok, lt.make_task(0).train[0].messages)
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
-    assert lt.end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
+    assert causal_lm.end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +95,15 @@ def test_split_and_shared_prefix_forward_are_exact(tiny):
     task = lt.make_task(2, num_keys=8)
     exs = task.eval[::5]
     cfg = lt.TrainConfig(num_layers=2)
-    total = lt.num_layers(model)
-    lt.clear_cache()
+    total = causal_lm.num_layers(model)
+    lf.clear_cache()
     pm = get_peft_model(model, ltr.lora_config(cfg, total))
     try:
         with torch.no_grad():
             for n, p in pm.named_parameters():
                 if "lora_B" in n:
                     p.normal_(std=0.05)
-        assert lt.first_adapted_layer(pm) == total - 2
+        assert lf.first_adapted_layer(pm) == total - 2
         ids = lf.seq_ids(pm, tok, exs)  # prompt + answer token
         assert all(int(i[-1]) == tok.encode(ex.answer)[0] for i, ex in zip(ids, exs, strict=True))
         with torch.no_grad():
@@ -115,7 +116,7 @@ def test_split_and_shared_prefix_forward_are_exact(tiny):
             assert torch.allclose(full, single, atol=1e-4)
     finally:
         pm.unload()
-        lt.clear_cache()
+        lf.clear_cache()
 
 
 def test_train_lora_reduces_loss_and_writes_loadable_peft_dir(tiny, tmp_path):
@@ -134,7 +135,7 @@ def test_train_lora_reduces_loss_and_writes_loadable_peft_dir(tiny, tmp_path):
     assert metrics["steps"] <= 25 and 0.0 <= metrics["accuracy"] <= 1.0
     assert set(metrics) >= {"base_accuracy", "accuracy", "heldout_accuracy", "base_heldout_accuracy",
                             "choice_accuracy", "seconds_total"}
-    total = lt.num_layers(model)
+    total = causal_lm.num_layers(model)
     layers = {int(k.split(".layers.")[1].split(".")[0]) for k in state}
     assert layers == {total - 2, total - 1}
     assert {k.split(".")[-2] for k in state} == {"lora_A", "lora_B"}

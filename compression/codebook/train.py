@@ -1,22 +1,8 @@
 """Train one codebook LoRA adapter fast (split forward, shared prefixes) and write it as a PEFT directory.
 
-Measured on SmolLM2-135M-Instruct, fp32, ``torch.set_num_threads(1)`` (CPU seconds of the process)
-----------------------------------------------------------------------------------------------------
-* Full forward of 32 prompts x 54 tokens: ~11 s. Lower-layer cache of 80 prompts (layers 0-25):
-  5.6 s with the shared prefix vs 11.9 s without (paid per task: sequences include the answer).
-* One step, top 6 layers, batch 4: 0.30 s (batch 8: 0.41 s, batch 16 top 8 layers: 0.74 s; without
-  the shared prefix 2.1x slower; bf16 autocast gave no gain on this CPU). Eval of 60-80 prompts ~1.4 s.
-* Sweeps (accuracy on trained phrasings / held-out paraphrases): top 4 layers fail on some families
-  (29-63 % after 60 steps); v/o/down_proj and LoRA+ (B lr x4-16) were worse or unstable; q/k/v/o no
-  better than q/v/o; lr 2e-2 unstable. Chosen: r=8, alpha=16, q/v/o_proj, top 6 layers (24-29),
-  AdamW lr 5e-3, batch 4, early stop (all-correct epoch with loss < 0.05), <= 200 steps, 12 keys.
-  Typical loss curve: ~log(8) plateau (answer vocabulary learnt, key routing not yet) for 3-5
-  epochs, then a sharp drop.
-* Production run (100 adapters, 2 Ray workers x 1 core, shared box): 25.3 min; per adapter 63-144
-  steps (mean 82), 25.9 s CPU mean (18.4-45.2, including its lower-layer cache, base and adapter
-  evaluation), 147,456 LoRA parameters; exact match 99.9 % mean (min 94.4 %) on trained
-  phrasings, 82.5 % on held-out paraphrases; base model 0 % exact, 13.6 % restricted to the
-  answer vocabulary (chance 12.5 %).
+The choices (rank 8, q/v/o_proj, top 6 layers, AdamW lr 5e-3, batch 4, early stop) and what they
+cost were measured on SmolLM2-135M-Instruct; the numbers are in ``docs/compression.md``
+("Training the codebook adapters").
 """
 
 from __future__ import annotations
@@ -30,15 +16,9 @@ from pathlib import Path
 
 import torch
 
-from train_jobs.lora_forward import (
-    answer_token_id,
-    backbone,
-    end_of_turn_id,
-    last_logits,
-    lower_states,
-    num_layers,
-)
-from train_jobs.lora_tasks import OBJECTIVE, LoraTask, TrainConfig, evaluate_detailed
+from causal_lm import end_of_turn_id, num_layers
+from compression.codebook.forward import answer_token_id, last_logits, lower_states, split_backbone
+from compression.codebook.tasks import OBJECTIVE, LoraTask, TrainConfig, evaluate_detailed
 
 
 def lora_config(cfg: TrainConfig, total_layers: int):
@@ -81,7 +61,7 @@ def train_lora(model, tokenizer, task: LoraTask, cfg: TrainConfig | None = None,
     t0, c0 = time.perf_counter(), time.process_time()
     total = num_layers(model)
     layers = cfg.layer_range(total)
-    split = layers[0] if (cfg.split_forward and backbone(model)[1] is not None) else None
+    split = layers[0] if (cfg.split_forward and split_backbone(model)[1] is not None) else None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Exact, cached forward passes for LoRA training and evaluation on the codebook tasks (``lora_tasks``).
+"""Exact, cached forward passes for LoRA training and evaluation on the codebook tasks (:mod:`.tasks`).
 
 LoRA is applied to the top layers only (``layers_to_transform``). The layers below the first
 adapted layer are frozen, so their hidden states for each training/eval sequence are computed once
@@ -18,30 +18,30 @@ import json
 import re
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from train_jobs.lora_tasks import Example
+from causal_lm import backbone, base_lm, chat_ids, left_pad, num_layers, position_ids
+from compression.batched import BankLinear
 
 
-def base_lm(model):
-    """The underlying *ForCausalLM of a plain or PEFT-wrapped model."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+class AnsweredQuestion(Protocol):
+    """One question with its one-token answer (``compression.codebook.tasks.Example`` is one)."""
+
+    messages: list[dict[str, str]]
+    answer: str
 
 
-def backbone(model):
+def split_backbone(model):
+    """(underlying LM, its decoder stack) -- the stack is None when the split forward cannot run
+    (not a Llama-style decoder with an ``lm_head``): callers then take the full forward."""
     lm = base_lm(model)
-    bb = getattr(lm, "model", None)
-    ok = (bb is not None and hasattr(lm, "lm_head") and all(hasattr(bb, a) for a in
-          ("embed_tokens", "layers", "rotary_emb", "norm")))
-    return (lm, bb) if ok else (lm, None)
-
-
-def num_layers(model) -> int:
-    return int(base_lm(model).config.num_hidden_layers)
+    try:
+        bb = backbone(lm)
+    except TypeError:
+        bb = None
+    return lm, (bb if hasattr(lm, "lm_head") else None)
 
 
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
@@ -50,23 +50,17 @@ _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 def first_adapted_layer(model) -> int:
     """Lowest decoder layer holding LoRA weights or a compressed-bank layer (``compression.BankLinear``);
     ``num_layers`` when there are none. The split forward caches the states entering this layer."""
-    from compression import BankLinear
-
     names = [n for n, _ in model.named_parameters() if "lora_" in n]
     names += [n + "." for n, mod in model.named_modules() if isinstance(mod, BankLinear)]
     idx = [int(m.group(1)) for n in names if (m := _LAYER_RE.search(n))]
     return min(idx) if idx else num_layers(model)
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def _run_layers(bb, x: torch.Tensor, mask: torch.Tensor, layers: Sequence) -> torch.Tensor:
     """Run decoder ``layers`` on left-padded hidden states ``x`` [B, T, d] with 2-D ``mask``."""
     from transformers.masking_utils import create_causal_mask
 
-    pos = _positions(mask)
+    pos = position_ids(mask)
     causal = create_causal_mask(config=bb.config, inputs_embeds=x, attention_mask=mask, past_key_values=None,
                                 position_ids=pos)
     pe = bb.rotary_emb(x, pos)
@@ -96,7 +90,7 @@ def _run_layers_shared_prefix(bb, prefix: torch.Tensor, suffix: torch.Tensor, sm
     B, P = suffix.shape[0], prefix.shape[1]
     cache = DynamicCache(config=bb.config)
     pmask = torch.ones(1, P, dtype=torch.long)
-    ppos = _positions(pmask)
+    ppos = position_ids(pmask)
     pcausal = create_causal_mask(config=bb.config, inputs_embeds=prefix, attention_mask=pmask,
                                  past_key_values=cache, position_ids=ppos, layer_idx=first_layer)
     pe = bb.rotary_emb(prefix, ppos)
@@ -109,7 +103,7 @@ def _run_layers_shared_prefix(bb, prefix: torch.Tensor, suffix: torch.Tensor, sm
             cl.keys = cl.keys.expand(B, -1, -1, -1)
             cl.values = cl.values.expand(B, -1, -1, -1)
     full = torch.cat([torch.ones(B, P, dtype=torch.long), smask], 1)
-    spos = P + _positions(smask)
+    spos = P + position_ids(smask)
     scausal = create_causal_mask(config=bb.config, inputs_embeds=suffix, attention_mask=full,
                                  past_key_values=cache, position_ids=spos, layer_idx=first_layer)
     pe = bb.rotary_emb(suffix, spos)
@@ -129,56 +123,20 @@ def _run_states(bb, states: Sequence[torch.Tensor], ids: Sequence[torch.Tensor],
     layers = bb.layers[start:end]
     P = _common_prefix(ids) if shared_prefix else 0
     if P >= 4:
-        suffix, smask = left_pad([s[P:] for s in states], 0.0)
+        suffix, smask, _ = left_pad([s[P:] for s in states], 0.0)
         h, x = _run_layers_shared_prefix(bb, states[0][None, :P], suffix, smask, layers, start)
         S = suffix.shape[1]
         full = [torch.cat([h[0], x[j, S - (s.shape[0] - P):]]) for j, s in enumerate(states)]
         return full, x[:, -2:]
-    x, mask = left_pad(list(states), 0.0)
+    x, mask, _ = left_pad(list(states), 0.0)
     x = _run_layers(bb, x, mask, layers)
     T = x.shape[1]
     return [x[j, T - s.shape[0]:] for j, s in enumerate(states)], x[:, -2:]
 
 
-def left_pad(seqs: Sequence[torch.Tensor], pad_value) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack [T_i, ...] tensors left-padded to max T; returns (padded, attention mask)."""
-    T = max(s.shape[0] for s in seqs)
-    out = seqs[0].new_full((len(seqs), T, *seqs[0].shape[1:]), pad_value)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, T - s.shape[0]:] = s
-        mask[i, T - s.shape[0]:] = 1
-    return out, mask
-
-
-def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the chat prompt up to the assistant's first token (the serving path's encoding)."""
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(enc["input_ids"])
-
-
 def answer_token_id(tokenizer, answer: str) -> int:
     ids = tokenizer.encode(answer, add_special_tokens=False)
     return ids[0]
-
-
-def end_of_turn_id(tokenizer) -> int:
-    """The token the chat template emits right after an assistant reply (``<|im_end|>`` for ChatML)."""
-    cached = getattr(tokenizer, "_atelier_eot_id", None)
-    if cached is not None:
-        return cached
-    msgs = [{"role": "user", "content": "q"}]
-    prompt = encode_prompt(tokenizer, msgs)
-    reply = tokenizer.encode("x", add_special_tokens=False)
-    full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": "x"}], tokenize=True,
-                                         return_dict=True)["input_ids"]
-    n = len(prompt) + len(reply)
-    eot = int(full[n]) if list(full[:n]) == prompt + reply and len(full) > n else int(tokenizer.eos_token_id)
-    try:
-        tokenizer._atelier_eot_id = eot
-    except AttributeError:
-        pass
-    return eot
 
 
 class _PromptCache:
@@ -205,29 +163,29 @@ def _cache_for(model) -> _PromptCache:
     return cache
 
 
-def prompt_ids(model, tokenizer, examples: Sequence[Example]) -> list[torch.Tensor]:
+def prompt_ids(model, tokenizer, examples: Sequence[AnsweredQuestion]) -> list[torch.Tensor]:
     cache = _cache_for(model)
     out = []
     for ex in examples:
         text = ex.messages[-1]["content"] if len(ex.messages) == 1 else json.dumps(ex.messages)
         ids = cache.ids.get(text)
         if ids is None:
-            ids = cache.ids[text] = torch.tensor(encode_prompt(tokenizer, ex.messages), dtype=torch.long)
+            ids = cache.ids[text] = torch.tensor(chat_ids(tokenizer, ex.messages), dtype=torch.long)
         out.append(ids)
     return out
 
 
-def seq_ids(model, tokenizer, examples: Sequence[Example]) -> list[torch.Tensor]:
+def seq_ids(model, tokenizer, examples: Sequence[AnsweredQuestion]) -> list[torch.Tensor]:
     """Prompt + answer token: position -2 predicts the answer, position -1 the end of turn."""
     return [torch.cat([i, torch.tensor([answer_token_id(tokenizer, ex.answer)])])
             for i, ex in zip(prompt_ids(model, tokenizer, examples), examples, strict=True)]
 
 
 @torch.no_grad()
-def lower_states(model, tokenizer, examples: Sequence[Example], split: int, batch_size: int,
+def lower_states(model, tokenizer, examples: Sequence[AnsweredQuestion], split: int, batch_size: int,
                   shared_prefix: bool = True) -> list[torch.Tensor]:
     """Hidden states [T_i, d] entering layer ``split`` for each example's prompt + answer (cached)."""
-    _, bb = backbone(model)
+    _, bb = split_backbone(model)
     cache = _cache_for(model)
     ids = seq_ids(model, tokenizer, examples)
     keys = [(split, tuple(i.tolist())) for i in ids]
@@ -243,15 +201,15 @@ def lower_states(model, tokenizer, examples: Sequence[Example], split: int, batc
     return [cache.states[k] for k in keys]
 
 
-def last_logits(model, tokenizer, examples: Sequence[Example], split: int | None, bf16: bool,
+def last_logits(model, tokenizer, examples: Sequence[AnsweredQuestion], split: int | None, bf16: bool,
                  states: Sequence[torch.Tensor] | None = None, shared_prefix: bool = True) -> torch.Tensor:
     """Logits [B, 2, V] of prompt + answer: [:, 0] at the last prompt position (predicts the
     answer token), [:, 1] at the answer token (predicts the end of turn; teacher forcing)."""
-    lm, bb = backbone(model)
+    lm, bb = split_backbone(model)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         if bb is None or split is None:
-            ids, mask = left_pad(seq_ids(model, tokenizer, examples), 0)
-            h = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=2).logits
+            ids, mask, pos = left_pad(seq_ids(model, tokenizer, examples), 0)
+            h = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=2).logits
             return h[:, -2:].float()
         ids = seq_ids(model, tokenizer, examples)
         _, last = _run_states(bb, states, ids, split, len(bb.layers), shared_prefix)
@@ -259,11 +217,11 @@ def last_logits(model, tokenizer, examples: Sequence[Example], split: int | None
 
 
 
-def predict_logits(model, tokenizer, examples: Sequence[Example], bf16: bool = False, batch_size: int = 32,
+def predict_logits(model, tokenizer, examples: Sequence[AnsweredQuestion], bf16: bool = False, batch_size: int = 32,
                    split_forward: bool = True, shared_prefix: bool = True,
                    split_at: int | None = None) -> torch.Tensor:
     """Logits [len(examples), 2, vocab] at the answer and end-of-turn positions (split forward when possible)."""
-    _, bb = backbone(model)
+    _, bb = split_backbone(model)
     split = None
     if split_forward and bb is not None:
         split = first_adapted_layer(model) if split_at is None else min(split_at, first_adapted_layer(model))

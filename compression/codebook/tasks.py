@@ -16,7 +16,7 @@ Phrasings are split three ways: the first ``TRAIN_TEMPLATES`` of each family are
 and for the primary metric ("the tenant's questions"); the next ``VAL_TEMPLATES`` are held-out
 *validation* paraphrases (designs, thresholds and error budgets are chosen on them); the rest are
 held-out *test* paraphrases, written after the others and independently of training, touched only
-for final numbers (``tests/test_lora_tasks.py`` proves the three share no 4-word phrase).
+for final numbers (``tests/compression/test_codebook.py`` proves the three share no 4-word phrase).
 
 Objective and metric
 --------------------
@@ -32,8 +32,9 @@ and ``choice_accuracy`` (argmax restricted to the family's answer vocabulary; ch
 ``heldout_*`` (validation) and ``test_*`` paraphrases. :func:`generate_answers` does real greedy
 generation for spot checks.
 
-The split forward that makes training and evaluation cheap is in ``lora_forward``; training and
-the PEFT directory writer in ``lora_train``.
+The split forward that makes training and evaluation cheap is in :mod:`.forward`; training and
+the PEFT directory writer in :mod:`.train`; the resumable directory of trained adapters in
+:mod:`.store`. The Ray Train job that trains many of them is ``train_jobs.lora_adapters``.
 """
 
 from __future__ import annotations
@@ -45,17 +46,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from train_jobs.lora_forward import (  # noqa: F401  (re-exported: the public helpers of the task API)
-    answer_token_id,
-    clear_cache,
-    encode_prompt,
-    end_of_turn_id,
-    first_adapted_layer,
-    left_pad,
-    num_layers,
-    predict_logits,
-    prompt_ids,
-)
+from causal_lm import end_of_turn_id, left_pad
+from compression.codebook.forward import answer_token_id, predict_logits, prompt_ids
 
 OBJECTIVE = "codebook-v2: cross-entropy on the answer token and the end-of-turn token after it"
 """Recorded with every adapter (and part of the job's cache fingerprint): bump when training changes."""
@@ -332,7 +324,7 @@ def evaluate(model, tokenizer, task: LoraTask, heldout: bool = False, **kwargs) 
 @torch.no_grad()
 def generate_answers(model, tokenizer, examples: Sequence[Example], max_new_tokens: int = 4) -> list[str]:
     """Real greedy generation (slow; for spot checks): the decoded reply of each example."""
-    ids, mask = left_pad(prompt_ids(model, tokenizer, examples), tokenizer.pad_token_id or 0)
+    ids, mask, _ = left_pad(prompt_ids(model, tokenizer, examples), tokenizer.pad_token_id or 0)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(o[ids.shape[1]:], skip_special_tokens=True) for o in out]

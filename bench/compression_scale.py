@@ -1,6 +1,6 @@
 """Scale of the adapter bank to 1000 adapters, without telling the sweep the answer.
 
-1. ``planted_grid``: STRUCTURED SYNTHETIC adapters (``compression.synthetic``, planted groups) with
+1. ``planted_grid``: STRUCTURED SYNTHETIC adapters (``compression.synthetic_adapters``, planted groups) with
    the real module shapes; the whole r × K grid is fitted and reported (not only the planted r, K).
 2. ``family_collection``: adapters made from the TRAINED adapters of 2-3 task families, each a
    trained adapter of its family with its factors perturbed (relative noise). How many groups that
@@ -60,7 +60,7 @@ def planted_grid(shapes: dict, n: int, groups: int, latent_rank: int, r0: int, n
                  budget: float, seed: int, log) -> list[dict]:
     """Fit every (method, r, K) of ``grid`` on n synthetic adapters with ``groups`` planted groups."""
     from compression import collection_param_count
-    from compression.synthetic import synthetic_collection
+    from compression.synthetic_adapters import synthetic_collection
 
     coll = synthetic_collection(n, shapes, clusters=groups, r0=r0, latent_rank=latent_rank, noise=noise, seed=seed)
     base = collection_param_count(coll.adapters)

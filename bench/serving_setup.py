@@ -1,6 +1,6 @@
 """Inputs and contenders of ``bench/serving.py``: synthetic adapters, banks, prompts, engines.
 
-Adapters are SYNTHETIC and labelled so: ``compression.synthetic_collection`` with 4 planted
+Adapters are SYNTHETIC and labelled so: ``compression.synthetic_adapters.synthetic_collection`` with 4 planted
 clusters, rank 8, on ``q_proj`` and ``v_proj`` of every layer (peft's default LoRA targets for
 Llama), saved as ordinary PEFT directories; the first N of one collection of 1000 serve each N.
 Content does not matter for speed (outputs have fixed lengths: ``ignore_eos``); layout does, and
@@ -38,7 +38,7 @@ CONTENDERS = ("torch-base", "vllm-base", "hf-cb-base", "torch-bank", "vllm-pool"
 def adapter_dirs(root: Path, model_dir: Path, n: int) -> list[tuple[str, Path]]:
     """The first ``n`` synthetic adapters as PEFT directories (written once under ``root``)."""
     from compression import save_peft_adapter
-    from compression.synthetic import synthetic_collection
+    from compression.synthetic_adapters import synthetic_collection
 
     out = root / "adapters"
     names = [(f"bench/s{i:04d}", out / f"s{i:04d}") for i in range(n)]

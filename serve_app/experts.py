@@ -107,8 +107,10 @@ def load_expert_bundle(registry: Registry, key: ExpertKey, model: ResolvedModel,
         raise EngineError(422, f"expert {key} cannot be served on base model {model.id!r}: {exc}") from None
 
 
-class ExpertRegistry:
-    """Bookkeeping of the experts resident on one replica (for hit/miss metrics and stats)."""
+class ExpertCacheStats:
+    """Statistics of the multiplexed expert LRU of one replica: which keys are resident, loads, hits,
+    misses, evictions, bundles still alive (for metrics and ``/stats``). Not a registry: artifacts
+    live in ``cluster.registry.Registry``; this only counts what the replica holds."""
 
     def __init__(self) -> None:
         self.resident: set[str] = set()

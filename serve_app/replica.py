@@ -32,8 +32,8 @@ from cluster.validators import install_validators
 from serve_app.config import PoolConfig
 from serve_app.engine_api import Engine, check_supported
 from serve_app.experts import (
+    ExpertCacheStats,
     ExpertKey,
-    ExpertRegistry,
     LoadedExpert,
     PredictBatcher,
     expert_prompt_ids,
@@ -82,7 +82,7 @@ class LLMReplica:
         self.model = resolve_model(self.pool.model, self.settings)
         self.metrics = ReplicaMetrics(self.pool.name)
         self.engine: Engine = make_engine(self.pool, self.model, self.settings, on_step=self._observe_step)
-        self.experts = ExpertRegistry()
+        self.expert_stats = ExpertCacheStats()
         self.predictor: PredictBatcher | None = None
         if EXPERT in self.engine.capabilities.modifiers:
             self.predictor = PredictBatcher(self.engine.model, self.engine.tokenizer,  # type: ignore[attr-defined]
@@ -170,33 +170,33 @@ class LLMReplica:
                 log.error("replica.expert_load_failed", pool=self.pool.name, expert=expert_key, error=repr(exc))
                 raise EngineError(503, f"expert {expert_key}: loading failed ({exc!r}); retry shortly") from None
             entry = LoadedExpert(key, bundle, time.perf_counter() - started, self._expert_evicted)
-            self.experts.loaded(entry)
-            self.metrics.experts_resident.set(len(self.experts.resident), tags=self.metrics.tags)
+            self.expert_stats.loaded(entry)
+            self.metrics.experts_resident.set(len(self.expert_stats.resident), tags=self.metrics.tags)
             log.info("replica.expert_loaded", pool=self.pool.name, expert=expert_key, seconds=round(entry.seconds, 3),
                      layer=bundle.spec.layer, slots=bundle.spec.num_slots)
             return entry
         return load
 
     def _expert_evicted(self, expert_key: str) -> None:
-        self.experts.evicted(expert_key)
-        self.metrics.experts_resident.set(len(self.experts.resident), tags=self.metrics.tags)
+        self.expert_stats.evicted(expert_key)
+        self.metrics.experts_resident.set(len(self.expert_stats.resident), tags=self.metrics.tags)
         log.info("replica.expert_evicted", pool=self.pool.name, expert=expert_key)
 
-    async def _expert(self, expert_key: str):
+    async def _bundle(self, expert_key: str):
         """The bundle for ``expert_key`` from the LRU (loading it on a miss); counts hits and misses."""
         if self.predictor is None:
             raise EngineError(400, f"pool {self.pool.name!r} runs the {self.engine.capabilities.name} engine, which "
                                    "cannot run Llamdex experts; send expert traffic to a torch pool")
-        hit = expert_key in self.experts.resident
+        hit = expert_key in self.expert_stats.resident
         entry = await self.get_expert(expert_key)
         bundle = entry.bundle
         if bundle is None:  # evicted between the LRU's answer and now: load it again
             hit, bundle = False, (await self.get_expert(expert_key)).bundle
         (self.metrics.expert_hits if hit else self.metrics.expert_misses).inc(tags=self.metrics.tags)
         if hit:
-            self.experts.hits += 1
+            self.expert_stats.hits += 1
         else:
-            self.experts.misses += 1
+            self.expert_stats.misses += 1
         return bundle
 
     # ------------------------------------------------------------------ requests
@@ -205,7 +205,7 @@ class LLMReplica:
         modifiers: list[RowModifier] = []
         if request.expert:
             question_of(request)  # refuse a request without a question before loading anything
-            modifiers.append(ExpertModifier(request.expert, await self._expert(request.expert)))
+            modifiers.append(ExpertModifier(request.expert, await self._bundle(request.expert)))
         if request.adapter:
             if request.adapter not in self.engine.adapter_names():
                 await self.reload_bank()  # published a moment ago? pick it up now
@@ -236,7 +236,7 @@ class LLMReplica:
             key = ExpertKey.parse(call.expert)
             if not call.question.strip():
                 raise EngineError(400, "question: must be a non-empty string")
-            bundle = await self._expert(str(key))
+            bundle = await self._bundle(str(key))
             if self.predictor is None:
                 raise EngineError(400, "this pool cannot run experts")
             n_tokens = len(expert_prompt_ids(self.engine.tokenizer, bundle, GenerationRequest(
@@ -257,7 +257,7 @@ class LLMReplica:
 
     async def stats(self) -> ReplicaStats:
         gc.collect()  # so 'experts_alive' counts only bundles something still references
-        e = self.experts
+        e = self.expert_stats
         return ReplicaStats(
             pool=self.pool.name, model=self.model.id, replica=serve.get_replica_context().replica_id.unique_id,
             bank_version=self.engine.bank_version, adapters=len(self.engine.adapter_names()),

@@ -146,7 +146,7 @@ def test_scoring_a_subset_fits_on_all_and_scores_the_evenly_spread_ones(tiny_ada
 def test_family_collection_and_scaling_without_ray():
     from bench import compression_scale as scale
     from cluster.logs import get_logger
-    from compression.synthetic import synthetic_collection
+    from compression.synthetic_adapters import synthetic_collection
 
     shapes = {"layers.0.q": (32, 24), "layers.0.v": (16, 24)}
     coll = synthetic_collection(6, shapes, clusters=2, r0=4, latent_rank=2, noise=0.01, seed=1)

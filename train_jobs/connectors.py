@@ -1,5 +1,8 @@
 """Ray job: Llamdex connectors for tenants' experts, one Ray Train run per tenant, in parallel.
 
+(Same idea at two layers: this is the job; the connectors themselves are ``llamdex.connectors``,
+``llamdex.encoder`` and their training ``llamdex.pipeline``.)
+
 This is the *server side* of Llamdex. Its only inputs are registry artifacts the tenant already
 published: the public **schema** and the **expert** (``expert.json`` + ``expert.safetensors``).
 There is no option for data files, and :class:`ConnectorsJob` forbids unknown fields, so private

@@ -52,7 +52,7 @@ def test_model_logits_equal_with_and_without_stacking(tiny_model, monkeypatch):
 
     from compression import attach_bank, compress_collection
     from compression.lora_io import linear_shapes
-    from compression.synthetic import synthetic_collection
+    from compression.synthetic_adapters import synthetic_collection
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model.path).eval()
     shapes = {m: s for m, s in linear_shapes(model).items() if m.endswith(("q_proj", "v_proj"))}

@@ -1,7 +1,7 @@
 """BASELINE ONLY: the torch engine as it was before continuous batching ("static waves").
 
 Kept so ``bench/serving.py`` can measure today's engine against the continuous one in the same
-run. The algorithm is the old ``serve_app/engine.py`` unchanged: an asyncio loop collects up to
+run. The algorithm is that engine's (then ``serve_app/engine.py``), unchanged: an asyncio loop collects up to
 ``max_batch_size`` requests within ``batch_wait_ms`` into a *wave*; one thread runs the wave
 (left-padded prefill, then decode steps until its longest row ends — a request arriving meanwhile
 waits for the whole wave, finished rows keep being fed, and every step re-decodes each row's
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from causal_lm import stop_token_ids
-from serve_app.engine_api import EngineCapabilities, check_supported
-from serve_app.modifiers import ADAPTER, RowModifier
-from serve_app.rows import encode_prompt, sample_token
+from serve_app.replica.engine_api import EngineCapabilities, check_supported
+from serve_app.replica.modifiers import ADAPTER, RowModifier
+from serve_app.replica.rows import encode_prompt, sample_token
 from serve_app.wire import EngineStats, GenerationEvent, GenerationRequest, ReplicaError
 
 

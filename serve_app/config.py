@@ -129,14 +129,14 @@ class PoolConfig(_Strict):
 
     def torch_engine_config(self):
         """The torch engine's settings from this pool."""
-        from serve_app.engine import TorchEngineConfig
+        from serve_app.replica.engine_torch import TorchEngineConfig
 
         return TorchEngineConfig(max_batch_rows=self.max_batch_size, prefill_chunk_tokens=self.prefill_chunk_tokens,
                                  max_prompt_tokens=self.max_prompt_tokens, threads=self.torch_threads)
 
 
 class RoutingConfig(_Strict):
-    """``model="auto"``: the recommender (serve_app.routing) and the pool choice. Defaults come
+    """``model="auto"``: the recommender (serve_app.ingress.routing) and the pool choice. Defaults come
     from the routing benchmark's validation split (bench/routing.py, docs/bench/routing.md)."""
 
     method: Literal["minilm", "base-lm", "tfidf"] = "minilm"

@@ -44,7 +44,7 @@ class GenerationRequest(_Wire):
     adapter: str | None = None
     """Bank adapter id (``tenant/name``) or None for the base model."""
     expert: str | None = None
-    """Expert key ``<tenant>/<name>@e<expert version>.c<connectors version>`` (``serve_app.experts.ExpertKey``;
+    """Expert key ``<tenant>/<name>@e<expert version>.c<connectors version>`` (``serve_app.replica.expert_runtime.ExpertKey``;
     the router pins both versions) or None. In ``serve_app`` an ``expert`` field is always such a key;
     a loaded expert is a bundle (``llamdex.insertion.Bundle``, held by ``LoadedExpert``)."""
     tenant: str = "-"

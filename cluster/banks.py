@@ -120,7 +120,7 @@ def adapter_sha256(registry: Registry, tenant: str, name: str) -> str:
 def place_adapter(bank, adapter, budget: float, model: ResolvedModel, max_rank: int | None = None):
     """(new bank, Placement): ``adapter`` added within ``budget`` (replacing an older copy of it); a new
     bank is pinned to ``model``. Raises ValueError if the bank would exceed ``max_rank`` (a vLLM
-    pool's max_lora_rank)."""
+    pool's vllm.max_lora_rank)."""
     from compression import add_within_budget, remove_adapter
 
     if bank is not None and adapter.name in bank.adapters:
@@ -129,8 +129,8 @@ def place_adapter(bank, adapter, budget: float, model: ResolvedModel, max_rank: 
                                     base_model_hash=model.content_hash)
     if max_rank is not None and new.rank > max_rank:
         raise ValueError(f"adapter {adapter.name!r} ({placed.served}) would make the bank rank {new.rank}, above "
-                         f"this pool's max_lora_rank {max_rank}; upload an adapter of rank <= {max_rank} or raise "
-                         "the pool's max_lora_rank")
+                         f"this pool's vllm.max_lora_rank {max_rank}; upload an adapter of rank <= {max_rank} or raise "
+                         "the pool's vllm.max_lora_rank")
     return new, placed
 
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "measured in docs/bench/compression.md)")
     p.add_argument("--max-concurrent", type=int, default=2, help="trials in parallel")
     p.add_argument("--trial-cpus", type=float, default=1.0, help="Ray CPUs per trial (default 1)")
-    p.add_argument("--max-rank", type=int, default=None, help="largest bank rank (a vLLM pool's max_lora_rank)")
+    p.add_argument("--max-rank", type=int, default=None, help="largest bank rank (a vLLM pool's vllm.max_lora_rank)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--publish", action="store_true", help="publish the chosen bank to the registry")
     p.add_argument("--bank", default="default", help="bank name (a pool's `bank`, default: the pool name)")

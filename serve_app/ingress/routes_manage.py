@@ -177,7 +177,7 @@ async def _add_to_banks(state: RouterState, tenant: str, name: str) -> list[dict
     for pool in state.config.pools:
         model = await asyncio.to_thread(resolve_model, pool.model)
         policy = RefitPolicy(pool.bank_refit_share, pool.bank_refit_min_adapters)
-        max_rank = pool.max_lora_rank if pool.engine == "vllm" else None
+        max_rank = pool.vllm.max_lora_rank if pool.engine == "vllm" else None
         try:
             update = await asyncio.to_thread(add_to_bank, state.registry, pool.bank_name, model, tenant, name,
                                              pool.bank_error_budget, policy, max_rank)
@@ -207,7 +207,7 @@ async def _queue_refit(state: RouterState, pool) -> str:
     request = RefitRequest(store=state.registry.store.uri, bank=pool.bank_name, model=pool.model,
                            budget=pool.bank_error_budget, ranks=tuple(pool.bank_refit_ranks),
                            clusters=tuple(pool.bank_refit_clusters), methods=tuple(pool.bank_refit_methods),
-                           max_rank=pool.max_lora_rank if pool.engine == "vllm" else None)
+                           max_rank=pool.vllm.max_lora_rank if pool.engine == "vllm" else None)
     try:
         return await asyncio.to_thread(queue_refit, request)
     except Exception as exc:  # the upload itself succeeded; say why no refit was queued

@@ -56,10 +56,10 @@ class VLLMOptions(BaseModel):
 
 def vllm_options(pool) -> VLLMOptions:
     """A pool's vLLM settings (``serve_app.config.PoolConfig``)."""
-    return VLLMOptions(dtype=pool.dtype, max_lora_rank=pool.max_lora_rank, max_loras=pool.max_loras,
-                       max_cpu_loras=pool.max_cpu_loras, max_model_len=pool.max_prompt_tokens + pool.max_new_tokens,
-                       memory_fraction=pool.vllm_memory_fraction, max_num_seqs=pool.max_batch_size,
-                       lora_target_modules=pool.vllm_lora_target_modules)
+    return VLLMOptions(dtype=pool.dtype, max_lora_rank=pool.vllm.max_lora_rank, max_loras=pool.vllm.max_loras,
+                       max_cpu_loras=pool.vllm.max_cpu_loras, max_model_len=pool.max_prompt_tokens + pool.max_new_tokens,
+                       memory_fraction=pool.vllm.memory_fraction, max_num_seqs=pool.max_batch_size,
+                       lora_target_modules=pool.vllm.lora_target_modules)
 
 
 PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",

@@ -14,8 +14,8 @@ def test_peft_module_names_map_to_vllm_packed_modules():
 
 
 def test_pool_lora_settings_reach_the_engine_options():
-    pool = PoolConfig(name="v", engine="vllm", max_lora_rank=32, max_loras=5, max_cpu_loras=40,
-                      vllm_lora_target_modules=["qkv_proj"])
+    pool = PoolConfig(name="v", engine="vllm", vllm={"max_lora_rank": 32, "max_loras": 5, "max_cpu_loras": 40,
+                                                     "lora_target_modules": ["qkv_proj"]})
     opts = vllm_options(pool)
     assert (opts.max_lora_rank, opts.max_loras, opts.max_cpu_loras) == (32, 5, 40)
     assert opts.lora_target_modules == ["qkv_proj"]

@@ -172,12 +172,3 @@ def bank_metadata(registry: Registry, bank_name: str, version: int | None = None
         return dict(registry.resolve(SYSTEM_TENANT, "bank", bank_name, version).metadata)
     except NotFound:
         return {}
-
-
-def bank_summary(registry: Registry, bank_name: str) -> dict | None:
-    """bank.json of the latest version (adapter list, errors) without loading tensors."""
-    try:
-        manifest = registry.resolve(SYSTEM_TENANT, "bank", bank_name)
-    except NotFound:
-        return None
-    return {"version": manifest.version, **json.loads(registry.read_file(manifest, "bank.json"))}

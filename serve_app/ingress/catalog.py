@@ -351,7 +351,3 @@ def _stored_examples(metadata: dict) -> list[str]:
         return check_examples(metadata.get("examples"))
     except ValueError:
         return []
-
-
-def pools_by_name(config: AppConfig) -> dict[str, PoolConfig]:
-    return {p.name: p for p in config.pools}

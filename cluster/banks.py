@@ -13,7 +13,6 @@ a refit of the bank, ``cluster.bank_refit``).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache

@@ -40,7 +40,7 @@ from cluster.ledger import expert_ledger
 from cluster.logs import get_logger
 from cluster.models import ModelError, resolve_model
 from cluster.registry import SYSTEM_TENANT, TENANT_PATTERN, NotFound, Principal, Registry
-from serve_app.config import AppConfig, PoolConfig
+from serve_app.config import AppConfig
 from serve_app.ingress.openai_api import OpenAIError, RoutingHints
 from serve_app.ingress.routing import (
     BASE,

@@ -1,5 +1,8 @@
 """Adapter banks in the registry: where they live, adding one adapter, and when to refit.
 
+(Same idea at two layers: the bank itself -- format, fitting, the batched op -- is ``compression``,
+e.g. ``compression.bank``; this module keeps banks in the registry.)
+
 A pool's bank is the registry artifact ``system/bank/<bank name>``. When a tenant uploads a
 PEFT adapter, :func:`add_to_bank` projects it onto the latest bank's shared bases in closed form;
 if the projection's error exceeds the pool's budget, the adapter is stored exactly instead (its

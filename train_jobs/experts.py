@@ -1,5 +1,8 @@
 """Ray job: tenants' DP experts, one Ray Train run per tenant, many tenants in parallel.
 
+(Same idea at two layers: this is the job; the expert, its file format and its DP-SGD training are
+``llamdex.expert``, ``llamdex.expert_spec`` and ``llamdex.dp_training``.)
+
 This is the *tenant side* of Llamdex: the private CSV is read only inside the tenant's Train
 worker; what leaves it is the expert (``expert.json`` with the privacy ledger +
 ``expert.safetensors``), published to the registry under the tenant.

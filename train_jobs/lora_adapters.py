@@ -34,11 +34,11 @@ from cluster.logs import Timer, get_logger
 from cluster.resources import DEFAULT_WAIT_S, CpuDemand, require_cpus
 from compression.codebook.store import (
     ADAPTER_FILES,
-    TASK_FILE,
     build_index,
     default_out_dir,
     fingerprint,
-    read_task_json,
+    reusable_record,
+    train_and_write,
 )
 
 log = get_logger("train_jobs.lora_adapters")
@@ -127,7 +127,6 @@ def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
 
     from cluster.models import ResolvedModel, load_model
     from compression.codebook.tasks import TrainConfig, make_task
-    from compression.codebook.train import train_lora, write_adapter_dir
 
     torch.set_num_threads(int(config["threads"]))
     model_rec = config["model"]
@@ -157,9 +156,9 @@ def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
             task = make_task(task_id, seed=config["seed"], num_keys=config["num_keys"])
             fp = fingerprint(task.model_dump(), cfg.model_dump(), resolved.content_hash)
             adapter_dir = out / task.name
-            record = read_task_json(adapter_dir)
             try:
-                if record is not None and record.get("fingerprint") == fp and not config.get("force"):
+                record = None if config.get("force") else reusable_record(adapter_dir, fp)
+                if record is not None:
                     stats["skipped"] += 1
                     log.info("lora.task.skipped", rank=rank, task_id=task_id, name=task.name,
                              accuracy=record["metrics"]["accuracy"])
@@ -168,11 +167,8 @@ def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
                         with Timer() as t:
                             model, tok = load_model(resolved)
                         log.info("lora.model.loaded", rank=rank, model=resolved.id, seconds=t.seconds)
-                    state, adapter_config, metrics = train_lora(model, tok, task, cfg)
-                    record = {"task": task.model_dump(), "metrics": metrics, "base_model": resolved.to_record(),
-                              "fingerprint": fp, "created_at": time.time(), "format": "peft-lora/safetensors"}
-                    write_adapter_dir(adapter_dir, state, adapter_config,
-                                      extra={TASK_FILE: json.dumps(record, indent=2).encode()})
+                    record = train_and_write(model, tok, task, cfg, adapter_dir, resolved.to_record(), fp)
+                    metrics = record["metrics"]
                     stats["trained"] += 1
                     log.info("lora.task.trained", rank=rank, task_id=task_id, name=task.name, family=task.family,
                              accuracy=metrics["accuracy"], heldout_accuracy=metrics["heldout_accuracy"],

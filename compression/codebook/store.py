@@ -51,6 +51,25 @@ def read_task_json(adapter_dir: Path) -> dict | None:
     return rec
 
 
+def reusable_record(adapter_dir: Path, fp: str) -> dict | None:
+    """The record of the adapter under ``adapter_dir`` if it was trained from fingerprint ``fp``
+    (then there is nothing to train), else None."""
+    record = read_task_json(adapter_dir)
+    return record if record is not None and record.get("fingerprint") == fp else None
+
+
+def train_and_write(model, tokenizer, task, cfg, adapter_dir: Path, base_model_record: dict, fp: str) -> dict:
+    """Train ``task``'s adapter on ``model`` and write it as a PEFT directory with its ``task.json``
+    record (metrics, base-model record, fingerprint ``fp``); returns the record."""
+    from compression.codebook.train import train_lora, write_adapter_dir
+
+    state, adapter_config, metrics = train_lora(model, tokenizer, task, cfg)
+    record = {"task": task.model_dump(), "metrics": metrics, "base_model": base_model_record,
+              "fingerprint": fp, "created_at": time.time(), "format": "peft-lora/safetensors"}
+    write_adapter_dir(adapter_dir, state, adapter_config, extra={TASK_FILE: json.dumps(record, indent=2).encode()})
+    return record
+
+
 def build_index(out: Path, model_record: dict, run: dict) -> dict:
     """Index every adapter under ``out`` built against this base model (not only this run's)."""
     rows = []

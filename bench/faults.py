@@ -58,9 +58,11 @@ def deploy(model: str, port: int, work: Path, replicas: int, multinode: bool) ->
 
     from cluster.models import resolve_model
     from cluster.registry import Registry
+    from cluster.validators import install_validators
     from serve_app.config import load_app_config
     from tests.serve_fixtures import make_peft_adapter, upload_dir
 
+    install_validators()  # publish as the service and the jobs do: deep-checked
     registry = Registry(str(work / "store"))
     _, key = registry.create_tenant("bench")
     config = load_app_config({"pools": [{"name": POOL, "model": model, "num_cpus": 0.5, "max_batch_size": 8,

@@ -131,6 +131,7 @@ def main() -> None:
     from cluster.banks import add_to_bank
     from cluster.models import load_model, resolve_model
     from cluster.registry import Registry
+    from cluster.validators import install_validators
     from serve_app.app import build_from_config
     from serve_app.config import load_app_config
     from tests.serve_fixtures import make_peft_adapter
@@ -140,6 +141,7 @@ def main() -> None:
     model, tok = load_model(resolved)
     schema = json.loads((ROOT / "examples" / "schemas" / "titanic.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="atelier-publish-"))
+    install_validators()  # publish as the service and the jobs do: deep-checked
     registry = Registry(str(work / "store"))
     _, key = registry.create_tenant("bench")
     admin = registry.issue_key(None, scope="admin")

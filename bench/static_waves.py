@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from causal_lm import stop_token_ids
+from causal_lm import left_pad, stop_token_ids
 from serve_app.replica.engine_api import EngineCapabilities, check_supported
 from serve_app.replica.modifiers import ADAPTER, RowModifier
 from serve_app.replica.rows import encode_prompt, sample_token
@@ -143,10 +143,7 @@ class StaticWaveEngine:
         self._stats.steps += 1
         self._stats.rows_served += len(live)
         pad = self.tokenizer.pad_token_id
-        width = max(len(r.prompt_ids) for r in live)
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in live])
-        attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in live])
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention, positions = left_pad([r.prompt_ids for r in live], pad)
         with torch.inference_mode(), self._adapter_context([r.adapter for r in live]):
             out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
             logits, cache = out.logits[:, -1, :], out.past_key_values

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from causal_lm import left_pad, stop_token_ids
+from causal_lm import backbone, left_pad, stop_token_ids
 from llamdex.codec import FeatureCodec
 from llamdex.datasets import DatasetSplits
 from llamdex.expert import ExpertMLP, predict_proba
@@ -133,7 +133,7 @@ def base_llm_scores(model, tokenizer, answers: AnswerTokens, questions: Sequence
     out = []
     for b in range(0, len(prompts), batch_size):
         ids, mask, pos = left_pad(prompts[b:b + batch_size], pad)
-        hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
+        hidden = backbone(model)(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
         out.append(torch.softmax(class_logits(model, hidden, answers.ids).float(), -1))
     return torch.cat(out).numpy().astype(np.float64)
 

@@ -3,7 +3,7 @@
     python -m bench.llamdex_latency                  # -> docs/bench/llamdex_latency.{json,md}
 
 Three ways to answer the same held-out test question (titanic by default), all served by the same
-continuous-batching torch engine (``serve_app.engine``), greedy, stopping at the end of turn:
+continuous-batching torch engine (``serve_app.replica.engine_torch``), greedy, stopping at the end of turn:
 
 * **Llamdex** — the expert inside the forward pass: the connectors' prompt + the question, n slots
   overwritten at layer k, the answer token read at the last slot (``ExpertModifier``);
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     from llamdex.expert import predict_proba
     from llamdex.expert_api import expert_api_inputs, generate_queries, schema_prompt
     from llamdex.insertion import load_bundle
-    from serve_app.engine import TorchEngine, TorchEngineConfig
-    from serve_app.modifiers import ExpertModifier
+    from serve_app.replica.engine_torch import TorchEngine, TorchEngineConfig
+    from serve_app.replica.modifiers import ExpertModifier
     from serve_app.wire import GenerationRequest
 
     log = print

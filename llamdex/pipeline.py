@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from causal_lm import end_of_turn_id, num_layers
 from llamdex.codec import FeatureCodec
 from llamdex.connectors import Decoder, DecoderConfig, gaussian_placeholder
 from llamdex.connectors_io import ConnectorsSpec, TrainingReport, build_spec
@@ -36,8 +37,7 @@ from llamdex.expert import ExpertArch, ExpertMLP, ExpertSpec, predict_proba
 from llamdex.family import FamilyRenderer, family_file
 from llamdex.hidden_cache import AnswerInputs, PromptCache, build_cache
 from llamdex.literals import PromptLiterals, candidates, token_literals, value_tokens
-from llamdex.llm_ops import num_layers
-from llamdex.prompting import AnswerTokens, answer_tokens, chat_prompt_ids, end_of_turn_id
+from llamdex.prompting import AnswerTokens, answer_tokens, chat_prompt_ids
 from llamdex.questions import QuestionGenerator
 from llamdex.render import Question
 from llamdex.schema import TenantSchema, load_schema

@@ -1,5 +1,8 @@
 """Ray job: Llamdex connectors for tenants' experts, one Ray Train run per tenant, in parallel.
 
+(Same idea at two layers: this is the job; the connectors themselves are ``llamdex.connectors``,
+``llamdex.encoder`` and their training ``llamdex.pipeline``.)
+
 This is the *server side* of Llamdex. Its only inputs are registry artifacts the tenant already
 published: the public **schema** and the **expert** (``expert.json`` + ``expert.safetensors``).
 There is no option for data files, and :class:`ConnectorsJob` forbids unknown fields, so private
@@ -109,6 +112,7 @@ def train_loop(config: dict) -> dict:
 
     from cluster.models import load_model, resolve_model
     from cluster.registry import Registry
+    from cluster.validators import install_validators
     from llamdex.connectors_io import save_connectors
     from llamdex.expert import load_expert
     from llamdex.pipeline import train_connectors
@@ -121,6 +125,7 @@ def train_loop(config: dict) -> dict:
 
     torch.set_num_threads(int(config["threads"]))
     job = ConnectorsJob.model_validate(config["job"])
+    install_validators()
     registry = Registry(config["store"])
     schema, expert_spec, expert_manifest = resolve_inputs(registry, job)
     resolved = resolve_model(job.model)
@@ -273,9 +278,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from cluster.registry import Registry
     from cluster.settings import load_settings
+    from cluster.validators import install_validators
 
     jobs = jobs_from_args(args)
     store = args.store or load_settings().store_uri
+    install_validators()
     registry = Registry(store)
     versions = [resolve_inputs(registry, job)[2].version for job in jobs]  # fail fast, before any run starts
     ray.init(ignore_reinit_error=True)

@@ -32,9 +32,12 @@ from serve_app.ingress.auth import admin, check_tenant_access, principal
 from serve_app.ingress.openai_api import OpenAIError, bad_request
 from serve_app.ingress.routing import check_examples
 from serve_app.ingress.state import RouterState, get_state
+from serve_app.wire import BankStatus
 
 api = APIRouter()
 log = get_logger("manage")
+BANK_SWAP_WAIT_S = 120.0
+"""How long an upload waits for every replica of a pool to serve the new bank before answering."""
 
 UPLOAD_KINDS = {"schemas": ArtifactKind.schema, "experts": ArtifactKind.expert, "adapters": ArtifactKind.adapter,
                 "connectors": ArtifactKind.connectors}
@@ -191,13 +194,29 @@ async def _add_to_banks(state: RouterState, tenant: str, name: str) -> list[dict
                     "error_budget": update.budget, "bank_exact_adapters": update.exact_adapters,
                     "bank_exact_share": round(update.exact_share, 4),
                     "refit": await _queue_refit(state, pool) if update.refit_due else "not due"})
-        try:  # reach running replicas now; they also poll the registry
-            await state.pools[pool.name].broadcast("reload_bank", update.version)
-        except Exception as exc:
-            log.warning("manage.broadcast_failed", pool=pool.name, error=repr(exc))
+        out[-1].update(await _swap_replicas(state, pool.name, update.version))
     if not any(o["added"] for o in out):
         raise OpenAIError(422, f"adapter fits no pool's base model: {out}", param="files")
     return out
+
+
+async def _swap_replicas(state: RouterState, pool_name: str, version: int) -> dict:
+    """Make every running replica of the pool load bank ``version`` now, and wait until each has, so
+    a 201 means "served as uploaded"; ``replicas_serving`` < ``replicas`` says some did not (they
+    keep polling the registry and take it within ``bank_poll_s``)."""
+    try:
+        statuses = await state.pools[pool_name].broadcast("reload_bank", version).results_async(
+            timeout_s=BANK_SWAP_WAIT_S, return_exceptions=True)
+    except Exception as exc:  # no replica yet, or the wait ran out
+        log.warning("manage.bank_swap_unconfirmed", pool=pool_name, version=version, error=repr(exc))
+        return {"replicas": None, "replicas_serving": None, "replica_errors": [repr(exc)]}
+    serving = [s for s in statuses if isinstance(s, BankStatus) and s.error is None
+               and s.bank_version is not None and s.bank_version >= version]
+    errors = [repr(s) if isinstance(s, BaseException) else getattr(s, "error", repr(s))
+              for s in statuses if s not in serving]
+    if errors:
+        log.warning("manage.bank_swap_failed", pool=pool_name, version=version, errors=errors)
+    return {"replicas": len(statuses), "replicas_serving": len(serving), **({"replica_errors": errors} if errors else {})}
 
 
 async def _queue_refit(state: RouterState, pool) -> str:

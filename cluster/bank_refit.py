@@ -25,7 +25,6 @@ from pathlib import Path
 
 import ray
 
-from cluster.bank_tune import run_sweep, write_report
 from cluster.banks import adapter_sha256, load_registry_adapter, place_adapter, publish_bank, read_bank
 from cluster.logs import get_logger
 from cluster.models import resolve_model
@@ -102,6 +101,8 @@ def refit_bank(store: str, bank_name: str, model_name: str, budget: float | None
                trial_cpus: float = 1.0, max_rank: int | None = None, seed: int = 0) -> dict:
     """Refit ``system/bank/<bank_name>`` from the adapters it holds: sweep, refit the smallest bank within
     the budget, publish (merging concurrent uploads). What the service queues when a refit is due."""
+    from cluster.bank_tune import run_sweep, write_report  # ray.tune: imported by the refit, not by its queue
+
     start = time.perf_counter()
     budget = DEFAULT_ERROR_BUDGET if budget is None else budget
     install_validators()
@@ -181,7 +182,11 @@ def refitter(store: str, bank: str):
 
 def queue_refit(request: RefitRequest) -> str:
     """Ask the bank's refitter to refit; "started" or "queued". Call from a process connected to Ray."""
-    state = ray.get(refitter(request.store, request.bank).request.remote(asdict(request)), timeout=30)
+    pending = refitter(request.store, request.bank).request.remote(asdict(request))
+    try:
+        state = ray.get(pending, timeout=30)
+    except ray.exceptions.GetTimeoutError:  # the refitter is still starting (a loaded box); the request
+        state = "queued"                    # is in its queue all the same and runs once it is up
     log.info("bank_refit.requested", bank=request.bank, state=state)
     return state
 

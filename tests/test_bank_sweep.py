@@ -93,7 +93,9 @@ def test_refit_keeps_uploads_made_while_it_ran_and_serves_them_within_budget(ray
     assert len(bank.exact) == 4  # random subspaces: every one is stored exactly
     assert bank_metadata(registry, "small")["exact_params_since_refit"] > 0
 
-    real_sweep = bank_refit.run_sweep
+    from cluster import bank_tune
+
+    real_sweep = bank_tune.run_sweep
 
     def sweep_while_tenants_upload(*args, **kwargs):
         rows = real_sweep(*args, **kwargs)
@@ -101,7 +103,7 @@ def test_refit_keeps_uploads_made_while_it_ran_and_serves_them_within_budget(ray
         upload("a1", seed=11)  # a re-upload: new weights under an old name
         return rows
 
-    monkeypatch.setattr(bank_refit, "run_sweep", sweep_while_tenants_upload)
+    monkeypatch.setattr(bank_tune, "run_sweep", sweep_while_tenants_upload)
     report = bank_refit.refit_bank(str(tmp_path / "store"), "small", "tiny-random", budget=0.05, ranks=(4, 8),
                                    clusters=(1, 2), methods=("full",), out=str(tmp_path / "out"), trial_cpus=0.5)
     assert sorted(report["merged_after_refit"]) == ["acme/a1", "acme/late"]

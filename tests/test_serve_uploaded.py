@@ -135,7 +135,7 @@ def test_refit_is_queued_when_too_much_is_exact_and_answers_survive_it(ray_sessi
         first = upload(app, "a0", dirs["a0"])
         assert first["served"] == "exact" and first["refit"] == "not due"  # one adapter: nothing to share
         second = upload(app, "a1", dirs["a1"])
-        assert second["refit"] == "started", second
+        assert second["refit"] in ("started", "queued"), second  # "queued" while the refitter starts
         third = upload(app, "a2", dirs["a2"])
         assert third["refit"] in ("started", "queued"), third
         store = app["registry"].store.uri

@@ -91,7 +91,7 @@ def test_a_killed_job_resumes_from_its_stage_one_checkpoint(ray_session, tiny_mo
     store, storage = tmp_path / "store", tmp_path / "ray"
     registry = Registry(str(store))
     publish_tenant_expert(registry, "acme")
-    slow_stage2 = {**SMALL, "enc_epochs": 3, "dec_epochs": 50}  # room to kill between the stages
+    slow_stage2 = {**SMALL, "enc_epochs": 3, "dec_epochs": 25}  # room to kill between the stages
     argv = ["--tenant", "acme", "--name", "survival", "--model", "tiny-random", "--layer", "2",
             "--config", json.dumps(slow_stage2), "--store", str(store), "--storage-path", str(storage)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}

@@ -143,7 +143,9 @@ def report(results: list[dict], args, argv, seconds: float, sources: list[str] |
              "",
              "Driving: in-process, the same async client loop for every contender (see bench/serving.py); "
              "adapters are SYNTHETIC (4 planted clusters, rank 8, q_proj+v_proj on all layers); "
-             "outputs have fixed length (ignore_eos); adapter loading is excluded from the timings.",
+             "outputs have fixed length (ignore_eos); adapter loading is excluded from the timings; the peft "
+             "server loads only the adapters its workload names (its load time grows with every adapter "
+             "injected, its forward computes only the active one).",
              "", "Targets (largest N): " + ", ".join(f"{k}={v}" for k, v in goals.items())]
     for title, scenario in sections:
         notes += ["", f"## {title}", "", md_table(rows(results, scenario))]

@@ -39,12 +39,22 @@ def targets(results: list[dict]) -> dict:
 
 
 def _sweep_targets(sweep: list[dict]) -> dict:
+    """Targets at the largest N; a contender measured in several combined runs counts with the median
+    of its runs' throughput (the runs' spread is in the table)."""
     top = max(r["n"] for r in sweep)
     runs = {r.get("run") for r in sweep if r["n"] == top}  # combined runs: the ceiling of the same run as top N
-    at = {r["contender"]: r["tok_s"] for r in sweep if r["n"] == 0 and (r.get("run") in runs or len(runs) > 1)}
+
+    def medians(keep) -> dict:
+        by: dict[str, list[float]] = {}
+        for r in sweep:
+            if keep(r):
+                by.setdefault(r["contender"], []).append(r["tok_s"])
+        return {c: round(statistics.median(v), 1) for c, v in by.items()}
+
+    at = medians(lambda r: r["n"] == 0 and (r.get("run") in runs or len(runs) > 1))
     if not any(c.endswith("base") for c in at):
-        at = {r["contender"]: r["tok_s"] for r in sweep if r["n"] == 0}
-    at |= {r["contender"]: r["tok_s"] for r in sweep if r["n"] == top}
+        at = medians(lambda r: r["n"] == 0)
+    at |= medians(lambda r: r["n"] == top)
     ceiling = max([at[c] for c in ("torch-base", "vllm-base", "hf-cb-base") if c in at] or [float("nan")])
     pools = {c: at[c] for c in ("torch-bank", "vllm-pool") if c in at}
     best = max(pools, key=pools.get) if pools else None

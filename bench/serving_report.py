@@ -51,7 +51,7 @@ def _sweep_targets(sweep: list[dict]) -> dict:
                 by.setdefault(r["contender"], []).append(r["tok_s"])
         return {c: round(statistics.median(v), 1) for c, v in by.items()}
 
-    at = medians(lambda r: r["n"] == 0 and (r.get("run") in runs or len(runs) > 1))
+    at = medians(lambda r: r["n"] == 0 and r.get("run") in runs)
     if not any(c.endswith("base") for c in at):
         at = medians(lambda r: r["n"] == 0)
     at |= medians(lambda r: r["n"] == top)

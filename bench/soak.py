@@ -44,7 +44,7 @@ def replica_rss() -> dict[str, int]:
 
 
 def deploy(model: str, port: int, work: Path, tenants: int, with_expert: bool, replicas: int,
-           rate_limit_rpm: int, max_ongoing: int = 16) -> dict:
+           rate_limit_rpm: int, max_ongoing: int = 64) -> dict:
     """The app on one pool of ``model``; ``tenants`` tenants with an adapter each, t0 also an expert."""
     import httpx
     import ray
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--flood-clients", type=int, default=24, help="flood: tenant A's concurrent clients")
     p.add_argument("--flood-seconds", type=float, default=60.0, help="flood: per phase (all mode)")
     p.add_argument("--rate-limit-rpm", type=int, default=60_000, help="flood: per-key rate limit (A stays under)")
-    p.add_argument("--max-ongoing", type=int, default=16,
+    p.add_argument("--max-ongoing", type=int, default=64,
                    help="the pool's max_ongoing_requests: requests past it wait, in arrival order, at Serve's "
                         "handle; below it they reach the replica's per-tenant fair queue")
     p.add_argument("--port", type=int, default=18400)

@@ -93,11 +93,12 @@ class BankLayerMixin:
         return super().apply(x, bias)
 
     def _apply_lora_to_output(self, x: Tensor, output: Tensor) -> Tensor:
-        indices = self.punica_wrapper.token_lora_indices
-        groups = self._table().plan(indices)
-        if not groups:
+        if self.punica_wrapper.indices_len[0] is None:  # no LoRA mapping set yet (nothing active)
             return output
         flat_x = x.reshape(-1, x.shape[-1])
+        groups = self._table().plan(self.punica_wrapper.token_lora_indices[: flat_x.shape[0]])
+        if not groups:
+            return output
         flat_out = output.view(-1, output.shape[-1])
         offset = 0
         for U, V, sigma, size in zip(self.bank_U, self.bank_V, self.bank_sigma, self.output_slices, strict=True):

@@ -47,12 +47,15 @@ def vllm_engine(model: Path, **kwargs) -> Iterator:
     from vllm import LLM
 
     args = dict(model=str(model), dtype="float32", max_model_len=512, max_num_seqs=8, enforce_eager=True,
-                gpu_memory_utilization=0.02, seed=0)
+                kv_cache_memory_bytes=64 << 20, seed=0)
     args.update(kwargs)
     llm = LLM(**args)
     try:
         yield llm
     finally:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+        cleanup_dist_env_and_memory()

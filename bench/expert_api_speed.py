@@ -3,7 +3,7 @@
 :func:`llamdex.expert_api.generate_queries` runs one question at a time on a KV cache of the schema
 prompt computed once. The **baseline** is what it replaced: left-padded batches of ``--batch-size``
 through ``model.generate`` (greedy, same stop tokens and token limit). Both write replies for the
-same first ``--questions`` held-out test questions of ``--dataset``; the bench reports seconds per
+same first ``--questions`` validation questions of ``--dataset``; the bench reports seconds per
 question, the ratio, and how many replies are identical (greedy decoding: they should all be).
 
     python -m bench.expert_api_speed --dataset bank --questions 16
@@ -43,12 +43,12 @@ def padded_batches(model, tokenizer, schema, questions: list[str], batch_size: i
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.expert_api_speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="bank", help="paper dataset whose schema and test questions to use")
-    p.add_argument("--questions", type=int, default=16, help="first N held-out test questions")
+    p.add_argument("--dataset", default="bank", help="paper dataset whose schema and validation questions to use")
+    p.add_argument("--questions", type=int, default=16, help="first N validation questions")
     p.add_argument("--batch-size", type=int, default=16, help="baseline's batch size (the accuracy bench's)")
     p.add_argument("--model", default="smollm2-135m", help="base model (catalog name or HF directory)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--seed", type=int, default=0, help="test-subset seed (as bench.llamdex_accuracy)")
+    p.add_argument("--seed", type=int, default=0, help="validation-subset seed (as bench.llamdex_accuracy)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="results directory")
     args = p.parse_args(argv)
 
@@ -56,15 +56,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bench.common import command_line, write_results
     from cluster.models import load_model, resolve_model
-    from llamdex.datasets import load_paper_dataset
-    from llamdex.evaluation import make_test_set
+    from llamdex.datasets import load_splits
+    from llamdex.evaluation import eval_set
     from llamdex.expert_api import generate_queries
 
     torch.set_num_threads(args.threads)
     model, tok = load_model(resolve_model(args.model))
     model.eval().requires_grad_(False)
-    schema, _, test = load_paper_dataset(args.dataset, ROOT / "examples" / "datasets")
-    questions = make_test_set(schema, test, 400, seed=args.seed).questions[:args.questions]
+    splits = load_splits(args.dataset, ROOT / "examples" / "datasets")
+    schema = splits.schema
+    questions = eval_set(splits, "validation", None, 400, seed=args.seed).questions[:args.questions]
     rows, replies = [], {}
     for method, run in (("padded batches (baseline)", lambda: padded_batches(model, tok, schema, questions,
                                                                               args.batch_size)),
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:  # relative to the baseline; every row carries every column of the table
         row["speedup"] = round(base["seconds"] / row["seconds"], 2)
         row["identical_to_baseline"] = f"{same}/{len(questions)}" if row is ours else "-"
-    notes = (f"{args.dataset}: the first {len(questions)} of the accuracy bench's held-out test questions, greedy, "
+    notes = (f"{args.dataset}: the first {len(questions)} of the accuracy bench's validation questions, greedy, "
              f"{args.threads} torch threads; one run of each, in this order.")
     write_results(Path(args.out), "expert_api_speed", {"rows": rows, "replies": replies}, rows,
                   "Paper Expert-API generation: shared schema-prompt cache vs padded batches",

@@ -4,8 +4,9 @@ The connectors job trades time for accuracy through ``--time-budget`` (and the e
 counts of :class:`llamdex.pipeline.ConnectorsConfig`). This scores connectors artifacts — e.g. the
 ones ``make demo`` trains with ``train_jobs.connectors --time-budget 600`` — against the
 **baseline**: the default-config connectors of :mod:`bench.llamdex_accuracy` (from its cache), on
-the same real test rows in the held-out phrasing family, each with the same non-DP expert swapped
-in, next to that expert on the true features (the bound). Training seconds come from each
+the same real validation rows in the validation family (a budget is a design choice: it is made on
+validation, never on test rows), each with the same non-DP expert (trained on the rest of the
+training side) swapped in, next to that expert on the true features (the bound). Training seconds come from each
 artifact's own training report.
 
     python -m bench.llamdex_budget --dataset titanic \\
@@ -46,7 +47,7 @@ def score(label: str, bundle, spec, expert, ts, model, tok) -> dict:
     from llamdex.evaluation import accuracy, expert_scores, llamdex_scores
 
     start = time.perf_counter()
-    probs, feats = llamdex_scores(model, tok, bundle.with_expert(expert), ts.questions)
+    probs, feats, _ = llamdex_scores(model, tok, bundle.with_expert(expert), ts.questions)
     bound = accuracy(expert_scores(expert, ts.x), ts.y)
     acc = accuracy(probs, ts.y)
     report = spec.training.model_dump() if spec.training else {}
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="connectors to compare with the baseline (registry reference or directory)")
     p.add_argument("--store", default=None, help="registry URI for references (default: ATELIER settings)")
     p.add_argument("--model", default="smollm2-135m", help="base model the connectors were trained for")
-    p.add_argument("--test-rows", type=int, default=400, help="test rows (seeded subset, as bench.llamdex_accuracy)")
+    p.add_argument("--rows", type=int, default=400, help="validation rows (seeded subset, as bench.llamdex_accuracy)")
     p.add_argument("--seed", type=int, default=0, help="expert seed and test-subset seed")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--cache", default="~/.cache/atelier/bench/llamdex", help="bench.llamdex_accuracy's cache")
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from cluster.models import load_model, resolve_model
     from cluster.settings import load_settings
     from llamdex.connectors_io import load_connectors
-    from llamdex.datasets import load_paper_dataset
-    from llamdex.evaluation import make_test_set
+    from llamdex.datasets import load_splits
+    from llamdex.evaluation import eval_set
     from llamdex.insertion import Bundle
     from llamdex.pipeline import ConnectorsConfig
 
@@ -91,9 +92,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     resolved = resolve_model(args.model)
     model, tok = load_model(resolved)
     model.eval().requires_grad_(False)
-    schema, train, test = load_paper_dataset(args.dataset, ROOT / "examples" / "datasets")
-    expert, _ = train_or_load_expert(cache, args.dataset, schema, train, None, args.seed)
-    ts = make_test_set(schema, test, args.test_rows, seed=args.seed)
+    splits = load_splits(args.dataset, ROOT / "examples" / "datasets")
+    schema = splits.schema
+    expert, _ = train_or_load_expert(cache, args.dataset, schema, splits.fit, None, args.seed)
+    ts = eval_set(splits, "validation", None, args.rows, seed=args.seed)
     rows = []
     baseline, spec = train_or_load_connectors(cache, args.dataset, model, tok, resolved, schema, ConnectorsConfig())
     rows.append(score("default config, no budget (baseline; bench.llamdex_accuracy)", baseline, spec, expert, ts,
@@ -109,8 +111,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(score(f"{label} ({ref})", bundle, spec, expert, ts, model, tok))
         log("budget.scored", **rows[-1])
     command = command_line("bench.llamdex_budget", argv)
-    notes = (f"{args.dataset}: {len(ts.questions)} real test rows in the held-out phrasing family, the same non-DP "
-             "expert swapped into every set of connectors; `bound` = that expert on the true features; "
+    notes = (f"{args.dataset}: {len(ts.questions)} real validation rows in the validation family, the same non-DP "
+             "expert (trained on the rest of the training side) swapped into every set of connectors; `bound` = that "
+             "expert on the true features; "
              "`training_s` = the connectors' own training report (synthetic data, hidden-state cache, encoder, "
              "decoder); `threads` = torch threads during training when recorded.")
     write_results(Path(args.out), args.name, {"rows": rows, "args": vars(args)}, rows,

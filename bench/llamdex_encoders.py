@@ -1,8 +1,9 @@
-"""Encoder ablation: how well each encoder design reads the *real* test questions, on one cache.
+"""Encoder ablation: how well each encoder design reads *real* validation questions, on one cache.
 
 The encoder is where Llamdex's accuracy is won or lost (the expert only sees what it reads). This
 trains several encoders on the same cached layer-k hidden states of the same synthetic training
-questions and scores each on real test rows phrased in the held-out family:
+questions and scores each on real **validation** rows (20 % of the training side) phrased in the
+validation family -- design choices are made on validation; this tool cannot read the test split:
 
 * ``heads``   -- the baseline: regression/classification heads on the hidden states (the design
   before values were copied; :class:`llamdex.encoder.Encoder` with ``copy_literals=False``);
@@ -11,8 +12,9 @@ questions and scores each on real test rows phrased in the held-out family:
 * ``default`` -- plus the label anchor (the ``ConnectorsConfig`` default).
 
 Per encoder: the non-DP expert's accuracy on the features read (vs on the true features: the
-bound), per-feature fidelity and, for copying encoders, how often the pointer lands on the
-feature's own value. Writes ``<name>.json`` / ``.md`` to ``--out``.
+bound; the expert is trained on the rest of the training side), per-feature fidelity and, for
+copying encoders, how often the pointer lands on the feature's own value. Writes ``<name>.json`` /
+``.md`` to ``--out``.
 
     python -m bench.llamdex_encoders --dataset bank --epochs 12
 """
@@ -55,9 +57,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dataset", default="bank", help="titanic, wine, nursery or bank")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--epochs", type=int, default=12, help="encoder epochs for every variant")
-    p.add_argument("--test-rows", type=int, default=300, help="real test rows (held-out phrasing family)")
+    p.add_argument("--rows", type=int, default=300, help="real validation rows (validation family)")
+    p.add_argument("--connectors", default="{}", help="JSON of ConnectorsConfig overrides for the shared cache "
+                   "and every variant (e.g. '{\"train_questions\": 1000}')")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--seed", type=int, default=0, help="expert and test-subset seed")
+    p.add_argument("--seed", type=int, default=0, help="expert and validation-subset seed")
     p.add_argument("--cache", default="~/.cache/atelier/bench/llamdex", help="expert cache (shared with llamdex_accuracy)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="results directory")
     p.add_argument("--name", default=None, help="result file stem (default llamdex_encoders_<dataset>)")
@@ -68,12 +72,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from bench.common import command_line, write_results
     from cluster.models import load_model, resolve_model
-    from llamdex.datasets import load_paper_dataset
-    from llamdex.evaluation import make_test_set
+    from llamdex.datasets import load_splits
+    from llamdex.evaluation import eval_set
     from llamdex.expert import predict_proba
     from llamdex.pipeline import ConnectorsConfig, cache_prompts, init_connectors, locate_values, prepare_data
     from llamdex.prompting import chat_prompt_ids
-    from llamdex.questions import QuestionGenerator
     from llamdex.stages import (
         FitSettings,
         PromptExtras,
@@ -87,23 +90,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     resolved = resolve_model("smollm2-135m")
     model, tok = load_model(resolved)
     model.eval().requires_grad_(False)
-    schema, train, test = load_paper_dataset(args.dataset, ROOT / "examples" / "datasets")
+    splits = load_splits(args.dataset, ROOT / "examples" / "datasets")
+    schema, train = splits.schema, splits.fit
     expert, _ = train_or_load_expert(Path(args.cache).expanduser(), args.dataset, schema, train, None, args.seed)
-    base = ConnectorsConfig(stage2_questions=0, eval_questions=0)
+    base = ConnectorsConfig(**{**json.loads(args.connectors), "stage2_questions": 0, "eval_questions": 0})
     data = prepare_data(tok, schema, base)
     start = time.perf_counter()
     cache = cache_prompts(model, tok, data, [base.layer], base)
     log("encoders.cached", prompts=len(data.prompts), seconds=round(time.perf_counter() - start, 1))
 
-    ts = make_test_set(schema, test, args.test_rows, seed=args.seed)  # held-out family, as in llamdex_accuracy
-    gen = QuestionGenerator(schema, seed=10_000 + args.seed)
-    composed = [gen.compose(r, "heldout") for r in ts.rows[[f.name for f in schema.features]].to_dict("records")]
-    assert [c.text for c in composed] == ts.questions
+    ts = eval_set(splits, "validation", None, args.rows, seed=args.seed)  # as bench.llamdex_accuracy's default
     prompts = chat_prompt_ids(tok, data.answers.system_prompt, ts.questions)
-    lits, where, _ = locate_values(tok, schema, prompts, composed)
-    test_data = dataclasses.replace(data, prompts=prompts, stage2_rows=[], eval_rows=[])  # hidden states only
-    test_cache = cache_prompts(model, tok, test_data, [base.layer], base)
-    test_extras = PromptExtras(model.get_input_embeddings(), lits, where)
+    lits, where, _ = locate_values(tok, schema, prompts, ts.composed)
+    val_data = dataclasses.replace(data, prompts=prompts, stage2_rows=[], eval_rows=[])  # hidden states only
+    val_cache = cache_prompts(model, tok, val_data, [base.layer], base)
+    val_extras = PromptExtras(model.get_input_embeddings(), lits, where)
     bound = float((predict_proba(expert, ts.x).argmax(1) == ts.y).mean())
     truth = torch.from_numpy(ts.x)
     reference = torch.from_numpy(data.codec.encode(train[[f.name for f in schema.features]]))
@@ -115,19 +116,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                         model_hash=resolved.content_hash)
         start = time.perf_counter()
         settings = FitSettings(cfg.enc_epochs, cfg.enc_lr, cfg.enc_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
-        train_encoder(encoder, cache, cfg.layer, data.x, data.train_rows, settings, cfg.numeric_weight,
+        train_encoder(encoder, cache, cfg.layer, data.x_read, data.train_rows, settings, cfg.numeric_weight,
                       progress=lambda r, v=name: log("encoders.epoch", variant=v, epoch=r.epoch, of=r.epochs,
                                                      loss=round(r.loss, 4), seconds=round(r.seconds, 1)),
                       extras=data.extras(model))
         seconds = time.perf_counter() - start
         rows_idx = list(range(len(prompts)))
-        read = encoder_features(encoder, test_cache, cfg.layer, rows_idx, extras=test_extras)
+        read = encoder_features(encoder, val_cache, cfg.layer, rows_idx, extras=val_extras)
         acc = float((predict_proba(expert, read.numpy()).argmax(1) == ts.y).mean())
         fidelity = feature_fidelity(data.codec, read, truth, reference)
         hits = None
         if encoder.copies:
             with torch.no_grad():
-                hits = pointer_hits(encoder, encoder_run(encoder, test_cache, cfg.layer, rows_idx, test_extras), where)
+                hits = pointer_hits(encoder, encoder_run(encoder, val_cache, cfg.layer, rows_idx, val_extras), where)
         details[name] = {"config": VARIANTS[name], "fidelity": fidelity, "pointer_hits": hits}
         discrete = [m["accuracy"] for m in fidelity.values() if "accuracy" in m]
         rows.append({"encoder": name, "epochs": args.epochs, "train_s": round(seconds), "expert on read %":
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      round(100 * sum(h for h, _ in hits.values()) / sum(n for _, n in hits.values()), 1),
                      "category/bool acc %": round(100 * float(np.mean(discrete)), 1) if discrete else ""})
         log("encoders.variant", **rows[-1])
-    lines = ["Per-feature fidelity on the real test questions (MAE in raw units / accuracy %; pointer on target %):",
+    lines = ["Per-feature fidelity on the real validation questions (MAE in raw units / accuracy %; pointer on "
+             "target %):",
              "", "| feature | " + " | ".join(details) + " | naive |", "|---|" + "---|" * (len(details) + 1)]
     for feat in schema.features:
         cells = []
@@ -150,8 +152,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = args.name or f"llamdex_encoders_{args.dataset}"
     command = command_line("bench.llamdex_encoders", argv)
     notes = (f"{args.dataset}: {len(data.train_rows)} synthetic training questions (cached once, layer {base.layer}), "
-             f"{len(prompts)} real test rows in the held-out phrasing family; the same non-DP expert reads each "
-             "encoder's features; `bound` = that expert on the true features.\n\n" + "\n".join(lines))
+             f"{len(prompts)} real validation rows in the validation family; the same non-DP expert (trained on the "
+             "rest of the training side) reads each encoder's features; `bound` = that expert on the true "
+             "features.\n\n" + "\n".join(lines))
     write_results(Path(args.out), name, {"rows": rows, "details": details, "args": vars(args)}, rows,
                   f"Llamdex encoder ablation ({args.dataset})", command, notes)
     print(json.dumps(rows, indent=1))

@@ -40,7 +40,7 @@ def main() -> None:
     from cluster.registry import Registry
     from serve_app.app import build_from_config
     from serve_app.config import load_app_config
-    from serve_app.engine import GenerationRequest
+    from serve_app.wire import GenerationRequest
     from tests.serve_fixtures import make_peft_adapter, upload_dir
 
     work = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
@@ -61,8 +61,8 @@ def main() -> None:
     def direct() -> float:
         t = time.perf_counter()
         out = handle.generate.remote(GenerationRequest(request_id="b", messages=messages, max_tokens=args.max_tokens,
-                                                       temperature=0).model_dump()).result()
-        assert not out.get("error"), out
+                                                       temperature=0)).result()
+        assert out.error is None, out
         return time.perf_counter() - t
 
     def routed() -> float:
@@ -104,7 +104,7 @@ def main() -> None:
     for _ in range(3):
         t = time.perf_counter()
         new_version = publish_bank(registry, "p", bank, {"bench": True})
-        while handle.stats.remote().result()["bank_version"] != new_version:
+        while handle.stats.remote().result().bank_version != new_version:
             time.sleep(0.05)
         poll_s.append(time.perf_counter() - t)
     serve.shutdown()

@@ -213,7 +213,7 @@ def main() -> None:
                                 files=multipart(connectors_dir))
                 assert r.status_code == 201, r.text
                 out = until_ok(lambda n=name: chat(f"bench/{n}"), t0, c0)
-            loads.append(handle.stats.remote().result()["expert_last_load_s"])
+            loads.append(handle.stats.remote().result().expert_last_load_s)
             results[f"expert_{path}"].append(out)
         for path in ("http", "job"):
             name = f"a{path}{i}"
@@ -231,7 +231,7 @@ def main() -> None:
     warm = {"predict": [timed(lambda: predict("xjob0")) for _ in range(args.warm)],
             "expert_chat": [timed(lambda: chat("bench/xhttp0")) for _ in range(args.warm)],
             "adapter_chat": [timed(lambda: chat("bench/ahttp0")) for _ in range(args.warm)]}
-    final = handle.stats.remote().result()
+    final = handle.stats.remote().result().model_dump()
     serve.shutdown()
     ray.shutdown()
 

@@ -41,6 +41,9 @@ OPTIONAL_FILES: dict[ArtifactKind, tuple[str, ...]] = {
 }
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+MAX_HEADER_BYTES: dict[ArtifactKind, int] = {kind: 1 << 20 for kind in ArtifactKind} | {ArtifactKind.bank: 64 << 20}
+"""Largest safetensors header (names, dtypes, shapes, offsets) per kind. A LoRA for a 70B model
+needs ~150 kB; a bigger header is padding meant to make the parser allocate, and is refused."""
 
 
 class ArtifactError(ValueError):
@@ -88,7 +91,7 @@ def validate_files(kind: ArtifactKind, files: Mapping[str, bytes]) -> None:
         if fname.endswith(".json"):
             parse_json_object(fname, data)
         elif fname.endswith(".safetensors"):
-            check_tensors(fname, data)
+            check_tensors(fname, data, MAX_HEADER_BYTES[kind])
     deep = _DEEP_VALIDATORS.get(kind)
     if deep is not None:
         deep(files)
@@ -105,8 +108,12 @@ def parse_json_object(fname: str, data: bytes) -> dict:
     return value
 
 
-def check_tensors(fname: str, data: bytes) -> dict[str, torch.Tensor]:
+def check_tensors(fname: str, data: bytes, max_header_bytes: int = 1 << 20) -> dict[str, torch.Tensor]:
     """Parse a safetensors file (no code execution possible); float tensors must be finite."""
+    header = int.from_bytes(bytes(data[:8]), "little") if len(data) >= 8 else 0
+    if header > max_header_bytes:
+        raise ArtifactError(f"{fname}: safetensors header of {header} bytes, more than the {max_header_bytes} "
+                            "allowed (or not a safetensors file); fix: save with safetensors.torch.save_file")
     try:
         tensors = load_safetensors_bytes(bytes(data))
     except Exception as exc:  # safetensors raises its own SafetensorError

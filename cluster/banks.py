@@ -1,10 +1,14 @@
-"""Adapter banks in the registry: where they live, and adding one adapter without a refit.
+"""Adapter banks in the registry: where they live, adding one adapter, and when to refit.
 
 A pool's bank is the registry artifact ``system/bank/<bank name>``. When a tenant uploads a
-PEFT adapter, :func:`add_to_bank` projects it onto the latest bank's bases in closed form
-(``compression.add_adapter``; the bank job refits the whole collection offline) and publishes
-the result as the next bank version. Publishing is optimistic: if another writer published in
-between, the update is re-applied on top of theirs, so no adapter is lost.
+PEFT adapter, :func:`add_to_bank` projects it onto the latest bank's shared bases in closed form;
+if the projection's error exceeds the pool's budget, the adapter is stored exactly instead (its
+own factors in an exact cluster, ``compression.exact``), so what is served equals what was
+uploaded within the budget. The result is published as the next bank version (under a registry
+lock, so concurrent uploads never drop each other's adapters). Each version's metadata carries
+``exact_params_since_refit``: the numbers stored exactly since the last refit; when they exceed
+the policy's share of the bank, :class:`BankUpdate` says a refit is due (the router then queues
+``train_jobs.bank_sweep`` on the bank, ``cluster.bank_refit``).
 """
 
 from __future__ import annotations
@@ -23,11 +27,34 @@ log = get_logger("banks")
 
 
 @dataclass(frozen=True)
+class RefitPolicy:
+    """When an upload makes a refit due: the adapters stored exactly since the last refit hold more than
+    ``share`` of the bank's parameters, and the bank has at least ``min_adapters`` adapters (joint
+    compression of a handful of adapters saves little). ``share`` None: never."""
+
+    share: float | None = 0.25
+    min_adapters: int = 8
+
+    def due(self, adapters: int, bank_params: int, exact_since_refit: int) -> bool:
+        return (self.share is not None and adapters >= self.min_adapters
+                and exact_since_refit > self.share * bank_params)
+
+
+@dataclass(frozen=True)
 class BankUpdate:
+    """What an upload did to one bank: the new version and how the adapter is served."""
+
     bank: str
     version: int
     adapters: int
-    recon_error: dict[str, float]
+    recon_error: dict[str, float]  # per module, of the served form (0 when exact)
+    served: str  # "compressed" | "exact"
+    projection_error: float | None  # mean error of the projection onto the shared bases (None: none)
+    budget: float
+    exact_adapters: int
+    exact_share: float  # share of the bank's parameters in exact clusters
+    bank_rank: int
+    refit_due: bool
 
     @property
     def mean_error(self) -> float:
@@ -85,42 +112,66 @@ def publish_bank(registry: Registry, bank_name: str, bank, metadata: dict | None
     return registry.publish(SYSTEM_TENANT, "bank", bank_name, files, meta).version
 
 
-def add_to_bank(registry: Registry, bank_name: str, model: ResolvedModel, tenant: str, name: str) -> BankUpdate:
-    """Put adapter ``tenant/name`` into the bank (replacing an older copy of it) and publish.
+def adapter_sha256(registry: Registry, tenant: str, name: str) -> str:
+    """SHA-256 of the latest uploaded weights of adapter ``tenant/name`` (what a bank row must reproduce)."""
+    return registry.resolve(tenant, "adapter", name).files["adapter_model.safetensors"].sha256
+
+
+def place_adapter(bank, adapter, budget: float, model: ResolvedModel, max_rank: int | None = None):
+    """(new bank, Placement): ``adapter`` added within ``budget`` (replacing an older copy of it); a new
+    bank is pinned to ``model``. Raises ValueError if the bank would exceed ``max_rank`` (a vLLM
+    pool's max_lora_rank)."""
+    from compression import add_within_budget, remove_adapter
+
+    if bank is not None and adapter.name in bank.adapters:
+        bank = remove_adapter(bank, adapter.name)
+    new, placed = add_within_budget(bank, adapter, budget, check_base_model=False, base_model=model.id,
+                                    base_model_hash=model.content_hash)
+    if max_rank is not None and new.rank > max_rank:
+        raise ValueError(f"adapter {adapter.name!r} ({placed.served}) would make the bank rank {new.rank}, above "
+                         f"this pool's max_lora_rank {max_rank}; upload an adapter of rank <= {max_rank} or raise "
+                         "the pool's max_lora_rank")
+    return new, placed
+
+
+def add_to_bank(registry: Registry, bank_name: str, model: ResolvedModel, tenant: str, name: str,
+                budget: float | None = None, policy: RefitPolicy | None = None,
+                max_rank: int | None = None) -> BankUpdate:
+    """Put adapter ``tenant/name`` into the bank within ``budget`` (default
+    ``compression.DEFAULT_ERROR_BUDGET``) and publish; say how it is served and whether a refit is due.
 
     The read-modify-publish runs under a registry lock, so concurrent uploads never drop each
     other's adapters.
     """
-    from compression import add_adapter, compress_collection
+    from compression import DEFAULT_ERROR_BUDGET, bank_param_count, exact_param_count
 
+    budget = DEFAULT_ERROR_BUDGET if budget is None else budget
+    policy = policy or RefitPolicy()
     adapter = load_registry_adapter(registry, tenant, name, model)
     with registry.lock(f"bank-{bank_name}"):
         bank, base_version = read_bank(registry, bank_name)
-        if bank is None:
-            # First adapter of this pool: an exact single-adapter bank at the adapter's own rank.
-            new = compress_collection([adapter], rank=max(adapter.ranks.values()), clusters=1, method="full",
-                                      base_model=model.id, base_model_hash=model.content_hash)
-        else:
-            if adapter.name in bank.adapters:
-                bank = _without(bank, adapter.name)
-            new = add_adapter(bank, adapter, check_base_model=False)
-        version = publish_bank(registry, bank_name, new, {"last_added": adapter.name, "based_on": base_version})
-    errors = new.recon_error[adapter.name]
-    log.info("banks.adapter_added", bank=bank_name, version=version, adapter=adapter.name,
-             mean_error=round(sum(errors.values()) / len(errors), 4))
-    return BankUpdate(bank_name, version, len(new.adapters), errors)
+        since = bank_metadata(registry, bank_name, base_version).get("exact_params_since_refit", 0) if bank else 0
+        new, placed = place_adapter(bank, adapter, budget, model, max_rank)
+        if placed.served == "exact":
+            since += sum(mb.U.shape[1] + mb.V.shape[1] for mb in new.modules.values()) * new.exact[adapter.name][1]
+        params = bank_param_count(new)
+        due = policy.due(len(new.adapters), params, since)
+        version = publish_bank(registry, bank_name, new, {
+            "last_added": adapter.name, "based_on": base_version, "served": placed.served,
+            "error_budget": budget, "exact_params_since_refit": since})
+    log.info("banks.adapter_added", bank=bank_name, version=version, adapter=adapter.name, served=placed.served,
+             projection_error=placed.projection_error, budget=budget, refit_due=due)
+    return BankUpdate(bank_name, version, len(new.adapters), new.recon_error[adapter.name], placed.served,
+                      placed.projection_error, budget, len(new.exact), exact_param_count(new) / params,
+                      new.rank, due)
 
 
-def _without(bank, name: str):
-    """The bank minus adapter ``name`` (a re-upload replaces the old coefficients)."""
-    from dataclasses import replace
-
-    i = bank.index(name)
-    keep = [j for j in range(len(bank.adapters)) if j != i]
-    modules = {m: replace(mb, sigma=mb.sigma[keep]) for m, mb in bank.modules.items()}
-    errors = {k: v for k, v in bank.recon_error.items() if k != name}
-    return replace(bank, adapters=[bank.adapters[j] for j in keep], clusters=[bank.clusters[j] for j in keep],
-                   recon_error=errors, modules=modules)
+def bank_metadata(registry: Registry, bank_name: str, version: int | None = None) -> dict:
+    """Registry metadata of a bank version (budget, refit bookkeeping); {} if there is no bank."""
+    try:
+        return dict(registry.resolve(SYSTEM_TENANT, "bank", bank_name, version).metadata)
+    except NotFound:
+        return {}
 
 
 def bank_summary(registry: Registry, bank_name: str) -> dict | None:

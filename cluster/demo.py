@@ -28,12 +28,28 @@ from cluster.settings import Settings
 DEMO_TENANT = "demo"
 EXPERT = "survival"
 ROOT = Path(__file__).resolve().parent.parent
-# phrased with the schema's own words ("female", "ticket class"): category synonyms such as
-# "girl" are not in the schema, so the connectors never learnt them (README, Llamdex limits)
-QUESTIONS = ["A four year old female passenger travelled in second class with one parent and one sibling; "
-             "her ticket cost 26 pounds. Did the passenger survive the sinking?",
-             "Passenger: male, 40 years old, third class, no siblings or spouses aboard, no parents or "
-             "children aboard, fare 7.9 pounds. Did the passenger survive the sinking?"]
+# everyday words, as users write them ("a woman", "3rd class", "no siblings"); each with what it says,
+# so the demo shows whether the connectors read it right (the schema's synonyms, count words, units)
+QUESTIONS = [
+    ("A little girl of four travelled 2nd class with one parent and a sister; her ticket cost £26. "
+     "Did the passenger survive the sinking?",
+     {"pclass": "second", "sex": "female", "age": 4.0, "sibsp": 1, "parch": 1, "fare": 26.0}),
+    ("A man of 40 in 3rd class, no siblings or spouses and no parents or children aboard, fare 7.90 pounds. "
+     "Did the passenger survive the sinking?",
+     {"pclass": "third", "sex": "male", "age": 40.0, "sibsp": 0, "parch": 0, "fare": 7.9}),
+    ("pclass=1, sex=F, age=38, sibsp=1, parch=0, fare=71.28 - did the passenger survive the sinking?",
+     {"pclass": "first", "sex": "female", "age": 38.0, "sibsp": 1, "parch": 0, "fare": 71.28}),
+]
+
+
+def read_check(features: dict, said: dict) -> list[str]:
+    """'name=value ok' or 'name=value (said X)' per feature: what the encoder read vs what the question says."""
+    out = []
+    for name, want in said.items():
+        got = features.get(name)
+        same = got == want if not isinstance(want, float) or got is None else abs(float(got) - want) < 0.01
+        out.append(f"{name}={got} " + ("ok" if same else f"(said {want})"))
+    return out
 
 
 def _step(n: int, text: str) -> None:
@@ -116,15 +132,16 @@ def run_demo(settings: Settings, budget_s: float = 600.0, retrain: bool = False)
     _step(6, f"asking {DEMO_TENANT}/{EXPERT} over HTTP")
     auth = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=url, headers=auth, timeout=300) as client:
-        for q in QUESTIONS:
+        for q, said in QUESTIONS:
             chat = client.post("/v1/chat/completions", json={
-                "model": f"{DEMO_TENANT}/{EXPERT}", "messages": [{"role": "user", "content": q}], "max_tokens": 8})
+                "model": f"{DEMO_TENANT}/{EXPERT}", "messages": [{"role": "user", "content": q}], "max_tokens": 16})
             chat.raise_for_status()
             pred = client.post(f"/v1/experts/{DEMO_TENANT}/{EXPERT}/predict", json={"question": q})
             pred.raise_for_status()
             body = pred.json()
             print(f"  Q: {q}\n  chat answer: {chat.json()['choices'][0]['message']['content']!r}")
-            print(f"  predict: {json.dumps({k: body.get(k) for k in ('label', 'probabilities', 'features')})}")
+            print(f"  predict: {json.dumps({k: body.get(k) for k in ('label', 'probabilities', 'not_stated')})}")
+            print("  read:    " + ", ".join(read_check(body["features"], said)))
     print(f"\n  Ray dashboard:  {info.dashboard_url}   (Jobs, Train and Serve tabs)")
     print(f"  OpenAI API:     {url}/v1   (key above; docs at {url}/docs)")
     print(f"  artifact store: {settings.store_uri}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from cluster.artifacts import ArtifactError, ArtifactKind, register_validator
+from cluster.artifacts import NAME_PATTERN, ArtifactError, ArtifactKind, parse_json_object, register_validator
 
 
 def _validate_schema(files: Mapping[str, bytes]) -> None:
@@ -44,15 +44,17 @@ def check_expert_for_tenant(registry, tenant: str, files: Mapping[str, bytes]) -
 
     Returns the schema name. Called before publishing by the upload API and the experts job.
     """
-    import json
     import tempfile
     from pathlib import Path
 
     from cluster.registry import NotFound
     from llamdex.expert import ExpertError, load_expert
 
-    spec = json.loads(files["expert.json"])
+    spec = parse_json_object("expert.json", files["expert.json"])
     schema_name = spec.get("schema_name", "")
+    if not isinstance(schema_name, str) or not NAME_PATTERN.match(schema_name):
+        raise ArtifactError(f"expert.json: schema_name {schema_name!r} is not a schema name; "
+                            f"fix: the name the schema was published under ({NAME_PATTERN.pattern})")
     try:
         manifest = registry.resolve(tenant, "schema", schema_name)
     except NotFound:
@@ -70,3 +72,38 @@ def check_expert_for_tenant(registry, tenant: str, files: Mapping[str, bytes]) -
 
 
 register_validator(ArtifactKind.expert, _validate_expert)
+
+
+def _load_adapter(files: Mapping[str, bytes], base_model_path=None):
+    """The uploaded PEFT files as a ``compression.LoraAdapter`` (format checked; shapes checked
+    against the model at ``base_model_path`` if given); ArtifactError naming the field otherwise."""
+    import tempfile
+    from pathlib import Path
+
+    from compression import AdapterFormatError, load_peft_adapter
+
+    shapes = None
+    if base_model_path is not None:
+        from cluster.banks import model_linear_shapes
+
+        shapes = model_linear_shapes(str(base_model_path))
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname in ("adapter_config.json", "adapter_model.safetensors"):
+            (Path(tmp) / fname).write_bytes(files[fname])
+        try:
+            return load_peft_adapter(tmp, name="upload", base_shapes=shapes)
+        except AdapterFormatError as exc:
+            raise ArtifactError(f"adapter: {str(exc).replace(tmp, '<upload>')}") from None
+
+
+def _validate_adapter(files: Mapping[str, bytes]) -> None:
+    """A PEFT LoRA: plain ΔW = B·A pairs, ranks matching the config, float and finite."""
+    _load_adapter(files)
+
+
+def check_adapter_fits(files: Mapping[str, bytes], base_model_path) -> None:
+    """ArtifactError unless the adapter's modules and shapes exist in the base model at ``base_model_path``."""
+    _load_adapter(files, base_model_path)
+
+
+register_validator(ArtifactKind.adapter, _validate_adapter)

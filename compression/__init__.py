@@ -7,11 +7,20 @@ Modules, one idea each:
     clustering   k-means over subspaces: one cluster per adapter, cost summed over modules
     bank         the Bank dataclass and its safetensors + JSON format
     collection   compress_collection / svd_bank / add_adapter / export_adapter / parameter counts
+    exact        adapters stored exactly (own factors in exact clusters) when projection exceeds a budget
     batched      per-row mixed-adapter forward (bank_delta, BankLinear, attach_bank)
     synthetic    synthetic LoRA collections with planted clusters (tests, benchmarks)
 """
 
-from compression.bank import Bank, ModuleBank, bank_param_count, load_bank, mean_recon_errors, save_bank
+from compression.bank import (
+    Bank,
+    ModuleBank,
+    bank_param_count,
+    exact_param_count,
+    load_bank,
+    mean_recon_errors,
+    save_bank,
+)
 from compression.batched import BankHandle, BankLinear, attach_bank, bank_delta
 from compression.collection import (
     adapter_factors,
@@ -22,10 +31,20 @@ from compression.collection import (
     svd_bank,
 )
 from compression.errors import AdapterFormatError, BankFormatError
+from compression.exact import (
+    DEFAULT_ERROR_BUDGET,
+    Placement,
+    add_exact,
+    add_within_budget,
+    exact_bank,
+    remove_adapter,
+    serve_within_budget,
+)
 from compression.jd import JDConfig
 from compression.lora_io import LoraAdapter, linear_shapes, load_peft_adapter, save_peft_adapter
 
 __all__ = [
+    "DEFAULT_ERROR_BUDGET",
     "AdapterFormatError",
     "Bank",
     "BankFormatError",
@@ -34,19 +53,26 @@ __all__ = [
     "JDConfig",
     "LoraAdapter",
     "ModuleBank",
+    "Placement",
     "adapter_factors",
     "add_adapter",
+    "add_exact",
+    "add_within_budget",
     "attach_bank",
     "bank_delta",
     "bank_param_count",
     "collection_param_count",
     "compress_collection",
+    "exact_bank",
+    "exact_param_count",
     "export_adapter",
     "linear_shapes",
     "load_bank",
     "load_peft_adapter",
     "mean_recon_errors",
     "save_bank",
+    "remove_adapter",
     "save_peft_adapter",
+    "serve_within_budget",
     "svd_bank",
 ]

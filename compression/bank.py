@@ -1,14 +1,21 @@
 """The compressed LoRA bank: typed in-memory form, validation and its on-disk format.
 
 A bank directory holds `bank.safetensors` (per module: `<module>.U` [K, d_out, r], `<module>.V`
-[K, d_in, r], `<module>.sigma` [n, r, r] for JD-Full or [n, r] for JD-Diag) and `bank.json`, the
-manifest (fields, adapter order, clusters, errors, module shapes and the sha256 of the tensors).
+[K, d_in, r], `<module>.sigma` [n, r, r] for JD-Full, [n, r] for JD-Diag or [n, r, 2R] for lowrank)
+and `bank.json`, the manifest (fields, adapter order, clusters, errors, module shapes and the
+sha256 of the tensors).
 The manifest is written last via a temp file + os.replace, so a directory with a bank.json is a
 complete bank; load_bank refuses anything inconsistent, naming the field or tensor at fault.
+
+Clusters are *shared* (a fitted basis, adapters projected onto it) or *exact* (format v2): an exact
+cluster's columns hold the uploaded factors of one or more adapters side by side (adapter → its
+column slot in ``exact``), with Σ = identity on the slot, so U Σ_i Vᵀ = B_i A_i exactly. Both
+kinds go through the same batched op and the same export; ``compression.exact`` builds them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,7 +33,8 @@ from compression.jd import METHODS, Method
 BANK_WEIGHTS = "bank.safetensors"
 BANK_MANIFEST = "bank.json"
 FORMAT = "atelier-lora-bank"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1: no exact clusters
 _TENSORS = ("U", "V", "sigma")
 
 
@@ -36,7 +44,7 @@ class ModuleBank:
 
     U: Tensor  # [K, d_out, r]
     V: Tensor  # [K, d_in, r]
-    sigma: Tensor  # [n, r, r] (full) or [n, r] (diag)
+    sigma: Tensor  # [n, r, r] (full), [n, r] (diag) or [n, r, 2R] (lowrank: P | Q, Σ_i = P_i Q_iᵀ)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -57,6 +65,7 @@ class Bank:
     clusters: list[int]  # adapter index -> cluster
     recon_error: dict[str, dict[str, float]]  # adapter -> module -> squared relative error
     modules: dict[str, ModuleBank]
+    exact: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # adapter -> (column offset, width)
 
     def __post_init__(self) -> None:
         validate_bank(self)
@@ -64,6 +73,17 @@ class Bank:
     @property
     def target_modules(self) -> list[str]:
         return list(self.modules)
+
+    @property
+    def exact_clusters(self) -> set[int]:
+        """Clusters that hold uploaded factors verbatim (never a projection target)."""
+        return {c for a, c in zip(self.adapters, self.clusters, strict=True) if a in self.exact}
+
+    @property
+    def shared_clusters(self) -> list[int]:
+        """Clusters with a fitted basis that new adapters may be projected onto."""
+        exact = self.exact_clusters
+        return [c for c in range(self.num_clusters) if c not in exact]
 
     def index(self, name: str) -> int:
         """Row of adapter `name`; KeyError naming the known adapters if absent."""
@@ -112,7 +132,8 @@ def validate_bank(bank: Bank) -> None:
                 f"{module}.U/V", f"must be 3-D [K, d, r], got {tuple(mb.U.shape)} / {tuple(mb.V.shape)}"
             )
         d_out, d_in = mb.shape
-        sigma_shape = (n, r, r) if bank.method == "full" else (n, r)
+        R2 = mb.sigma.shape[-1] if mb.sigma.dim() == 3 else 0  # lowrank: P | Q, 2R columns
+        sigma_shape = {"full": (n, r, r), "diag": (n, r), "lowrank": (n, r, max(2, R2 + R2 % 2))}[bank.method]
         for name, t, want in (
             ("U", mb.U, (K, d_out, r)),
             ("V", mb.V, (K, d_in, r)),
@@ -126,6 +147,7 @@ def validate_bank(bank: Bank) -> None:
                 )
             if not t.is_floating_point() or not t.isfinite().all():
                 raise _fail(f"{module}.{name}", f"must be finite floats (dtype {t.dtype})")
+    _validate_exact(bank)
     _check_type("recon_error", bank.recon_error, dict)
     if set(bank.recon_error) != set(bank.adapters):
         raise _fail("recon_error", "must have exactly one entry per adapter")
@@ -136,8 +158,40 @@ def validate_bank(bank: Bank) -> None:
             raise _fail(f"recon_error.{adapter}", f"errors must be finite numbers >= 0, got {errors}")
 
 
+def _validate_exact(bank: Bank) -> None:
+    """Exact slots: known adapters, inside [0, rank), disjoint per cluster, clusters not shared."""
+    _check_type("exact", bank.exact, dict)
+    slots: dict[int, list[tuple[int, int, str]]] = {}
+    cluster_of = dict(zip(bank.adapters, bank.clusters, strict=True))
+    for adapter, slot in bank.exact.items():
+        if adapter not in cluster_of:
+            raise _fail(f"exact.{adapter}", "names an adapter that is not in the bank")
+        if (not isinstance(slot, (tuple, list)) or len(slot) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in slot)):
+            raise _fail(f"exact.{adapter}", f"must be [offset, width] integers, got {slot!r}")
+        offset, width = slot
+        if offset < 0 or width < 1 or offset + width > bank.rank:
+            raise _fail(f"exact.{adapter}", f"slot [{offset}, {offset + width}) is outside [0, rank={bank.rank})")
+        slots.setdefault(cluster_of[adapter], []).append((offset, width, adapter))
+    for cluster, taken in slots.items():
+        taken.sort()
+        for (o1, w1, a1), (o2, _, a2) in zip(taken, taken[1:], strict=False):
+            if o1 + w1 > o2:
+                raise _fail(f"exact.{a2}", f"slot overlaps adapter {a1!r}'s in cluster {cluster}")
+    mixed = [a for a, c in zip(bank.adapters, bank.clusters, strict=True) if c in slots and a not in bank.exact]
+    if mixed:
+        raise _fail("exact", f"exact clusters hold only exact adapters; {mixed[:3]} are projected into one")
+
+
+def exact_param_count(bank: Bank) -> int:
+    """Numbers the bank spends on exact clusters: their U and V columns and their adapters' Σ rows."""
+    exact = sorted(bank.exact_clusters)
+    rows = [i for i, a in enumerate(bank.adapters) if a in bank.exact]
+    return sum(mb.U[exact].numel() + mb.V[exact].numel() + mb.sigma[rows].numel() for mb in bank.modules.values())
+
+
 def bank_param_count(bank: Bank) -> int:
-    """Numbers stored by the bank: Σ_modules K·(d_out + d_in)·r + n·r² (full) or n·r (diag)."""
+    """Numbers stored by the bank: Σ_modules K·(d_out + d_in)·r + n·r² (full), n·r (diag) or n·2rR (lowrank)."""
     return sum(mb.U.numel() + mb.V.numel() + mb.sigma.numel() for mb in bank.modules.values())
 
 
@@ -182,6 +236,7 @@ def save_bank(bank: Bank, path: str | Path) -> Path:
         "clusters": bank.clusters,
         "module_shapes": {m: list(mb.shape) for m, mb in bank.modules.items()},
         "recon_error": bank.recon_error,
+        "exact": {a: list(slot) for a, slot in bank.exact.items()},
         "weights_sha256": _sha256(path / BANK_WEIGHTS),
     }
     _write_atomic(path / BANK_MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
@@ -199,10 +254,11 @@ def load_bank(path: str | Path) -> Bank:
     except json.JSONDecodeError as e:
         raise BankFormatError(f"{manifest_path}: invalid JSON ({e})") from e
     _check_type("<manifest>", manifest, dict)
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
         raise _fail(
             "format/version",
-            f"expected {FORMAT!r} v{VERSION}, got {manifest.get('format')!r} v{manifest.get('version')!r}",
+            f"expected {FORMAT!r} v{'/'.join(map(str, READABLE_VERSIONS))}, got {manifest.get('format')!r} "
+            f"v{manifest.get('version')!r}",
         )
     for field, kind in (("module_shapes", dict), ("weights_sha256", str)):
         _check_type(field, manifest.get(field), kind)
@@ -241,4 +297,7 @@ def load_bank(path: str | Path) -> Bank:
     missing = [f for f in fields if f not in manifest]
     if missing:
         raise _fail(missing[0], f"missing from {BANK_MANIFEST}")
-    return Bank(**{f: manifest[f] for f in fields}, modules=modules)
+    exact = manifest.get("exact", {})
+    _check_type("exact", exact, dict)
+    exact = {a: tuple(slot) if isinstance(slot, list) else slot for a, slot in exact.items()}
+    return Bank(**{f: manifest[f] for f in fields}, modules=modules, exact=exact)

@@ -22,7 +22,7 @@ from torch import Tensor
 from compression.bank import Bank, ModuleBank
 from compression.clustering import Bases, ProgressFn, assignment_costs, cluster_adapters
 from compression.factors import FactorStack, stack_factors
-from compression.jd import JDConfig, Method, project_with_error, svd_truncate
+from compression.jd import JDConfig, Method, pad_core, project_with_error, svd_truncate
 from compression.lora_io import Factors, LoraAdapter, ModuleShapes, save_peft_adapter, validate_adapter
 
 
@@ -184,12 +184,8 @@ def svd_bank(
     )
 
 
-def add_adapter(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True) -> Bank:
-    """A new Bank that also holds `adapter`, projected onto the cluster where it fits best (no refit).
-
-    Its error is in the returned bank's recon_error[adapter.name]; a high value means the adapter
-    does not share the bank's subspaces (re-compress the collection offline, or serve it as is).
-    """
+def check_addable(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True) -> None:
+    """Raise ValueError unless `adapter` can join `bank`: a new name, the same base model, known shapes."""
     if adapter.name in bank.adapters:
         raise ValueError(f"adapter '{adapter.name}' is already in the bank; rename it or build a new bank")
     if check_base_model and adapter.base_model and bank.base_model and adapter.base_model != bank.base_model:
@@ -197,15 +193,33 @@ def add_adapter(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True)
             f"adapter '{adapter.name}' is for base model {adapter.base_model!r}, the bank for "
             f"{bank.base_model!r}; pass check_base_model=False if they are the same model"
         )
+    validate_adapter(adapter, {m: mb.shape for m, mb in bank.modules.items()})
+
+
+def add_adapter(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True) -> Bank:
+    """A new Bank that also holds `adapter`, projected onto the shared cluster where it fits best (no refit).
+
+    Its error is in the returned bank's recon_error[adapter.name]; a high value means the adapter
+    does not share the bank's subspaces: `compression.exact.add_within_budget` then stores it exactly.
+    """
+    check_addable(bank, adapter, check_base_model)
+    shared = bank.shared_clusters
+    if not shared:
+        raise ValueError(f"the bank has no shared cluster to project '{adapter.name}' onto (every cluster is "
+                         "exact); add it with compression.exact.add_exact, or refit the collection")
     shapes = {m: mb.shape for m, mb in bank.modules.items()}
-    validate_adapter(adapter, shapes)
     stacks = _stacks([adapter], shapes)
-    cluster = int(assignment_costs(stacks, _bank_bases(bank), bank.method).argmin(1))
+    index = torch.tensor(shared)
+    shared_bases = {m: (U[index], V[index]) for m, (U, V) in _bank_bases(bank).items()}
+    cluster = shared[int(assignment_costs(stacks, shared_bases, bank.method).argmin(1))]
     sigmas, errors = _coefficients(stacks, _bank_bases(bank), [cluster], bank.method)
-    modules = {
-        m: replace(mb, sigma=torch.cat([mb.sigma, sigmas[m].to(mb.sigma.dtype)]))
-        for m, mb in bank.modules.items()
-    }
+    modules = {}
+    for m, mb in bank.modules.items():
+        old, new = mb.sigma, sigmas[m].to(mb.sigma.dtype)
+        if bank.method == "lowrank":  # cores of one width: the wider of the bank's and the adapter's rank
+            R = max(old.shape[-1], new.shape[-1]) // 2
+            old, new = pad_core(old, R), pad_core(new, R)
+        modules[m] = replace(mb, sigma=torch.cat([old, new]))
     return replace(
         bank,
         adapters=[*bank.adapters, adapter.name],
@@ -216,13 +230,21 @@ def add_adapter(bank: Bank, adapter: LoraAdapter, check_base_model: bool = True)
 
 
 def adapter_factors(bank: Bank, name: str) -> dict[str, Factors]:
-    """Compressed adapter `name` as rank-r LoRA factors per module: B' = U_c Σ_i, A' = V_cᵀ."""
+    """Adapter `name` as LoRA factors per module: B' = U_c Σ_i, A' = V_cᵀ (rank r; lowrank: U_c P_i and
+    Q_iᵀ V_cᵀ, rank R); an exact adapter's are its own uploaded factors (its slot, rank = its width)."""
     i = bank.index(name)
     c = bank.clusters[i]
     factors = {}
     for module, mb in bank.modules.items():
-        S = mb.sigma[i] if bank.method == "full" else torch.diag(mb.sigma[i])
-        factors[module] = (mb.U[c] @ S, mb.V[c].T.contiguous())
+        if name in bank.exact:  # its own factors: Σ_i is the identity on its slot
+            slot = slice(bank.exact[name][0], sum(bank.exact[name]))
+            factors[module] = (mb.U[c][:, slot].clone(), mb.V[c][:, slot].T.contiguous())
+        elif bank.method == "lowrank":  # B' = U P_i, A' = Q_iᵀ Vᵀ: rank R, not r
+            R = mb.sigma.shape[2] // 2
+            factors[module] = (mb.U[c] @ mb.sigma[i][:, :R], (mb.V[c] @ mb.sigma[i][:, R:]).T.contiguous())
+        else:
+            S = mb.sigma[i] if bank.method == "full" else torch.diag(mb.sigma[i])
+            factors[module] = (mb.U[c] @ S, mb.V[c].T.contiguous())
     return factors
 
 

@@ -8,6 +8,10 @@ errors that we report. Adapters with ΔW_i = 0 get weight 0 and error 0.
 - `svd_truncate`: per-adapter rank-r truncated SVD (the no-sharing baseline).
 - `jd_full`: orthonormal U, V and a full r×r Σ_i (weighted subspace iteration with QR).
 - `jd_diag`: unconstrained U, V and diagonal σ_i (alternating least squares from a JD-Full start).
+- "lowrank": the JD-Full fit with Σ_i stored as P_i Q_iᵀ (P_i, Q_i [r, R], R = the LoRA rank):
+  Σ_i = (UᵀU)⁻¹Uᵀ B_i · A_i V(VᵀV)⁻¹ has rank <= R, so P_i = (UᵀU)⁻¹UᵀB_i, Q_i = (VᵀV)⁻¹VᵀA_iᵀ is
+  the same least-squares Σ_i, exactly, in 2rR numbers instead of r² (smaller once r > 2R). The
+  storage idea of SHARE (arXiv 2602.06043: a large shared basis, per-adapter k×r loadings).
 - `project`: closed-form best Σ_i for a (new) adapter given an existing basis.
 - `reconstruction_error`: squared relative Frobenius error per adapter, from factors.
 """
@@ -22,8 +26,8 @@ from torch import Tensor
 
 from compression.factors import FactorStack
 
-Method = Literal["full", "diag"]
-METHODS = ("full", "diag")
+Method = Literal["full", "diag", "lowrank"]
+METHODS = ("full", "diag", "lowrank")
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class ModuleFit:
 
     U: Tensor  # [d_out, r]
     V: Tensor  # [d_in, r]
-    sigma: Tensor  # [n, r, r] (full) or [n, r] (diag)
+    sigma: Tensor  # [n, r, r] (full) or [n, r] (diag); a lowrank fit is a full fit
     history: list[float] = field(default_factory=list)  # objective after each iteration
     converged: bool = False
 
@@ -85,6 +89,23 @@ def random_basis(d: int, r: int, generator: torch.Generator) -> Tensor:
     return torch.linalg.qr(torch.randn(d, r, generator=generator)).Q
 
 
+def pinv_psd(m: Tensor) -> Tensor:
+    """Pseudo-inverse of a symmetric PSD matrix (or batch): eigh in float32; if LAPACK's eigh does not
+    converge or returns non-finite values, which happens on rank-deficient inputs with many repeated zero
+    eigenvalues (a JD-Diag basis wider than what its cluster's adapters span, e.g. r=32 for one or two
+    rank-8 adapters), eigh in float64, then SVD in float64."""
+    for attempt in (lambda: torch.linalg.pinv(m, hermitian=True),
+                    lambda: torch.linalg.pinv(m.double(), hermitian=True).to(m.dtype),
+                    lambda: torch.linalg.pinv(m.double()).to(m.dtype)):
+        try:
+            out = attempt()
+        except torch.linalg.LinAlgError:
+            continue
+        if bool(torch.isfinite(out).all()):
+            return out
+    raise torch.linalg.LinAlgError(f"no finite pseudo-inverse of a {tuple(m.shape)} matrix (non-finite input?)")
+
+
 def _inverse_or_zero(x: Tensor) -> Tensor:
     """1/x where x > 0, else 0: the fit weights 1/‖ΔW_i‖², and "zero adapter => zero error"."""
     return torch.where(x > 0, 1 / x.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
@@ -97,22 +118,45 @@ def _relative_error(sq_norms: Tensor, core: Tensor, S: Tensor, UtU: Tensor, VtV:
     return (sq_norms - 2 * inner + recon).clamp_min(0) * _inverse_or_zero(sq_norms)
 
 
-def _as_matrix(sigma: Tensor) -> Tensor:
-    return torch.diag_embed(sigma) if sigma.dim() == 2 else sigma
+def sigma_matrix(sigma: Tensor, method: Method | None = None) -> Tensor:
+    """Dense Σ_i [n, r, r] from a stored sigma: [n, r] (diag), [n, r, r] (full) or [n, r, 2R] (lowrank:
+    P | Q, Σ = P Qᵀ). `method` None infers full/diag from the shape."""
+    if method == "lowrank":
+        R = sigma.shape[-1] // 2
+        return sigma[..., :R] @ sigma[..., R:].mT
+    return torch.diag_embed(sigma) if method == "diag" or sigma.dim() == 2 else sigma
 
 
-def reconstruction_error(stack: FactorStack, U: Tensor, V: Tensor, sigma: Tensor) -> Tensor:
+def pad_core(sigma: Tensor, R: int) -> Tensor:
+    """A lowrank sigma [n, r, 2R₀] with its P and Q halves zero-padded to R >= R₀ columns each (exact)."""
+    R0 = sigma.shape[-1] // 2
+    if R <= R0:
+        return sigma
+    pad = (0, R - R0)
+    return torch.cat([torch.nn.functional.pad(sigma[..., :R0], pad), torch.nn.functional.pad(sigma[..., R0:], pad)], -1)
+
+
+def reconstruction_error(
+    stack: FactorStack, U: Tensor, V: Tensor, sigma: Tensor, method: Method | None = None
+) -> Tensor:
     """Squared relative Frobenius error ‖ΔW_i − U Σ_i Vᵀ‖² / ‖ΔW_i‖² per adapter, from factors. [n]
 
-    sigma is [n, r, r] (full) or [n, r] (diag). Works for any U, V (orthonormal or not).
+    sigma is [n, r, r] (full), [n, r] (diag) or [n, r, 2R] (lowrank, pass `method`). Works for any U, V.
     """
-    return _relative_error(stack.sq_norms, stack.core(U, V), _as_matrix(sigma), U.mT @ U, V.mT @ V)
+    return _relative_error(stack.sq_norms, stack.core(U, V), sigma_matrix(sigma, method), U.mT @ U, V.mT @ V)
 
 
 def _solve_sigma(core: Tensor, UtU: Tensor, VtV: Tensor, method: Method) -> Tensor:
     if method == "diag":
-        return core.diagonal(dim1=1, dim2=2) @ torch.linalg.pinv(UtU * VtV, hermitian=True)
-    return torch.linalg.pinv(UtU, hermitian=True) @ core @ torch.linalg.pinv(VtV, hermitian=True)
+        return core.diagonal(dim1=1, dim2=2) @ pinv_psd(UtU * VtV)
+    return pinv_psd(UtU) @ core @ pinv_psd(VtV)
+
+
+def _lowrank_sigma(stack: FactorStack, U: Tensor, V: Tensor, UtU: Tensor, VtV: Tensor) -> Tensor:
+    """P | Q [n, r, 2R]: P = (UᵀU)⁻¹UᵀB_i, Q = (VᵀV)⁻¹VᵀA_iᵀ, so P Qᵀ is the full least-squares Σ_i."""
+    P = pinv_psd(UtU) @ (U.mT @ stack.B)
+    Q = pinv_psd(VtV) @ (stack.A @ V).mT
+    return torch.cat([P, Q], dim=-1)
 
 
 def project(stack: FactorStack, U: Tensor, V: Tensor, method: Method) -> Tensor:
@@ -120,17 +164,20 @@ def project(stack: FactorStack, U: Tensor, V: Tensor, method: Method) -> Tensor:
 
     full: Σ_i = (UᵀU)⁻¹ Uᵀ ΔW_i V (VᵀV)⁻¹, which is Uᵀ ΔW_i V for orthonormal U, V. [n, r, r]
     diag: σ_i = [(UᵀU)∘(VᵀV)]⁻¹ diag(Uᵀ ΔW_i V). [n, r]
+    lowrank: the full Σ_i as P_i | Q_i. [n, r, 2R]
     """
-    check_method(method)
-    return _solve_sigma(stack.core(U, V), U.mT @ U, V.mT @ V, method)
+    return project_with_error(stack, U, V, method)[0]
 
 
 def project_with_error(stack: FactorStack, U: Tensor, V: Tensor, method: Method) -> tuple[Tensor, Tensor]:
     """`project` and `reconstruction_error` of the result, sharing one pass over the factors."""
     check_method(method)
     core, UtU, VtV = stack.core(U, V), U.mT @ U, V.mT @ V
+    if method == "lowrank":
+        sigma = _lowrank_sigma(stack, U, V, UtU, VtV)
+        return sigma, _relative_error(stack.sq_norms, core, sigma_matrix(sigma, method), UtU, VtV)
     sigma = _solve_sigma(core, UtU, VtV, method)
-    return sigma, _relative_error(stack.sq_norms, core, _as_matrix(sigma), UtU, VtV)
+    return sigma, _relative_error(stack.sq_norms, core, sigma_matrix(sigma, method), UtU, VtV)
 
 
 def svd_truncate(stack: FactorStack, rank: int) -> SVDFit:
@@ -217,9 +264,9 @@ def jd_diag(stack: FactorStack, init: tuple[Tensor, Tensor], config: JDConfig | 
     for _ in range(0 if fit.converged else config.diag_iters):
         ss = (w[:, None] * sigma).T @ sigma  # Σ_i w_i σ_i σ_iᵀ
         num = stack.sum_B((A @ V) * sigma[:, None, :], w)  # Σ_i w_i ΔW_i V D_i
-        U = num @ torch.linalg.pinv((V.mT @ V) * ss, hermitian=True)
+        U = num @ pinv_psd((V.mT @ V) * ss)
         num = stack.sum_At((B.mT @ U) * sigma[:, None, :], w)  # Σ_i w_i ΔW_iᵀ U D_i
-        V = num @ torch.linalg.pinv((U.mT @ U) * ss, hermitian=True)
+        V = num @ pinv_psd((U.mT @ U) * ss)
         U = U / U.norm(dim=0).clamp_min(1e-30)
         V = V / V.norm(dim=0).clamp_min(1e-30)
         sigma, errors = project_with_error(stack, U, V, "diag")
@@ -241,12 +288,12 @@ def fit_module(
 ) -> ModuleFit:
     """Fit one module with the chosen method.
 
-    full: JD-Full. diag: JD-Diag ALS started from a JD-Full fit, or directly from `init` when
+    full, lowrank: JD-Full. diag: JD-Diag ALS started from a JD-Full fit, or directly from `init` when
     given. `init` is a previous fit's (U, V) of the same method (warm start, e.g. between
     clustering rounds), so refitting after a small membership change is cheap.
     """
     check_method(method)
-    if method == "full":
+    if method in ("full", "lowrank"):  # lowrank stores the JD-Full Σ_i factored, same bases
         return jd_full(stack, rank, config, init=init, seed=seed)
     if init is None:
         full = jd_full(stack, rank, config, seed=seed)

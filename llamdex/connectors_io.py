@@ -28,7 +28,9 @@ from llamdex.expert import _atomic_write
 from llamdex.schema import TenantSchema
 
 FORMAT = "llamdex.connectors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the encoder reads the schema's vocabulary and six literal kinds, every feature may be "not stated"
+(issue 16). Version-1 connectors are refused with a clear error: retrain them."""
 CONNECTORS_JSON = "connectors.json"
 CONNECTORS_WEIGHTS = "connectors.safetensors"
 
@@ -61,7 +63,7 @@ class ConnectorsSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: Literal["llamdex.connectors"] = FORMAT
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[2] = FORMAT_VERSION
     base_model_id: str
     base_model_hash: str = Field(min_length=8)
     num_layers: int = Field(ge=1)
@@ -170,10 +172,17 @@ def read_spec(directory: str | Path) -> ConnectorsSpec:
         raise ConnectorsError([f"{CONNECTORS_JSON}: not found in {directory}; fix: pass the directory "
                                "save_connectors wrote"])
     try:
-        return ConnectorsSpec.model_validate(parse_json_strict(path.read_text(encoding="utf-8"), CONNECTORS_JSON))
+        data = parse_json_strict(path.read_text(encoding="utf-8"), CONNECTORS_JSON)
+        if isinstance(data, dict) and data.get("format_version") == 1:
+            raise ConnectorsError([f"{CONNECTORS_JSON}.format_version: 1 (trained before the encoder read the schema's "
+                                   "vocabulary and unstated features); fix: retrain these connectors "
+                                   "(train_jobs.connectors)"])
+        return ConnectorsSpec.model_validate(data)
     except ValidationError as e:
         lines = format_errors(e, root="")  # 'field.path: problem; fix: ...' (': ...' for the whole spec)
         raise ConnectorsError([CONNECTORS_JSON + (ln if ln.startswith(":") else "." + ln) for ln in lines]) from None
+    except ConnectorsError:
+        raise
     except ValueError as e:
         raise ConnectorsError([str(e)]) from None
 

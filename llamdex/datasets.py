@@ -1,14 +1,21 @@
 """The paper's four real datasets (titanic, wine, nursery, bank), mapped onto their public schemas.
 
-Real data is only ever used to train/evaluate the tenant's expert and to build test questions;
-the connectors never see it. Each loader renames raw columns to schema names, maps raw values
-to schema categories (e.g. titanic Pclass 1 -> "first", bank "unknown" -> missing), turns the
-target into class indices in ``target.classes`` order, and makes a stratified 80/20 split.
+Real data is only ever used to train/evaluate the tenant's expert and to build evaluation
+questions; the connectors never see it. Each loader renames raw columns to schema names, maps raw
+values to schema categories (e.g. titanic Pclass 1 -> "first", bank "unknown" -> missing), turns
+the target into class indices in ``target.classes`` order, and makes a stratified 80/20 split.
+
+**Three splits** (:func:`load_splits`): the 80 % training side is split again, stratified, into
+``fit`` (80 %) and ``validation`` (20 %). Every design choice, ablation and default is made on
+``validation`` rows with experts trained on ``fit`` only; the ``test`` rows are read by the final
+accuracy benchmark alone, with experts trained on the whole training side (``train`` = fit +
+validation), as the paper's experts are. :mod:`llamdex.evaluation` enforces who reads what.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +150,35 @@ def load_paper_dataset(name: str, root: str | Path, schema: TenantSchema | str |
     train, test = train_test_split(data, test_size=test_size, random_state=seed,
                                    stratify=data[schema.target.name])
     return schema, train.reset_index(drop=True), test.reset_index(drop=True)
+
+
+VALIDATION_SHARE = 0.2
+"""Share of the training side held out as the validation split (stratified, seeded)."""
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """A paper dataset's splits: ``fit`` + ``validation`` = ``train`` (the 80 % side); ``test`` (20 %)."""
+
+    name: str
+    schema: TenantSchema
+    fit: pd.DataFrame
+    validation: pd.DataFrame
+    train: pd.DataFrame
+    test: pd.DataFrame
+
+    def expert_rows(self, split: str) -> pd.DataFrame:
+        """The rows an expert evaluated on ``split`` is trained on: ``fit`` for validation, ``train`` for test."""
+        if split not in ("validation", "test"):
+            raise ValueError(f"split: {split!r}; fix: use 'validation' or 'test'")
+        return self.fit if split == "validation" else self.train
+
+
+def load_splits(name: str, root: str | Path, schema: TenantSchema | str | Path | None = None, seed: int = 42,
+                validation_share: float = VALIDATION_SHARE) -> DatasetSplits:
+    """:func:`load_paper_dataset`'s 80/20 split, with the training side split again into fit/validation
+    (stratified on the target, same seed); the test rows are exactly the 80/20 split's."""
+    schema, train, test = load_paper_dataset(name, root, schema, seed=seed)
+    fit, validation = train_test_split(train, test_size=validation_share, random_state=seed,
+                                       stratify=train[schema.target.name])
+    return DatasetSplits(name, schema, fit.reset_index(drop=True), validation.reset_index(drop=True), train, test)

@@ -12,10 +12,15 @@ training cache (robust to the few huge "massive activation" dimensions of small 
 bank's counts worse than predicting the mean. So each feature *points* at a token of the prompt
 and copies what is written there (:mod:`llamdex.literals`), like pointer-generator networks:
 
-* numeric  -> a number literal (digits or number words); its exact value, min-max scaled;
-* bool     -> a yes/no word; 1 or 0;
-* category -> a mention of one of the feature's categories, or a learned "not stated" option;
-  the one-hot of the mentioned category (all zeros if not stated).
+* numeric  -> a number literal (digits, number words, "no"/"none" = 0, "a"/"an" = 1) or a mention
+  of one of its special-value phrases ("never contacted before" = -1); the exact value, min-max scaled;
+* bool     -> a yes/no word, a negation, "no", or a mention of its true/false phrases or of its own
+  label (true unless negated: "they have a housing loan"); 1 or 0;
+* category -> a mention of one of its categories (name, synonym, ordinal/number form); its one-hot;
+
+and every feature may point at a learned **"not stated"** option instead: a category is then all
+zeros (missing), a numeric or bool feature gets the schema's ``default`` (``fill``), and the
+prediction reports the feature as not stated -- never a value made up from the hidden states.
 
 The pointer is trained on where the grammar wrote each value. Two inductive biases help it bind a
 value to the right label when the phrasing is new: ``conv_layers`` residual depthwise convolutions
@@ -23,7 +28,7 @@ give every token a window on *both* sides (a causal LM's state at "861" in "861 
 given for balance" cannot see the label that follows), and ``anchor`` lets each feature also find
 its own label (trained on where the label is written) and adds a learned bias by signed token
 distance from it. The regression/classification heads below are kept as an auxiliary loss and as
-the fallback when a prompt has no literal of the right kind.
+an ablation (``copy_literals=False``).
 
 Without copying, outputs come from the heads, in the codec's [0, 1] space (never raw units, which
 avoids the paper's clamp dead zone): numeric -> sigmoid; category -> softmax over its K columns
@@ -42,7 +47,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from llamdex.codec import FeatureCodec
-from llamdex.literals import KINDS, NUMBER, YES, LiteralBatch
+from llamdex.literals import KINDS, YES, LiteralBatch, candidates
+from llamdex.vocabulary import phrase_values, value_phrases
 
 FeatureKind = Literal["numeric", "category", "bool"]
 
@@ -53,7 +59,9 @@ class _Strict(BaseModel):
 
 class FeatureHead(_Strict):
     """One encoder output: the feature, its kind, how many codec columns it fills, and what copying
-    needs to know (the numeric range, the category names)."""
+    needs to know: the numeric range, the category names, the phrases of each value (categories,
+    bool false/true, numeric special values with ``phrase_values``) and the codec-space ``fill`` used
+    when the feature is not stated (numeric/bool: the schema's default)."""
 
     name: str
     kind: FeatureKind
@@ -61,6 +69,9 @@ class FeatureHead(_Strict):
     lo: float | None = None
     hi: float | None = None
     categories: list[str] | None = None
+    phrases: list[list[str]] = Field(default_factory=list)
+    phrase_values: list[float] = Field(default_factory=list)
+    fill: float = 0.0
 
 
 class EncoderConfig(_Strict):
@@ -94,9 +105,19 @@ class EncoderConfig(_Strict):
         return self
 
     @property
-    def category_lists(self) -> list[list[str]]:
-        """Category names of each category feature, in feature order (for :meth:`PromptLiterals.mentions`)."""
-        return [list(f.categories or []) for f in self.features if f.kind == "category"]
+    def vocabulary(self) -> tuple[tuple[tuple[str, ...], ...], ...]:
+        """Per feature, per value, its phrases (for :meth:`llamdex.literals.PromptLiterals.mentions`)."""
+        return tuple(tuple(tuple(p) for p in f.phrases) for f in self.features)
+
+
+def _fill(f) -> float:
+    """Codec-space value of a feature the question does not state: the schema default (numeric scaled
+    to [0, 1], bool 0/1), else the range's middle / false."""
+    if f.type == "bool":
+        return 1.0 if f.default is True else 0.0
+    if f.type in ("int", "float"):
+        return 0.5 if f.default is None else min(1.0, max(0.0, (float(f.default) - f.lo) / (f.hi - f.lo)))
+    return 0.0
 
 
 def feature_heads(codec: FeatureCodec) -> list[FeatureHead]:
@@ -104,7 +125,8 @@ def feature_heads(codec: FeatureCodec) -> list[FeatureHead]:
     kinds = {"int": "numeric", "float": "numeric", "category": "category", "bool": "bool"}
     return [FeatureHead(name=f.name, kind=kinds[f.type], width=codec.slices[f.name].stop - codec.slices[f.name].start,
                         lo=f.lo if f.range else None, hi=f.hi if f.range else None,
-                        categories=list(f.categories) if f.categories else None)
+                        categories=list(f.categories) if f.categories else None, phrases=value_phrases(f),
+                        phrase_values=phrase_values(f), fill=_fill(f))
             for f in codec.features]
 
 
@@ -189,10 +211,6 @@ class Encoder(nn.Module):
             self.pointer_query = nn.Linear(w, w)
             self.pointer_key = nn.Linear(w, w)
             self.not_stated = nn.Linear(w, 1)
-            kinds = [f.kind for f in cfg.features]
-            self.register_buffer("_numeric", torch.tensor([k == "numeric" for k in kinds]), persistent=False)
-            self.register_buffer("_bool", torch.tensor([k == "bool" for k in kinds]), persistent=False)
-            self.register_buffer("_category", torch.tensor([k == "category" for k in kinds]), persistent=False)
             if cfg.anchor:
                 self.anchor_query = nn.Linear(w, w)
                 self.anchor_key = nn.Linear(w, w)
@@ -252,13 +270,10 @@ class Encoder(nn.Module):
             anchor = torch.einsum("bfw,btw->bft", self.anchor_query(q), self.anchor_key(memory)) / scale
             raw.anchor_logits = anchor.masked_fill(~mask.bool()[:, None, :], -1e4)
             logits = logits + torch.softmax(raw.anchor_logits, -1) @ self._distance_kernel(mask.shape[1])
-        kinds = literals.kinds[:, None, :]
-        mentioned = torch.zeros_like(logits, dtype=torch.bool)
-        mentioned[:, self._category] = literals.mentions >= 0
-        candidates = ((self._numeric[None, :, None] & (kinds == NUMBER))
-                      | (self._bool[None, :, None] & (kinds >= YES)) | mentioned) & mask.bool()[:, None, :]
-        not_stated = self._category[None, :, None].expand(q.shape[0], -1, 1)
-        raw.candidates = torch.cat([candidates, not_stated], -1)
+        allowed = candidates(literals.kinds, literals.mentions, [f.kind for f in self.cfg.features])
+        allowed &= mask.bool()[:, None, :]
+        not_stated = torch.ones(q.shape[0], len(self.cfg.features), 1, dtype=torch.bool)
+        raw.candidates = torch.cat([allowed, not_stated], -1)
         raw.pointer_logits = torch.cat([logits, self.not_stated(q)], -1).masked_fill(~raw.candidates, -1e4)
         raw.literals = literals
 
@@ -272,58 +287,89 @@ class Encoder(nn.Module):
     def activate(self, raw: EncoderRaw) -> torch.Tensor:
         """Raw outputs -> (B, m) expert input. Heads: sigmoid numerics/bools, softmax categories
         ("not stated" dropped). Copying: the pointed token's value (scaled numeric; yes -> 1, no -> 0;
-        one-hot of the mentioned category, zeros for "not stated"); heads where nothing can be pointed at."""
+        a mention's value; one-hot of the mentioned category) or, for "not stated", the feature's fill
+        (categories: zeros)."""
         parts = [torch.softmax(r, dim=-1)[:, :-1] if f.kind == "category" else torch.sigmoid(r)
                  for f, r in zip(self.cfg.features, raw.heads, strict=True)]
         if raw.pointer_logits is None:
             return torch.cat(parts, dim=1)
         assert raw.candidates is not None and raw.literals is not None
-        width = raw.literals.kinds.shape[1]
+        lits = raw.literals
+        width = lits.kinds.shape[1]
         best = self._one_each(raw)  # (B, F) pointed token, or `width` for "not stated"
         token = best.clamp(max=width - 1)
-        c = 0
+        stated = best < width
         for i, f in enumerate(self.cfg.features):
             pick = token[:, i:i + 1]
+            which = lits.mentions[:, i].gather(1, pick)[:, 0]  # the mentioned value, or -1
             if f.kind == "numeric":
                 assert f.lo is not None and f.hi is not None
-                value = ((raw.literals.values.gather(1, pick) - f.lo) / (f.hi - f.lo)).clamp(0, 1)
+                said = lits.values.gather(1, pick)[:, 0]
+                if f.phrase_values:
+                    table = torch.tensor(f.phrase_values, dtype=said.dtype)
+                    said = torch.where(which >= 0, table[which.clamp(min=0)], said)
+                value = ((said - f.lo) / (f.hi - f.lo)).clamp(0, 1)[:, None]
             elif f.kind == "bool":
-                value = (raw.literals.kinds.gather(1, pick) == YES).double()
+                said = torch.where(which >= 0, which.double(), (lits.kinds.gather(1, pick)[:, 0] == YES).double())
+                value = said[:, None]
             else:
-                which = raw.literals.mentions[:, c].gather(1, pick)[:, 0]
-                value = F.one_hot(which.clamp(min=0), f.width).double() * (best[:, i] < width)[:, None]
-                c += 1
-            has = raw.candidates[:, i].any(-1, keepdim=True)
-            parts[i] = torch.where(has, value.to(parts[i].dtype), parts[i])
+                value = F.one_hot(which.clamp(min=0), f.width).double() * (stated[:, i] & (which >= 0))[:, None]
+            if f.kind != "category":
+                value = torch.where(stated[:, i:i + 1], value, torch.full_like(value, f.fill))
+            parts[i] = value.to(parts[i].dtype)
         return torch.cat(parts, dim=1)
 
+    def stated(self, raw: EncoderRaw) -> torch.Tensor:
+        """(B, F) bool: which features the question states (the pointer did not pick "not stated");
+        all True for encoders that do not copy."""
+        if raw.pointer_logits is None or raw.literals is None:
+            return torch.ones(raw.heads[0].shape[0], len(self.cfg.features), dtype=torch.bool)
+        return self._one_each(raw) < raw.literals.kinds.shape[1]
+
     def _one_each(self, raw: EncoderRaw) -> torch.Tensor:
-        """Each numeric/bool feature's pointed token, one feature per literal: (feature, literal) pairs are
-        taken greedily by probability (summed over the literal's tokens), so a feature confident about a
-        literal keeps it and a less confident feature that also wanted it falls back to its next choice.
-        Categories keep their argmax (their mentions are their own)."""
-        assert raw.pointer_logits is not None and raw.literals is not None
-        best = raw.pointer_logits.argmax(-1)
-        own = [i for i, f in enumerate(self.cfg.features) if f.kind != "category"]
-        if len(own) < 2:
+        """Each feature's choice (B, F): the first token of the literal or mention it reads, or ``T`` for
+        "not stated".
+
+        Probabilities are summed over the tokens of one literal ("thirty-six" is three tokens, and its
+        mass would otherwise be split three ways against the single "not stated" option). A feature is
+        stated when its candidates hold more than half of its mass, and reads the literal or mention
+        holding the most. One numeric/bool feature per literal: (feature, literal) pairs are taken
+        greedily by mass, so a feature confident about a literal keeps it and a less confident feature
+        that also wanted it falls back to its next choice; mentions of a feature's own values (two
+        features may both read "never contacted before") and categories are exempt."""
+        assert raw.pointer_logits is not None and raw.literals is not None and raw.candidates is not None
+        lits = raw.literals
+        b, f, t = raw.pointer_logits.shape[0], raw.pointer_logits.shape[1], lits.kinds.shape[1]
+        probs = torch.softmax(raw.pointer_logits.float(), -1)
+        stated = probs[..., t] < 0.5
+        # groups: runs of tokens with the same kind, value and (per feature) mention of the same value
+        kinds = lits.kinds[:, None, :].expand(b, f, t)
+        values = lits.values[:, None, :].expand(b, f, t)
+        change = torch.ones(b, f, t, dtype=torch.bool)
+        change[..., 1:] = ((kinds[..., 1:] != kinds[..., :-1]) | (values[..., 1:] != values[..., :-1])
+                           | (lits.mentions[..., 1:] != lits.mentions[..., :-1]))
+        pos = torch.arange(t).expand(b, f, t)
+        starts = torch.where(change, pos, torch.zeros_like(pos)).cummax(-1).values
+        mass = torch.zeros(b, f, t).scatter_add_(2, starts, probs[..., :t])
+        best = torch.where(stated, mass.argmax(-1), torch.full((b, f), t))
+        shared = [i for i, feat in enumerate(self.cfg.features) if feat.kind != "category"]
+        if len(shared) < 2:
             return best
-        kinds, values = raw.literals.kinds, raw.literals.values
-        width = kinds.shape[1]
-        pos = torch.arange(width).expand_as(kinds)
-        new = torch.ones_like(kinds, dtype=torch.bool)
-        new[:, 1:] = (kinds[:, 1:] != kinds[:, :-1]) | (values[:, 1:] != values[:, :-1])
-        starts = torch.where(new, pos, torch.zeros_like(pos)).cummax(1).values  # first token of each literal
-        probs = torch.softmax(raw.pointer_logits[:, own].float(), -1)[..., :width]
-        for b in range(kinds.shape[0]):
-            per_literal = torch.zeros(len(own), width).index_add_(1, starts[b], probs[b])
-            j, t = torch.nonzero(per_literal > 0.01, as_tuple=True)
-            order = per_literal[j, t].argsort(descending=True)
-            done: set[int] = set()
+        own = lits.mentions.gather(2, best.clamp(max=t - 1)[..., None])[..., 0] >= 0
+        literal = (lits.kinds != 0).float()[:, None, :]  # only kind literals are shared
+        for r in range(b):
+            keep = [j for j, i in enumerate(shared) if bool(stated[r, i]) and not bool(own[r, i])]
+            if len(keep) < 2:
+                continue
+            m = mass[r, shared] * literal[r]
+            j, tok = torch.nonzero(m > 0.01, as_tuple=True)
+            order = m[j, tok].argsort(descending=True)
+            done: set[int] = {x for x in range(len(shared)) if x not in keep}
             taken: set[int] = set()
             for k in order.tolist():
-                jj, tt = int(j[k]), int(t[k])
+                jj, tt = int(j[k]), int(tok[k])
                 if jj not in done and tt not in taken:
-                    best[b, own[jj]] = tt
+                    best[r, shared[jj]] = tt
                     done.add(jj)
                     taken.add(tt)
         return best

@@ -6,6 +6,12 @@
   :func:`llamdex.llm_ops.run_slots`), so it needs the prompt's keys/values at layers >= k:
   ``keys[i]`` / ``values[i]`` are (L - kv_from, kv_heads, T_i, head_dim) for the prompts asked for.
 
+* What follows the answer (fluent chat, stage 2's end-of-turn objective): for the same prompts,
+  ``answers[i]`` is (C, d): the input of layer k at the position right after the n slots when the
+  answer token of class c is written there. It does not depend on the connectors: below layer k the
+  slots hold the fixed ``placeholder``, so it is computed once here (prompt -> slots -> answer token,
+  each class in turn, up to layer k).
+
 Several layers can be captured in one pass (for a k sweep). Prompts are batched by length
 (little padding); batches that need no keys/values stop after the deepest captured layer.
 Storage is bfloat16 by default (half the memory; the rounding is far below the encoder's error).
@@ -40,6 +46,7 @@ class PromptCache:
     kv_from: int | None = None
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt index -> (L-kv_from, kvh, T, hd)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
+    answers: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt index -> (C, d) at layer kv_from
     seconds: float = 0.0
 
     def hidden_batch(self, layer: int, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,16 +94,18 @@ class PromptCache:
     def nbytes(self) -> int:
         """Memory held by the cache."""
         tensors = [t for seqs in self.hidden.values() for t in seqs if t is not None]
-        tensors += list(self.keys.values()) + list(self.values.values())
+        tensors += list(self.keys.values()) + list(self.values.values()) + list(self.answers.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @torch.no_grad()
 def build_cache(model, prompts: list[list[int]], layers: Sequence[int], pad_id: int, kv_from: int | None = None,
                 kv_rows: Sequence[int] = (), batch_size: int = 16, dtype: torch.dtype = torch.bfloat16,
-                progress: CacheProgress | None = None, deadline: float | None = None) -> PromptCache:
+                progress: CacheProgress | None = None, deadline: float | None = None,
+                answers: AnswerInputs | None = None) -> PromptCache:
     """Capture the inputs of decoder ``layers`` for every prompt, and keys/values of layers >= ``kv_from``
-    for the prompts in ``kv_rows``. The model is only read (no gradients, no state change).
+    for the prompts in ``kv_rows`` (with ``answers``: also each class's answer-token state after the
+    slots, see the module docstring). The model is only read (no gradients, no state change).
 
     ``kv_rows`` are cached first; once ``deadline`` (a ``time.perf_counter()`` value) passes, the
     remaining prompts are skipped (see :meth:`PromptCache.cached`)."""
@@ -120,12 +129,21 @@ def build_cache(model, prompts: list[list[int]], layers: Sequence[int], pad_id: 
                 break
             idx = order[b:b + batch_size]
             _run_batch(model, prompts, idx, layers, pad_id, cache, dtype, shared,
-                       with_kv=bool(kv_set) and idx[0] in kv_set)
+                       with_kv=bool(kv_set) and idx[0] in kv_set, answers=answers)
             done += len(idx)
             if progress is not None:
                 progress(done, len(prompts), time.perf_counter() - start)
     cache.seconds = time.perf_counter() - start
     return cache
+
+
+@dataclass(frozen=True)
+class AnswerInputs:
+    """What :func:`build_cache` needs to compute answer-token states: the slots' fixed input below
+    layer k (n, d) and the class answer token ids."""
+
+    placeholder: torch.Tensor
+    token_ids: list[int]
 
 
 @dataclass
@@ -137,9 +155,10 @@ class _Shared:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kvh, P, hd) keys, values
 
 
-def _forward(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, layers: list[int], past,
-             stop_early: bool):
-    """Decoder stack only (no LM head); captures the inputs of ``layers``; optionally stops after the last."""
+def _forward(model, ids: torch.Tensor | None, mask: torch.Tensor, pos: torch.Tensor, layers: list[int], past,
+             stop_early: bool, embeds: torch.Tensor | None = None):
+    """Decoder stack only (no LM head); captures the inputs of ``layers``; optionally stops after the last.
+    ``embeds`` replaces ``ids`` (input embeddings, e.g. the slots' placeholder)."""
     captured: dict[int, torch.Tensor] = {}
 
     def make_hook(k: int):
@@ -152,8 +171,8 @@ def _forward(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, la
     blocks = backbone(model).layers
     handles = [blocks[k].register_forward_pre_hook(make_hook(k), with_kwargs=True) for k in layers]
     try:
-        out = backbone(model)(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
-                              use_cache=past is not None or not stop_early)
+        out = backbone(model)(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                              past_key_values=past, use_cache=past is not None or not stop_early)
     except _Stop:
         out = None
     finally:
@@ -178,7 +197,8 @@ def _shared_prefix(model, prompts: list[list[int]], layers: list[int]) -> _Share
 
 
 def _run_batch(model, prompts: list[list[int]], idx: list[int], layers: list[int], pad_id: int,
-               cache: PromptCache, dtype: torch.dtype, shared: _Shared, with_kv: bool) -> None:
+               cache: PromptCache, dtype: torch.dtype, shared: _Shared, with_kv: bool,
+               answers: AnswerInputs | None = None) -> None:
     p = shared.length
     ids, mask, pos = left_pad([prompts[i][p:] for i in idx], pad_id)
     past = None
@@ -197,6 +217,34 @@ def _run_batch(model, prompts: list[list[int]], idx: list[int], layers: list[int
             kv_layers = out.past_key_values.layers[cache.kv_from:]
             cache.keys[i] = torch.stack([_strip(lay.keys, row, p, start) for lay in kv_layers]).to(dtype, copy=True)
             cache.values[i] = torch.stack([_strip(lay.values, row, p, start) for lay in kv_layers]).to(dtype, copy=True)
+    if with_kv and answers is not None and cache.kv_from is not None:
+        states = _answer_states(model, out.past_key_values, mask, pos[:, -1], answers, cache.kv_from)
+        for row, i in enumerate(idx):
+            cache.answers[i] = states[row].to(dtype, copy=True)
+
+
+def _answer_states(model, past, mask: torch.Tensor, last_pos: torch.Tensor, answers: AnswerInputs,
+                   layer: int) -> torch.Tensor:
+    """(B, C, d): the input of ``layer`` at the position after the slots, for each class's answer token
+    (prompt keys/values below ``layer`` from ``past``; the slots' placeholder; one class at a time)."""
+    embed = backbone(model).embed_tokens
+    b, n = mask.shape[0], answers.placeholder.shape[0]
+    if layer == 0:
+        return embed(torch.tensor(answers.token_ids)).detach()[None].expand(b, -1, -1)
+    below = [(lay.keys, lay.values) for lay in past.layers[:layer]]
+    slot_mask = torch.cat([mask, torch.ones(b, n, dtype=mask.dtype)], dim=1)
+    slot_pos = last_pos[:, None] + 1 + torch.arange(n)[None, :]
+    slots = answers.placeholder.to(embed.weight.dtype)[None].expand(b, -1, -1)
+    with_slots = DynamicCache(below)
+    _forward(model, None, slot_mask, slot_pos, [layer], with_slots, stop_early=True, embeds=slots)
+    after = [(lay.keys, lay.values) for lay in with_slots.layers[:layer]]
+    out = []
+    for token in answers.token_ids:
+        ids = torch.full((b, 1), token, dtype=torch.long)
+        captured, _ = _forward(model, ids, torch.cat([slot_mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1),
+                               slot_pos[:, -1:] + 1, [layer], DynamicCache(after), stop_early=True)
+        out.append(captured[layer][:, -1])
+    return torch.stack(out, dim=1)
 
 
 def _strip(t: torch.Tensor, row: int, p: int, start: int) -> torch.Tensor:

@@ -50,11 +50,12 @@ class Bundle:
 
     @torch.no_grad()
     def slots(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None,
-              literals: LiteralBatch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              literals: LiteralBatch | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt hidden states at layer k (B, T, d) + mask [+ the prompt's input embeddings]
-        [+ its literal channels] -> (slot vectors (B, n, d), features (B, m))."""
-        features = self.encoder.features(hidden, mask, embeds, literals)
-        return self.decoder(self.expert(features)), features
+        [+ its literal channels] -> (slot vectors (B, n, d), features (B, m), stated (B, F) bool)."""
+        raw = self.encoder(hidden, mask, embeds, literals)
+        features = self.encoder.activate(raw)
+        return self.decoder(self.expert(features)), features, self.encoder.stated(raw)
 
     def with_expert(self, expert: ExpertMLP, expert_spec: ExpertSpec | None = None) -> Bundle:
         """This bundle with another expert (the tenant's real/DP one replacing the synthetic one),
@@ -94,7 +95,8 @@ def _check(model, bundles: list[Bundle]) -> None:
 
 def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
              experts: Sequence[Bundle | None], use_cache: bool, tokenizer=None):
-    """One forward with slots appended/overwritten; returns (output, mask, positions, {row: features})."""
+    """One forward with slots appended/overwritten; returns (output, mask, positions, {row: features},
+    {row: which features the question stated})."""
     bundles = [b for b in experts if b is not None]
     _check(model, bundles)
     prompt_literals = None
@@ -121,6 +123,7 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
             mask[r, hi:] = 1
             positions[r, hi:] = position_ids[r, -1] + 1 + torch.arange(n)
     features: dict[int, torch.Tensor] = {}
+    stated: dict[int, torch.Tensor] = {}
 
     def overwrite(layer: int):
         def fn(h: torch.Tensor) -> torch.Tensor:
@@ -130,10 +133,11 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
                 cut = total - bundle.spec.num_slots
                 lits = None
                 if prompt_literals is not None and bundle.encoder.copies:  # real tokens end at column `cut`
-                    lits = layout([prompt_literals[r] for r in rows], bundle.encoder.cfg.category_lists, cut, left=True)
-                slots, feats = bundle.slots(h[rows, :cut], mask[rows, :cut], hidden[rows, :cut], lits)
+                    lits = layout([prompt_literals[r] for r in rows], bundle.encoder.cfg.vocabulary, cut, left=True)
+                slots, feats, said = bundle.slots(h[rows, :cut], mask[rows, :cut], hidden[rows, :cut], lits)
                 h[rows, cut:] = slots.to(h.dtype)
                 features.update(zip(rows, feats, strict=True))
+                stated.update(zip(rows, said, strict=True))
             return h
         return fn
 
@@ -142,7 +146,7 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
             stack.enter_context(overwrite_at_layer(model, layer, overwrite(layer)))
         out = model(inputs_embeds=hidden, attention_mask=mask, position_ids=positions, use_cache=use_cache,
                     logits_to_keep=1)
-    return out, mask, positions, features
+    return out, mask, positions, features, stated
 
 
 def prefill_with_experts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -157,7 +161,7 @@ def prefill_with_experts(model, input_ids: torch.Tensor, attention_mask: torch.T
     """
     if len(experts) != input_ids.shape[0]:
         raise ValueError(f"experts: {len(experts)} entries for {input_ids.shape[0]} rows; fix: one per row")
-    out, mask, positions, _ = _forward(model, input_ids, attention_mask, position_ids, experts, use_cache=True,
+    out, mask, positions, _, _ = _forward(model, input_ids, attention_mask, position_ids, experts, use_cache=True,
                                        tokenizer=tokenizer)
     return out.logits[:, -1, :], out.past_key_values, mask, positions
 
@@ -167,8 +171,10 @@ def predict_many(model, tokenizer, bundles: Sequence[Bundle], questions: Sequenc
     """Answer ``questions[i]`` with ``bundles[i]`` in ONE batched forward (bundles may differ per row).
 
     Per row: ``{"label", "probabilities" (softmax over the class tokens at the last slot),
-    "features" (what the encoder read, decoded by the codec), "encoded_features" (the same in codec
-    space, as fed to the expert), "expert_probabilities" (the expert on those features)}``. Rows are
+    "features" (what the encoder read, decoded by the codec; None for a feature the question does not
+    state), "stated" / "not_stated" (feature names: read from the question / not in it -- the expert
+    then got the schema's default, or 'missing' for a category), "encoded_features" (codec space, as
+    fed to the expert), "expert_probabilities" (the expert on those features)}``. Rows are
     left-padded; each row's prompt uses its own bundle's system prompt.
     """
     if len(bundles) != len(questions):
@@ -178,15 +184,18 @@ def predict_many(model, tokenizer, bundles: Sequence[Bundle], questions: Sequenc
     prompts = [chat_prompt_ids(tokenizer, b.spec.system_prompt, [q])[0] for b, q in zip(bundles, questions, strict=True)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask, pos = left_pad(prompts, pad)
-    out, _, _, feats = _forward(model, ids, mask, pos, list(bundles), use_cache=False, tokenizer=tokenizer)
+    out, _, _, feats, stated = _forward(model, ids, mask, pos, list(bundles), use_cache=False, tokenizer=tokenizer)
     results = []
     for r, bundle in enumerate(bundles):
         logits = out.logits[r, -1, bundle.spec.class_token_ids].float()
         names = bundle.spec.class_names
         expert_probs = predict_proba(bundle.expert, feats[r][None])[0].tolist()
+        read = bundle.codec.decode(feats[r][None].numpy())[0]
+        said = {f.name: bool(s) for f, s in zip(bundle.encoder.cfg.features, stated[r].tolist(), strict=True)}
         results.append({"label": names[int(logits.argmax())],
                         "probabilities": dict(zip(names, torch.softmax(logits, -1).tolist(), strict=True)),
-                        "features": bundle.codec.decode(feats[r][None].numpy())[0],
+                        "features": {k: (v if said[k] else None) for k, v in read.items()},
+                        "stated": [k for k in read if said[k]], "not_stated": [k for k in read if not said[k]],
                         "encoded_features": feats[r].tolist(),
                         "expert_probabilities": dict(zip(names, expert_probs, strict=True))})
     return results

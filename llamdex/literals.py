@@ -1,23 +1,31 @@
-"""Literals in a prompt -- numbers and yes/no words -- located on its tokens (the encoder's copy channel).
+"""Literals in a prompt -- numbers, yes/no words, the schema's own words -- located on its tokens.
 
 Why: the encoder reads layer-k hidden states, which tell *where* a feature's value is written
 ("the number after 'chlorides'") far better than *what* a multi-digit decimal is: a 135M model's
 state at the last digit of "0.045" does not hold the number exactly. Measured on the paper's
 datasets (docs/llamdex.md), an encoder that regresses values from hidden states reads wine's
-narrow-range decimals and bank's long-tailed counts worse than predicting the mean. So numeric
-and bool features are *copied*: the encoder points at a literal token (pointer attention over
-the hidden states) and takes that literal's exact value from the token text, like the copy
-mechanism of pointer-generator networks. The paper's encoder also sees the exact digits (it reads
-the logit-lens text of h_k with RoBERTa); here the digits come from the prompt's own tokens.
+narrow-range decimals and bank's long-tailed counts worse than predicting the mean. So features
+are *copied*: the encoder points at a literal token (pointer attention over the hidden states)
+and takes that literal's exact value from the token text, like the copy mechanism of
+pointer-generator networks.
 
-Per token of a prompt, :func:`token_literals` gives a *kind* (none, number, yes-word, no-word) and
-the value of the literal the token belongs to. Numbers are digits with an optional sign, decimals
-and thousands separators ("-1,234.5"), or English number words 0..999 ("forty-two", "two hundred
-and five", the forms :func:`llamdex.questions.number_words` writes). Yes-words: yes/true; no-words:
-no/false (case-insensitive, whole words). The system prompt's "Yes or No" is tagged too: the
-pointer learns to look past it. For category features, :meth:`PromptLiterals.mentions` marks the
-tokens of each mention of one of the feature's categories (as the grammar writes them, "_" as a
-space; whole words, case-insensitive, longest first), so categories are copied too.
+Per token of a prompt, :func:`token_literals` gives a *kind* and the value of the literal the token
+belongs to:
+
+* NUMBER: digits with sign, decimals, thousands separators (groups of three: "1,234" is one number,
+  "1,36" two, as in a CSV row), a currency symbol, a ``k``/"thousand"/"million" multiplier or an
+  ordinal suffix ("-1,234.5", "£7.25", "2k", "21st"); number words up to
+  999,999 ("twenty-two", "twenty two", "two thousand and five"), ordinal words ("third",
+  "twenty-first") and count words ("once", "twice", "a dozen");
+* YES: yes/true/yeah; NO: false/not/n't/never/without (negations: a bool's "false");
+* ZERO: "no"/"none"/"nil" -- a count of zero ("no siblings") *and* a bool's false ("loan: no");
+* ONE: "a"/"an" -- a count of one ("a parent").
+
+The system prompt's "Yes or No" is tagged too: the pointer learns to look past it. Besides kinds,
+:meth:`PromptLiterals.mentions` marks, per feature, the tokens of each mention of one of its values
+through the schema's vocabulary (:func:`llamdex.vocabulary.value_phrases`: a category's name,
+synonyms and ordinal/number forms; a bool's true/false phrases and labels; a numeric feature's
+special-value phrases; whole words, case-insensitive, longest first, "-" and " " alike).
 """
 
 from __future__ import annotations
@@ -25,39 +33,63 @@ from __future__ import annotations
 import re
 import weakref
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
-NONE, NUMBER, YES, NO = 0, 1, 2, 3
-KINDS = 4
+from llamdex.vocabulary import COUNT_WORDS, ONES, ORDINAL_ONES, ORDINAL_TENS, TENS
 
-_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-          "sixteen seventeen eighteen nineteen").split()
-_TENS = {w: 10 * i for i, w in enumerate("_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()) if i >= 2}
-_WORD_VALUE = {w: i for i, w in enumerate(_UNITS)} | _TENS
-_UNIT_RE = "|".join(sorted(_UNITS, key=len, reverse=True))
-_DIGIT_RE = "|".join(sorted(_UNITS[1:10], key=len, reverse=True))
-_TENS_RE = "|".join(_TENS)
-_UNDER_100 = rf"(?:(?:{_TENS_RE})(?:-(?:{_DIGIT_RE}))?|{_UNIT_RE})"
-_WORDS = rf"(?:(?:{_DIGIT_RE}) hundred(?: and {_UNDER_100})?|{_UNDER_100})"
+NONE, NUMBER, YES, NO, ZERO, ONE = 0, 1, 2, 3, 4, 5
+KINDS = 6
+
+_WORD_VALUE = {w: i for i, w in enumerate(ONES)} | {w: 10 * i for i, w in enumerate(TENS) if i >= 2}
+_ORD_VALUE = {w: i for i, w in enumerate(ORDINAL_ONES) if i} | {w: 10 * i for i, w in enumerate(ORDINAL_TENS) if i >= 2}
+
+
+def _alt(words) -> str:
+    return "|".join(sorted(words, key=len, reverse=True))
+
+
+_UNIT_RE, _DIGIT_RE, _TENS_RE = _alt(ONES), _alt(ONES[1:10]), _alt(TENS[2:])
+_UNDER_100 = rf"(?:(?:{_TENS_RE})(?:[- ](?:{_DIGIT_RE}))?|{_UNIT_RE})"
+_UNDER_1000 = rf"(?:(?:{_DIGIT_RE}|a) hundred(?: and {_UNDER_100}| {_UNDER_100})?|{_UNDER_100})"
+_WORDS = rf"(?:(?:{_UNDER_1000}|a) thousand(?:(?: and)? {_UNDER_1000})?|{_UNDER_1000})"
+_ORDINALS = rf"(?:(?:{_TENS_RE})-(?:{_alt(ORDINAL_ONES[1:10])})|{_alt(_ORD_VALUE)})"
 LITERAL = re.compile(
-    r"(?P<num>(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w]))"
-    rf"|(?P<words>\b{_WORDS}\b)"
-    r"|(?P<yes>\b(?:yes|true)\b)|(?P<no>\b(?:no|false)\b)",
+    r"(?P<num>(?<![\w.])(?P<sign>-|−|minus )?(?P<cur>[£$€¥] ?)?(?P<sign2>-)?"
+    r"(?P<digits>\d{1,3}(?:,\d{3})+|\d+)(?P<frac>\.\d+)?"
+    r"(?:(?P<kilo>k\b)|(?P<mult> (?:thousand|million)\b)|(?P<ord>st|nd|rd|th)\b)?(?!\d|\.\d))"
+    rf"|(?P<ordinal>\b{_ORDINALS}\b)"
+    rf"|(?P<words>\b(?:minus )?{_WORDS}\b)"
+    rf"|(?P<count>\b(?:a )?(?:{_alt(COUNT_WORDS)})\b)"
+    r"|(?P<yes>\b(?:yes|true|yeah|yep)\b)|(?P<no>\b(?:false|not|never|without|nope)\b|n't\b)"
+    r"|(?P<zero>\b(?:no|none|nil)\b)|(?P<one>\b(?:a|an)\b)",
     re.IGNORECASE)
 
 
 def words_value(text: str) -> int:
-    """Value of English number words 0..999 as :func:`llamdex.questions.number_words` writes them."""
-    total, text = 0, text.lower()
-    if " hundred" in text:
-        head, _, text = text.partition(" hundred")
-        total = 100 * _WORD_VALUE[head]
-        text = text.removeprefix(" and ").strip()
-    if text:
-        tens, _, ones = text.partition("-")
-        total += _WORD_VALUE[tens] + (_WORD_VALUE[ones] if ones else 0)
-    return total
+    """Value of English number words 0..999,999 ('forty-two', 'twenty two', 'a hundred and five',
+    'two thousand and five')."""
+    text = " ".join(text.lower().replace("-", " ").split())
+    total = 0
+    if " thousand" in text or text.startswith("thousand"):
+        head, _, text = text.partition("thousand")
+        total += 1000 * (words_value(head) if head.strip() not in ("", "a") else 1)
+        text = text.strip().removeprefix("and ").strip()
+    if "hundred" in text:
+        head, _, text = text.partition("hundred")
+        total += 100 * (_WORD_VALUE[head.strip()] if head.strip() not in ("", "a") else 1)
+        text = text.strip().removeprefix("and ").strip()
+    return total + sum(_WORD_VALUE[w] for w in text.split())
+
+
+def _number_value(m: re.Match) -> float:
+    value = float(m.group("digits").replace(",", "") + (m.group("frac") or ""))
+    if m.group("kilo"):
+        value *= 1000
+    elif m.group("mult"):
+        value *= 1_000_000 if "million" in m.group("mult").lower() else 1000
+    return -value if (m.group("sign") or m.group("sign2")) else value
 
 
 @dataclass(frozen=True)
@@ -71,17 +103,44 @@ class Literal:
 
 
 def find_literals(text: str) -> list[Literal]:
-    """Every number and yes/no literal in ``text``, left to right."""
+    """Every literal in ``text`` (see the module docstring), left to right."""
     out = []
     for m in LITERAL.finditer(text):
-        if m.group("num"):
-            out.append(Literal(m.start(), m.end(), NUMBER, float(m.group("num").replace(",", ""))))
-        elif m.group("words"):
-            out.append(Literal(m.start(), m.end(), NUMBER, float(words_value(m.group("words")))))
+        group = m.lastgroup if m.lastgroup in ("words", "ordinal", "count", "yes", "no", "zero", "one") else "num"
+        s, e = m.start(), m.end()
+        if group == "num":
+            out.append(Literal(s, e, NUMBER, _number_value(m)))
+        elif group == "words":
+            words = m.group("words")
+            sign = -1.0 if words.lower().startswith("minus ") else 1.0
+            out.append(Literal(s, e, NUMBER, sign * words_value(words.lower().removeprefix("minus "))))
+        elif group == "ordinal":
+            words = m.group("ordinal").lower()
+            tens, _, ones = words.rpartition("-")
+            out.append(Literal(s, e, NUMBER, float(_WORD_VALUE.get(tens, 0) + _ORD_VALUE[ones])))
+        elif group == "count":
+            out.append(Literal(s, e, NUMBER, float(COUNT_WORDS[m.group("count").lower().split()[-1]])))
         else:
-            yes = m.group("yes") is not None
-            out.append(Literal(m.start(), m.end(), YES if yes else NO, 1.0 if yes else 0.0))
+            kind = {"yes": YES, "no": NO, "zero": ZERO, "one": ONE}[group]
+            out.append(Literal(s, e, kind, {YES: 1.0, NO: 0.0, ZERO: 0.0, ONE: 1.0}[kind]))
     return out
+
+
+def _normal(text: str) -> str:
+    return " ".join(re.split(r"[-\s_]+", text.lower())).strip()
+
+
+@lru_cache(maxsize=512)
+def _matcher(phrases: tuple[tuple[str, ...], ...]) -> tuple[re.Pattern, dict[str, int]] | None:
+    """One regex over every phrase of a feature's values (longest first) + normalised phrase -> value."""
+    index: dict[str, int] = {}
+    for k, group in enumerate(phrases):
+        for p in group:
+            index.setdefault(_normal(p), k)
+    if not index:
+        return None
+    parts = [r"[-\s_]+".join(re.escape(w) for w in key.split(" ")) for key in sorted(index, key=len, reverse=True)]
+    return re.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", re.IGNORECASE), index
 
 
 _TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -107,15 +166,17 @@ class PromptLiterals:
     text: str
     offsets: list[int]
 
-    def mentions(self, categories: list[list[str]]) -> torch.Tensor:
-        """(len(categories), T) int64: per category feature, the index of the category whose mention
-        each token is part of, else -1."""
-        out = torch.full((len(categories), len(self.kinds)), -1, dtype=torch.long)
-        for j, names in enumerate(categories):
-            spelled = {n.replace("_", " ").lower(): k for k, n in enumerate(names)}
-            pattern = "|".join(re.escape(n) for n in sorted(spelled, key=len, reverse=True))
-            for m in re.finditer(rf"(?<!\w)(?:{pattern})(?!\w)", self.text, re.IGNORECASE):
-                out[j, self.tokens_in(m.start(), m.end())] = spelled[m.group(0).lower()]
+    def mentions(self, vocabulary: tuple[tuple[tuple[str, ...], ...], ...]) -> torch.Tensor:
+        """(len(vocabulary), T) int64: per feature, the index of the value whose phrase each token is
+        part of, else -1 (``vocabulary[j][k]``: the phrases of feature j's value k)."""
+        out = torch.full((len(vocabulary), len(self.kinds)), -1, dtype=torch.long)
+        for j, phrases in enumerate(vocabulary):
+            matcher = _matcher(phrases)
+            if matcher is None:
+                continue
+            pattern, index = matcher
+            for m in pattern.finditer(self.text):
+                out[j, self.tokens_in(m.start(), m.end())] = index[_normal(m.group(0))]
         return out
 
     def tokens_in(self, start: int, end: int, kind: int | None = None) -> list[int]:
@@ -148,46 +209,60 @@ def token_literals(tokenizer, ids: list[int]) -> PromptLiterals:
     return lits
 
 
+COPY_KINDS = {"numeric": (NUMBER, ZERO, ONE), "bool": (YES, NO, ZERO), "category": ()}
+"""The literal kinds each kind of feature may copy from (besides mentions of its own values)."""
+
+
+def candidates(kinds: torch.Tensor, mentions: torch.Tensor, feature_kinds: list[str]) -> torch.Tensor:
+    """(..., F, T) bool: the tokens each feature may point at -- literals of its kinds (:data:`COPY_KINDS`)
+    and mentions of its own values. ``kinds`` (..., T), ``mentions`` (..., F, T)."""
+    out = mentions >= 0
+    for j, kind in enumerate(feature_kinds):
+        for k in COPY_KINDS[kind]:
+            out[..., j, :] |= kinds == k
+    return out
+
+
 @dataclass(frozen=True)
 class LiteralBatch:
     """Literal channels of a batch laid out like the hidden states: kinds (B, T), values (B, T) and
-    category mentions (B, F_cat, T) for one schema's category features."""
+    per-feature value mentions (B, F, T) for one schema's vocabulary."""
 
     kinds: torch.Tensor
     values: torch.Tensor
     mentions: torch.Tensor
 
 
-def layout(items: list[PromptLiterals], categories: list[list[str]], width: int | None = None,
+def layout(items: list[PromptLiterals], vocabulary: tuple[tuple[tuple[str, ...], ...], ...], width: int | None = None,
            left: bool = False) -> LiteralBatch:
     """Stack prompts' literals into a batch of ``width`` columns, right-padded (as
     :meth:`PromptCache.hidden_batch`) or left-padded (as a serving batch); pads are kind NONE."""
     width = width or max(len(p.kinds) for p in items)
     kinds = torch.zeros(len(items), width, dtype=torch.long)
     values = torch.zeros(len(items), width, dtype=torch.float64)
-    mentions = torch.full((len(items), len(categories), width), -1, dtype=torch.long)
+    mentions = torch.full((len(items), len(vocabulary), width), -1, dtype=torch.long)
     for r, p in enumerate(items):
         cols = slice(width - len(p.kinds), width) if left else slice(0, len(p.kinds))
         kinds[r, cols], values[r, cols] = p.kinds, p.values
-        mentions[r, :, cols] = p.mentions(categories)
+        mentions[r, :, cols] = p.mentions(vocabulary)
     return LiteralBatch(kinds, values, mentions)
 
 
-def value_tokens(lits: PromptLiterals, question: str, spans: dict[str, tuple[int, int]],
-                 kinds: dict[str, tuple[int, ...] | None]) -> dict[str, list[int]]:
+def value_tokens(lits: PromptLiterals, question: str, spans: dict[str, list[tuple[int, int]]],
+                 allowed: dict[str, torch.Tensor | None]) -> dict[str, list[int]]:
     """Where each feature's value (or label) is written, as token positions of the prompt: ``spans``
-    are character spans in ``question`` (:class:`llamdex.questions.Question`), located inside the
-    prompt's text; ``kinds`` gives the literal kinds each feature may point at (NUMBER, or YES/NO;
-    None = any token, for labels)."""
+    are character spans in ``question`` (:meth:`llamdex.render.Question.all_spans`), located inside
+    the prompt's text; ``allowed[name]`` is a (T,) mask of the tokens the feature may point at
+    (:func:`candidates`), None = any token (for labels)."""
     base = lits.text.rfind(question)
     if base < 0:
         raise ValueError("question: not found verbatim in the decoded prompt; fix: use a chat template that "
                          "keeps the user message as written")
     out = {}
-    for name, allowed in kinds.items():
-        if name in spans:
-            s, e = spans[name]
-            out[name] = [t for t in lits.tokens_in(base + s, base + e) if allowed is None or int(lits.kinds[t]) in allowed]
+    for name, mask in allowed.items():
+        if spans.get(name):
+            tokens = {t for s, e in spans[name] for t in lits.tokens_in(base + s, base + e)}
+            out[name] = [t for t in sorted(tokens) if mask is None or bool(mask[t])]
     return out
 
 

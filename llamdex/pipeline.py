@@ -4,9 +4,10 @@
    *synthetic* expert trained on the train part without DP (``train_expert(epsilon=None)``; the
    tenant's real/DP expert is swapped in at serving, paper §2.3), plus coverage rows (values
    spread over each range, :mod:`llamdex.coverage`; labelled by the synthetic expert's argmax);
-   questions from the ``train`` phrasing family for training rows and from the disjoint
-   ``heldout`` family for evaluation rows, chat-templated with a one-word-answer system prompt
-   and the generation prompt.
+   questions from the training grammar (:mod:`llamdex.grammar`) for training rows and from the
+   disjoint validation family (:mod:`llamdex.family`) for evaluation rows, chat-templated with a
+   one-word-answer system prompt and the generation prompt. A question may leave features out
+   (or write them as unknown): the encoder's target for those is "not stated".
 2. :func:`cache_prompts`: one frozen-LLM pass (hidden states at layer(s) k; keys/values at layers
    >= k for the stage-2 and evaluation prompts).
 3. :func:`fit_layer`: stage 1 (encoder), stage 2 (decoder), evaluation on held-out phrasings, spec.
@@ -31,11 +32,13 @@ from llamdex.coverage import coverage_rows
 from llamdex.dp_training import train_expert
 from llamdex.encoder import Encoder, EncoderConfig, feature_heads
 from llamdex.expert import ExpertArch, ExpertMLP, ExpertSpec, predict_proba
-from llamdex.hidden_cache import PromptCache, build_cache
-from llamdex.literals import NO, NUMBER, YES, PromptLiterals, token_literals, value_tokens
+from llamdex.family import FamilyRenderer, family_file
+from llamdex.hidden_cache import AnswerInputs, PromptCache, build_cache
+from llamdex.literals import PromptLiterals, candidates, token_literals, value_tokens
 from llamdex.llm_ops import num_layers
-from llamdex.prompting import AnswerTokens, answer_tokens, chat_prompt_ids
-from llamdex.questions import Question, QuestionGenerator
+from llamdex.prompting import AnswerTokens, answer_tokens, chat_prompt_ids, end_of_turn_id
+from llamdex.questions import QuestionGenerator
+from llamdex.render import Question
 from llamdex.schema import TenantSchema, load_schema
 from llamdex.stages import (
     FitSettings,
@@ -106,6 +109,7 @@ class ConnectorsConfig:
     dec_batch: int = 16
     dec_objective: Literal["labels", "expert"] = "expert"  # "labels" (paper) or transmit the expert (stages.py)
     dec_random_share: float = 0.5  # "expert": share of each batch with random expert outputs
+    dec_end_weight: float = 0.1  # weight of "end the turn right after the answer token" (stages.train_decoder; 0 = off)
     weight_decay: float = 0.01
     warmup_frac: float = 0.05  # of all steps (paper: 500 steps of ~7,500)
     expert_epochs: int = 10  # synthetic expert (paper: AdamW, lr 1e-4, batch 64, 10 epochs)
@@ -126,8 +130,9 @@ class ConnectorData:
     answers: AnswerTokens
     questions: list[str]
     prompts: list[list[int]]
-    x: torch.Tensor  # (Q, m) codec-encoded true features of each prompt's row
+    x: torch.Tensor  # (Q, m) codec-encoded true features of each prompt's row (what the expert sees)
     y: torch.Tensor  # (Q,) synthetic labels
+    x_read: torch.Tensor  # (Q, m) what a perfect reader of each question outputs (unstated -> fill / missing)
     train_rows: list[int]
     stage2_rows: list[int]
     eval_rows: list[int]
@@ -136,6 +141,7 @@ class ConnectorData:
     literals: list[PromptLiterals]  # per prompt: literal kind/value of each token
     value_tokens: list[dict[str, list[int]]]  # per prompt: numeric/bool feature -> tokens of its written value
     label_tokens: list[dict[str, list[int]]]  # ... and of its written label
+    end_of_turn: int | None = None  # the token that ends the assistant's turn (stage 2: said after the answer)
 
     def extras(self, model) -> PromptExtras:
         """What the encoder reads besides hidden states (see :class:`llamdex.stages.PromptExtras`)."""
@@ -155,15 +161,35 @@ class TrainedConnectors:
 
 def locate_values(tokenizer, schema: TenantSchema, prompts: list[list[int]], questions: list[Question]
                   ) -> tuple[list[PromptLiterals], list[dict[str, list[int]]], list[dict[str, list[int]]]]:
-    """Per prompt: its literals, and the tokens where the grammar wrote each feature's value (of the
-    kind the encoder may copy it from) and label -- the copy pointer's training targets."""
-    kinds = {f.name: {"int": (NUMBER,), "float": (NUMBER,), "bool": (YES, NO), "category": None}[f.type]
-             for f in schema.features}
+    """Per prompt: its literals, and the tokens where the grammar wrote each stated feature's value
+    (those the encoder may copy it from: :func:`llamdex.literals.candidates`) and label -- the copy
+    pointer's training targets."""
+    heads = feature_heads(FeatureCodec(schema))
+    vocabulary = tuple(tuple(tuple(p) for p in h.phrases) for h in heads)
+    kinds = [h.kind for h in heads]
     literals = [token_literals(tokenizer, p) for p in prompts]
-    values_at = [value_tokens(lit, q.text, q.spans, kinds) for lit, q in zip(literals, questions, strict=True)]
-    labels_at = [value_tokens(lit, q.text, q.label_spans, dict.fromkeys(kinds))
-                 for lit, q in zip(literals, questions, strict=True)]
+    values_at, labels_at = [], []
+    for lit, q in zip(literals, questions, strict=True):
+        allowed = candidates(lit.kinds, lit.mentions(vocabulary), kinds)
+        spans = {h.name: q.all_spans(h.name) for h in heads if h.name in q.stated}
+        values_at.append(value_tokens(lit, q.text, spans, {h.name: allowed[j] for j, h in enumerate(heads)}))
+        labels_at.append(value_tokens(lit, q.text, {k: [v] for k, v in q.label_spans.items()},
+                                      dict.fromkeys(h.name for h in heads)))
     return literals, values_at, labels_at
+
+
+def read_targets(codec: FeatureCodec, df: pd.DataFrame, questions: list[Question]) -> np.ndarray:
+    """(N, m) what a perfect reader outputs for each question: the row's features where stated, the
+    schema default (numeric/bool; :func:`llamdex.encoder.feature_heads` fills) or 'missing'
+    (category) where the question does not state them."""
+    x = codec.encode(df)
+    fills = {h.name: h.fill for h in feature_heads(codec)}
+    for r, q in enumerate(questions):
+        for f in codec.features:
+            if f.name not in q.stated:
+                cols = codec.slices[f.name]
+                x[r, cols] = 0.0 if f.type == "category" else fills[f.name]
+    return x
 
 
 def prepare_data(tokenizer, schema: TenantSchema | dict | str, cfg: ConnectorsConfig,
@@ -198,30 +224,35 @@ def prepare_data(tokenizer, schema: TenantSchema | dict | str, cfg: ConnectorsCo
     y = np.concatenate([y, labels[syn_held], y_cov[cov_train:]])
     gen = QuestionGenerator(schema, seed=cfg.seed)
     composed = [gen.compose(r, "train") for r in train_df.to_dict(orient="records")]
-    composed += [gen.compose(r, "heldout") for r in held_df.to_dict(orient="records")]
+    renderer = FamilyRenderer(schema, family_file("validation"), seed=cfg.seed)
+    composed += [renderer.compose(r) for r in held_df.to_dict(orient="records")]
     questions = [c.text for c in composed]
+    x_read = read_targets(codec, pd.concat([train_df, held_df], ignore_index=True), composed)
     answers = answer_tokens(tokenizer, codec.class_names)
     prompts = chat_prompt_ids(tokenizer, answers.system_prompt, questions)
     literals, values_at, labels_at = locate_values(tokenizer, schema, prompts, composed)
     q = len(train_df)
     return ConnectorData(
         schema=schema, codec=codec, answers=answers, questions=questions, prompts=prompts,
-        x=torch.from_numpy(x), y=torch.from_numpy(y.astype(np.int64)),
+        x=torch.from_numpy(x), y=torch.from_numpy(y.astype(np.int64)), x_read=torch.from_numpy(x_read),
         train_rows=list(range(q)), stage2_rows=list(range(min(cfg.stage2_questions, q))),
         eval_rows=list(range(q, len(questions))), expert=expert, expert_spec=ExpertSpec.build(schema, arch, ledger),
-        literals=literals, value_tokens=values_at, label_tokens=labels_at)
+        literals=literals, value_tokens=values_at, label_tokens=labels_at, end_of_turn=end_of_turn_id(tokenizer))
 
 
 def cache_prompts(model, tokenizer, data: ConnectorData, layers: list[int], cfg: ConnectorsConfig,
                   progress: Progress | None = None, deadline: float | None = None) -> PromptCache:
     """One frozen pass: hidden states at ``layers`` for all prompts, keys/values from min(layers)
-    for the stage-2 and evaluation prompts (cached first; the deadline only skips training prompts)."""
+    for the stage-2 and evaluation prompts (cached first; the deadline only skips training prompts),
+    and for those, every class's answer-token state after the slots (what follows the answer)."""
     on_batch = None if progress is None else (
         lambda done, total, sec: progress(StageReport("cache", done, total, float("nan"), sec)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    placeholder = gaussian_placeholder(model.get_input_embeddings().weight, cfg.num_slots, cfg.seed)
+    answers = AnswerInputs(placeholder, data.answers.ids)  # also measured when not trained (dec_end_weight 0)
     return build_cache(model, data.prompts, layers, pad, kv_from=min(layers),
                        kv_rows=data.stage2_rows + data.eval_rows, batch_size=cfg.cache_batch,
-                       dtype=getattr(torch, cfg.cache_dtype), progress=on_batch, deadline=deadline)
+                       dtype=getattr(torch, cfg.cache_dtype), progress=on_batch, deadline=deadline, answers=answers)
 
 
 def residual_rms(cache: PromptCache, layer: int, rows: list[int]) -> float:
@@ -268,13 +299,13 @@ def fit_layer(model, data: ConnectorData, cache: PromptCache, cfg: ConnectorsCon
         enc_deadline = start + BUDGET_SHARES.encoder * budget_s
         dec_deadline = start + BUDGET_SHARES.decoder_end * budget_s
     enc_set = FitSettings(cfg.enc_epochs, cfg.enc_lr, cfg.enc_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
-    enc_losses = train_encoder(encoder, cache, layer, data.x, train_rows, enc_set, cfg.numeric_weight,
+    enc_losses = train_encoder(encoder, cache, layer, data.x_read, train_rows, enc_set, cfg.numeric_weight,
                                progress, enc_deadline, data.extras(model))
     t_enc = time.perf_counter()
     dec_set = FitSettings(cfg.dec_epochs, cfg.dec_lr, cfg.dec_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
     dec_losses = train_decoder(decoder, model, data.expert, cache, layer, data.x, data.y, data.stage2_rows,
                                data.answers.ids, dec_set, progress, dec_deadline, cfg.dec_objective,
-                               cfg.dec_random_share)
+                               cfg.dec_random_share, data.end_of_turn, cfg.dec_end_weight)
     t_dec = time.perf_counter()
     report = evaluate(model, data, cache, layer, encoder, decoder)
     report.config = asdict(cfg) | {"residual_rms": rms, "train_prompts": len(train_rows),
@@ -293,14 +324,14 @@ def evaluate(model, data: ConnectorData, cache: PromptCache, layer: int, encoder
     rows = data.eval_rows
     encoded = encoder_features(encoder, cache, layer, rows, extras=data.extras(model))
     true = data.x[rows]
-    fidelity = feature_fidelity(data.codec, encoded, true, data.x[data.train_rows])
+    fidelity = feature_fidelity(data.codec, encoded, data.x_read[rows], data.x[data.train_rows])
     args = (decoder, model, data.expert, cache, layer)
-    forced = decoder_accuracy(*args, true, data.y, rows, data.answers.ids)
+    forced = decoder_accuracy(*args, true, data.y, rows, data.answers.ids, end_of_turn=data.end_of_turn)
     e2e = decoder_accuracy(*args, encoded, data.y, rows, data.answers.ids)
     stage2 = {f"teacher_forced_{k}": v for k, v in forced.items()} | {f"end_to_end_{k}": v for k, v in e2e.items()}
     stage2["train_label_balance"] = float(np.mean(data.y[data.train_rows].numpy() == 1))
     return TrainingReport(fidelity=fidelity, stage2=stage2, notes=[
-        f"evaluated on {len(rows)} held-out rows (synthetic + coverage) phrased with the 'heldout' family; "
+        f"evaluated on {len(rows)} held-out rows (synthetic + coverage) phrased with the validation family; "
         "labels: synthetic labels, or the synthetic expert's argmax for coverage rows"])
 
 

@@ -78,3 +78,12 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     them): where greedy generation stops, in the Expert-API baseline and in serving alike."""
     ids = (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
     return {i for i in ids if isinstance(i, int) and i >= 0}
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the chat template closes an assistant turn with (ChatML ``<|im_end|>``, else EOS): what
+    stage 2 teaches the model to say right after its one-word answer."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end >= 0 and im_end != tokenizer.unk_token_id:
+        return im_end
+    return tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, int) else None

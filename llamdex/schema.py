@@ -4,6 +4,14 @@ A schema is everything the server may know about a tenant's data: feature names,
 ranges/categories, human descriptions (used to write questions) and the target. Synthetic
 rows, questions and the expert's input layout are all derived from it, never from data.
 
+**Vocabulary** (how users write about the table, used to write training questions and to find
+values in a question): a feature's ``description`` and ``aliases`` are what users call it;
+``synonyms`` are the words they use for its values (``"female": ["woman", "girl", "she"]``,
+``"true": ["has a mortgage"]``, ``"-1": ["never contacted before"]``); ``nouns`` are what one unit
+of a count is called (``["sibling", "siblings"]``, so "no siblings" and "one sibling" read as
+counts); ``unit_aliases`` other ways to write the unit; ``default`` the value the expert gets when a
+question does not state the feature; a class's ``synonyms`` the words for an answer.
+
 Validation is strict (unknown keys are refused, so typos fail loudly) and every problem is
 reported at once as ``<path>: <what is wrong>; fix: <what to do>``.
 """
@@ -17,7 +25,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from llamdex._validation import format_errors, parse_json_strict, rules_error
@@ -62,12 +78,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def spelled(text: str) -> str:
+    """How a value name or phrase is matched in text: lower case, '_' as a space, single spaces."""
+    return " ".join(text.replace("_", " ").lower().split())
+
+
 class FeatureSpec(_Strict):
     """One input column: its type decides whether ``range`` or ``categories`` is required.
 
     ``description`` and ``aliases`` should be short noun phrases without digits (questions use
     them as the feature's label); ``unit`` is appended to numbers; ``decimals`` is the precision
-    values are written with (floats only).
+    values are written with (floats only). See the module docstring for the vocabulary fields.
     """
 
     name: str
@@ -78,6 +99,10 @@ class FeatureSpec(_Strict):
     unit: str | None = None
     decimals: int | None = Field(default=None, ge=0, le=12)
     aliases: list[str] = Field(default_factory=list)
+    synonyms: dict[str, list[str]] = Field(default_factory=dict)
+    nouns: list[list[str]] = Field(default_factory=list)
+    unit_aliases: list[str] = Field(default_factory=list)
+    default: Annotated[float, Field(strict=True)] | bool | str | None = None
 
     @field_validator("name")
     @classmethod
@@ -103,10 +128,22 @@ class FeatureSpec(_Strict):
     def _check_categories(cls, v: list[str] | None) -> list[str] | None:
         return v if v is None else _strings_check(v, "categories", 2)
 
-    @field_validator("aliases")
+    @field_validator("aliases", "unit_aliases")
     @classmethod
-    def _check_aliases(cls, v: list[str]) -> list[str]:
-        return _strings_check(v, "aliases", 0)
+    def _check_aliases(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        return _strings_check(v, str(info.field_name).replace("_", " "), 0)
+
+    @field_validator("nouns")
+    @classmethod
+    def _check_nouns(cls, v: list[list[str]]) -> list[list[str]]:
+        problems = []
+        for i, pair in enumerate(v):
+            if len(pair) != 2 or any(not w.strip() or w != w.strip() or any(c.isdigit() for c in w) for w in pair):
+                problems.append((f"[{i}]", f"must be [singular, plural], two trimmed words without digits (got "
+                                           f"{pair!r}); fix: e.g. [\"sibling\", \"siblings\"]"))
+        if problems:
+            raise rules_error(problems)
+        return v
 
     @model_validator(mode="after")
     def _check_type_rules(self) -> FeatureSpec:
@@ -132,9 +169,83 @@ class FeatureSpec(_Strict):
                                            "fix: remove 'categories'"))
         if self.decimals is not None and t != "float":
             problems.append(("decimals", f"only allowed for type 'float' (got type {t!r}); fix: remove 'decimals'"))
+        if self.nouns and t != "int":
+            problems.append(("nouns", f"only allowed for type 'int' (counts; got type {t!r}); fix: remove 'nouns'"))
+        if self.unit_aliases and t not in ("int", "float"):
+            problems.append(("unit_aliases", f"not allowed for type {t!r}; fix: remove 'unit_aliases'"))
+        if self.unit_aliases and not self.unit:
+            problems.append(("unit_aliases", "needs 'unit' (aliases of what?); fix: add \"unit\" or remove "
+                                             "'unit_aliases'"))
+        problems += self._default_problems() + self._synonym_problems()
         if problems:
             raise rules_error(problems)
         return self
+
+    def value_keys(self) -> list[str]:
+        """What ``synonyms`` may be keyed by: the categories, 'false'/'true', or (numeric) any number."""
+        return list(self.categories or []) if self.type == "category" else ["false", "true"] if self.type == "bool" else []
+
+    def _default_problems(self) -> list[tuple[str, str]]:
+        d, t = self.default, self.type
+        if d is None:
+            return []
+        if t == "category":
+            return [("default", "not allowed for type 'category' (an unstated category is 'missing'); "
+                                "fix: remove 'default'")]
+        if t == "bool":
+            return [] if isinstance(d, bool) else [("default", f"must be true or false (got {d!r}); fix: write "
+                                                               "true or false")]
+        if isinstance(d, (bool, str)) or self.range is None:
+            return [] if self.range is None else [("default", f"must be a number (got {d!r}); fix: write a number")]
+        if not self.lo <= d <= self.hi or (t == "int" and d != int(d)):
+            return [("default", f"{d:g} is not a{' whole' if t == 'int' else ''} number in the range "
+                                f"{_fmt(self.range)}; fix: pick a value inside the range")]
+        return []
+
+    def _synonym_problems(self) -> list[tuple[str, str]]:
+        """Keys must be values of the feature; phrases trimmed, unique and never shared by two values."""
+        problems: list[tuple[str, str]] = []
+        keys = self.value_keys()
+        owner: dict[str, str] = {spelled(k): k for k in keys}
+        for key, words in self.synonyms.items():
+            where = f"synonyms.{key}"
+            if self.type in ("int", "float"):
+                try:
+                    number = float(key)
+                except ValueError:
+                    problems.append((where, f"{key!r} is not a number; fix: key numeric synonyms by the value, "
+                                            "e.g. \"-1\""))
+                    continue
+                if self.range is not None and not (self.lo <= number <= self.hi):
+                    problems.append((where, f"{key} is outside the range {_fmt(self.range)}; fix: use a value "
+                                            "inside the range"))
+            elif key not in keys:
+                problems.append((where, f"{key!r} is not a value of this feature; fix: use one of {keys}"))
+                continue
+            for i, w in enumerate(words):
+                if not isinstance(w, str) or not w.strip() or w != w.strip():
+                    problems.append((f"{where}[{i}]", f"must be a non-empty phrase without surrounding spaces "
+                                                      f"(got {w!r}); fix: trim or remove it"))
+                    continue
+                if self.type in ("int", "float") and not any(c.isalpha() for c in w):
+                    problems.append((f"{where}[{i}]", f"{w!r} has no letters (numbers are read as numbers); fix: "
+                                                      "remove it"))
+                    continue
+                other = owner.get(spelled(w))
+                if other is not None and other != key:
+                    problems.append((f"{where}[{i}]", f"{w!r} already means {other!r} for this feature; fix: a "
+                                                      "phrase may stand for one value only, remove one"))
+                elif other == key and spelled(w) != spelled(key):
+                    problems.append((f"{where}[{i}]", f"{w!r} is listed twice for {key!r}; fix: keep it once"))
+                owner.setdefault(spelled(w), key)
+        return problems
+
+    def phrases(self) -> dict[str, list[str]]:
+        """Every value key -> the phrases that write it (the value's own name first, then synonyms)."""
+        out = {k: [k.replace("_", " ")] if self.type == "category" else [] for k in self.value_keys()}
+        for key, words in self.synonyms.items():
+            out.setdefault(key, []).extend(words)
+        return out
 
     @property
     def lo(self) -> float:
@@ -150,10 +261,17 @@ class FeatureSpec(_Strict):
 
 
 class ClassSpec(_Strict):
-    """One target class; ``description`` is what the class means in words."""
+    """One target class; ``description`` is what the class means in words, ``synonyms`` other
+    words for the answer (e.g. 'survived' for 'yes')."""
 
     name: str
     description: str = ""
+    synonyms: list[str] = Field(default_factory=list)
+
+    @field_validator("synonyms")
+    @classmethod
+    def _check_synonyms(cls, v: list[str]) -> list[str]:
+        return _strings_check(v, "synonyms", 0)
 
 
 class TargetSpec(_Strict):
@@ -183,6 +301,16 @@ class TargetSpec(_Strict):
         except PydanticCustomError as e:
             assert e.context is not None
             raise rules_error([(p + ".name" if p else p, m) for p, m in e.context["problems"]]) from None
+        owner: dict[str, str] = {spelled(c.name): c.name for c in v}
+        problems = []
+        for i, c in enumerate(v):
+            for j, w in enumerate(c.synonyms):
+                other = owner.setdefault(spelled(w), c.name)
+                if other != c.name:
+                    problems.append((f"[{i}].synonyms[{j}]", f"{w!r} already means class {other!r}; fix: a word "
+                                                             "may stand for one class only, remove one"))
+        if problems:
+            raise rules_error(problems)
         return v
 
 

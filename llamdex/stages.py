@@ -140,7 +140,7 @@ def encoder_run(encoder: Encoder, cache: PromptCache, layer: int, idx: Sequence[
     if encoder.copies:
         if extras.literals is None:
             raise ValueError("literals: this encoder copies values; fix: pass the prompts' token_literals")
-        literals = layout([extras.literals[i] for i in idx], encoder.cfg.category_lists, h.shape[1])
+        literals = layout([extras.literals[i] for i in idx], encoder.cfg.vocabulary, h.shape[1])
     return encoder(h, mask, embeds, literals)
 
 
@@ -152,7 +152,7 @@ def train_encoder(encoder: Encoder, cache: PromptCache, layer: int, x: torch.Ten
     encoder.fit_input_stats([cache.hidden[layer][i] for i in rows[:512]])
     encoder.train()
     names = [f.name for f in encoder.cfg.features]
-    categories = frozenset(f.name for f in encoder.cfg.features if f.kind == "category")
+    every = frozenset(names)  # any feature a question leaves out is "not stated"
     if encoder.copies and extras.value_tokens is None:
         raise ValueError("extras.value_tokens: this encoder copies values; fix: pass where each value is written")
 
@@ -163,7 +163,7 @@ def train_encoder(encoder: Encoder, cache: PromptCache, layer: int, x: torch.Ten
         if encoder.copies:
             assert extras.value_tokens is not None and raw.pointer_logits is not None
             width = raw.pointer_logits.shape[-1] - 1
-            targets = target_mask([extras.value_tokens[i] for i in idx], names, width, categories)
+            targets = target_mask([extras.value_tokens[i] for i in idx], names, width, every)
             if raw.anchor_logits is not None and extras.label_tokens is not None:
                 anchors = target_mask([extras.label_tokens[i] for i in idx], names, width)[..., :-1]
         return encoder.loss(raw, x[idx], numeric_weight, targets, anchors)[0]
@@ -174,13 +174,19 @@ def train_encoder(encoder: Encoder, cache: PromptCache, layer: int, x: torch.Ten
 
 
 def slot_class_logits(model: nn.Module, cache: PromptCache, layer: int, slots: torch.Tensor, idx: Sequence[int],
-                      token_ids: list[int]) -> torch.Tensor:
-    """Class-token logits (B, C) at the last slot when ``slots`` (B, n, d) enter layer ``layer``."""
+                      token_ids: list[int], answer: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class-token logits (B, C) at the last slot when ``slots`` (B, n, d) enter layer ``layer``, and,
+    given ``answer`` (B, d: an answer token's layer-k input, :attr:`PromptCache.answers`), the full
+    next-token logits (B, V) after that answer token (what the model says once it has answered)."""
     dtype = next(model.parameters()).dtype
     prefix, mask, lengths = cache.prefix_batch(layer, idx, dtype)
-    positions = lengths[:, None] + torch.arange(slots.shape[1])[None, :]
-    hidden = run_slots(model, slots.to(dtype), layer, prefix, mask, positions)
-    return class_logits(model, hidden[:, -1], token_ids).float()
+    seq = slots.to(dtype) if answer is None else torch.cat([slots.to(dtype), answer.to(dtype)[:, None]], dim=1)
+    positions = lengths[:, None] + torch.arange(seq.shape[1])[None, :]
+    hidden = run_slots(model, seq, layer, prefix, mask, positions)
+    n = slots.shape[1]
+    after = None if answer is None else model.get_output_embeddings()(hidden[:, n]).float()
+    return class_logits(model, hidden[:, n - 1], token_ids).float(), after
 
 
 def random_expert_outputs(n: int, width: int, generator: torch.Generator) -> torch.Tensor:
@@ -206,7 +212,8 @@ def as_distribution(p: torch.Tensor) -> torch.Tensor:
 def train_decoder(decoder: Decoder, model: nn.Module, expert: nn.Module, cache: PromptCache, layer: int,
                   x: torch.Tensor, y: torch.Tensor, rows: Sequence[int], token_ids: list[int],
                   settings: FitSettings, progress: Progress | None = None, deadline: float | None = None,
-                  objective: str = "expert", random_share: float = 0.5) -> list[float]:
+                  objective: str = "expert", random_share: float = 0.5, end_of_turn: int | None = None,
+                  end_weight: float = 0.0) -> list[float]:
     """Stage 2 on prompts ``rows``: true features -> frozen expert -> decoder -> class tokens.
 
     ``objective="labels"`` is the paper's: cross-entropy against the synthetic labels.
@@ -215,9 +222,18 @@ def train_decoder(decoder: Decoder, model: nn.Module, expert: nn.Module, cache: 
     is replaced by a random one (:func:`random_expert_outputs`). The synthetic expert is confident on
     its synthetic rows, so label training only ever shows the decoder outputs near 0 and 1 and leaves
     its threshold anywhere in between; a tenant's real (or DP) expert is far less confident.
+
+    **What follows the answer** (``end_weight`` > 0): serving forces the class answer token after the
+    slots and lets the model continue; untrained, what follows is noise ("Yes, no, no, the
+    documentary"). So the decoder is also trained, with weight ``end_weight``, to make the model end
+    its turn (token ``end_of_turn``) right after the answer token of a random class (every class's
+    answer-token state is cached: :attr:`PromptCache.answers`).
     """
     if objective not in ("labels", "expert"):
         raise ValueError(f"objective: {objective!r}; fix: use 'labels' or 'expert'")
+    ending = end_weight > 0 and end_of_turn is not None
+    if ending and any(i not in cache.answers for i in rows):
+        raise ValueError("cache: answer-token states are missing; fix: build the cache with answers=AnswerInputs(...)")
     decoder.train()
     with torch.no_grad():
         p_all = expert(x[list(rows)]).float()  # the expert is frozen and sees ground truth: compute once
@@ -226,14 +242,22 @@ def train_decoder(decoder: Decoder, model: nn.Module, expert: nn.Module, cache: 
     def step(pos: list[int]) -> torch.Tensor:
         idx = [rows[p] for p in pos]
         p = p_all[pos]
+        answer = None
+        if ending:
+            pick = torch.randint(0, len(token_ids), (len(idx),), generator=gen)
+            answer = torch.stack([cache.answers[i][int(c)] for i, c in zip(idx, pick, strict=True)]).float()
         if objective == "labels":
-            logits = slot_class_logits(model, cache, layer, decoder(p), idx, token_ids)
-            return F.cross_entropy(logits, y[idx])
-        n_random = int(round(random_share * len(pos)))
-        if n_random:
-            p = torch.cat([random_expert_outputs(n_random, p.shape[1], gen), p[n_random:]])
-        logits = slot_class_logits(model, cache, layer, decoder(p), idx, token_ids)
-        return -(as_distribution(p) * F.log_softmax(logits, -1)).sum(-1).mean()
+            logits, after = slot_class_logits(model, cache, layer, decoder(p), idx, token_ids, answer)
+            loss = F.cross_entropy(logits, y[idx])
+        else:
+            n_random = int(round(random_share * len(pos)))
+            if n_random:
+                p = torch.cat([random_expert_outputs(n_random, p.shape[1], gen), p[n_random:]])
+            logits, after = slot_class_logits(model, cache, layer, decoder(p), idx, token_ids, answer)
+            loss = -(as_distribution(p) * F.log_softmax(logits, -1)).sum(-1).mean()
+        if after is not None:
+            loss = loss + end_weight * F.cross_entropy(after, torch.full((len(idx),), int(end_of_turn)))
+        return loss
 
     with frozen(model):
         losses = fit(list(decoder.parameters()), len(rows), settings, step, "decoder", progress, deadline)
@@ -278,16 +302,29 @@ def feature_fidelity(codec: FeatureCodec, predicted: torch.Tensor, true: torch.T
 @torch.no_grad()
 def decoder_accuracy(decoder: Decoder, model: nn.Module, expert: nn.Module, cache: PromptCache, layer: int,
                      x_in: torch.Tensor, y: torch.Tensor, rows: Sequence[int], token_ids: list[int],
-                     batch: int = 32) -> dict[str, float]:
+                     batch: int = 32, end_of_turn: int | None = None) -> dict[str, float]:
     """LLM answer (argmax over class tokens at the last slot) vs the synthetic labels ``y[rows]`` and vs
-    the expert's own argmax, with ``x_in`` (len(rows), m) fed to the expert (true or encoded features)."""
-    preds, expert_preds = [], []
+    the expert's own argmax, with ``x_in`` (len(rows), m) fed to the expert (true or encoded features);
+    with ``end_of_turn`` (and cached answer states), how often the model's next token after its own
+    answer ends the turn (``ends_turn_after_answer``)."""
+    preds, expert_preds, ends, end_p = [], [], [], []
     for b in range(0, len(rows), batch):
         idx = list(rows[b:b + batch])
         p = expert(x_in[b:b + batch]).float()
-        preds.append(slot_class_logits(model, cache, layer, decoder(p), idx, token_ids).argmax(-1))
+        slots = decoder(p)
+        logits, _ = slot_class_logits(model, cache, layer, slots, idx, token_ids)
+        preds.append(logits.argmax(-1))
         expert_preds.append((p[:, 0] > 0.5).long() if p.shape[1] == 1 else p.argmax(-1))
+        if end_of_turn is not None and all(i in cache.answers for i in idx):
+            answer = torch.stack([cache.answers[i][int(c)] for i, c in zip(idx, preds[-1], strict=True)]).float()
+            _, after = slot_class_logits(model, cache, layer, slots, idx, token_ids, answer)
+            ends.append(after.argmax(-1) == end_of_turn)
+            end_p.append(torch.softmax(after, -1)[:, end_of_turn])
     pred, e_pred, truth = torch.cat(preds), torch.cat(expert_preds), y[list(rows)]
-    return {"accuracy": float((pred == truth).float().mean()),
-            "expert_accuracy": float((e_pred == truth).float().mean()),
-            "agreement_with_expert": float((pred == e_pred).float().mean())}
+    out = {"accuracy": float((pred == truth).float().mean()),
+           "expert_accuracy": float((e_pred == truth).float().mean()),
+           "agreement_with_expert": float((pred == e_pred).float().mean())}
+    if ends:
+        out["ends_turn_after_answer"] = float(torch.cat(ends).float().mean())
+        out["end_of_turn_probability"] = float(torch.cat(end_p).mean())
+    return out

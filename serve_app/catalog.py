@@ -9,13 +9,17 @@ were trained for; its listing and its resolved target carry its version's DP led
 (``privacy``, read from expert.json by :func:`cluster.ledger.expert_ledger`); its multiplexed key ``<tenant>/<name>@e<expert version>.c<connectors version>``
 (:mod:`serve_app.experts`) changes whenever either artifact is re-published.
 
-* **which customization** — TF-IDF cosine similarity (scikit-learn) between the prompt and
-  each candidate's text: an adapter's description, an expert's schema description, feature
-  names/descriptions and target question. The best candidate wins if its similarity is at
-  least ``auto_min_similarity``; otherwise ``base``. The response reports every score.
-* **which pool** — a latency hint picks the lowest ``latency_tier`` among pools that can
-  serve the target, a cost hint the lowest ``cost_tier``; otherwise the customization's own
-  pool or the default pool.
+* **which customization** — :mod:`serve_app.routing`: each candidate is a profile of short
+  documents (an adapter's description and uploaded example prompts; an expert's description,
+  schema question, classes, features and questions composed from its schema), embedded by
+  all-MiniLM-L6-v2 (``routing.method``); the best mean similarity wins if it stands
+  ``routing.threshold`` standard deviations above that customization's similarity to general
+  requests, unless the tenant's feedback memory (``POST /v1/feedback``) has a prompt this alike;
+  otherwise ``base``. The response reports the scores and what matched.
+* **which pool** — :func:`serve_app.routing.pools.choose_pool`: ``latency``/``cost`` hints pick
+  by tier among pools that can serve the target, ``max_latency_ms`` the cheapest pool whose
+  recent p50 (measured by this router) fits, with a stated fallback; otherwise the
+  customization's own pool or the default pool.
 
 Listings are cached for ``catalog_ttl_s`` and invalidated when the router itself publishes. A
 request naming a model the cached listing lacks (or has without a pool yet) re-reads the
@@ -25,16 +29,31 @@ jobs straight into the registry are served within that bound instead of the TTL.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 from dataclasses import dataclass, field
 
+from cluster.artifacts import NAME_PATTERN
 from cluster.ledger import expert_ledger
+from cluster.logs import get_logger
 from cluster.models import ModelError, resolve_model
-from cluster.registry import SYSTEM_TENANT, NotFound, Principal, Registry
+from cluster.registry import SYSTEM_TENANT, TENANT_PATTERN, NotFound, Principal, Registry
 from serve_app.config import AppConfig, PoolConfig
 from serve_app.openai_api import OpenAIError, RoutingHints
+from serve_app.routing import (
+    BASE,
+    Profile,
+    adapter_profile,
+    build_recommender,
+    check_examples,
+    expert_profile,
+)
+from serve_app.routing.feedback import FeedbackStore
+from serve_app.routing.pools import PoolChoiceError, PoolLatency, choose_pool
+
+log = get_logger("catalog")
 
 
 @dataclass(frozen=True)
@@ -47,6 +66,7 @@ class Customization:
     pools: tuple[str, ...]
     description: str
     extra: dict = field(default_factory=dict)
+    profile: Profile | None = field(default=None, compare=False)  # what model="auto" compares prompts with
 
     @property
     def expert_key(self) -> str | None:
@@ -80,6 +100,35 @@ class Catalog:
         self._banks: tuple[float, dict[str, set[str]]] | None = None
         self._pool_hashes: dict[str, str | None] | None = None
         self._connectors_base: dict[tuple[str, str, int], dict] = {}  # versions are immutable: no expiry
+        self._profiles: dict[tuple, Profile] = {}  # (model id, versions): immutable too
+        r = config.routing
+        self.feedback = FeedbackStore(registry.store, r.memory_size, r.decision_ttl_s, config.catalog_ttl_s)
+        self.latency = PoolLatency(r.latency_window_s, min_samples=r.latency_min_samples)
+        self._recommender = None
+        self._recommender_ready = threading.Event()
+        threading.Thread(target=self._load_recommender, name="auto-recommender", daemon=True).start()
+
+    def _load_recommender(self) -> None:
+        """Load the embedder once, off the request path (the first auto request waits for it)."""
+        started = time.perf_counter()
+        try:
+            self._recommender = build_recommender(self.config.routing, self.config.auto_min_similarity)
+            log.info("catalog.recommender_ready", method=self._recommender.method,
+                     seconds=round(time.perf_counter() - started, 2))
+        except Exception as exc:  # e.g. the embedding wheel is missing: say so on every auto request
+            self._recommender_error = f"{type(exc).__name__}: {exc}"
+            log.error("catalog.recommender_failed", error=self._recommender_error)
+        finally:
+            self._recommender_ready.set()
+
+    def recommender(self):
+        """The loaded recommender (waits for the initial load); 503 if it could not be loaded."""
+        self._recommender_ready.wait()
+        if self._recommender is None:
+            raise OpenAIError(503, "model='auto' is unavailable: its recommender failed to load "
+                                   f"({getattr(self, '_recommender_error', 'unknown error')}); name a model, or fix "
+                                   "routing.method in the pools file", type_="unavailable")
+        return self._recommender
 
     def invalidate(self) -> None:
         with self._lock:
@@ -116,9 +165,11 @@ class Catalog:
         for m in self.registry.list_artifacts(tenant, "adapter"):
             model_id = f"{tenant}/{m.name}"
             pools = tuple(p for p, names in banks.items() if model_id in names)
-            found.append(Customization(model_id, tenant, m.name, "adapter", m.version, pools,
-                                       str(m.metadata.get("description", "")),
-                                       {"in_bank": bool(pools)}))
+            description = str(m.metadata.get("description", ""))
+            profile = self._profile((model_id, "adapter", m.version), functools.partial(
+                adapter_profile, model_id, description, _stored_examples(m.metadata)))
+            found.append(Customization(model_id, tenant, m.name, "adapter", m.version, pools, description,
+                                       {"in_bank": bool(pools)}, profile))
         for m in self.registry.list_artifacts(tenant, "connectors"):
             try:
                 expert = self.registry.resolve(tenant, "expert", m.name)
@@ -129,11 +180,26 @@ class Catalog:
             spec = json.loads(self.registry.read_file(expert, "expert.json"))
             extra = {"expert_version": expert.version, "connectors_version": m.version,
                      "base_model": base.get("id"), "privacy": expert_ledger(self.registry, expert, spec)}
+            text, schema, schema_version = _expert_text(self.registry, tenant, expert, spec)
+            profile = self._profile((f"{tenant}/{m.name}", "expert", expert.version, schema_version),
+                                    functools.partial(expert_profile, f"{tenant}/{m.name}",
+                                                      str(expert.metadata.get("description", "")), schema,
+                                                      self.config.routing.schema_questions))
             found.append(Customization(f"{tenant}/{m.name}", tenant, m.name, "expert", expert.version,
-                                       pools, _expert_text(self.registry, tenant, expert, spec), extra))
+                                       pools, text, extra, profile))
         with self._lock:
             self._cache[tenant] = (time.monotonic(), found)
         return found
+
+    def _profile(self, key: tuple, build) -> Profile:
+        """A customization version's profile, built once (versions are immutable)."""
+        with self._lock:
+            hit = self._profiles.get(key)
+        if hit is None:
+            hit = build()
+            with self._lock:
+                self._profiles[key] = hit
+        return hit
 
     def pool_model_hashes(self) -> dict[str, str | None]:
         """pool name -> content hash of its base model (None if it cannot be resolved here)."""
@@ -172,8 +238,8 @@ class Catalog:
     def resolve(self, principal: Principal, model: str, prompt: str, hints: RoutingHints | None) -> Target:
         """Map a request's ``model`` to a Target, enforcing tenant isolation."""
         if model == "base":
-            pool = self._pick_pool([p.name for p in self.config.pools], hints)
-            return Target("base", "base", principal.tenant, pool, routing=_hint_note(hints, pool))
+            pool, note = self._pick_pool([p.name for p in self.config.pools], hints)
+            return Target("base", "base", principal.tenant, pool, routing=note)
         if model == "auto":
             return self._auto(principal, prompt, hints)
         tenant, sep, name = model.partition("/")
@@ -191,10 +257,9 @@ class Catalog:
         return self._target(match, hints, reason=None)
 
     def _find(self, tenant: str, name: str, max_age_s: float | None = None) -> Customization | None:
-        try:
-            return next((c for c in self.customizations(tenant, max_age_s) if c.name == name), None)
-        except ValueError:  # not a valid tenant id
-            return None
+        if not TENANT_PATTERN.match(tenant) or not NAME_PATTERN.match(name):
+            return None  # not a tenant id / artifact name (e.g. '..'): nothing to look up in the store
+        return next((c for c in self.customizations(tenant, max_age_s) if c.name == name), None)
 
     def _target(self, c: Customization, hints: RoutingHints | None, reason: dict | None) -> Target:
         if not c.pools and c.kind == "expert":
@@ -207,82 +272,85 @@ class Catalog:
         if not c.pools:
             raise OpenAIError(503, f"{c.model_id} is uploaded but not in any pool's adapter bank yet; retry "
                                    "after the bank job (or the automatic projection) publishes", type_="unavailable")
-        pool = self._pick_pool(list(c.pools), hints)
+        pool, note = self._pick_pool(list(c.pools), hints)
         routing = dict(reason or {})
-        routing.update(_hint_note(hints, pool) or {})
+        routing.update(note or {})
         return Target(c.model_id, c.kind, c.tenant, pool, adapter=c.model_id if c.kind == "adapter" else None,
                       expert_key=c.expert_key, routing=routing or None,
                       expert_version=c.version if c.kind == "expert" else None, privacy=c.extra.get("privacy"))
 
-    def _pick_pool(self, candidates: list[str], hints: RoutingHints | None) -> str:
-        pools = [self.config.pool(n) for n in candidates]
-        if hints and hints.pool:
-            if hints.pool not in candidates:
-                raise OpenAIError(400, f"atelier.pool {hints.pool!r} cannot serve this model; choose one of "
-                                       f"{candidates}", param="atelier.pool")
-            return hints.pool
-        if hints and hints.latency == "low":
-            return min(pools, key=lambda p: (p.latency_tier, p.cost_tier)).name
-        if hints and hints.cost == "low":
-            return min(pools, key=lambda p: (p.cost_tier, p.latency_tier)).name
-        default = self.config.pool().name
-        return default if default in candidates else candidates[0]
+    def _pick_pool(self, candidates: list[str], hints: RoutingHints | None) -> tuple[str, dict | None]:
+        """(pool, explanation) for the pools that can serve the model (serve_app.routing.pools)."""
+        try:
+            return choose_pool([self.config.pool(n) for n in candidates], hints, self.config.pool().name, self.latency)
+        except PoolChoiceError as exc:
+            raise OpenAIError(400, str(exc), param="atelier.pool") from None
 
     def _auto(self, principal: Principal, prompt: str, hints: RoutingHints | None) -> Target:
-        candidates = [c for c in self.visible(principal) if c.pools and c.description.strip()]
-        scores = similarity_scores(prompt, [c.description for c in candidates])
-        ranked = sorted(zip(candidates, scores, strict=True), key=lambda cs: -cs[1])
-        table = [{"model": c.model_id, "kind": c.kind, "similarity": round(s, 4)} for c, s in ranked[:5]]
-        threshold = self.config.auto_min_similarity
-        if ranked and ranked[0][1] >= threshold:
-            best, score = ranked[0]
-            reason = {"auto": True, "chosen": best.model_id, "method": "tfidf-cosine(prompt, description)",
-                      "similarity": round(score, 4), "threshold": threshold, "candidates": table}
-            return self._target(best, hints, reason)
-        pool = self._pick_pool([p.name for p in self.config.pools], hints)
-        reason = {"auto": True, "chosen": "base", "method": "tfidf-cosine(prompt, description)",
-                  "why": "no customization reached the similarity threshold" if ranked else
-                         "the caller has no servable customization", "threshold": threshold, "candidates": table}
-        reason.update(_hint_note(hints, pool) or {})
+        candidates = [c for c in self.visible(principal) if c.pools and c.profile is not None and c.profile.documents]
+        recommender = self.recommender()
+        memory = self.feedback.memory(principal.tenant) if not principal.is_admin else []
+        rec = recommender.recommend(prompt, [c.profile for c in candidates], memory)
+        reason = rec.explain()
+        if rec.chosen != BASE:
+            return self._target(next(c for c in candidates if c.model_id == rec.chosen), hints, reason)
+        pool, note = self._pick_pool([p.name for p in self.config.pools], hints)
+        reason.update(note or {})
         return Target("base", "base", principal.tenant, pool, routing=reason)
 
 
-def similarity_scores(prompt: str, documents: list[str]) -> list[float]:
-    """TF-IDF cosine similarity of ``prompt`` to each document (0 when there are none)."""
-    if not documents:
-        return []
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.metrics.pairwise import cosine_similarity
+def apply_feedback(catalog: Catalog, principal: Principal, body) -> dict:
+    """``POST /v1/feedback``: add the tenant's verdict on one ``auto`` response to its memory."""
+    from serve_app.routing.feedback import Feedback, feedback_items
 
-    vec = TfidfVectorizer(stop_words="english", sublinear_tf=True, ngram_range=(1, 2))
-    try:
-        matrix = vec.fit_transform(documents + [prompt])
-    except ValueError:  # empty vocabulary (e.g. only stop words)
-        return [0.0] * len(documents)
-    return cosine_similarity(matrix[-1], matrix[:-1])[0].tolist()
+    if principal.is_admin or not principal.tenant:
+        raise OpenAIError(400, "feedback teaches one tenant's router; send it with that tenant's API key",
+                          param="authorization")
+    decision = catalog.feedback.decision(principal.tenant, body.id)
+    if decision is None:
+        raise OpenAIError(404, f"id: no model='auto' response {body.id!r} of tenant {principal.tenant!r} in the last "
+                               f"{catalog.config.routing.decision_ttl_s:g} s; feedback applies to responses whose "
+                               "atelier.routing.auto is true", param="id", code="response_not_found")
+    if body.right_model is not None and body.right_model != BASE:
+        known = {c.model_id for c in catalog.customizations(principal.tenant, catalog.config.catalog_miss_refresh_s)}
+        if body.right_model not in known:
+            raise OpenAIError(422, f"right_model: {body.right_model!r} is not one of your customizations; use 'base' "
+                                   f"or one of {sorted(known)}", param="right_model")
+    items = feedback_items(decision, body.right_model, body.rating)
+    if not items:
+        raise OpenAIError(422, "rating: a thumbs-down on a base answer does not say which customization was right; "
+                               "send right_model instead", param="rating")
+    size = 0
+    for label, vote in items:
+        size = catalog.feedback.add(Feedback(response_id=decision.id, tenant=principal.tenant, prompt=decision.prompt,
+                                             label=label, vote=vote, chosen=decision.chosen, key_id=principal.key_id))
+    return {"object": "feedback", "id": decision.id, "chosen": decision.chosen,
+            "recorded": [{"label": label, "vote": vote} for label, vote in items], "memory_size": size}
 
 
-def _hint_note(hints: RoutingHints | None, pool: str) -> dict | None:
-    if not hints or not (hints.latency or hints.cost or hints.pool):
-        return None
-    return {"pool": pool, "hints": hints.model_dump(exclude_none=True),
-            "pool_choice": "lowest latency_tier" if hints.latency == "low" else
-                           "lowest cost_tier" if hints.cost == "low" else "as requested"}
-
-
-def _expert_text(registry: Registry, tenant: str, expert_manifest, spec: dict) -> str:
-    """Text describing an expert for ``auto``: its schema's description, features and question."""
+def _expert_text(registry: Registry, tenant: str, expert_manifest, spec: dict) -> tuple[str, dict | None, int | None]:
+    """(listing text, schema document or None, its version): the expert's description, features and question."""
     schema_name = spec.get("schema_name") or expert_manifest.name
     parts = [str(expert_manifest.metadata.get("description", ""))]
+    schema, version = None, None
     try:
-        schema = json.loads(registry.read_file(registry.resolve(tenant, "schema", schema_name), "schema.json"))
+        manifest = registry.resolve(tenant, "schema", schema_name)
+        schema, version = json.loads(registry.read_file(manifest, "schema.json")), manifest.version
         parts.append(schema.get("description", ""))
         parts.append(schema.get("target", {}).get("question", ""))
         for f in schema.get("features", []):
             parts.append(f"{f.get('name', '').replace('_', ' ')} {f.get('description', '')}")
-    except NotFound:
+    except (NotFound, ValueError):
         pass
-    return " ".join(p for p in parts if p)
+    return " ".join(p for p in parts if p), schema, version
+
+
+def _stored_examples(metadata: dict) -> list[str]:
+    """An adapter's uploaded example prompts (validated at upload; anything else is ignored)."""
+    try:
+        return check_examples(metadata.get("examples"))
+    except ValueError:
+        return []
 
 
 def pools_by_name(config: AppConfig) -> dict[str, PoolConfig]:

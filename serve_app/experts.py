@@ -13,10 +13,11 @@ naming the field. A :class:`LoadedExpert` is what the LRU holds; eviction drops 
 **Generation** (chat/completions to an expert model): the row's prompt is exactly the prompt the
 connectors were trained on (:func:`llamdex.prompting.chat_prompt_ids`: the connectors' system
 prompt + the *last user message*; earlier turns and client system prompts are not used), the
-expert slots are appended and overwritten at layer k (:func:`llamdex.insertion.prefill_with_experts`),
-the first generated token is the class answer token with the highest probability at the last
-slot (the prediction, whatever the sampling settings), and decoding then continues freely from
-the slots with the KV cache. Base, adapter and expert rows share one batched prefill.
+expert slots are appended and overwritten at layer k, the first generated token is the class
+answer token with the highest probability at the last slot (the prediction, whatever the sampling
+settings), and decoding then continues freely from the slots with the KV cache. The engine does
+this through :class:`serve_app.modifiers.ExpertModifier`; base, adapter and expert rows share
+the running batch.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import torch
 from cluster.logs import get_logger
 from cluster.models import ResolvedModel
 from cluster.registry import NotFound, Registry
-from serve_app.engine import EngineError, GenerationRequest
+from serve_app.engine_api import EngineError
+from serve_app.wire import GenerationRequest
 
 log = get_logger("experts")
 
@@ -72,7 +74,7 @@ class ExpertKey:
 class LoadedExpert:
     """What the multiplexed LRU holds for one key. Serve calls ``__del__`` on eviction (and the
     garbage collector may call it again): it drops the bundle, so the weights are freed as soon
-    as no in-flight wave still uses them."""
+    as no running row still uses them."""
 
     def __init__(self, key: ExpertKey, bundle, seconds: float, on_evict: Callable[[str], None]):
         self.key, self.bundle, self.seconds = key, bundle, seconds
@@ -163,33 +165,12 @@ def class_answer(bundle, last_logits: torch.Tensor) -> tuple[dict[str, Any], int
              "probabilities": dict(zip(spec.class_names, probs, strict=True))}, spec.class_token_ids[best])
 
 
-def prefill_hook(model, rows, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
-                 tokenizer=None):
-    """The engine's prefill for waves holding expert rows: one forward for every row (base, adapter
-    or expert), expert rows' first token forced to their predicted class answer token. ``tokenizer``
-    parses the prompts' literals for connectors that copy them."""
-    from llamdex.insertion import prefill_with_experts
-
-    bundles = [row.expert for row in rows]
-    logits, cache, attention, positions = prefill_with_experts(model, input_ids, attention, positions, bundles,
-                                                               tokenizer)
-    logits = logits.clone()
-    for i, (row, bundle) in enumerate(zip(rows, bundles, strict=True)):
-        if bundle is None:
-            continue
-        prediction, token = class_answer(bundle, logits[i])
-        row.extra["prediction"] = {"expert": row.req.expert, **prediction}
-        logits[i] = float("-inf")
-        logits[i, token] = 0.0
-    return logits, cache, attention, positions
-
-
 # ---------------------------------------------------------------------------- batched prediction
 class PredictBatcher:
     """Collects concurrent predict calls (any experts) into one ``predict_many`` forward.
 
     Calls arriving within ``wait_s`` of the first (up to ``max_size``) form one batch, run on
-    the engine thread between generation waves (``submit``), so they never race a wave.
+    the engine thread between forwards (``submit``), so they never race a generation step.
     """
 
     def __init__(self, model, tokenizer, max_size: int, wait_s: float,

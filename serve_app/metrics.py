@@ -1,7 +1,7 @@
 """Custom metrics (Ray's Prometheus endpoint, prefix ``ray_``; reserved tags added by Serve).
 
 Router: requests / tokens / latency / errors per tenant and model. Replica: expert cache
-hits and misses, resident experts, bank version, wave (batch) sizes.
+hits and misses, resident experts, bank version, rows per decode step of the running batch.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class ReplicaMetrics:
                                       tag_keys=("pool",))
         self.bank_version = Gauge("atelier_bank_version", description="adapter bank version served",
                                   tag_keys=("pool",))
-        self.wave_rows = Histogram("atelier_wave_rows", description="rows per batched forward wave",
-                                   boundaries=[1, 2, 4, 8, 16, 32], tag_keys=("pool",))
+        self.batch_rows = Histogram("atelier_batch_rows", description="rows in each decode step of the running "
+                                    "batch", boundaries=[1, 2, 4, 8, 16, 32], tag_keys=("pool",))
 
     @property
     def tags(self) -> dict[str, str]:

@@ -38,6 +38,7 @@ class RoutingHints(BaseModel):
     latency: Literal["low", "normal"] | None = None
     cost: Literal["low", "normal"] | None = None
     pool: str | None = None
+    max_latency_ms: float | None = Field(None, gt=0, description="cheapest pool whose measured recent p50 fits")
 
 
 class ChatMessage(BaseModel):

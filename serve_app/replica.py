@@ -1,20 +1,22 @@
 """``LLMReplica``: one Serve deployment per model pool.
 
-Each replica hosts the pool's base LLM in a :class:`serve_app.engine.TorchEngine`, the pool's
-current adapter bank (every adapter of every tenant, applied per row inside one batched
+Each replica hosts the pool's base LLM in an engine (:mod:`serve_app.engine_api`: the torch
+engine, or vLLM), the pool's current adapter bank (every adapter of every tenant, applied per row inside one batched
 forward) and an LRU of Llamdex experts + connectors loaded through ``@serve.multiplexed`` keyed by
 ``tenant/name@e<expert version>.c<connectors version>`` (:mod:`serve_app.experts`), so Serve
-routes a tenant's expert traffic to replicas that already hold it. Expert rows join the same
-batched waves as base and adapter rows; ``predict`` batches expert predictions. New bank versions are picked up without restart: the router broadcasts
+routes a tenant's expert traffic to replicas that already hold it. The replica turns a request's
+adapter / expert into typed per-row modifiers (:mod:`serve_app.modifiers`) and checks them
+against the engine's capabilities; expert rows join the same running batch as base and adapter
+rows; ``predict`` batches expert predictions. Payloads both ways are the pydantic models of
+:mod:`serve_app.wire`. New bank versions are picked up without restart: the router broadcasts
 ``reload_bank`` after it publishes one, ``reconfigure({"bank_version": n})`` pins a version,
 and every replica also polls the registry every ``bank_poll_s`` seconds (for banks published by
-jobs). Swaps run on the engine thread between waves, so no request fails during a swap.
+jobs). Swaps run on the engine thread between steps, so no request fails during a swap.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +29,7 @@ from cluster.models import check_model_match, load_model, resolve_model
 from cluster.registry import SYSTEM_TENANT, Registry
 from cluster.settings import load_settings
 from serve_app.config import PoolConfig
-from serve_app.engine import EngineError, Event, GenerationRequest, TorchEngine
+from serve_app.engine_api import Engine, EngineError, check_supported
 from serve_app.experts import (
     ExpertKey,
     ExpertRegistry,
@@ -35,12 +37,35 @@ from serve_app.experts import (
     PredictBatcher,
     expert_prompt_ids,
     load_expert_bundle,
-    prefill_hook,
     question_of,
 )
 from serve_app.metrics import ReplicaMetrics
+from serve_app.modifiers import EXPERT, AdapterModifier, ExpertModifier, RowModifier
+from serve_app.wire import (
+    BankStatus,
+    GenerationEvent,
+    GenerationRequest,
+    GenerationResult,
+    PredictCall,
+    PredictReply,
+    PredictResult,
+    ReplicaError,
+    ReplicaStats,
+)
 
 log = get_logger("replica")
+
+
+def make_engine(pool: PoolConfig, model, settings, on_step=None) -> Engine:
+    """The engine a pool's config asks for, loaded with the pool's base model."""
+    if pool.engine == "vllm":
+        from serve_app.engine_vllm import VLLMEngine, vllm_options
+
+        return VLLMEngine(model.path, settings.home / "vllm-adapters" / pool.name, vllm_options(pool))
+    from serve_app.engine import TorchEngine
+
+    lm, tok = load_model(model, pool.dtype)
+    return TorchEngine(lm, tok, pool.torch_engine_config(), on_step=on_step)
 
 
 class LLMReplica:
@@ -52,37 +77,25 @@ class LLMReplica:
         self.settings = load_settings()
         started = time.perf_counter()
         self.model = resolve_model(self.pool.model, self.settings)
-        self.engine = self._make_engine()
         self.metrics = ReplicaMetrics(self.pool.name)
-        self.engine.on_wave = lambda rows: self.metrics.wave_rows.observe(rows, tags=self.metrics.tags)
+        self.engine: Engine = make_engine(self.pool, self.model, self.settings, on_step=self._observe_step)
         self.experts = ExpertRegistry()
         self.predictor: PredictBatcher | None = None
-        if isinstance(self.engine, TorchEngine):
-            self.engine.prefill_hook = functools.partial(prefill_hook, tokenizer=self.engine.tok)
-            self.engine.expert_prompt = expert_prompt_ids
-            self.predictor = PredictBatcher(self.engine.model, self.engine.tok, self.pool.max_batch_size,
-                                            self.pool.batch_wait_ms / 1000, self.engine.run_on_engine_thread)
+        if EXPERT in self.engine.capabilities.modifiers:
+            self.predictor = PredictBatcher(self.engine.model, self.engine.tokenizer,  # type: ignore[attr-defined]
+                                            self.pool.max_batch_size, self.pool.batch_wait_ms / 1000,
+                                            self.engine.run_between_steps)
         self.pinned_bank: int | None = None
         self._bank_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
         self._load_bank_sync(None)
         self.get_expert = serve.multiplexed(max_num_models_per_replica=self.pool.max_experts_per_replica)(
             self._expert_loader())
-        log.info("replica.ready", pool=self.pool.name, model=self.model.id, bank_version=self.engine.bank_version,
-                 seconds=round(time.perf_counter() - started, 2))
+        log.info("replica.ready", pool=self.pool.name, model=self.model.id, engine=self.engine.capabilities.name,
+                 bank_version=self.engine.bank_version, seconds=round(time.perf_counter() - started, 2))
 
-    def _make_engine(self):
-        if self.pool.engine == "vllm":
-            from serve_app.engine_vllm import VLLMEngine
-
-            return VLLMEngine(self.model.path, self.settings.home / "vllm-adapters" / self.pool.name,
-                              dtype=self.pool.dtype,
-                              max_lora_rank=self.pool.max_lora_rank,
-                              max_model_len=self.pool.max_prompt_tokens + self.pool.max_new_tokens,
-                              memory_fraction=self.pool.vllm_memory_fraction)
-        lm, tok = load_model(self.model, self.pool.dtype)
-        return TorchEngine(lm, tok, self.pool.max_batch_size, self.pool.batch_wait_ms,
-                           self.pool.max_prompt_tokens, self.pool.torch_threads)
+    def _observe_step(self, rows: int) -> None:
+        self.metrics.batch_rows.observe(rows, tags=self.metrics.tags)
 
     # ------------------------------------------------------------------ bank
     def _latest_bank_version(self) -> int | None:
@@ -107,21 +120,20 @@ class LLMReplica:
         log.info("replica.bank_loaded", pool=self.pool.name, version=version,
                  adapters=len(self.engine.adapter_names()))
 
-    async def reload_bank(self, version: int | None = None) -> dict:
+    async def reload_bank(self, version: int | None = None) -> BankStatus:
         """Load ``version`` (default: latest, unless pinned) if it differs from the current one."""
         async with self._bank_lock:
             target = version or self.pinned_bank or await asyncio.to_thread(self._latest_bank_version)
             if target is not None and target != self.engine.bank_version:
                 try:
                     bank = await asyncio.to_thread(self._read_bank, target)
+                    await self.engine.swap_bank(bank, target)
                 except Exception as exc:  # keep serving the old bank; say why
                     log.error("replica.bank_rejected", pool=self.pool.name, version=target, error=str(exc))
-                    return {"bank_version": self.engine.bank_version, "error": str(exc)}
-                await asyncio.wrap_future(self.engine.run_on_engine_thread(
-                    lambda: self.engine.set_bank(bank, target)))
+                    return BankStatus(bank_version=self.engine.bank_version, error=str(exc))
                 self.metrics.bank_version.set(target, tags=self.metrics.tags)
                 log.info("replica.bank_swapped", pool=self.pool.name, version=target, adapters=len(bank.adapters))
-        return {"bank_version": self.engine.bank_version}
+        return BankStatus(bank_version=self.engine.bank_version)
 
     async def reconfigure(self, user_config: dict) -> None:
         """Serve ``user_config``: ``{"bank_version": n}`` pins a bank version (None = follow latest)."""
@@ -170,8 +182,8 @@ class LLMReplica:
     async def _expert(self, expert_key: str):
         """The bundle for ``expert_key`` from the LRU (loading it on a miss); counts hits and misses."""
         if self.predictor is None:
-            raise EngineError(400, f"pool {self.pool.name!r} runs the {self.pool.engine} engine, which cannot run "
-                                   "Llamdex experts; send expert traffic to a torch pool")
+            raise EngineError(400, f"pool {self.pool.name!r} runs the {self.engine.capabilities.name} engine, which "
+                                   "cannot run Llamdex experts; send expert traffic to a torch pool")
         hit = expert_key in self.experts.resident
         entry = await self.get_expert(expert_key)
         bundle = entry.bundle
@@ -185,65 +197,70 @@ class LLMReplica:
         return bundle
 
     # ------------------------------------------------------------------ requests
-    async def generate_stream(self, req: dict) -> AsyncIterator[dict]:
-        """Stream events (dicts) for one request; the last has ``finish_reason`` or ``error``."""
-        self._ensure_poller()
-        request = GenerationRequest.model_validate(req)
-        try:
-            bundle = None
-            if request.expert:
-                question_of(request)  # refuse a request without a question before loading anything
-                bundle = await self._expert(request.expert)
-            if request.adapter and request.adapter not in self.engine.adapter_names():
+    async def _modifiers(self, request: GenerationRequest) -> list[RowModifier]:
+        """The per-row modifiers a request needs (checked against the engine's capabilities)."""
+        modifiers: list[RowModifier] = []
+        if request.expert:
+            question_of(request)  # refuse a request without a question before loading anything
+            modifiers.append(ExpertModifier(request.expert, await self._expert(request.expert)))
+        if request.adapter:
+            if request.adapter not in self.engine.adapter_names():
                 await self.reload_bank()  # published a moment ago? pick it up now
-            stream = self.engine.generate(request, bundle) if bundle is not None else self.engine.generate(request)
-            async for event in stream:
-                yield event.model_dump()
+            modifiers.append(AdapterModifier(request.adapter))
+        check_supported(self.engine.capabilities, modifiers)
+        return modifiers
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream the request's events; the last has ``finish_reason`` or ``error``."""
+        self._ensure_poller()
+        request = GenerationRequest.model_validate(request)
+        try:
+            modifiers = await self._modifiers(request)
+            async for event in self.engine.generate(request, modifiers):
+                yield event
         except EngineError as exc:
-            yield Event(error=str(exc), error_status=exc.status).model_dump()
+            yield GenerationEvent(error=ReplicaError(status=exc.status, message=str(exc)))
 
-    async def generate(self, req: dict) -> dict:
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Non-streaming: the whole text and the final event's fields."""
-        text, last = [], None
-        async for event in self.generate_stream(req):
-            text.append(event["text"])
-            last = event
-        return {**last, "text": "".join(text)}
+        return GenerationResult.collect([event async for event in self.generate_stream(request)])
 
-    async def predict(self, req: dict) -> dict:
+    async def predict(self, call: PredictCall) -> PredictReply:
         """One expert prediction (batched with concurrent ones): label, probabilities, features."""
         self._ensure_poller()
         try:
-            key = ExpertKey.parse(req.get("expert", ""))
-            question = str(req.get("question", ""))
-            if not question.strip():
+            call = PredictCall.model_validate(call)
+            key = ExpertKey.parse(call.expert)
+            if not call.question.strip():
                 raise EngineError(400, "question: must be a non-empty string")
             bundle = await self._expert(str(key))
             if self.predictor is None:
                 raise EngineError(400, "this pool cannot run experts")
-            n_tokens = len(expert_prompt_ids(self.engine.tok, bundle, GenerationRequest(
-                request_id="-", prompt=question)))
+            n_tokens = len(expert_prompt_ids(self.engine.tokenizer, bundle, GenerationRequest(
+                request_id="-", prompt=call.question)))
             if n_tokens > self.pool.max_prompt_tokens:
                 raise EngineError(400, f"question: {n_tokens} prompt tokens, more than this pool's limit of "
                                        f"{self.pool.max_prompt_tokens}; shorten it")
-            result = await self.predictor.predict(bundle, question)
+            result = await self.predictor.predict(bundle, call.question)
         except EngineError as exc:
-            return {"error": str(exc), "error_status": exc.status}
-        return {**result, "expert": str(key), "expert_version": key.expert_version,
-                "connectors_version": key.connectors_version, "layer": bundle.spec.layer,
-                "num_slots": bundle.spec.num_slots, "prompt_tokens": n_tokens}
+            return PredictReply(error=ReplicaError(status=exc.status, message=str(exc)))
+        return PredictReply(result=PredictResult(
+            label=result["label"], probabilities=result["probabilities"], features=result["features"],
+            stated=result.get("stated", []), not_stated=result.get("not_stated", []),
+            expert_probabilities=result["expert_probabilities"], expert_key=str(key),
+            expert_version=key.expert_version, connectors_version=key.connectors_version,
+            layer=bundle.spec.layer, num_slots=bundle.spec.num_slots, prompt_tokens=n_tokens,
+            batch_rows=result["batch_rows"]))
 
-    async def stats(self) -> dict:
+    async def stats(self) -> ReplicaStats:
         gc.collect()  # so 'experts_alive' counts only bundles something still references
         e = self.experts
-        return {"pool": self.pool.name, "model": self.model.id, "replica": serve.get_replica_context().replica_id.unique_id,
-                "bank_version": self.engine.bank_version,
-                "adapters": len(self.engine.adapter_names()), "waves": self.engine.waves,
-                "rows_served": self.engine.rows_served,
-                "experts_resident": sorted(e.resident), "experts_alive": e.alive(), "expert_loads": e.loads,
-                "expert_hits": e.hits, "expert_misses": e.misses, "expert_evictions": e.evictions,
-                "expert_last_load_s": e.last_load_s,
-                "predict_batches": self.predictor.batches if self.predictor else 0}
+        return ReplicaStats(
+            pool=self.pool.name, model=self.model.id, replica=serve.get_replica_context().replica_id.unique_id,
+            bank_version=self.engine.bank_version, adapters=len(self.engine.adapter_names()),
+            engine=self.engine.stats(), experts_resident=sorted(e.resident), experts_alive=e.alive(),
+            expert_loads=e.loads, expert_hits=e.hits, expert_misses=e.misses, expert_evictions=e.evictions,
+            expert_last_load_s=e.last_load_s, predict_batches=self.predictor.batches if self.predictor else 0)
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising restarts the replica."""

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.logs import get_logger
 from cluster.registry import Registry
 from serve_app import routes_experts, routes_manage, routes_openai
+from serve_app.body_limit import JsonBodyLimit
 from serve_app.catalog import Catalog
 from serve_app.config import AppConfig
 from serve_app.metrics import RouterMetrics
@@ -25,6 +26,7 @@ def create_api() -> FastAPI:
     """The HTTP surface (OpenAPI docs at /docs); state is attached by the Router deployment."""
     api = FastAPI(title="Atelier", version="0.1.0",
                   description="OpenAI-compatible serving of per-tenant LLM customizations")
+    api.add_middleware(JsonBodyLimit)
     api.include_router(routes_openai.api)
     api.include_router(routes_experts.api)
     api.include_router(routes_manage.api)
@@ -40,6 +42,11 @@ def create_api() -> FastAPI:
     @api.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # loc is ("body", <byte offset>)
+            at = next((p for p in first.get("loc", ()) if isinstance(p, int)), None)
+            message = (f"body: invalid JSON{'' if at is None else f' at byte {at}'} ({first.get('msg')}); "
+                       "fix: send one JSON object")
+            return JSONResponse(OpenAIError(422, message, param="body").body(), status_code=422)
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
                             for e in exc.errors()[:5])
@@ -48,7 +55,12 @@ def create_api() -> FastAPI:
     @api.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(OpenAIError(exc.status_code, str(exc.detail), type_=type_).body(),
+        detail, param = str(exc.detail), None
+        if exc.status_code == 413 or (exc.status_code == 400 and "parsing the body" in detail):
+            param = "body"  # e.g. a body nested too deep to parse, or over the JSON size limit
+            if exc.status_code == 400:
+                detail = "body: could not be parsed as JSON (too deeply nested or malformed); fix: send one flat JSON object"
+        return JSONResponse(OpenAIError(exc.status_code, detail, type_=type_, param=param).body(),
                             status_code=exc.status_code)
 
     @api.exception_handler(Exception)

@@ -3,8 +3,9 @@
 The question is answered exactly as in training (the connectors' system prompt + the question,
 slots appended, one forward): the label is the class answer token with the highest probability
 at the last slot. The response also carries what the encoder read from the question (decoded
-features), the tenant expert's own probabilities on those features, the versions used and the
-expert version's DP ledger (``privacy``).
+features), which features the question stated and which it did not (those get the schema's
+default, or 'missing' for a category: never a value made up by the model), the tenant expert's own
+probabilities on the features, the versions used and the expert version's DP ledger (``privacy``).
 Same keys, isolation and errors as the chat API; concurrent predictions are batched on the
 replica into one forward (even across experts).
 """
@@ -22,8 +23,10 @@ from ray.serve.exceptions import BackPressureError
 from cluster.registry import Principal
 from serve_app.auth import check_tenant_access, principal
 from serve_app.openai_api import OpenAIError, RoutingHints, new_id, now
+from serve_app.retry import call_with_retry
 from serve_app.routes_openai import record_success, replica_error
 from serve_app.state import RouterState, get_state
+from serve_app.wire import PredictCall, PredictReply, ReplicaError
 
 api = APIRouter()
 
@@ -56,6 +59,9 @@ class PredictResponse(BaseModel):
     label: str = Field(description="argmax class of the LLM's answer tokens at the last slot")
     probabilities: dict[str, float] = Field(description="softmax over the class answer tokens")
     features: dict[str, Any] = Field(description="what the encoder read from the question (None = not stated)")
+    stated: list[str] = Field(default_factory=list, description="features the question states (read from it)")
+    not_stated: list[str] = Field(default_factory=list, description="features the question does not state: the "
+                                  "expert got the schema's default (numeric/bool) or 'missing' (category)")
     expert_probabilities: dict[str, float] = Field(description="the tenant expert's output on those features")
     versions: ExpertVersions
     privacy: dict | None = Field(None, description="the DP ledger of this expert version (dp, epsilon, delta, "
@@ -78,18 +84,23 @@ async def predict(tenant: str, name: str, body: PredictRequest, who: Principal =
     tags = {"tenant": who.tenant or "admin", "model": model, "endpoint": "predict"}
     handle = state.pools[target.pool].options(multiplexed_model_id=target.expert_key)
     try:
-        result = await handle.predict.remote({"expert": target.expert_key, "question": body.question})
+        reply: PredictReply = await call_with_retry(
+            lambda: handle.predict.remote(PredictCall(expert=target.expert_key, question=body.question)),
+            f"pool {target.pool!r}")
     except BackPressureError:
         raise OpenAIError(503, f"pool {target.pool!r} is at capacity; retry shortly", type_="overloaded") from None
-    if result.get("error"):
-        raise replica_error(state, tags, result)
-    record_success(state, tags, {"prompt_tokens": result["prompt_tokens"]}, started, status=200)
+    if reply.error is not None or reply.result is None:
+        raise replica_error(state, tags, reply.error or ReplicaError(message="empty prediction"))
+    result = reply.result
+    record_success(state, tags, started, status=200, prompt_tokens=result.prompt_tokens)
     return PredictResponse(
-        id=new_id("pred"), created=now(), model=model, label=result["label"],
-        probabilities=result["probabilities"], features=result["features"],
-        expert_probabilities=result["expert_probabilities"],
-        versions=ExpertVersions(expert=result["expert_version"], connectors=result["connectors_version"],
-                                key=result["expert"]),
-        privacy=target.privacy if target.expert_key == result["expert"] else None, pool=target.pool, usage=PredictUsage(prompt_tokens=result["prompt_tokens"]),
-        atelier={"batch_rows": result["batch_rows"], "layer": result["layer"], "num_slots": result["num_slots"],
+        id=new_id("pred"), created=now(), model=model, label=result.label,
+        probabilities=result.probabilities, features=result.features,
+        stated=result.stated, not_stated=result.not_stated,
+        expert_probabilities=result.expert_probabilities,
+        versions=ExpertVersions(expert=result.expert_version, connectors=result.connectors_version,
+                                key=result.expert_key),
+        privacy=target.privacy if target.expert_key == result.expert_key else None,
+        pool=target.pool, usage=PredictUsage(prompt_tokens=result.prompt_tokens),
+        atelier={"batch_rows": result.batch_rows, "layer": result.layer, "num_slots": result.num_slots,
                  "routing": target.routing})

@@ -58,3 +58,23 @@ def test_recorded_commands_can_be_pasted_back():
 
     argv = ["--connectors", '{"time_budget_s": 600}', "--name", "a b"]
     assert shlex.split(command_line("bench.llamdex_accuracy", argv)) == ["python", "-m", "bench.llamdex_accuracy", *argv]
+
+
+def test_feature_targets_and_the_old_family_row():
+    """Reading targets per feature (category/bool >= 95 %, numeric MAE < half the mean's), and the old
+    held-out family's Llamdex row next to the main family's."""
+    good = _result("titanic", 0.8, 0.81, 0.5, 0.3)
+    good["fidelity"] = {"age": {"mae": 1.4, "mae_baseline": 3.0, "range": 100.0},
+                        "sex": {"accuracy": 0.95, "accuracy_baseline": 0.6}}
+    bad = _result("nursery", 0.8, 0.81, 0.5, 0.3)
+    bad["fidelity"] = {"age": {"mae": 1.6, "mae_baseline": 3.0, "range": 100.0},
+                       "sex": {"accuracy": 0.94, "accuracy_baseline": 0.6}}
+    good["other_families"] = {"heldout": {"accuracy": 0.7, "fidelity": good["fidelity"]}}
+    lines = bench.feature_verdicts([good, bad])
+    assert lines[0].endswith(": met") and "MISSED: age MAE 1.6 (half the mean's: 1.5), sex 94.0 %" in lines[1]
+    rows = bench.table([good, bad])
+    old = next(r for r in rows if r["method"] == bench.OLD_FAMILY_ROW)
+    assert old == {"method": bench.OLD_FAMILY_ROW, "titanic": "70.0", "nursery": ""}
+    assert [r["method"] for r in rows].index(bench.OLD_FAMILY_ROW) == 1 + [r["method"] for r in rows].index(
+        "Llamdex, non-DP expert")
+    assert "| titanic | age | MAE 1.4 | MAE 1.4 |" in "\n".join(bench.fidelity_table([good]))

@@ -44,6 +44,27 @@ def test_families_share_question_space_and_answer_vocabulary():
     assert len({tuple(sorted(t.facts.items())) for t in same}) == len(same)
 
 
+def _four_grams(template: str) -> set[tuple[str, ...]]:
+    import re
+
+    words = re.findall(r"[a-z{}]+", template.lower())
+    return {tuple(words[i:i + 4]) for i in range(len(words) - 3)}
+
+
+def test_train_validation_and_test_phrasings_share_no_four_word_phrase():
+    for fam in lt.FAMILIES:
+        by_split: dict[str, set] = {"train": set(), "val": set(), "test": set()}
+        for i, tpl in enumerate(fam.templates):
+            by_split[lt.template_split(i)] |= _four_grams(tpl)
+        assert sum(lt.template_split(i) == "test" for i in range(len(fam.templates))) >= 3, fam.name
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            assert not by_split[a] & by_split[b], (fam.name, a, b, by_split[a] & by_split[b])
+    task = lt.make_task(5)
+    assert {ex.split for ex in task.train} == {"train"}
+    assert {ex.split for ex in task.eval} == {"train", "val", "test"}
+    assert all(ex.heldout == (ex.split != "train") for ex in task.eval)
+
+
 @pytest.mark.realmodel
 def test_smollm2_answers_are_single_distinct_tokens(smollm2):
     from transformers import AutoTokenizer

@@ -132,8 +132,8 @@ def test_mixed_adapters_in_one_batch(app, uploaded, tmp_path):
     after = serve.get_deployment_handle("pool-small", "atelier").stats.remote().result()
     refs = {m: greedy_with_peft(app["model"].path, exported(app, m, tmp_path), HI, 5) for m in set(models)}
     assert answers == [refs[m] for m in models]
-    assert after["rows_served"] - before["rows_served"] == len(models)
-    assert after["waves"] - before["waves"] < len(models), "requests were not batched"
+    assert after.engine.rows_served - before.engine.rows_served == len(models)
+    assert after.engine.batched_steps > before.engine.batched_steps, "requests were not batched"
 
 
 def test_streaming_chat_and_completions(app, uploaded):
@@ -171,6 +171,72 @@ def test_auto_routes_by_description_and_hints(app, uploaded):
         cheap = auto("Compute the integral of x squared.", {"cost": "low"})
         assert fast["atelier"]["pool"] == "small" and cheap["atelier"]["pool"] == "large"
         assert "latency_tier" in fast["atelier"]["routing"]["pool_choice"]
+
+
+def test_auto_learns_from_feedback_and_uses_uploaded_examples(app, uploaded):
+    """POST /v1/feedback on an auto response changes the tenant's routing (only its own);
+    example prompts uploaded with an adapter are routed by."""
+    acme, globex = {"Authorization": f"Bearer {app['acme']}"}, {"Authorization": f"Bearer {app['globex']}"}
+    history = "Tell me about the history of pirate ships."
+    with http() as c:
+        def auto(content: str, headers: dict) -> dict:
+            r = c.post("/v1/chat/completions", headers=headers, json={
+                "model": "auto", "max_tokens": 2, "messages": [{"role": "user", "content": content}]})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        first = auto(history, acme)
+        assert first["model"] == "acme/pirate"  # a history question is not pirate talk: tell the router
+        r = c.post("/v1/feedback", headers=globex, json={"id": first["id"], "right_model": "base"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "id"  # another tenant's response
+        r = c.post("/v1/feedback", headers=acme, json={"id": first["id"], "right_model": "acme/nope"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "right_model"
+        assert c.post("/v1/feedback", headers=acme, json={"id": first["id"]}).status_code == 422
+        r = c.post("/v1/feedback", headers=acme, json={"id": first["id"], "right_model": "base"})
+        assert r.status_code == 200, r.text
+        assert r.json()["recorded"] == [{"label": "base", "vote": 1}, {"label": "acme/pirate", "vote": -1}]
+        again = auto(history, acme)
+        assert again["model"] == "base" and "feedback_prompt" in again["atelier"]["routing"]["matched"]
+        assert auto("Will the pirate ships find treasure at sea?", acme)["model"] == "acme/pirate"
+
+        bad = c.post("/v1/tenants/acme/adapters/sqlhelp", headers=acme, data={"examples": "[1, 2]"},
+                     files={"files": ("adapter_config.json", b"{}", "application/json")})
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "examples"
+        files = [("files", (f.name, f.read_bytes(), "application/octet-stream"))
+                 for f in sorted(app["adapters"]["weather"].iterdir()) if f.suffix in (".json", ".safetensors")]
+        r = c.post("/v1/tenants/acme/adapters/sqlhelp", headers=acme, files=files, data={
+            "description": "SQL helper", "examples": ["Join the orders and customers tables.",
+                                                      "Why does my GROUP BY query fail?"]})
+        assert r.status_code == 201, r.text
+        listing = {m["name"]: m for m in c.get("/v1/tenants/acme/artifacts", headers=acme).json()["data"]}
+        assert listing["sqlhelp"]["metadata"]["examples"][1] == "Why does my GROUP BY query fail?"
+        sql = wait_for(lambda: (lambda b: b if b["model"] == "acme/sqlhelp" else None)(
+            auto("Write a query that counts orders per customer", acme)), timeout_s=20)
+        assert sql["atelier"]["routing"]["matched"]["source"] in ("example", "description")
+
+
+def test_latency_budget_picks_the_cheapest_pool_that_fits(app):
+    """max_latency_ms: the cheapest pool whose p50 (as this router measured it) fits, else a stated fallback."""
+    client = oa(app["globex"])
+    for pool in ("small", "large") * 3:  # give both pools a measured recent p50
+        client.chat.completions.create(model="base", messages=HI, max_tokens=2, extra_body={"atelier": {"pool": pool}})
+    with http() as c:
+        def base(hints: dict) -> dict:
+            r = c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {app['globex']}"},
+                       json={"model": "auto", "messages": HI, "max_tokens": 2, "atelier": hints})
+            assert r.status_code == 200, r.text
+            return r.json()["atelier"]
+
+        roomy = base({"max_latency_ms": 600000})
+        assert roomy["pool"] == "large" and "cheapest pool whose recent p50 fits" in roomy["routing"]["pool_choice"]
+        assert all(p["samples"] >= 3 and p["p50_ms"] > 0 for p in roomy["routing"]["pools"].values())
+        tight = base({"max_latency_ms": 0.01})
+        assert tight["routing"]["budget_met"] is False and "fallback" in tight["routing"]["pool_choice"]
+        fastest = min(tight["routing"]["pools"], key=lambda n: tight["routing"]["pools"][n]["p50_ms"])
+        assert tight["pool"] == fastest
+        r = c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {app['globex']}"},
+                   json={"model": "base", "messages": HI, "atelier": {"max_latency_ms": -1}})
+        assert r.status_code == 422 and "max_latency_ms" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("headers, body, status, fragment", [
@@ -248,7 +314,7 @@ def test_new_bank_reaches_replicas_without_failures(app, uploaded):
             assert r.status_code == 201, r.text
             version = r.json()["banks"][0]["bank_version"]
         handle = serve.get_deployment_handle("pool-small", "atelier")
-        wait_for(lambda: handle.stats.remote().result()["bank_version"] == version, timeout_s=20)
+        wait_for(lambda: handle.stats.remote().result().bank_version == version, timeout_s=20)
         answer = client.chat.completions.create(model="acme/late", messages=HI, max_tokens=4, temperature=0)
         stop.set_result(True)
         for w in workers:

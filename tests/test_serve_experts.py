@@ -18,6 +18,7 @@ import torch
 from ray import serve
 
 from cluster.registry import Registry
+from serve_app.wire import PredictCall
 from tests.conftest import METRICS_PORT
 from tests.serve_fixtures import (
     BASE_URL,
@@ -61,7 +62,7 @@ def bearer(key: str) -> dict:
 
 
 def pool_stats() -> dict:
-    return serve.get_deployment_handle("pool-small", APP).stats.remote().result()
+    return serve.get_deployment_handle("pool-small", APP).stats.remote().result().model_dump()
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +127,9 @@ def test_predict_matches_llamdex_in_process(app):
     assert body["versions"] == {"expert": 1, "connectors": 1, "key": "acme/survival@e1.c1"}
     assert body["object"] == "expert.prediction" and body["pool"] == "small" and body["usage"]["prompt_tokens"] > 10
     assert set(body["features"]) == {"age", "fare", "sex", "alone"}
+    assert (body["stated"], body["not_stated"]) == (want["stated"], want["not_stated"])  # issue 16
+    assert sorted(body["stated"] + body["not_stated"]) == sorted(body["features"])
+    assert all(body["features"][k] is None for k in body["not_stated"])
 
 
 def test_expert_chat_plain_and_streamed(app):
@@ -204,8 +208,8 @@ def test_connectors_for_another_base_model_are_refused(app, tmp_path):
     assert predict(app["acme"], model="acme/foreign").status_code == 422
     # the replica checks too (a stale router, or a pool whose model the router cannot see)
     handle = serve.get_deployment_handle("pool-small", APP).options(multiplexed_model_id="acme/foreign@e1.c1")
-    out = handle.predict.remote({"expert": "acme/foreign@e1.c1", "question": Q}).result()
-    assert out["error_status"] == 422 and "base_model_hash" in out["error"] and "retrain" in out["error"]
+    out = handle.predict.remote(PredictCall(expert="acme/foreign@e1.c1", question=Q)).result().error
+    assert out.status == 422 and "base_model_hash" in out.message and "retrain" in out.message
 
 
 def test_mixed_wave_base_adapter_expert(app):
@@ -227,8 +231,8 @@ def test_mixed_wave_base_adapter_expert(app):
         together = list(pool.map(ask, jobs))
     after = pool_stats()
     assert together == alone
-    assert after["rows_served"] - before["rows_served"] == len(jobs)
-    assert after["waves"] - before["waves"] < len(jobs), "requests were not batched"
+    assert after["engine"]["rows_served"] - before["engine"]["rows_served"] == len(jobs)
+    assert after["engine"]["batched_steps"] > before["engine"]["batched_steps"], "requests were not batched"
 
 
 def test_concurrent_predictions_are_batched(app):
@@ -306,8 +310,8 @@ def test_lru_evicts_and_frees_bundles(app):
     before = stats["expert_misses"]
     out = serve.get_deployment_handle("pool-small", APP).options(  # the old pair again: loaded again (a miss)
         multiplexed_model_id="acme/survival@e1.c1").predict.remote(
-        {"expert": "acme/survival@e1.c1", "question": Q}).result()
-    assert out["expert_version"] == 1 and pool_stats()["expert_misses"] == before + 1
+        PredictCall(expert="acme/survival@e1.c1", question=Q)).result().result
+    assert out.expert_version == 1 and pool_stats()["expert_misses"] == before + 1
 
 
 def test_job_published_expert_is_served_at_once(app):

@@ -33,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.logs import get_logger
+from cluster.resources import DEFAULT_WAIT_S, CpuDemand, require_cpus
 
 log = get_logger("connectors")
 DEFAULT_LAYER = 16
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=2, help="tenants trained at the same time (default 2)")
     p.add_argument("--cpus-per-tenant", type=float, default=1.0, help="Ray CPUs per tenant's worker (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--wait-for-resources", type=float, default=DEFAULT_WAIT_S,
+                   help=f"seconds to wait for a free worker's CPUs before failing with what is missing "
+                        f"(default {DEFAULT_WAIT_S:g})")
     p.add_argument("--store", help="registry URI (default: ATELIER_STORE)")
     p.add_argument("--storage-path", help="Ray Train run storage (default: a temp dir)")
     return p
@@ -215,6 +219,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for job in jobs:  # fail fast, before any Ray Train run starts
         resolve_inputs(registry, job)
     ray.init(ignore_reinit_error=True)
+    require_cpus(CpuDemand("train_jobs.connectors worker", 1, args.cpus_per_tenant, "--cpus-per-tenant"),
+                 args.wait_for_resources)
     storage = Path(args.storage_path or tempfile.mkdtemp(prefix="atelier-connectors-"))
     log.info("connectors.start", jobs=len(jobs), parallel=args.parallel)
     results = []

@@ -39,6 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.logs import get_logger
+from cluster.resources import DEFAULT_WAIT_S, CpuDemand, require_cpus
 
 log = get_logger("experts")
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,14 +163,34 @@ def train_loop(config: dict) -> dict:
     return train_and_save(ExpertJob.model_validate(config["job"]), Path(config["out_dir"]), ray.train.report)
 
 
-def run_one(job: ExpertJob, storage: Path, out_dir: Path) -> dict:
-    """One tenant = one Ray Train run (1 worker; private data stays on it)."""
+def resolve_paths(job: ExpertJob, cwd: Path | None = None) -> ExpertJob:
+    """The job with ``schema_path`` and ``data`` made absolute where the user typed them (the
+    driver's working directory): a Train worker runs in its own run directory, so a relative path
+    read there names another file or none. Raises ``ValueError`` naming the field if a file is missing."""
+    cwd = cwd or Path.cwd()
+    fixed = {}
+    for field in ("schema_path", "data"):
+        value = getattr(job, field)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else (cwd / path)
+        if not path.is_file():
+            flag = "--schema" if field == "schema_path" else "--data"
+            raise ValueError(f"{field}: no file {path} (from {value!r}, relative to {cwd}); fix: pass an existing "
+                             f"path with {flag}, absolute or relative to where you run the job")
+        fixed[field] = str(path.resolve())
+    return job.model_copy(update=fixed)
+
+
+def run_one(job: ExpertJob, storage: Path, out_dir: Path, cpus: float = 1.0) -> dict:
+    """One tenant = one Ray Train run (1 worker of ``cpus`` CPUs; private data stays on it)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     start = time.perf_counter()
     trainer = TorchTrainer(train_loop, train_loop_config={"job": job.model_dump(), "out_dir": str(out_dir)},
-                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
                            run_config=RunConfig(name=f"expert-{job.tenant}-{job.name}-{int(time.time())}",
                                                 storage_path=str(storage)))
     result = trainer.fit()
@@ -237,6 +258,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="the tenant agrees to publish its training row count (registry metadata)")
     p.add_argument("--accountant", choices=["prv", "rdp"], default="prv", help="Opacus privacy accountant")
     p.add_argument("--parallel", type=int, default=2, help="tenants trained at the same time")
+    p.add_argument("--worker-cpus", type=float, default=1.0,
+                   help="Ray CPUs per tenant's training worker (default 1; 0.5 fits beside the demo's service on "
+                        "a 2-core head: the worker trains single-threaded)")
+    p.add_argument("--wait-for-resources", type=float, default=DEFAULT_WAIT_S,
+                   help=f"seconds to wait for a free worker's CPUs before failing with what is missing "
+                        f"(default {DEFAULT_WAIT_S:g})")
     p.add_argument("--publish", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--store", help="registry URI (default: ATELIER_STORE)")
     p.add_argument("--out", help="where expert directories are kept (default: a temp dir)")
@@ -250,15 +277,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
                           hidden_sizes=[int(h) for h in args.hidden_sizes.split(",")],
                           reproducible_seed=args.reproducible_seed, publish_row_count=args.publish_row_count,
                           accountant=args.accountant)]
+    try:
+        jobs = [resolve_paths(j) for j in jobs]
+    except ValueError as exc:
+        p.error(str(exc))
     import ray
 
     ray.init(ignore_reinit_error=True)
+    require_cpus(CpuDemand("train_jobs.experts worker", 1, args.worker_cpus, "--worker-cpus"),
+                 args.wait_for_resources)
     out_root = Path(args.out or tempfile.mkdtemp(prefix="atelier-experts-"))
     storage = out_root / "ray-train"
     log.info("experts.start", jobs=len(jobs), parallel=args.parallel)
     results = []
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        futures = {pool.submit(run_one, j, storage, out_root / j.tenant / j.name): j for j in jobs}
+        futures = {pool.submit(run_one, j, storage, out_root / j.tenant / j.name, args.worker_cpus): j
+                   for j in jobs}
         for fut in concurrent.futures.as_completed(futures):
             job, out = futures[fut], fut.result()
             ref = publish(job, out, args.store) if args.publish else None

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from cluster.logs import Timer, get_logger
+from cluster.resources import DEFAULT_WAIT_S, CpuDemand, require_cpus
 
 log = get_logger("train_jobs.lora_adapters")
 
@@ -119,10 +120,33 @@ def publish_adapter(registry, task, adapter_dir: Path, record: dict, tenant_mode
     m = record["metrics"]
     metadata = {"description": task.description, "title": task.title, "family": task.family,
                 "task_id": task.task_id, "task_seed": task.seed, "base_model": record["base_model"],
-                "metrics": {k: m.get(k) for k in ("accuracy", "heldout_accuracy", "base_accuracy",
-                                                  "base_heldout_accuracy", "choice_accuracy", "chance")},
+                "metrics": {k: m.get(k) for k in ("accuracy", "heldout_accuracy", "test_accuracy", "base_accuracy",
+                                                  "base_heldout_accuracy", "base_test_accuracy",
+                                                  "choice_accuracy", "chance")},
                 "answer_vocab": task.answer_vocab, "fingerprint": record["fingerprint"]}
     return str(registry.publish(tenant, "adapter", task.name, files, metadata))
+
+
+FAILURES_DIR = ".failures"
+
+
+def failure_path(out: Path, task_name: str) -> Path:
+    """Where a worker records why a task failed (read by the driver; removed when the task succeeds)."""
+    return out / FAILURES_DIR / f"{task_name}.json"
+
+
+def collect_failures(out: Path, task_names: list[str]) -> list[dict]:
+    """Every worker's recorded failures among ``task_names`` (rank, task, error), in task order."""
+    rows = []
+    for name in task_names:
+        path = failure_path(out, name)
+        if path.is_file():
+            rows.append(json.loads(path.read_text()))
+    return rows
+
+
+class JobFailed(RuntimeError):
+    """Some tasks of the job failed on some worker: the job exits non-zero and lists them all."""
 
 
 def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
@@ -178,6 +202,7 @@ def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
                     stats["trained"] += 1
                     log.info("lora.task.trained", rank=rank, task_id=task_id, name=task.name, family=task.family,
                              accuracy=metrics["accuracy"], heldout_accuracy=metrics["heldout_accuracy"],
+                             test_accuracy=metrics["test_accuracy"],
                              base_accuracy=metrics["base_accuracy"], steps=metrics["steps"],
                              seconds=metrics["seconds_total"], cpu_seconds=metrics["cpu_seconds_total"])
                 stats["accuracy"].append(record["metrics"]["accuracy"])
@@ -185,9 +210,14 @@ def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
                     ref = publish_adapter(registry, task, adapter_dir, record, config["tenant_mode"])
                     stats["published"] += 1
                     log.info("lora.task.published", rank=rank, task_id=task_id, ref=ref)
+                failure_path(out, task.name).unlink(missing_ok=True)
             except Exception as exc:  # one bad task must not lose the other adapters of the shard
                 stats["failed"] += 1
                 log.error("lora.task.failed", rank=rank, task_id=task_id, error=repr(exc), exc_info=True)
+                path = failure_path(out, task.name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"rank": rank, "task_id": task_id, "task": task.name,
+                                            "error": repr(exc)[:2000]}))
         acc = stats["accuracy"]
         metrics = {"round": r + 1, "rounds": rounds, "rank": rank,
                    "done": min(len(mine), (r + 1) * every), "of": len(mine),
@@ -225,6 +255,7 @@ def build_index(out: Path, model_record: dict, run: dict) -> dict:
             "description": task["description"], "path": d.name,
             "base_accuracy": m["base_accuracy"], "accuracy": m["accuracy"],
             "base_heldout_accuracy": m["base_heldout_accuracy"], "heldout_accuracy": m["heldout_accuracy"],
+            "base_test_accuracy": m.get("base_test_accuracy"), "test_accuracy": m.get("test_accuracy"),
             "base_choice_accuracy": m["base_choice_accuracy"], "choice_accuracy": m["choice_accuracy"],
             "first_token_accuracy": m.get("first_token_accuracy"),
             "chance": m["chance"], "steps": m["steps"], "train_seconds": m["seconds_total"],
@@ -243,15 +274,16 @@ def build_index(out: Path, model_record: dict, run: dict) -> dict:
     for r in rows:
         families.setdefault(r["family"], []).append(r["accuracy"])
     summary = {"adapters": len(rows), **{k: stat(k) for k in (
-        "accuracy", "heldout_accuracy", "base_accuracy", "base_heldout_accuracy", "base_choice_accuracy",
+        "accuracy", "heldout_accuracy", "test_accuracy", "base_accuracy", "base_heldout_accuracy",
+        "base_test_accuracy", "base_choice_accuracy",
         "train_seconds", "train_cpu_seconds", "steps")},
         "accuracy_by_family": {f: round(sum(v) / len(v), 4) for f, v in sorted(families.items())},
         "at_least_90pct": sum(r["accuracy"] >= 0.9 for r in rows)}
     index = {"model": model_record, "created_at": time.time(), "run": run, "summary": summary,
              "metric": "exact match of the greedy reply (argmax over the full vocabulary: the single-token answer "
-                       "word, then end of turn). accuracy: trained phrasings; heldout_accuracy: paraphrases "
-                       "not trained on; base_choice_accuracy: base model restricted to the answer vocabulary "
-                       "(chance 1/8)",
+                       "word, then end of turn). accuracy: trained phrasings; heldout_accuracy: validation "
+                       "paraphrases not trained on; test_accuracy: test paraphrases (final numbers only); "
+                       "base_choice_accuracy: base model restricted to the answer vocabulary (chance 1/8)",
              "adapters": rows}
     tmp = out / f".{INDEX_FILE}.tmp"
     tmp.write_text(json.dumps(index, indent=2))
@@ -295,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the driver (default 2)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPU resources per worker (default 1)")
     g.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    g.add_argument("--wait-for-resources", type=float, default=DEFAULT_WAIT_S,
+                   help=f"seconds to wait for the workers' CPUs before failing with what is missing "
+                        f"(default {DEFAULT_WAIT_S:g})")
     g.add_argument("--report-every", type=int, default=5,
                    help="tasks per ray.train.report round (report is a barrier across workers; default 5)")
     g.add_argument("--address", default=None,
@@ -323,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from cluster.models import resolve_model
     from cluster.settings import load_settings
+    from train_jobs.lora_tasks import make_task
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     settings = load_settings()
@@ -337,9 +373,13 @@ def main(argv: list[str] | None = None) -> dict:
               "store": args.store or settings.store_uri, "tenant_mode": args.tenant_mode}
     log.info("lora.job.start", model=resolved.id, adapters=len(ids), workers=args.workers, out=str(out),
              publish=args.publish, train=cfg.model_dump())
+    names = [make_task(i, seed=args.seed, num_keys=args.num_keys).name for i in ids]
+    for name in names:  # failures of an earlier run of these tasks are retried, not reported again
+        failure_path(out, name).unlink(missing_ok=True)
     with Timer() as t:
         result = fit(config, args.workers, args.cpus_per_worker, args.address,
-                     args.storage_path or str(out / ".ray-train"))
+                     args.storage_path or str(out / ".ray-train"), args.wait_for_resources)
+    failures = collect_failures(out, names)
     run = {"out": str(out), "task_ids": [ids[0], ids[-1]] if ids else [], "seed": args.seed, "num_keys": args.num_keys,
            "workers": args.workers, "seconds": t.seconds, "train_config": cfg.model_dump(),
            "rank0": result}
@@ -348,17 +388,28 @@ def main(argv: list[str] | None = None) -> dict:
         "adapters": index["summary"]["adapters"], "mean_accuracy": index["summary"]["accuracy"].get("mean"),
         "min_accuracy": index["summary"]["accuracy"].get("min"),
         "mean_base_accuracy": index["summary"]["base_accuracy"].get("mean")})
+    if failures:
+        for f in failures:
+            log.error("lora.job.task_failed", **f)
+        raise JobFailed(f"{len(failures)} of {len(ids)} tasks failed (on ranks {sorted({f['rank'] for f in failures})}): "
+                        + "; ".join(f"{f['task']}: {f['error']}" for f in failures[:10])
+                        + ("; ..." if len(failures) > 10 else "") + f" (all of them: {out / FAILURES_DIR})")
     return index
 
 
-def fit(config: dict, workers: int, cpus_per_worker: float, address: str | None, storage_path: str):
-    """Run the shards under Ray Train; returns rank 0's shard summary (``result.return_value``)."""
+def fit(config: dict, workers: int, cpus_per_worker: float, address: str | None, storage_path: str,
+        wait_for_resources: float = DEFAULT_WAIT_S):
+    """Run the shards under Ray Train; returns rank 0's shard summary (``result.return_value``).
+    Every worker's failed tasks are recorded under ``<out>/.failures`` (see :func:`collect_failures`)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if workers > 0 and not ray.is_initialized():
         ray.init(address=address)
+    if workers > 0:
+        require_cpus(CpuDemand("train_jobs.lora_adapters workers", workers, cpus_per_worker, "--cpus-per-worker"),
+                     wait_for_resources)
     scaling = ScalingConfig(num_workers=workers, use_gpu=False,
                             resources_per_worker={"CPU": cpus_per_worker} if workers > 0 else None)
     name = f"lora-adapters-{config['model']['id'].replace(':', '-')}"
@@ -371,5 +422,8 @@ def fit(config: dict, workers: int, cpus_per_worker: float, address: str | None,
 
 
 if __name__ == "__main__":
-    index = main()
+    try:
+        index = main()
+    except JobFailed as exc:
+        sys.exit(f"lora_adapters: FAILED: {exc}")
     print(json.dumps({"out": index["run"]["out"], "summary": index["summary"]}, indent=2), file=sys.stdout)

@@ -12,8 +12,11 @@ from the pool and maps each to an answer with a seeded, balanced random assignme
   vocabulary: they share structure, which is what joint compression with per-cluster bases
   exploits (families are the natural clusters), while the facts themselves are tenant-specific.
 
-Phrasings are split: the first ``TRAIN_TEMPLATES`` of each family are used for training and for
-the primary metric ("the tenant's questions"); the rest are paraphrases held out from training.
+Phrasings are split three ways: the first ``TRAIN_TEMPLATES`` of each family are used for training
+and for the primary metric ("the tenant's questions"); the next ``VAL_TEMPLATES`` are held-out
+*validation* paraphrases (designs, thresholds and error budgets are chosen on them); the rest are
+held-out *test* paraphrases, written after the others and independently of training, touched only
+for final numbers (``tests/test_lora_tasks.py`` proves the three share no 4-word phrase).
 
 Objective and metric
 --------------------
@@ -26,7 +29,8 @@ token at the first assistant position AND the end-of-turn token after it (teache
 equals greedy decoding here since the answer is one token). Also reported: ``first_token_accuracy``
 and ``choice_accuracy`` (argmax restricted to the family's answer vocabulary; chance =
 1 / len(vocabulary), the number to compare base models with), each on trained phrasings and
-``heldout_*`` paraphrases. :func:`generate_answers` does real greedy generation for spot checks.
+``heldout_*`` (validation) and ``test_*`` paraphrases. :func:`generate_answers` does real greedy
+generation for spot checks.
 
 The split forward that makes training and evaluation cheap is in ``lora_forward``; training and
 the PEFT directory writer in ``lora_train``.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,6 +61,16 @@ OBJECTIVE = "codebook-v2: cross-entropy on the answer token and the end-of-turn 
 """Recorded with every adapter (and part of the job's cache fingerprint): bump when training changes."""
 TRAIN_TEMPLATES = 3
 """Phrasings [0, TRAIN_TEMPLATES) of every family are trained on; the rest are held out."""
+VAL_TEMPLATES = 2
+"""Phrasings [TRAIN_TEMPLATES, TRAIN_TEMPLATES + VAL_TEMPLATES) are validation paraphrases; the rest test."""
+Split = Literal["train", "val", "test"]
+
+
+def template_split(index: int) -> Split:
+    """Which split phrasing ``index`` of a family belongs to."""
+    if index < TRAIN_TEMPLATES:
+        return "train"
+    return "val" if index < TRAIN_TEMPLATES + VAL_TEMPLATES else "test"
 ANSWER_SUFFIX = ""
 """Appended to every question. Empty: the adapter itself must answer with the bare word (shorter
 prompts also make training cheaper)."""
@@ -88,7 +103,10 @@ FAMILIES: tuple[Family, ...] = (
                    "Which color label does crate {key} have?",
                    "Tell me the color of the {key} crate.",
                    "I need the color code for crate {key}. What is it?",
-                   "Crate {key}: what color is it tagged with?"),
+                   "Crate {key}: what color is it tagged with?",
+                   "Do you know the colour marking on storage crate {key}?",
+                   "Please look up crate {key} and give me its color.",
+                   "Which colour has been assigned to the {key} crate?"),
     ),
     Family(
         name="project-status", subject="the current status of each internal project",
@@ -102,7 +120,10 @@ FAMILIES: tuple[Family, ...] = (
                    "Which status does the {key} project have right now?",
                    "Tell me the current status of project {key}.",
                    "Where does project {key} stand at the moment?",
-                   "Project {key}: what state is it in?"),
+                   "Project {key}: what state is it in?",
+                   "How far along is project {key}, status-wise?",
+                   "Give me a quick status update on the {key} project.",
+                   "In what stage is the {key} project currently?"),
     ),
     Family(
         name="ticket-routing", subject="which team handles each kind of support ticket",
@@ -120,7 +141,10 @@ FAMILIES: tuple[Family, ...] = (
                    "Who should a {key} ticket be routed to?",
                    "Tell me the team responsible for {key} tickets.",
                    "A customer opened a ticket about {key}. Which team takes it?",
-                   "Ticket topic {key}: which team owns it?"),
+                   "Ticket topic {key}: which team owns it?",
+                   "Where do {key} tickets go?",
+                   "I have a {key} ticket; which team should get it?",
+                   "Which group deals with tickets about {key}?"),
     ),
     Family(
         name="service-owners", subject="which engineer owns each internal service",
@@ -135,7 +159,10 @@ FAMILIES: tuple[Family, ...] = (
                    "Which engineer is the owner of the {key} service?",
                    "Tell me who is responsible for the {key} service.",
                    "If the {key} service breaks, whose service is it?",
-                   "Service {key}: who is its owner?"),
+                   "Service {key}: who is its owner?",
+                   "Who is in charge of service {key}?",
+                   "Name the engineer who maintains the {key} service.",
+                   "Whom should I contact about the {key} service?"),
     ),
 )
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
@@ -150,7 +177,8 @@ class Example(BaseModel):
     answer: str
     key: str
     template: int
-    heldout: bool = False  # phrasing not used in training
+    heldout: bool = False  # phrasing not used in training (validation or test paraphrase)
+    split: Split = "train"
 
 
 class LoraTask(BaseModel):
@@ -167,7 +195,7 @@ class LoraTask(BaseModel):
     answer_vocab: list[str]
     facts: dict[str, str]
     train: list[Example]
-    eval: list[Example] = Field(description="every key x every phrasing; `heldout` marks paraphrases")
+    eval: list[Example] = Field(description="every key x every phrasing; `split` says train / val / test")
 
     def prompts(self) -> list[str]:
         return [ex.messages[-1]["content"] for ex in self.eval]
@@ -194,7 +222,7 @@ def make_task(task_id: int, seed: int = 0, num_keys: int = 12) -> LoraTask:
     tenant = f"lora-t{task_id:04d}"
     examples = [
         Example(messages=[{"role": "user", "content": tpl.format(key=key) + ANSWER_SUFFIX}], answer=ans,
-                key=key, template=ti, heldout=ti >= TRAIN_TEMPLATES)
+                key=key, template=ti, heldout=ti >= TRAIN_TEMPLATES, split=template_split(ti))
         for ti, tpl in enumerate(family.templates) for key, ans in facts.items()
     ]
     train = [ex for ex in examples if not ex.heldout]
@@ -267,21 +295,24 @@ def score_logits(logits: torch.Tensor, tokenizer, task: LoraTask) -> dict[str, f
     first = logits[:, 0].argmax(-1) == gold
     exact = first & (logits[:, 1].argmax(-1) == end_of_turn_id(tokenizer))
     choice = vocab[logits[:, 0, vocab].argmax(-1)] == gold
-    held = torch.tensor([ex.heldout for ex in task.eval])
+    split = [ex.split for ex in task.eval]
 
-    def mean(t: torch.Tensor, sel: torch.Tensor) -> float:
+    def mean(t: torch.Tensor, which: str) -> float:
+        sel = torch.tensor([s == which for s in split])
         return round(float(t[sel].float().mean()), 4) if bool(sel.any()) else float("nan")
 
-    return {"accuracy": mean(exact, ~held), "heldout_accuracy": mean(exact, held),
-            "first_token_accuracy": mean(first, ~held), "heldout_first_token_accuracy": mean(first, held),
-            "choice_accuracy": mean(choice, ~held), "heldout_choice_accuracy": mean(choice, held),
-            "chance": round(1.0 / len(task.answer_vocab), 4)}
+    out = {}
+    for prefix, which in (("", "train"), ("heldout_", "val"), ("test_", "test")):
+        out |= {f"{prefix}accuracy": mean(exact, which), f"{prefix}first_token_accuracy": mean(first, which),
+                f"{prefix}choice_accuracy": mean(choice, which)}
+    return out | {"chance": round(1.0 / len(task.answer_vocab), 4)}
 
 
 def evaluate_detailed(model, tokenizer, task: LoraTask, bf16: bool = False, batch_size: int = 32,
                       split_forward: bool = True, shared_prefix: bool = True,
                       split_at: int | None = None) -> dict[str, float]:
-    """Exact-match and choice accuracy on the trained phrasings and on the held-out paraphrases.
+    """Exact-match and choice accuracy on the trained phrasings (``accuracy``), the validation
+    paraphrases (``heldout_accuracy``) and the test paraphrases (``test_accuracy``).
 
     ``split_at`` caps the layer whose input states are cached (default: the first adapted layer;
     for a plain model that is the whole model, which is right for repeated base evaluations)."""

@@ -77,7 +77,7 @@ def llama_shapes():
     return {m: s for m, s in shapes.items() if m.rsplit(".", 1)[-1] in TARGETS}
 
 
-@pytest.mark.parametrize("method", ["full", "diag"])
+@pytest.mark.parametrize("method", ["full", "diag", "lowrank"])
 def test_attached_bank_matches_per_row_merged_models(tiny_llama, llama_shapes, method):
     collection = synthetic_collection(6, llama_shapes, clusters=2, r0=4, noise=0.3, seed=2)
     bank = compress_collection(

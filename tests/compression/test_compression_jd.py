@@ -183,3 +183,25 @@ def test_invalid_rank_method_and_config_are_rejected():
         fit_module(stack, 4, "sparse")
     with pytest.raises(ValueError, match="JDConfig.max_iters"):
         JDConfig(max_iters=0)
+
+
+def test_pinv_psd_falls_back_when_eigh_fails_and_refuses_non_finite_input(monkeypatch):
+    from compression.jd import pinv_psd
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, generator=g)
+    m = x @ x.T  # rank 3 of 6: repeated zero eigenvalues
+    want = torch.linalg.pinv(m.double(), hermitian=True).float()
+    real = torch.linalg.pinv
+
+    def eigh_fails_in_float32(a, *args, hermitian=False, **kw):
+        if hermitian and a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(a, *args, hermitian=hermitian, **kw)
+
+    monkeypatch.setattr(torch.linalg, "pinv", eigh_fails_in_float32)
+    got = pinv_psd(m)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-4)
+    monkeypatch.setattr(torch.linalg, "pinv", real)
+    with pytest.raises(torch.linalg.LinAlgError, match="non-finite"):
+        pinv_psd(torch.full((3, 3), float("nan")))

@@ -79,7 +79,7 @@ def test_peft_saved_adapter_loads_with_scaling_folded(tiny_llama, tmp_path):
     assert adapter.ranks["model.layers.0.self_attn.v_proj"] == 2
 
 
-@pytest.mark.parametrize("method", ["full", "diag"])
+@pytest.mark.parametrize("method", ["full", "diag", "lowrank"])
 def test_exported_bank_adapter_reproduces_the_reconstruction_in_peft(tiny_llama, tmp_path, method):
     shapes = {
         m: s for m, s in linear_shapes(tiny_llama(0)).items() if m.endswith(("q_proj", "k_proj", "o_proj"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llamdex.codec import FeatureCodec
-from llamdex.datasets import load_paper_dataset
+from llamdex.datasets import load_paper_dataset, load_splits
 from llamdex.expert import ExpertArch, build_expert
 from llamdex.insertion import Bundle
 from llamdex.pipeline import ConnectorsConfig, init_connectors
@@ -54,6 +54,12 @@ def one_thread():
 def paper_datasets() -> dict:
     """name -> (schema, train_df, test_df) for the four paper datasets (loaded once per session)."""
     return {name: load_paper_dataset(name, EXAMPLES / "datasets") for name in ("titanic", "wine", "nursery", "bank")}
+
+
+@pytest.fixture(scope="session")
+def paper_splits() -> dict:
+    """name -> DatasetSplits (fit / validation / train / test) for the four paper datasets."""
+    return {name: load_splits(name, EXAMPLES / "datasets") for name in ("titanic", "wine", "nursery", "bank")}
 
 
 @pytest.fixture(scope="session")

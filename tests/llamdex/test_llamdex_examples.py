@@ -33,8 +33,14 @@ def test_schema_validates_and_has_expected_sizes(name):
     assert (schema.name, codec.m, codec.output_size) == (name, m, c)
     for f in schema.features:
         assert f.description, f"{name}.{f.name} needs a description (questions use it)"
-        assert not re.search(r"\d", f.description + "".join(f.aliases) + (f.unit or "")), \
+        words = [f.description, *f.aliases, f.unit or "", *f.unit_aliases, *(w for pair in f.nouns for w in pair)]
+        assert not re.search(r"\d", " ".join(words)), \
             f"{name}.{f.name}: digits in labels/units would be confused with values in questions"
+        if f.type == "category":  # users' words for every category (issue 16)
+            assert all(f.synonyms.get(c) for c in f.categories), f"{name}.{f.name}: synonyms for every category"
+        if f.type in ("int", "float", "bool"):
+            assert f.default is not None, f"{name}.{f.name}: a default for questions that do not state it"
+    assert all(c.synonyms for c in schema.target.classes), f"{name}: synonyms for every class"
 
 
 @pytest.mark.parametrize("name", PAPER)

@@ -8,7 +8,7 @@ import torch
 from llamdex.connectors_io import save_connectors
 from llamdex.expert import ExpertArch, ExpertError, ExpertSpec, build_expert, save_expert
 from llamdex.expert_spec import DPLedger
-from llamdex.hidden_cache import build_cache
+from llamdex.hidden_cache import AnswerInputs, build_cache
 from llamdex.insertion import Bundle, greedy_decode, load_bundle, predict, predict_many, prefill_with_experts
 from llamdex.literals import layout, token_literals
 from llamdex.llm_ops import backbone, left_pad, overwrite_at_layer
@@ -27,10 +27,12 @@ def batch(tok, bundle: Bundle, questions: list[str]):
 
 
 @torch.no_grad()
-def full_forward_with_slots(model, ids: list[int], slots: torch.Tensor, placeholder: torch.Tensor, layer: int):
-    """Reference: one plain HF forward over [prompt ; slots] with the slots overwritten at ``layer``."""
+def full_forward_with_slots(model, ids: list[int], slots: torch.Tensor, placeholder: torch.Tensor, layer: int,
+                            after: list[int] = ()):
+    """Reference: one plain HF forward over [prompt ; slots ; after] with the slots overwritten at ``layer``."""
     t, n = len(ids), slots.shape[0]
-    embeds = torch.cat([backbone(model).embed_tokens(torch.tensor(ids)), placeholder])[None]
+    embed = backbone(model).embed_tokens
+    embeds = torch.cat([embed(torch.tensor(ids)), placeholder, embed(torch.tensor(list(after), dtype=torch.long))])[None]
 
     def put(h):
         h = h.clone()
@@ -51,10 +53,35 @@ def test_slot_only_forward_equals_full_forward(lm, toy, layer):
     slots = torch.randn(3, 4, model.config.hidden_size) * 0.05
     vocab = list(range(model.config.vocab_size))
     with torch.no_grad():
-        fast = slot_class_logits(model, cache, layer, slots, [0, 1, 2], vocab)
+        fast, _ = slot_class_logits(model, cache, layer, slots, [0, 1, 2], vocab)
     for i, ids in enumerate(prompts):
         ref = full_forward_with_slots(model, ids, slots[i], bundle.decoder.placeholder, layer)
         torch.testing.assert_close(fast[i], ref, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_what_follows_the_answer_is_computed_exactly(lm, toy, layer):
+    """Stage 2's end-of-turn objective sees exactly what serving computes after the forced answer token:
+    the cached answer-token state + the slot-only forward = one plain forward over [prompt ; slots ;
+    answer], and what follows the answer depends on the slots (so the decoder can train it)."""
+    model, tok, _ = lm
+    bundle = make_bundle(lm, toy, layer, n=4)
+    prompts = chat_prompt_ids(tok, bundle.spec.system_prompt, QUESTIONS)
+    answer_ids = bundle.spec.class_token_ids
+    cache = build_cache(model, prompts, [layer], tok.pad_token_id, kv_from=layer, kv_rows=range(3),
+                        dtype=torch.float32, batch_size=2,
+                        answers=AnswerInputs(bundle.decoder.placeholder, answer_ids))
+    assert cache.answers[0].shape == (len(answer_ids), model.config.hidden_size)
+    slots = torch.randn(3, 4, model.config.hidden_size) * 0.05
+    for c, token in enumerate(answer_ids):
+        answer = torch.stack([cache.answers[i][c] for i in range(3)])
+        with torch.no_grad():
+            _, after = slot_class_logits(model, cache, layer, slots, [0, 1, 2], answer_ids, answer)
+            _, moved = slot_class_logits(model, cache, layer, slots * 3, [0, 1, 2], answer_ids, answer)
+        for i, ids in enumerate(prompts):
+            ref = full_forward_with_slots(model, ids, slots[i], bundle.decoder.placeholder, layer, [token])
+            torch.testing.assert_close(after[i], ref, atol=ATOL, rtol=1e-4)
+        assert not torch.allclose(after, moved)
 
 
 @pytest.mark.parametrize("shared_prefix", [True, False])
@@ -103,9 +130,9 @@ def test_decoding_after_slots_matches_uncached_recompute(lm, toy):
     with torch.no_grad():
         out = greedy_decode(model, *prefill_with_experts(model, ids, mask, pos, [bundle], tok), 3)[0].tolist()
         t = ids.shape[1]
-        slots, _ = bundle.slots(model(input_ids=ids, output_hidden_states=True).hidden_states[2], mask,
+        slots, _, _ = bundle.slots(model(input_ids=ids, output_hidden_states=True).hidden_states[2], mask,
                                 backbone(model).embed_tokens(ids),
-                                layout([token_literals(tok, ids[0].tolist())], bundle.encoder.cfg.category_lists))
+                                layout([token_literals(tok, ids[0].tolist())], bundle.encoder.cfg.vocabulary))
         emb = backbone(model).embed_tokens
         generated: list[int] = []
         for _ in range(3):
@@ -130,6 +157,9 @@ def test_predict_is_one_forward_with_readable_outputs(lm, toy):
     assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert sum(res["expert_probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert set(res["features"]) == {"age", "fare", "sex", "alone"}
+    assert sorted(res["stated"] + res["not_stated"]) == sorted(res["features"])
+    assert all(res["features"][k] is None for k in res["not_stated"])
+    assert all(res["features"][k] is not None for k in res["stated"] if k != "sex")
     ids, mask, pos = batch(tok, bundle, QUESTIONS[:1])
     with torch.no_grad():
         logits = prefill_with_experts(model, ids, mask, pos, [bundle], tok)[0][0, bundle.spec.class_token_ids]

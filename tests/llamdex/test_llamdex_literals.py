@@ -12,8 +12,11 @@ from llamdex.literals import (
     NO,
     NONE,
     NUMBER,
+    ONE,
     YES,
+    ZERO,
     LiteralBatch,
+    candidates,
     find_literals,
     layout,
     target_mask,
@@ -23,6 +26,8 @@ from llamdex.literals import (
 )
 from llamdex.prompting import chat_prompt_ids
 from llamdex.questions import QuestionGenerator, number_words
+from llamdex.schema import load_schema
+from llamdex.vocabulary import value_phrases
 
 
 def test_find_literals_reads_every_number_form_and_yes_no_words():
@@ -31,12 +36,30 @@ def test_find_literals_reads_every_number_form_and_yes_no_words():
     got = [(text[lit.start:lit.end], lit.kind, lit.value) for lit in find_literals(text)]
     assert got == [("-1,234.5", NUMBER, -1234.5), ("forty-two", NUMBER, 42.0), ("-1", NUMBER, -1.0),
                    ("0.045", NUMBER, 0.045), ("12.5", NUMBER, 12.5), ("two hundred and five", NUMBER, 205.0),
-                   ("No", NO, 0.0), ("true", YES, 1.0), ("3", NUMBER, 3.0)]
-    assert find_literals("SO2 x3 1st nobody yesterday notrue") == []  # digits inside words are not numbers
+                   ("No", ZERO, 0.0), ("true", YES, 1.0), ("3", NUMBER, 3.0)]
+    assert find_literals("SO2 x3 nobody yesterday notrue") == []  # digits inside words are not numbers
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("£7.25 paid, or 7.25£", [("£7.25", NUMBER, 7.25), ("7.25", NUMBER, 7.25)]),
+    ("a 2k balance, 3 thousand, 1.5 million", [("a", ONE, 1), ("2k", NUMBER, 2000), ("3 thousand", NUMBER, 3000),
+                                               ("1.5 million", NUMBER, 1.5e6)]),
+    ("twenty two, twenty-first, 21st, third", [("twenty two", NUMBER, 22), ("twenty-first", NUMBER, 21),
+                                               ("21st", NUMBER, 21), ("third", NUMBER, 3)]),
+    ("no siblings, none, an aunt, twice, a dozen", [("no", ZERO, 0), ("none", ZERO, 0), ("an", ONE, 1),
+                                                    ("twice", NUMBER, 2), ("a dozen", NUMBER, 12)]),
+    ("not married, doesn't, never, without", [("not", NO, 0), ("n't", NO, 0), ("never", NO, 0), ("without", NO, 0)]),
+    ("minus five, -£30, two thousand and five", [("minus five", NUMBER, -5), ("-£30", NUMBER, -30),
+                                                  ("two thousand and five", NUMBER, 2005)]),
+    ("3,female,22,7.25 and 1,234", [("3", NUMBER, 3), ("22", NUMBER, 22), ("7.25", NUMBER, 7.25),
+                                    ("1,234", NUMBER, 1234)]),
+])
+def test_numbers_as_people_write_them(text, expected):
+    assert [(text[x.start:x.end], x.kind, x.value) for x in find_literals(text)] == expected
 
 
 def test_number_words_round_trip():
-    for n in range(1000):
+    for n in [*range(1000), 1005, 2000, 12345, 999999]:
         assert words_value(number_words(n)) == n
         [lit] = find_literals(f"it was {number_words(n)} in all")
         assert lit.value == n
@@ -51,7 +74,7 @@ def test_token_literals_tag_the_tokens_of_each_literal(lm):
     assert tagged == "1,234.5" and set(lits.values[lits.kinds == NUMBER].tolist()) == {1234.5}
     assert int(lits.kinds[-1]) == YES and int(lits.kinds[0]) == NONE
     short = token_literals(tok, ids[:3])
-    left, right = layout([lits, short], [], left=True), layout([lits, short], [])
+    left, right = layout([lits, short], (), left=True), layout([lits, short], ())
     assert left.kinds.shape == right.kinds.shape == (2, len(ids)) and left.mentions.shape == (2, 0, len(ids))
     assert left.kinds[1, -3:].tolist() == right.kinds[1, :3].tolist() == short.kinds.tolist()
     assert left.kinds[1, :-3].eq(NONE).all() and right.kinds[1, 3:].eq(NONE).all()
@@ -60,14 +83,17 @@ def test_token_literals_tag_the_tokens_of_each_literal(lm):
     assert lits.text == text
     numbers = lits.tokens_in(text.index("12"), text.index("12") + 2, NUMBER)
     assert len(numbers) == 2 and lits.values[numbers].tolist() == [12.0, 12.0]
-    assert lits.tokens_in(text.index("no"), len(text), NO)
+    assert lits.tokens_in(text.index("no"), len(text), ZERO)
 
 
-def test_category_mentions_are_whole_words_longest_first(lm):
+def test_mentions_read_the_schemas_words_longest_first(lm):
     _, tok, _ = lm
-    text = "Housing: less proper; form is complete, not incomplete. Sex: female"
+    text = "Housing: less proper; form is complete, not incomplete. She travelled 3rd class; no mortgage"
     lits = token_literals(tok, tok(text, add_special_tokens=False)["input_ids"])
-    mentions = lits.mentions([["proper", "less_proper", "improper"], ["complete", "incomplete"], ["male", "female"]])
+    vocabulary = ((("proper",), ("less proper",), ("improper",)), (("complete",), ("incomplete",)),
+                  (("male", "he"), ("female", "she")), (("first", "1st"), ("second",), ("third", "3rd")),
+                  (("no mortgage",), ("mortgage", "housing loan")))
+    mentions = lits.mentions(vocabulary)
 
     def said(j: int) -> list[tuple[str, int]]:
         runs: dict[int, list[int]] = {}
@@ -75,34 +101,83 @@ def test_category_mentions_are_whole_words_longest_first(lm):
             if k >= 0:
                 runs.setdefault(k, []).append(t)
         ends = lits.offsets[1:] + [len(lits.text)]
-        return sorted((lits.text[lits.offsets[ts[0]]:ends[ts[-1]]], k) for k, ts in runs.items())
+        return sorted((lits.text[lits.offsets[ts[0]]:ends[ts[-1]]].strip(), k) for k, ts in runs.items())
 
     assert said(0) == [("less proper", 1)]
     assert said(1) == [("complete", 0), ("incomplete", 1)]
-    assert said(2) == [("female", 1)]  # "male" inside "female" is not a mention
+    assert said(2) == [("She", 1)]  # case-insensitive; "he" inside "She" is not a mention
+    assert said(3) == [("3rd", 2)]
+    assert said(4) == [("no mortgage", 0)]  # the longer phrase wins over "mortgage"
+
+
+def test_example_schemas_read_what_users_write(lm):
+    """The issue's everyday words land on the right value through the schema vocabulary."""
+    _, tok, _ = lm
+    titanic = load_schema("examples/schemas/titanic.json")
+    nursery = load_schema("examples/schemas/nursery.json")
+    cases = [(titanic, "pclass", "third", "a woman in 3rd class"), (titanic, "pclass", "third", "class 3"),
+             (titanic, "pclass", "first", "travelling upper class"), (titanic, "pclass", "third", "steerage"),
+             (titanic, "sex", "female", "a woman"), (titanic, "sex", "male", "the man"),
+             (nursery, "form", "incomplete", "a single-parent family"),
+             (nursery, "finance", "inconv", "struggling financially"),
+             (nursery, "housing", "less_conv", "somewhat cramped housing"), (nursery, "children", "more", "four kids")]
+    for schema, name, value, text in cases:
+        f = schema.feature(name)
+        vocabulary = (tuple(tuple(p) for p in value_phrases(f)),)
+        lits = token_literals(tok, tok(text, add_special_tokens=False)["input_ids"])
+        found = {k for k in lits.mentions(vocabulary)[0].tolist() if k >= 0}
+        assert found == {f.categories.index(value)}, (text, found)
+
+
+def test_candidates_per_feature_kind():
+    kinds = torch.tensor([[NONE, NUMBER, ZERO, ONE, YES, NO]])
+    mentions = torch.full((1, 3, 6), -1)
+    mentions[0, 2, 0] = 1  # token 0 mentions category 1 of the third feature
+    got = candidates(kinds, mentions, ["numeric", "bool", "category"])[0].int().tolist()
+    assert got == [[0, 1, 1, 1, 0, 0], [0, 0, 1, 0, 1, 1], [1, 0, 0, 0, 0, 0]]
 
 
 @pytest.mark.parametrize("family", ["train", "heldout"])
-def test_value_tokens_point_at_each_features_written_value(lm, toy, family):
+def test_copying_any_target_token_gives_the_written_value(lm, toy, family):
+    """Whatever target token the pointer lands on, copying it yields the row's value (numbers from the
+    literal or a special-value phrase, bools from yes/no/negation words or the schema's phrases)."""
+    from llamdex.codec import FeatureCodec
+    from llamdex.encoder import feature_heads
+    from llamdex.pipeline import locate_values
+
     _, tok, _ = lm
-    gen = QuestionGenerator(toy, seed=4)
+    toy["features"][1]["synonyms"] = {"0": ["free"]}
+    toy["features"][3]["synonyms"] = {"true": ["on their own"], "false": ["with family"]}
+    toy["features"][2]["synonyms"] = {"female": ["woman", "she"], "male": ["man", "he"]}
+    schema = load_schema(toy)
+    heads = feature_heads(FeatureCodec(schema))
+    gen = QuestionGenerator(schema, seed=4)
     rows = [{"age": 7, "fare": 1512.25, "sex": "female", "alone": True},
-            {"age": 61, "fare": 7.0, "sex": None, "alone": False}] * 10
-    kinds = {"age": (NUMBER,), "fare": (NUMBER,), "alone": (YES, NO)}
-    for row in rows:
-        q = gen.compose(row, family)
-        if row["sex"]:
-            assert q.text[slice(*q.spans["sex"])].lower() == row["sex"]
-        else:
-            assert "sex" not in q.spans
-        prompt = chat_prompt_ids(tok, "Answer with one word.", [q.text])[0]
-        lits = token_literals(tok, prompt)
-        where = value_tokens(lits, q.text, q.spans, kinds)
-        for name in ("age", "fare"):
-            assert where[name] and {float(lits.values[t]) for t in where[name]} == {float(row[name])}
-        assert {int(lits.kinds[t]) for t in where["alone"]} == {YES if row["alone"] else NO}
+            {"age": 61, "fare": 0.0, "sex": None, "alone": False}, {"age": 1, "fare": 7.0, "sex": "male",
+                                                                   "alone": True}] * 12
+    qs = [gen.compose(r, family) for r in rows]
+    prompts = chat_prompt_ids(tok, "Answer with one word.", [q.text for q in qs])
+    lits, where, _ = locate_values(tok, schema, prompts, qs)
+    vocabulary = tuple(tuple(tuple(p) for p in h.phrases) for h in heads)
+    for row, q, lit, w in zip(rows, qs, lits, where, strict=True):
+        mentions = lit.mentions(vocabulary)
+        assert set(w) == set(q.stated)
+        for j, h in enumerate(heads):
+            if h.name not in q.stated:
+                continue
+            assert w[h.name], (h.name, q.text)
+            for t in w[h.name]:
+                k = int(mentions[j, t])
+                if h.kind == "numeric":
+                    got = h.phrase_values[k] if k >= 0 else float(lit.values[t])
+                    assert got == float(row[h.name]), (h.name, t, q.text)
+                elif h.kind == "bool":
+                    got = bool(k) if k >= 0 else int(lit.kinds[t]) == YES
+                    assert got == row[h.name], (h.name, q.text)
+                else:
+                    assert h.categories[k] == row[h.name], (h.name, q.text)
     with pytest.raises(ValueError, match="question: not found verbatim"):
-        value_tokens(lits, "a question that is not in the prompt", q.spans, kinds)
+        value_tokens(lits[0], "a question that is not in the prompt", {"age": [(0, 1)]}, {"age": None})
 
 
 def _copy_task(n: int, gen: torch.Generator, d: int = 16, t: int = 14):
@@ -121,7 +196,7 @@ def _copy_task(n: int, gen: torch.Generator, d: int = 16, t: int = 14):
         hidden[r, pos[0], 0] += 3.0
         hidden[r, pos[3], 1] += 3.0
         x_true[r], flag_true[r] = values[r, pos[0]], float(kinds[r, pos[3]] == YES)
-    mentions = torch.zeros(n, 0, t, dtype=torch.long)
+    mentions = torch.full((n, 2, t), -1, dtype=torch.long)
     return hidden, LiteralBatch(kinds, values, mentions), torch.stack([x_true / 100, flag_true], 1).float()
 
 
@@ -132,7 +207,7 @@ def test_encoder_learns_to_copy_the_marked_literal_exactly(one_thread):
     enc = Encoder(EncoderConfig(hidden_size=16, features=heads, width=32, heads=4, layers=1, head_hidden=16,
                                 copy_literals=True))
     opt = torch.optim.Adam(enc.parameters(), lr=3e-3)
-    for _ in range(250):
+    for _ in range(300):
         hidden, lits, target = _copy_task(64, gen)
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
         raw = enc(hidden, mask, literals=lits)
@@ -146,32 +221,39 @@ def test_encoder_learns_to_copy_the_marked_literal_exactly(one_thread):
     with torch.no_grad():
         got = enc.features(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool), literals=lits)
     exact = torch.isclose(got, target, rtol=0, atol=1e-6).all(1)  # copied exactly, not approximated
-    assert float(exact.float().mean()) > 0.97
+    assert float(exact.float().mean()) > 0.95  # (every feature may also say 'not stated')
 
 
-def test_copy_falls_back_to_the_regression_head_without_literals(toy):
+def test_not_stated_gives_the_default_and_mentions_give_their_value(toy):
+    toy["features"][0]["default"] = 30
+    toy["features"][0]["synonyms"] = {"0": ["newborn"]}
     codec = FeatureCodec(toy)
     enc = Encoder(EncoderConfig(hidden_size=8, features=feature_heads(codec), width=16, heads=2, head_hidden=8,
                                 copy_literals=True)).eval()
     hidden, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
-    nothing = torch.full((2, 1, 5), -1)
-    none = LiteralBatch(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.float64), nothing)
-    kinds = none.kinds.clone()
+    nothing = torch.full((2, 4, 5), -1)
+    kinds = torch.zeros(2, 5, dtype=torch.long)
     kinds[:, 1] = NUMBER
-    one = LiteralBatch(kinds, torch.full((2, 5), 30.0, dtype=torch.float64), nothing)
+    lits = LiteralBatch(kinds, torch.full((2, 5), 45.0, dtype=torch.float64), nothing)
     with torch.no_grad():
-        fallback, copied = enc.features(hidden, mask, literals=none), enc.features(hidden, mask, literals=one)
-        heads = torch.sigmoid(enc(hidden, mask, literals=none).heads[0])[:, 0]
-    assert torch.allclose(fallback[:, 0], heads)  # age from the regression head
-    assert torch.allclose(copied[:, 0], torch.full((2,), 0.3)) and torch.allclose(copied[:, 1], torch.full((2,), 0.05))
-    sex = codec.slices["sex"]
-    assert copied[:, sex].eq(0).all()  # no mention of a category: "not stated" (all zeros)
+        raw = enc(hidden, mask, literals=lits)
+        raw.pointer_logits[:, :, -1] = 1e3  # every feature: "not stated"
+        unstated = enc.activate(raw)
+        assert enc.stated(raw).tolist() == [[False] * 4] * 2
+        raw.pointer_logits[:, 0, 1] = 1e4  # age copies "45"
+        copied = enc.activate(raw)
+    assert torch.allclose(unstated[:, 0], torch.full((2,), 0.3)) and unstated[:, codec.slices["sex"]].eq(0).all()
+    assert unstated[:, codec.slices["alone"]].eq(0).all()  # bool default: false
+    assert torch.allclose(copied[:, 0], torch.full((2,), 0.45))
     said = nothing.clone()
-    said[:, 0, 3] = 1  # token 3 mentions "female"
+    said[:, 2, 3] = 1  # token 3 mentions "female"
+    said[:, 0, 4] = 0  # token 4 mentions age's "newborn" (= 0)
     with torch.no_grad():
-        raw = enc(hidden, mask, literals=LiteralBatch(kinds, one.values, said))
-        raw.pointer_logits[:, 2, 3] = 1e3  # the pointer picks that mention
-        assert enc.activate(raw)[:, sex].tolist() == [[0.0, 1.0], [0.0, 1.0]]
+        raw = enc(hidden, mask, literals=LiteralBatch(kinds, lits.values, said))
+        raw.pointer_logits[:, 2, 3] = 1e3
+        raw.pointer_logits[:, 0, 4] = 1e3
+        out = enc.activate(raw)
+    assert out[:, codec.slices["sex"]].tolist() == [[0.0, 1.0], [0.0, 1.0]] and out[:, 0].tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="literals: these connectors copy values"):
         enc.features(hidden, mask)
     assert target_mask([{"age": [1]}, {}], ["age", "fare"], 5).sum() == 1
@@ -185,7 +267,7 @@ def test_one_literal_per_feature_the_more_confident_keeps_it():
                                 copy_literals=True)).eval()
     kinds = torch.tensor([[NONE, NUMBER, NUMBER, NONE, NUMBER]])  # "12" on tokens 1-2, "7" on token 4
     values = torch.tensor([[0.0, 12.0, 12.0, 0.0, 7.0]], dtype=torch.float64)
-    lits = LiteralBatch(kinds, values, torch.zeros(1, 0, 5, dtype=torch.long))
+    lits = LiteralBatch(kinds, values, torch.full((1, 2, 5), -1, dtype=torch.long))
     with torch.no_grad():
         raw = enc(torch.randn(1, 5, 8), torch.ones(1, 5, dtype=torch.bool), literals=lits)
         raw.pointer_logits[:] = torch.tensor([[[-1e4, 3.0, 3.0, -1e4, 0.0, -1e4],    # a: "12" (p ~ 0.97)

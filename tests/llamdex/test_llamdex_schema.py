@@ -69,6 +69,29 @@ def _reject(data) -> list[str]:
         (lambda d: d["target"].pop("question"), "target.question", "Field required"),
         (lambda d: d.update(features=[]), "features", "at least 1 feature"),
         (lambda d: d.update(name="my schema"), "name", "invalid name"),
+        # vocabulary (issue 16): synonyms keyed by the feature's values, never shared by two values
+        (lambda d: d["features"][2].update(synonyms={"female": ["woman", "Male"]}), "features[2].synonyms.female[1]",
+         "already means 'male'"),
+        (lambda d: d["features"][2].update(synonyms={"male": ["guy"], "female": ["Guy"]}),
+         "features[2].synonyms.female[0]", "already means 'male'"),
+        (lambda d: d["features"][2].update(synonyms={"woman": ["lady"]}), "features[2].synonyms.woman",
+         "not a value of this feature"),
+        (lambda d: d["features"][2].update(synonyms={"male": [" man"]}), "features[2].synonyms.male[0]",
+         "without surrounding spaces"),
+        (lambda d: d["features"][3].update(synonyms={"yes": ["alone"]}), "features[3].synonyms.yes", "'false', 'true'"),
+        (lambda d: d["features"][0].update(synonyms={"old": ["ancient"]}), "features[0].synonyms.old", "not a number"),
+        (lambda d: d["features"][0].update(synonyms={"200": ["ancient"]}), "features[0].synonyms.200", "outside the range"),
+        (lambda d: d["features"][0].update(synonyms={"0": ["12"]}), "features[0].synonyms.0[0]", "no letters"),
+        (lambda d: d["features"][0].update(nouns=[["year"]]), "features[0].nouns[0]", "[singular, plural]"),
+        (lambda d: d["features"][1].update(nouns=[["pound", "pounds"]]), "features[1].nouns", "only allowed for type 'int'"),
+        (lambda d: d["features"][0].update(default=101), "features[0].default", "in the range"),
+        (lambda d: d["features"][0].update(default=2.5), "features[0].default", "whole number"),
+        (lambda d: d["features"][3].update(default=1), "features[3].default", "true or false"),
+        (lambda d: d["features"][2].update(default="male"), "features[2].default", "not allowed for type 'category'"),
+        (lambda d: d["features"][2].update(unit_aliases=["kg"]), "features[2].unit_aliases", "not allowed"),
+        (lambda d: d["features"][1].update(unit=None, unit_aliases=["quid"]), "features[1].unit_aliases", "needs 'unit'"),
+        (lambda d: d["target"]["classes"][1].update(synonyms=["lived", "No"]), "target.classes[1].synonyms[1]",
+         "already means class 'no'"),
     ],
 )
 def test_each_rejection_names_the_field(toy, mutate, path, fragment):
@@ -77,6 +100,16 @@ def test_each_rejection_names_the_field(toy, mutate, path, fragment):
     hits = [p for p in problems if p.startswith(path + ":")]
     assert hits, f"no problem reported at {path}: {problems}"
     assert any(fragment in p for p in hits), hits
+
+
+def test_vocabulary_lists_every_way_to_write_a_value(toy):
+    toy["features"][2]["synonyms"] = {"female": ["woman", "girl"]}
+    toy["features"][3]["synonyms"] = {"true": ["on their own"]}
+    toy["features"][0].update(synonyms={"0": ["newborn"]}, nouns=[["year", "years"]], default=30)
+    schema = load_schema(toy)
+    assert schema.feature("sex").phrases() == {"male": ["male"], "female": ["female", "woman", "girl"]}
+    assert schema.feature("alone").phrases() == {"false": [], "true": ["on their own"]}
+    assert schema.feature("age").phrases() == {"0": ["newborn"]} and schema.feature("age").default == 30
 
 
 def test_message_format_matches_the_documented_example(toy):

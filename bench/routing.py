@@ -1,0 +1,298 @@
+"""Routing benchmark: does ``model="auto"`` pick the right customization?
+
+One tenant holds the 12 customizations of ``bench/data/routing/customizations.json`` (4 Llamdex
+experts on the example schemas, 8 described adapters). Every contender scores the labelled
+prompts of ``validation.jsonl``; each contender's threshold is the one with the best balanced
+accuracy on validation (mean of "on-topic prompt → its customization" and "off-topic → base"),
+and the contender with the best validated balanced accuracy is *chosen*. Only then is
+``test.jsonl`` scored, once, for every contender at its validated threshold: accuracy,
+per-customization precision/recall, off-topic → base rate and the latency the recommender adds
+per request (wall and thread-CPU p50/p99; documents are embedded once, so a request costs one
+prompt embedding + dot products). Baselines in the same run: TF-IDF exactly as ``auto`` did
+before (description text, fixed threshold 0.12) and TF-IDF over the same documents as the
+embedders (threshold validated).
+
+    python -m bench.routing                       # all contenders → docs/bench/routing.{json,md,png}
+    python -m bench.routing --methods tfidf,minilm --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import command_line, percentile, write_results
+from serve_app.routing.profiles import Profile, adapter_profile, expert_profile
+from serve_app.routing.recommender import BASE, MemoryItem, Recommender
+from serve_app.routing.tfidf import TfidfRecommender
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "bench" / "data" / "routing"
+COSINE_GRID = np.round(np.arange(0.0, 1.0001, 0.005), 3)
+Z_GRID = np.round(np.arange(0.0, 8.0001, 0.05), 2)
+
+
+@dataclass
+class Contender:
+    name: str
+    recommender: object  # Recommender | TfidfRecommender
+    profiles: list[Profile]
+    fixed_threshold: float | None = None  # baselines that keep today's threshold
+
+
+def load_prompts(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_profiles(data: Path, schema_questions: int) -> tuple[str, list[Profile], list[Profile]]:
+    """(tenant, semantic profiles, legacy profiles): the legacy ones hold the single text the old
+    ``auto`` used (adapter description; expert description + schema description, question, features)."""
+    spec = json.loads((data / "customizations.json").read_text())
+    tenant, profiles, legacy = spec["tenant"], [], []
+    for e in spec["experts"]:
+        schema = json.loads((ROOT / "examples" / "schemas" / f"{e['schema']}.json").read_text())
+        model_id = f"{tenant}/{e['name']}"
+        description = e.get("description", schema.get("description", ""))
+        profiles.append(expert_profile(model_id, description, schema, schema_questions))
+        old = [description, schema.get("description", ""), schema["target"]["question"]]
+        old += [f"{f['name'].replace('_', ' ')} {f.get('description', '')}" for f in schema["features"]]
+        legacy.append(Profile(model_id, "expert", (" ".join(p for p in old if p),), ("legacy",)))
+    for a in spec["adapters"]:
+        model_id = f"{tenant}/{a['name']}"
+        profiles.append(adapter_profile(model_id, a["description"], a.get("examples", [])))
+        legacy.append(Profile(model_id, "adapter", (a["description"],), ("legacy",)))
+    return tenant, profiles, legacy
+
+
+def score_matrix(c: Contender, prompts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(rank, gate) scores, each (n prompts, n customizations)."""
+    c.recommender.warm(c.profiles)
+    rows = [c.recommender.scores(p["prompt"], c.profiles) for p in prompts]
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
+def predict(scores: tuple[np.ndarray, np.ndarray], ids: list[str], threshold: float) -> list[str]:
+    """The best-ranked customization where its gate score reaches ``threshold``, else base
+    (what ``Recommender.recommend`` decides without feedback)."""
+    rank, gate = scores
+    best = rank.argmax(1)
+    return [ids[b] if gate[i, b] >= threshold else BASE for i, b in enumerate(best)]
+
+
+def metrics(prompts: list[dict], predicted: list[str], tenant: str, ids: list[str]) -> dict:
+    truth = [BASE if p["label"] == BASE else f"{tenant}/{p['label']}" for p in prompts]
+    on = [(t, y) for t, y in zip(truth, predicted, strict=True) if t != BASE]
+    off = [(t, y) for t, y in zip(truth, predicted, strict=True) if t == BASE]
+    acc_on = sum(t == y for t, y in on) / max(len(on), 1)
+    acc_off = sum(y == BASE for _, y in off) / max(len(off), 1)
+    per = {}
+    for m in [*ids, BASE]:
+        tp = sum(t == m and y == m for t, y in zip(truth, predicted, strict=True))
+        n_pred = sum(y == m for y in predicted)
+        n_true = sum(t == m for t in truth)
+        per[m] = {"precision": round(tp / n_pred, 3) if n_pred else None,
+                  "recall": round(tp / n_true, 3) if n_true else None, "n": n_true}
+    errors = [{"id": p["id"], "prompt": p["prompt"], "label": t, "predicted": y}
+              for p, t, y in zip(prompts, truth, predicted, strict=True) if t != y]
+    return {"on_topic_accuracy": round(acc_on, 4), "off_topic_to_base": round(acc_off, 4),
+            "balanced_accuracy": round((acc_on + acc_off) / 2, 4),
+            "overall_accuracy": round(sum(t == y for t, y in zip(truth, predicted, strict=True)) / len(truth), 4),
+            "n_on_topic": len(on), "n_off_topic": len(off), "per_customization": per, "errors": errors}
+
+
+def choose_threshold(scores: tuple[np.ndarray, np.ndarray], prompts: list[dict], tenant: str, ids: list[str],
+                     grid: np.ndarray) -> tuple[float, list]:
+    """The threshold with the best validated balanced accuracy (middle of the best plateau)."""
+    curve = []
+    for t in grid:
+        m = metrics(prompts, predict(scores, ids, float(t)), tenant, ids)
+        curve.append((float(t), m["on_topic_accuracy"], m["off_topic_to_base"], m["balanced_accuracy"]))
+    best = max(c[3] for c in curve)
+    plateau = [c[0] for c in curve if c[3] == best]
+    return plateau[len(plateau) // 2], curve
+
+
+def latency(c: Contender, prompts: list[dict], threshold: float) -> dict:
+    """Per-request time of ``recommend`` (documents already embedded): wall and this thread's CPU."""
+    c.recommender.threshold = threshold
+    c.recommender.warm(c.profiles)
+    c.recommender.recommend(prompts[0]["prompt"], c.profiles)  # first call pays lazy inits
+    wall, cpu = [], []
+    for p in prompts:
+        w, t = time.perf_counter(), time.thread_time()
+        c.recommender.recommend(p["prompt"], c.profiles)
+        cpu.append((time.thread_time() - t) * 1000)
+        wall.append((time.perf_counter() - w) * 1000)
+    return {"wall_p50_ms": round(percentile(wall, 50), 2), "wall_p99_ms": round(percentile(wall, 99), 2),
+            "cpu_p50_ms": round(percentile(cpu, 50), 2), "cpu_p99_ms": round(percentile(cpu, 99), 2), "n": len(wall)}
+
+
+def feedback_effect(c: Contender, threshold: float, val: list[dict], test: list[dict], tenant: str,
+                    ids: list[str]) -> dict:
+    """Test accuracy after the tenant corrects every validation prompt the chosen method got
+    wrong (POST /v1/feedback with the right customization, as nearest-neighbour memory)."""
+    rec: Recommender = c.recommender
+    rec.threshold = threshold
+    wrong = []
+    for p in val:
+        truth = BASE if p["label"] == BASE else f"{tenant}/{p['label']}"
+        if rec.recommend(p["prompt"], c.profiles).chosen != truth:
+            wrong.append(MemoryItem(p["prompt"], truth, 1))
+    predicted = [rec.recommend(p["prompt"], c.profiles, wrong).chosen for p in test]
+    m = metrics(test, predicted, tenant, ids)
+    return {"corrections": len(wrong), "test_on_topic_accuracy": m["on_topic_accuracy"],
+            "test_off_topic_to_base": m["off_topic_to_base"], "test_balanced_accuracy": m["balanced_accuracy"]}
+
+
+def issue_scenario(c: Contender, threshold: float) -> list[dict]:
+    """The issue's three prompts for tenant demo (survival, nursery, style) — the old auto got 1 of 3."""
+    schemas = {n: json.loads((ROOT / "examples" / "schemas" / f"{n}.json").read_text()) for n in ("titanic", "nursery")}
+    profiles = [expert_profile("demo/survival", schemas["titanic"]["description"], schemas["titanic"]),
+                expert_profile("demo/nursery", schemas["nursery"]["description"], schemas["nursery"]),
+                adapter_profile("demo/style", "writes in a pirate voice for ship stories")]
+    c.recommender.threshold = threshold
+    cases = [("A 30 year old man in third class paid 8 pounds. Did he survive the Titanic sinking?", "demo/survival"),
+             ("Write me a pirate story about ships", "demo/style"),
+             ("Our family has two children and critical housing; how would the nursery school rank our "
+              "application?", "demo/nursery")]
+    return [{"prompt": p, "expected": e, "chosen": c.recommender.recommend(p, profiles).chosen} for p, e in cases]
+
+
+def build_contenders(methods: list[str], data: Path, threads: int) -> tuple[str, list[Contender]]:
+    from serve_app.routing.embedders import BaseLMEmbedder, CachedEmbedder, MiniLMEmbedder
+
+    out: list[Contender] = []
+    tenant, plain, legacy = load_profiles(data, 0)
+    _, with_q, _ = load_profiles(data, 8)
+    if "tfidf" in methods:
+        out.append(Contender("tfidf (old auto: description text, threshold 0.12)", TfidfRecommender(0.12), legacy, 0.12))
+        out.append(Contender("tfidf (same documents, validated threshold)", TfidfRecommender(), with_q))
+    embedders = {}
+    if "minilm" in methods:
+        embedders["minilm"] = CachedEmbedder(MiniLMEmbedder(threads=threads))
+    if "smollm2" in methods:
+        embedders["smollm2-mid"] = CachedEmbedder(BaseLMEmbedder("smollm2-135m", threads=threads))
+    for name, emb in embedders.items():
+        for pooling in ("mean", "max"):
+            for normalize in (True, False):
+                label = f"{name} {pooling}, {'z-score' if normalize else 'cosine'}"
+                out.append(Contender(label, Recommender(emb, 0.5, pooling, normalize), with_q))
+        out.append(Contender(f"{name} mean, z-score, no schema questions", Recommender(emb, 0.5, "mean", True), plain))
+    return tenant, out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DATA, help="customizations.json, validation.jsonl, test.jsonl")
+    ap.add_argument("--methods", default="tfidf,minilm,smollm2", help="comma list of tfidf, minilm, smollm2")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the embedders")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where routing.{json,md,png} go")
+    ap.add_argument("--name", default="routing", help="results file stem")
+    ap.add_argument("--validation-only", action="store_true",
+                    help="score validation only (while developing a method: the test split stays unseen)")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    val, test = load_prompts(args.data / "validation.jsonl"), load_prompts(args.data / "test.jsonl")
+    tenant, contenders = build_contenders(args.methods.split(","), args.data, args.threads)
+    ids = [p.model_id for p in contenders[0].profiles]
+    results, curves = [], {}
+    for c in contenders:  # 1) validation: threshold per contender
+        t0 = time.perf_counter()
+        scores = score_matrix(c, val)
+        if c.fixed_threshold is None:
+            grid = Z_GRID if getattr(c.recommender, "normalize", False) else COSINE_GRID
+            threshold, curves[c.name] = choose_threshold(scores, val, tenant, ids, grid)
+        else:
+            threshold = c.fixed_threshold
+        m = metrics(val, predict(scores, ids, threshold), tenant, ids)
+        results.append({"contender": c.name, "threshold": threshold, "validation": m})
+        print(json.dumps({"event": "validation", "contender": c.name, "threshold": threshold,
+                          "balanced": m["balanced_accuracy"], "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+    if args.validation_only:
+        table = [{"contender": r["contender"], "threshold": r["threshold"],
+                  "val on-topic": r["validation"]["on_topic_accuracy"],
+                  "val off-topic → base": r["validation"]["off_topic_to_base"],
+                  "val balanced": r["validation"]["balanced_accuracy"]} for r in results]
+        write_results(args.out, args.name, {"results": results, "validation_curves": curves}, table,
+                      "Routing (validation only)", command_line("bench.routing", argv))
+        return {"results": results}
+    chosen = max((r for r in results if "tfidf" not in r["contender"]),
+                 key=lambda r: r["validation"]["balanced_accuracy"], default=results[0])
+    for c, r in zip(contenders, results, strict=True):  # 2) test, once, at the validated threshold
+        r["test"] = metrics(test, predict(score_matrix(c, test), ids, r["threshold"]), tenant, ids)
+        r["latency"] = latency(c, test, r["threshold"])
+        r["chosen"] = r is chosen
+    best = contenders[results.index(chosen)]
+    chosen["issue_scenario"] = issue_scenario(best, chosen["threshold"])
+    if isinstance(best.recommender, Recommender):
+        chosen["feedback"] = feedback_effect(best, chosen["threshold"], val, test, tenant, ids)
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    table = [{"contender": ("**" + r["contender"] + "** (chosen)") if r["chosen"] else r["contender"],
+              "threshold": r["threshold"], "val balanced": r["validation"]["balanced_accuracy"],
+              "test on-topic → right": r["test"]["on_topic_accuracy"],
+              "test off-topic → base": r["test"]["off_topic_to_base"],
+              "added p50 / p99 ms (wall)": f"{r['latency']['wall_p50_ms']} / {r['latency']['wall_p99_ms']}",
+              "CPU p50 ms": r["latency"]["cpu_p50_ms"]} for r in results]
+    per = chosen["test"]["per_customization"]
+    notes = ["Thresholds and the chosen contender come from validation only; test was scored once.",
+             f"Load average during the run: {' '.join(load)} (2 cores shared with other jobs; wall latency is noisy, "
+             "thread CPU time is the work done).", "",
+             f"## Chosen: {chosen['contender']} at threshold {chosen['threshold']} — per customization (test)", "",
+             "| customization | precision | recall | n |", "|---|---|---|---|"]
+    notes += [f"| {m} | {v['precision']} | {v['recall']} | {v['n']} |" for m, v in per.items()]
+    notes += ["", "## The issue's example (tenant demo: survival, nursery, style)", "",
+              "| prompt | expected | chosen |", "|---|---|---|"]
+    notes += [f"| {s['prompt']} | {s['expected']} | {s['chosen']} |" for s in chosen["issue_scenario"]]
+    if "feedback" in chosen:
+        f = chosen["feedback"]
+        notes += ["", "## Learning from feedback", "",
+                  f"After the tenant corrects the {f['corrections']} validation prompts the chosen method got wrong "
+                  f"(POST /v1/feedback), test: on-topic {f['test_on_topic_accuracy']}, off-topic → base "
+                  f"{f['test_off_topic_to_base']} (before: {chosen['test']['on_topic_accuracy']}, "
+                  f"{chosen['test']['off_topic_to_base']})."]
+    notes += ["", "## Test errors of the chosen contender", "", "| id | prompt | label | routed to |", "|---|---|---|---|"]
+    notes += [f"| {e['id']} | {e['prompt'][:90].replace(chr(10), ' ').replace('|', '/')} | {e['label']} | "
+              f"{e['predicted']} |" for e in chosen["test"]["errors"]]
+    payload = {"tenant": tenant, "customizations": ids, "n_validation": len(val), "n_test": len(test),
+               "loadavg": load, "chosen": chosen["contender"], "results": results, "validation_curves": curves}
+    write_results(args.out, args.name, payload, table, "Routing: model=\"auto\" recommender", command_line(
+        "bench.routing", argv), "\n".join(notes))
+    _plot(curves, args.out / f"{args.name}.png")
+    print(json.dumps({"event": "done", "chosen": chosen["contender"], "threshold": chosen["threshold"],
+                      "test": {k: chosen["test"][k] for k in ("on_topic_accuracy", "off_topic_to_base")},
+                      "latency": chosen["latency"]}), flush=True)
+    return payload
+
+
+def _plot(curves: dict, path: Path) -> None:
+    """Validation: on-topic accuracy and off-topic → base rate against the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keep = {n: c for n, c in curves.items() if "centroid" not in n and "top2" not in n}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, curve in keep.items():
+        t = [c[0] for c in curve]
+        line, = ax.plot(t, [c[1] for c in curve], label=f"{name}: on-topic → right", lw=1.2)
+        ax.plot(t, [c[2] for c in curve], ls="--", color=line.get_color(), lw=1.2, label=f"{name}: off-topic → base")
+    ax.set_xlabel("similarity threshold")
+    ax.set_ylabel("rate (validation)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=6, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

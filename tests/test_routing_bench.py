@@ -1,0 +1,55 @@
+"""The routing benchmark's data: splits that share nothing, labels that exist; the script runs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from bench.routing import DATA, load_profiles, load_prompts, main
+from serve_app.routing.background import GENERAL_REQUESTS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def norm(text: str) -> str:
+    return re.sub(r"\W+", " ", text.lower()).strip()
+
+
+def test_validation_test_examples_and_background_share_no_prompt():
+    val, test = load_prompts(DATA / "validation.jsonl"), load_prompts(DATA / "test.jsonl")
+    spec = json.loads((DATA / "customizations.json").read_text())
+    examples = {norm(e) for a in spec["adapters"] for e in a.get("examples", [])}
+    v, t = {norm(p["prompt"]) for p in val}, {norm(p["prompt"]) for p in test}
+    assert len(v) == len(val) and len(t) == len(test), "duplicate prompts inside a split"
+    assert not v & t, "validation and test share prompts"
+    assert not (v | t) & examples, "a labelled prompt is also an uploaded adapter example"
+    assert not (v | t) & {norm(g) for g in GENERAL_REQUESTS}, "a labelled prompt is in the background set"
+    assert len({p["id"] for p in val + test}) == len(val) + len(test)
+
+
+def test_labels_name_customizations_and_every_customization_is_covered():
+    tenant, profiles, _ = load_profiles(DATA, 0)
+    names = {p.model_id.split("/", 1)[1] for p in profiles}
+    for split in ("validation", "test"):
+        prompts = load_prompts(DATA / f"{split}.jsonl")
+        labels = {p["label"] for p in prompts}
+        assert labels == names | {"base"}, split
+        assert sum(p["label"] == "base" for p in prompts) >= 50
+
+
+def test_bench_runs_and_writes_results(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "customizations.json").write_text((DATA / "customizations.json").read_text())
+    for split in ("validation", "test"):  # a small slice: every 6th prompt
+        lines = (DATA / f"{split}.jsonl").read_text().splitlines()[::6]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    out = main(["--methods", "tfidf", "--data", str(data), "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "routing.json").read_text())
+    assert result["chosen"] == out["chosen"] and {r["contender"] for r in result["results"]} >= {
+        "tfidf (old auto: description text, threshold 0.12)"}
+    md = (tmp_path / "out" / "routing.md").read_text()
+    assert "off-topic → base" in md and (tmp_path / "out" / "routing.png").stat().st_size > 1000
+    for r in result["results"]:
+        assert 0 <= r["test"]["on_topic_accuracy"] <= 1 and r["latency"]["n"] > 0

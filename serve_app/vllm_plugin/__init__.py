@@ -2,8 +2,10 @@
 
 vLLM imports ``register`` in every process it starts (main, engine core, workers) through the
 entry point ``[project.entry-points."vllm.general_plugins"] atelier`` in pyproject.toml. It is
-inert unless an engine asks for it: an engine created with
-``additional_config={"atelier": {"bank": true, "experts": true}}`` (see :mod:`.options`) gets
+inert unless the Atelier vLLM pool asks for it (see :mod:`.options`): it installs nothing in a
+process without ``ATELIER_VLLM_PLUGIN=1`` (set only by ``PluginOptions.engine_kwargs``), and even
+where installed, only an engine created with
+``additional_config={"atelier": {"bank": true, "experts": true}}`` gets
 
 * bank LoRA layers (:mod:`.bank_layers`): every linear LoRA module holds its cluster bases
   U_c, V_c once and only (basis id, Σ_i) per adapter slot; adapters travel as tiny Σ-only PEFT
@@ -16,20 +18,23 @@ This module stays import-light: the engine side imports option classes without v
 """
 
 from serve_app.vllm_plugin.compat import SUPPORTED_VLLM_VERSIONS, VLLMVersionError, check_vllm_version
-from serve_app.vllm_plugin.options import PLUGIN_KEY, PluginOptions
+from serve_app.vllm_plugin.options import ENV_FLAG, PLUGIN_KEY, PluginOptions, process_enabled
 
-__all__ = ["PLUGIN_KEY", "SUPPORTED_VLLM_VERSIONS", "PluginOptions", "VLLMVersionError", "check_vllm_version",
+__all__ = ["ENV_FLAG", "PLUGIN_KEY", "SUPPORTED_VLLM_VERSIONS", "PluginOptions", "VLLMVersionError", "check_vllm_version",
            "register"]
 
 
 def register() -> None:
     """vLLM general-plugin entry point: install the bank LoRA layers and the Llamdex model.
 
+    Does nothing in a process without ``ATELIER_VLLM_PLUGIN=1`` (plain vLLM runs stay plain).
     On an unsupported vLLM version nothing is installed and an error is logged (plain vLLM use in
     the same environment keeps working); an engine that asks for the plugin's features is then
     refused with :class:`VLLMVersionError` by :func:`serve_app.vllm_plugin.options.engine_args`
     and by the worker extension.
     """
+    if not process_enabled():
+        return
     from serve_app.vllm_plugin.registration import register_all
 
     register_all()

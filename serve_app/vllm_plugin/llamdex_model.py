@@ -178,9 +178,9 @@ class ExpertTable:
         literals = None
         if bundle.encoder.copies:
             lits = token_literals(self.tokenizer, prompt_ids)
-            literals = layout([lits], bundle.encoder.cfg.category_lists, len(prompt_ids), left=True)
+            literals = layout([lits], bundle.encoder.cfg.vocabulary, len(prompt_ids), left=True)
         mask = torch.ones(1, hidden.shape[0], dtype=torch.long, device=hidden.device)
-        slots, features = bundle.slots(hidden.float()[None], mask, embeds.float()[None], literals)
+        slots, features, _ = bundle.slots(hidden.float()[None], mask, embeds.float()[None], literals)
         return slots[0], features[0]
 
 

@@ -1,18 +1,28 @@
 """Which plugin features an engine asks for, carried in vLLM's ``additional_config``.
 
-vLLM loads general plugins into every process before it knows any engine's configuration, so
-the plugin's classes are installed unconditionally and decide per engine from
-``vllm_config.additional_config["atelier"]`` (a :class:`PluginOptions`) whether to act. An engine
-without that key gets plain vLLM behaviour.
+vLLM loads general plugins into every process it starts, also plain vLLM runs that have nothing
+to do with Atelier (e.g. the ``vllm-lora`` contender of bench/serving.py). Two gates keep the
+plugin inert there:
+
+1. the process gate: :func:`serve_app.vllm_plugin.register` installs nothing unless the
+   environment variable ``ATELIER_VLLM_PLUGIN=1`` is set. Only :meth:`PluginOptions.engine_kwargs`
+   (called by the Atelier vLLM pool) sets it, before the engine starts, so the engine-core and
+   worker processes vLLM spawns inherit it;
+2. the engine gate: the installed classes act only for an engine whose
+   ``vllm_config.additional_config["atelier"]`` (a :class:`PluginOptions`) asks for the feature;
+   a plain engine in the same process gets plain vLLM behaviour.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 PLUGIN_KEY = "atelier"
+ENV_FLAG = "ATELIER_VLLM_PLUGIN"
+"""Environment variable that lets the plugin install itself in a process ("1" = on)."""
 WORKER_EXTENSION = "serve_app.vllm_plugin.worker_ext.AtelierWorkerExtension"
 
 
@@ -43,6 +53,7 @@ class PluginOptions(BaseModel):
         from serve_app.vllm_plugin.compat import check_vllm_version
 
         check_vllm_version()
+        enable_in_this_process()
         kwargs: dict[str, Any] = {"additional_config": {PLUGIN_KEY: self.model_dump()},
                                   "worker_extension_cls": WORKER_EXTENSION}
         if self.experts:
@@ -50,6 +61,20 @@ class PluginOptions(BaseModel):
 
             kwargs.update(engine_kwargs_for_experts())
         return kwargs
+
+
+def process_enabled() -> bool:
+    """Whether this process may install the plugin (the environment gate, see the module docstring)."""
+    return os.environ.get(ENV_FLAG) == "1"
+
+
+def enable_in_this_process() -> None:
+    """Open the process gate here and in the processes vLLM spawns from now on, and install the
+    plugin now (vLLM may have loaded its general plugins in this process already)."""
+    os.environ[ENV_FLAG] = "1"
+    from serve_app.vllm_plugin.registration import register_all
+
+    register_all()
 
 
 def current_options() -> PluginOptions:

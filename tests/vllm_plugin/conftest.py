@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,39 @@ import pytest
 import torch
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def declared_entry_point() -> str:
+    """The ``vllm.general_plugins`` entry point pyproject.toml declares for the plugin."""
+    import tomllib
+
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return data["project"]["entry-points"]["vllm.general_plugins"]["atelier"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def plugin_entry_point_installed(tmp_path_factory):
+    """Make sure vLLM finds the plugin through its entry point.
+
+    A fresh ``pip install -e .`` (CI) installs the entry point from pyproject.toml. A developer venv
+    installed from an older checkout lacks it: then the entry point pyproject.toml declares is
+    written into a throw-away ``.dist-info`` on sys.path (and PYTHONPATH, for spawned processes),
+    which is what the install would have done.
+    """
+    from serve_app.vllm_plugin.compat import plugin_entry_point
+
+    if plugin_entry_point() is None:
+        site = tmp_path_factory.mktemp("entry-point")
+        info = site / "atelier_vllm_plugin_dev-0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: atelier-vllm-plugin-dev\nVersion: 0\n")
+        (info / "entry_points.txt").write_text(f"[vllm.general_plugins]\natelier = {declared_entry_point()}\n")
+        sys.path.insert(0, str(site))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    ep = plugin_entry_point()
+    assert ep is not None and ep.value == declared_entry_point()
+    return ep
 
 
 def build_tiny32(tokenizer_dir: Path, target: Path) -> Path:

@@ -46,7 +46,8 @@ class PoolConfig(_Strict):
     model: str = "smollm2-135m"
     """Catalog name or local Hugging Face directory (see cluster.models)."""
     engine: Literal["torch", "vllm"] = "torch"
-    """torch runs everything (experts, bank); vllm serves base + adapters only."""
+    """torch or vllm; both serve base, bank adapters and Llamdex experts (vllm through Atelier's vLLM
+    plugin: ``vllm_bank_layers``, ``vllm_experts``). ``serves`` lists what a pool serves."""
     description: str = "SmolLM2-135M-Instruct: small and fast"
     latency_tier: int = Field(1, ge=1, description="1 = fastest; used by model='auto' with a latency hint")
     cost_tier: int = Field(1, ge=1, description="1 = cheapest; used by model='auto' with a cost hint")
@@ -83,6 +84,13 @@ class PoolConfig(_Strict):
     vllm_lora_target_modules: list[str] | None = None
     """vLLM engine: module suffixes that get LoRA slots (e.g. ["qkv_proj"] for q/v adapters); None =
     all LoRA-capable modules (vLLM's default: every slot then also holds and runs o/gate_up/down)."""
+    vllm_bank_layers: bool = True
+    """vLLM engine: serve the bank through Atelier's vLLM plugin (docs/serving.md, "vLLM plugin"): each
+    cluster's bases once per module, only Σ_i per adapter (a LoRA slot then costs r² numbers per
+    module instead of r x (d_in + d_out)). false = export every adapter as a dense LoRA."""
+    vllm_experts: bool = True
+    """vLLM engine: serve Llamdex experts inside vLLM (the plugin's Llamdex model; runs eager with chunked
+    prefill off). false = plain vLLM model, expert traffic goes to other pools."""
     vllm_memory_fraction: float = Field(0.15, gt=0, le=1)
     """vLLM engine: fraction of (CPU or GPU) memory for weights + KV cache."""
     bank_poll_s: float = Field(2.0, gt=0)
@@ -122,6 +130,13 @@ class PoolConfig(_Strict):
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         return self
+
+    @property
+    def serves(self) -> frozenset[str]:
+        """Customization kinds this pool serves (``adapter``, ``expert``): what routing asks of a pool."""
+        if self.engine == "vllm" and not self.vllm_experts:
+            return frozenset({"adapter"})
+        return frozenset({"adapter", "expert"})
 
     @property
     def bank_name(self) -> str:

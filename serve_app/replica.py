@@ -31,6 +31,7 @@ from cluster.settings import load_settings
 from serve_app.config import PoolConfig
 from serve_app.engine_api import Engine, EngineError, check_supported
 from serve_app.experts import (
+    EnginePredictor,
     ExpertKey,
     ExpertRegistry,
     LoadedExpert,
@@ -82,9 +83,7 @@ class LLMReplica:
         self.experts = ExpertRegistry()
         self.predictor: PredictBatcher | None = None
         if EXPERT in self.engine.capabilities.modifiers:
-            self.predictor = PredictBatcher(self.engine.model, self.engine.tokenizer,  # type: ignore[attr-defined]
-                                            self.pool.max_batch_size, self.pool.batch_wait_ms / 1000,
-                                            self.engine.run_between_steps)
+            self.predictor = self._predictor()
         self.pinned_bank: int | None = None
         self._bank_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
@@ -93,6 +92,14 @@ class LLMReplica:
             self._expert_loader())
         log.info("replica.ready", pool=self.pool.name, model=self.model.id, engine=self.engine.capabilities.name,
                  bank_version=self.engine.bank_version, seconds=round(time.perf_counter() - started, 2))
+
+    def _predictor(self):
+        """What answers ``predict``: an engine that predicts by itself (vLLM with the plugin batches expert
+        rows with everything else), else a PredictBatcher over the engine's torch model."""
+        if hasattr(self.engine, "predict"):
+            return EnginePredictor(self.engine)
+        return PredictBatcher(self.engine.model, self.engine.tokenizer,  # type: ignore[attr-defined]
+                              self.pool.max_batch_size, self.pool.batch_wait_ms / 1000, self.engine.run_between_steps)
 
     def _observe_step(self, rows: int) -> None:
         self.metrics.batch_rows.observe(rows, tags=self.metrics.tags)
@@ -183,7 +190,7 @@ class LLMReplica:
         """The bundle for ``expert_key`` from the LRU (loading it on a miss); counts hits and misses."""
         if self.predictor is None:
             raise EngineError(400, f"pool {self.pool.name!r} runs the {self.engine.capabilities.name} engine, which "
-                                   "cannot run Llamdex experts; send expert traffic to a torch pool")
+                                   "cannot run Llamdex experts; send expert traffic to a pool that serves them")
         hit = expert_key in self.experts.resident
         entry = await self.get_expert(expert_key)
         bundle = entry.bundle

@@ -54,6 +54,18 @@ def _digest(*parts: torch.Tensor | str) -> str:
     return h.hexdigest()
 
 
+def sigma_of(bank, module: str, i: int) -> torch.Tensor:
+    """Adapter ``i``'s Σ in ``module`` as the bank layers take it: [r, r] (full, lowrank) or [r] (diag).
+
+    A lowrank bank stores P_i | Q_i ([r, 2R], Σ_i = P_i Q_iᵀ); the payload carries the product (r² numbers,
+    the same as JD-Full)."""
+    sigma = bank.modules[module].sigma[i]
+    if bank.method == "lowrank":
+        R = sigma.shape[-1] // 2
+        return sigma[:, :R] @ sigma[:, R:].T
+    return sigma
+
+
 class BankHost:
     """Basis ids, payload directories and pending worker operations for one engine's bank."""
 
@@ -160,7 +172,7 @@ class BankHost:
             bank = self.bank
         path = self.cache_dir / "payloads" / str(lora)
         if not (path / "adapter_config.json").is_file():
-            sigmas = {m: mb.sigma[i] for m, mb in sorted(bank.modules.items())}
+            sigmas = {m: sigma_of(bank, m, i) for m in sorted(bank.modules)}
             nonzero = {m: s for m, s in sigmas.items() if bool(s.any())} or dict([next(iter(sigmas.items()))])
             write_payload(path, nonzero, basis, bank.rank)
         return BankLoRA(name, lora, f"{name}@{lora}", path, basis)

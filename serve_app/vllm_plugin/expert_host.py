@@ -90,9 +90,18 @@ class ExpertHost:
             nonce=nonce)
 
 
-def prediction(bundle, first_logprobs: dict[int, Any]) -> dict[str, Any]:
-    """Label, answer token and class probabilities from the first position's logprobs of the class tokens
-    (softmax over the class logits = renormalised exp of their logprobs)."""
+def prediction(bundle, first_logprobs: dict[int, Any], read: dict | None = None) -> dict[str, Any]:
+    """The fields of ``llamdex.insertion.predict`` from a vLLM expert request.
+
+    Label, answer token and class probabilities come from the first position's logprobs of the
+    class tokens (softmax over the class logits = renormalised exp of their logprobs); with ``read``
+    (the worker's record, ``atelier_expert_results``) also what the encoder read: ``features``
+    (decoded by the codec; None where the question did not state it), ``stated`` / ``not_stated``,
+    ``encoded_features`` and ``expert_probabilities`` (the expert on those features)."""
+    import torch
+
+    from llamdex.expert import predict_proba
+
     spec = bundle.spec
     scores = []
     for tid in spec.class_token_ids:
@@ -104,5 +113,15 @@ def prediction(bundle, first_logprobs: dict[int, Any]) -> dict[str, Any]:
     weights = [math.exp(s - top) for s in scores]
     total = sum(weights)
     best = max(range(len(scores)), key=scores.__getitem__)
-    return {"label": spec.class_names[best], "answer": spec.class_token_strings[best],
-            "probabilities": dict(zip(spec.class_names, (w / total for w in weights), strict=True))}
+    out: dict[str, Any] = {"label": spec.class_names[best], "answer": spec.class_token_strings[best],
+                           "probabilities": dict(zip(spec.class_names, (w / total for w in weights), strict=True))}
+    if read is not None:
+        feats = torch.tensor([read["encoded_features"]], dtype=torch.float32)
+        decoded = bundle.codec.decode(feats.numpy())[0]
+        said = {f.name: bool(s) for f, s in zip(bundle.encoder.cfg.features, read["stated"], strict=True)}
+        out.update(features={k: (v if said[k] else None) for k, v in decoded.items()},
+                   stated=[k for k in decoded if said[k]], not_stated=[k for k in decoded if not said[k]],
+                   encoded_features=read["encoded_features"],
+                   expert_probabilities=dict(zip(spec.class_names, predict_proba(bundle.expert, feats)[0].tolist(),
+                                                 strict=True)))
+    return out

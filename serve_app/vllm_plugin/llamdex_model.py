@@ -147,7 +147,7 @@ class ExpertTable:
 
     def __init__(self, tokenizer_path: str, max_results: int = 4096):
         self.bundles: dict[int, Any] = {}
-        self.results: OrderedDict[int, list[float]] = OrderedDict()
+        self.results: OrderedDict[int, dict] = OrderedDict()
         self.max_results = max_results
         self._tokenizer_path = tokenizer_path
         self._tokenizer = None
@@ -161,18 +161,21 @@ class ExpertTable:
             self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
         return self._tokenizer
 
-    def record(self, nonce: int, features: Tensor) -> None:
+    def record(self, nonce: int, features: Tensor, stated: Tensor) -> None:
+        """Keep what the encoder read for request ``nonce`` (codec-space features, stated flags)."""
         with self._lock:
-            self.results[nonce] = features.tolist()
+            self.results[nonce] = {"encoded_features": features.tolist(), "stated": [bool(x) for x in stated.tolist()]}
             while len(self.results) > self.max_results:
                 self.results.popitem(last=False)
 
-    def pop(self, nonces: Iterable[int]) -> dict[int, list[float] | None]:
+    def pop(self, nonces: Iterable[int]) -> dict[int, dict | None]:
         with self._lock:
             return {n: self.results.pop(n % 2**ID_BITS, None) for n in nonces}
 
-    def slot_vectors(self, bundle, hidden: Tensor, embeds: Tensor, prompt_ids: list[int]) -> tuple[Tensor, Tensor]:
-        """encoder → expert → decoder on one prompt's layer-k states (P, d) -> (slots (n, d), features (m,))."""
+    def slot_vectors(self, bundle, hidden: Tensor, embeds: Tensor,
+                     prompt_ids: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """encoder → expert → decoder on one prompt's layer-k states (P, d)
+        -> (slots (n, d), features (m,), stated (F,) bool)."""
         from llamdex.literals import layout, token_literals
 
         literals = None
@@ -180,8 +183,8 @@ class ExpertTable:
             lits = token_literals(self.tokenizer, prompt_ids)
             literals = layout([lits], bundle.encoder.cfg.vocabulary, len(prompt_ids), left=True)
         mask = torch.ones(1, hidden.shape[0], dtype=torch.long, device=hidden.device)
-        slots, features, _ = bundle.slots(hidden.float()[None], mask, embeds.float()[None], literals)
-        return slots[0], features[0]
+        slots, features, stated = bundle.slots(hidden.float()[None], mask, embeds.float()[None], literals)
+        return slots[0], features[0], stated[0]
 
 
 @ignore_torch_compile
@@ -238,10 +241,10 @@ class LlamdexLlamaModel(LlamaModel):
                         "prefill off and a per-request cache_salt (serve_app.vllm_plugin engine_kwargs)")
                 if input_ids is None:
                     raise RuntimeError("the Llamdex model needs input_ids (requires_raw_input_tokens)")
-                slots, features = self.experts.slot_vectors(bundle, stream[lo:first], step.embeds[lo:first],
+                slots, features, stated = self.experts.slot_vectors(bundle, stream[lo:first], step.embeds[lo:first],
                                                             input_ids[lo:first].tolist())
                 stream[first:first + n] = slots.to(stream.dtype)
-                self.experts.record(nonce, features)
+                self.experts.record(nonce, features, stated)
             start = end
         return stream
 

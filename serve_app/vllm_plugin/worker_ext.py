@@ -80,8 +80,9 @@ class AtelierWorkerExtension:
             table.changed()
 
     def atelier_memory(self) -> dict[str, int]:
-        """Bytes held for adapters: bank bases and Σ slots on the device, vLLM's LoRA slots and its
-        host-memory adapter cache (all registered LoRAs), on this worker."""
+        """Bytes held for adapters on this worker: bank bases and Σ slots (bank layers), vLLM's dense LoRA
+        slots (layers that are not bank layers, e.g. a plain engine's, or LoRA-wrapped embeddings) and its
+        host-memory adapter cache (all registered LoRAs)."""
         manager = self.model_runner.lora_manager._adapter_manager
         out = {"bank_bases": 0, "bank_slots": 0, "lora_slots": 0, "lora_host_cache": 0, "registered_loras": 0}
         seen: set[int] = set()
@@ -100,7 +101,8 @@ class AtelierWorkerExtension:
                     out[f"bank_{k}"] += v
             else:
                 for name in ("lora_a_stacked", "lora_b_stacked"):
-                    for t in getattr(layer, name, ()) or ():
+                    value = getattr(layer, name, None)
+                    for t in [value] if isinstance(value, torch.Tensor) else (value or ()):
                         if isinstance(t, torch.Tensor):
                             out["lora_slots"] += nbytes(t)
         for lora in manager.list_adapters().values():
@@ -140,8 +142,8 @@ class AtelierWorkerExtension:
         for s in slot_ids:
             table.bundles.pop(s, None)
 
-    def atelier_expert_results(self, nonces: list[int]) -> dict[int, list[float] | None]:
-        """The encoded features each request's encoder read (popped; None if never computed)."""
+    def atelier_expert_results(self, nonces: list[int]) -> dict[int, dict | None]:
+        """What each request's encoder read: ``{"encoded_features", "stated"}`` (popped; None if never computed)."""
         return self._atelier_experts().pop(nonces)
 
     def atelier_status(self) -> dict[str, Any]:

@@ -39,6 +39,28 @@ def test_header_survives_every_lora_dtype(dtype):
         encode_header(-1)
 
 
+def test_lowrank_sigma_reaches_the_payload_as_its_product(collection, tmp_path):
+    from safetensors.torch import load_file
+
+    from serve_app.vllm_plugin.bank_host import sigma_of
+
+    low = compress_collection(collection[:8], rank=4, clusters=2, method="lowrank", seed=0)
+    host = BankHost(tmp_path, max_rank=4)
+    host.set_bank(low, 1)
+    host.pending_install()
+    lease = host.acquire(low.adapters[2])
+    tensors = load_file(str(lease.path / "adapter_model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    for module, mb in low.modules.items():
+        sigma = tensors[f"base_model.model.{module}.lora_A.weight"]
+        torch.testing.assert_close(sigma, sigma_of(low, module, 2))
+        x = torch.randn(3, mb.shape[1], generator=g)
+        idx = torch.tensor([2, -1, 2])
+        want = bank_delta(x, mb.U, mb.V, mb.sigma, torch.tensor(low.clusters), idx, method="lowrank")
+        got = (x @ mb.V[low.clusters[2]]) @ sigma.T @ mb.U[low.clusters[2]].T
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+
+
 def test_grouped_delta_equals_bank_delta(bank):
     """Slots hold (basis = cluster, Σ_adapter); tokens pick slots (−1 = none): same as bank_delta."""
     g = torch.Generator().manual_seed(0)

@@ -52,6 +52,8 @@ class VLLMOptions(BaseModel):
     max_cpu_loras: int = Field(64, ge=1)
     max_model_len: int = 2048
     memory_fraction: float = 0.15
+    kv_cache_bytes: int | None = None
+    """KV-cache size in bytes (vLLM's ``kv_cache_memory_bytes``); None = sized by ``memory_fraction``."""
     max_num_seqs: int = 16
     """Rows vLLM runs at once (its continuous batch)."""
     lora_target_modules: list[str] | None = None
@@ -153,7 +155,8 @@ class VLLMEngine:
             model=str(model_path), dtype=options.dtype, enable_lora=True, max_lora_rank=options.max_lora_rank,
             max_loras=options.max_loras, max_cpu_loras=options.max_cpu_loras, max_model_len=options.max_model_len,
             max_num_seqs=options.max_num_seqs, gpu_memory_utilization=options.memory_fraction,
-            lora_target_modules=options.lora_target_modules, **plugin.engine_kwargs()))
+            lora_target_modules=options.lora_target_modules, kv_cache_memory_bytes=options.kv_cache_bytes,
+            **plugin.engine_kwargs()))
         kinds = {ADAPTER, EXPERT} if options.experts else {ADAPTER}
         self.capabilities = EngineCapabilities(name="vllm", modifiers=frozenset(kinds), continuous_batching=True,
                                                max_batch_rows=options.max_num_seqs)

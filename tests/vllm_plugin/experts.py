@@ -46,7 +46,8 @@ def save_random_expert(model_dir: Path, out: Path, layer: int, num_slots: int, s
                                                  model_id="tiny32", model_hash=hash_model_dir(model_dir), scale=0.5)
         arch = ExpertArch.from_schema(TOY, hidden_sizes=(16,))
         expert = build_expert(arch).eval()
-    ledger = DPLedger(mechanism="none", epsilon=None, noise_multiplier=0, sample_rate=1, steps=0, epochs=0)
+    ledger = DPLedger(mechanism="none", epsilon=None, noise_multiplier=0, sample_rate=1, steps=0, epochs=0,
+                      accountant="none")
     save_connectors(encoder, decoder, spec, out / "connectors")
     save_expert(expert, ExpertSpec.build(TOY, arch, ledger), out / "expert")
     return out / "expert", out / "connectors"

@@ -8,79 +8,29 @@
   generation (class answer token, then greedy on vLLM's KV cache) equals the torch engine's;
   experts with different layers and slot counts share a batch with base and adapter rows.
 
-Two engines per module: plain vLLM with dense LoRAs (the reference), then one Atelier engine with
-both plugin features. Each engine takes ~20–40 s to start on a 2-core box.
+Engines: plain vLLM with dense LoRAs (the reference, session fixture), then one Atelier engine with
+both plugin features (``vllm.LLM``, synchronous, driven directly). Each engine takes ~20–60 s to
+start on a loaded 2-core box. test_pool_engine.py runs the same through the pool's VLLMEngine.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.serve_fixtures import make_peft_adapter
-from tests.vllm_plugin.conftest import vllm_engine
-from tests.vllm_plugin.experts import save_random_expert, torch_expert_reference
+from tests.vllm_plugin.conftest import (
+    LAYOUT,
+    MAX_TOKENS,
+    QUESTIONS,
+    generate_tokens,
+    token_prompts,
+    vllm_engine,
+)
+from tests.vllm_plugin.experts import torch_expert_reference
 
 pytestmark = [pytest.mark.slow]
 
-PROMPTS = ["hello world", "the cat sat on", "abc abc abc", "1 2 3 4", "Once upon a time", "zzz", "Paris is"]
-LAYOUT = [0, None, 1, 2, None, 3, None]  # adapter index per prompt (None: base model)
-MAX_TOKENS = 6
-QUESTIONS = ["A 30 year old man travelling alone paid 12.5 pounds for his ticket. Did he survive?",
-             "She was 61, travelled with her family and her fare was 80 pounds. Did she survive?",
-             "Did the 8 year old girl survive?"]
-
-
 @pytest.fixture(scope="module")
-def banks(tiny32, tmp_path_factory):
-    """Two banks over the same 4 PEFT adapters: JD-Full K=2 and JD-Diag K=1, both rank 8."""
-    from transformers import AutoModelForCausalLM
-
-    from compression import compress_collection, linear_shapes, load_peft_adapter
-
-    tmp = tmp_path_factory.mktemp("adapters")
-    shapes = linear_shapes(AutoModelForCausalLM.from_pretrained(tiny32))
-    dirs = [make_peft_adapter(tiny32, tmp / f"lora{i}", seed=10 + i, scale=3.0) for i in range(4)]
-    adapters = [load_peft_adapter(d, name=f"acme/a{i}", base_shapes=shapes) for i, d in enumerate(dirs)]
-    return {"full": compress_collection(adapters, rank=8, clusters=2, method="full", seed=0),
-            "diag": compress_collection(adapters, rank=8, clusters=1, method="diag", seed=0)}
-
-
-def _generate(llm, prompts, loras, params=None):
-    from vllm import SamplingParams
-
-    params = params or SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
-    return outs
-
-
-def _tokens(outs):
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
-@pytest.fixture(scope="module")
-def dense_expected(tiny32, banks, tmp_path_factory):
-    """Plain vLLM (dense LoRAs exported from each bank): tokens per bank, and base.
-
-    max_loras = 9 > the 8 distinct LoRAs this engine ever sees, so its last slot stays empty: vLLM's CPU
-    ops read the −1 slot of rows without adapter as the last slot (with 5 slots, the 8 LoRAs of two
-    banks filled it and the base rows of the second bank came out wrong)."""
-    from vllm.lora.request import LoRARequest
-
-    from compression import export_adapter
-
-    tmp = tmp_path_factory.mktemp("dense")
-    out = {}
-    with vllm_engine(tiny32, enable_lora=True, max_loras=9, max_cpu_loras=16, max_lora_rank=8) as llm:
-        for tag, bank in banks.items():
-            loras = [LoRARequest(f"{tag}{i}", 10 * (tag == "diag") + i + 1,
-                                 str(export_adapter(bank, bank.adapters[i], tmp / tag / str(i)))) for i in range(4)]
-            out[tag] = _tokens(_generate(llm, PROMPTS, [None if a is None else loras[a] for a in LAYOUT]))
-        out["base"] = _tokens(_generate(llm, PROMPTS, None))
-    return out
-
-
-@pytest.fixture(scope="module")
-def atelier_llm(tiny32, dense_expected):
+def atelier_llm(tiny32, dense_expected, experts):
     """One engine with both plugin features; max_loras = 4 = distinct adapters per batch."""
     from serve_app.vllm_plugin import PluginOptions
 
@@ -112,7 +62,7 @@ def test_plugin_is_loaded_through_the_entry_point(atelier_llm):
     assert status["model_class"] == "LlamdexForCausalLM"
 
 
-def test_bank_layers_equal_dense_loras(atelier_llm, banks, dense_expected, tmp_path):
+def test_bank_layers_equal_dense_loras(atelier_llm, tiny32, banks, dense_expected, tmp_path):
     from serve_app.vllm_plugin.bank_host import BankHost
 
     host = BankHost(tmp_path, max_rank=8)
@@ -120,7 +70,7 @@ def test_bank_layers_equal_dense_loras(atelier_llm, banks, dense_expected, tmp_p
         bank = banks[tag]
         assert len(_install(atelier_llm, host, bank, version)) == bank.num_clusters
         leases, loras = _bank_loras(host, bank)
-        got = _tokens(_generate(atelier_llm, PROMPTS, [None if a is None else loras[a] for a in LAYOUT]))
+        got = generate_tokens(atelier_llm, token_prompts(tiny32), [None if a is None else loras[a] for a in LAYOUT])
         for lease in leases:
             host.release(lease)
         assert got == dense_expected[tag], f"{tag} bank: bank layers != dense LoRAs"
@@ -132,14 +82,6 @@ def test_bank_layers_equal_dense_loras(atelier_llm, banks, dense_expected, tmp_p
             [dense_expected["base"][i] for i, a in enumerate(LAYOUT) if a is None]
     memory = atelier_llm.collective_rpc("atelier_memory")[0]
     assert memory["bank_bases"] > 0 and memory["bank_slots"] > 0 and memory["registered_loras"] >= 4
-
-
-@pytest.fixture(scope="module")
-def experts(tiny32, tmp_path_factory):
-    """Two saved experts with different insertion layers and slot counts."""
-    tmp = tmp_path_factory.mktemp("experts")
-    return [save_random_expert(tiny32, tmp / "a", layer=1, num_slots=2, seed=1),
-            save_random_expert(tiny32, tmp / "b", layer=2, num_slots=4, seed=2)]
 
 
 def test_experts_equal_torch_predict_in_a_mixed_batch(atelier_llm, tiny32, banks, experts, dense_expected,
@@ -184,7 +126,7 @@ def test_experts_equal_torch_predict_in_a_mixed_batch(atelier_llm, tiny32, banks
             lora_reqs.append(None)
             asked.append((i, w, q, inp.nonce))
         else:
-            prompts.append(PROMPTS[i])
+            prompts.append(token_prompts(tiny32)[i])
             params.append(SamplingParams(**greedy))
             lora_reqs.append(loras[2] if w == "lora" else None)
     outs = atelier_llm.generate(prompts, params, lora_request=lora_reqs, use_tqdm=False)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import shutil
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -69,12 +70,21 @@ class VLLMOptions(BaseModel):
     """Serve Llamdex experts through the plugin's Llamdex model."""
     max_experts: int = Field(8, ge=1)
     """Expert bundles resident in the workers at once (LRU)."""
+    memory_probe: bool = False
+    """Add the plugin's worker extension (methods only, no layers or model) to a plain engine so
+    :meth:`VLLMEngine.adapter_memory` works there too (bench/serving.py's memory column)."""
+
+
+EXPERT_SLOTS_MAX = 64
+"""Most slots a Llamdex expert appends (``ConnectorsSpec.num_slots``; the plugin's ``MAX_SLOTS``)."""
 
 
 def vllm_options(pool) -> VLLMOptions:
     """A pool's vLLM settings (``serve_app.config.PoolConfig``)."""
+    slots = EXPERT_SLOTS_MAX if pool.vllm_experts else 0  # an expert request's appended slots
     return VLLMOptions(dtype=pool.dtype, max_lora_rank=pool.max_lora_rank, max_loras=pool.max_loras,
-                       max_cpu_loras=pool.max_cpu_loras, max_model_len=pool.max_prompt_tokens + pool.max_new_tokens,
+                       max_cpu_loras=pool.max_cpu_loras,
+                       max_model_len=pool.max_prompt_tokens + slots + pool.max_new_tokens,
                        memory_fraction=pool.vllm_memory_fraction, max_num_seqs=pool.max_batch_size,
                        lora_target_modules=pool.vllm_lora_target_modules, bank_layers=pool.vllm_bank_layers,
                        experts=pool.vllm_experts, max_experts=pool.max_experts_per_replica)
@@ -151,12 +161,16 @@ class VLLMEngine:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         plugin = PluginOptions(bank=options.bank_layers, experts=options.experts)
+        extra = plugin.engine_kwargs()
+        if options.memory_probe and not extra:
+            from serve_app.vllm_plugin.options import WORKER_EXTENSION
+
+            extra = {"worker_extension_cls": WORKER_EXTENSION}
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=str(model_path), dtype=options.dtype, enable_lora=True, max_lora_rank=options.max_lora_rank,
             max_loras=options.max_loras, max_cpu_loras=options.max_cpu_loras, max_model_len=options.max_model_len,
             max_num_seqs=options.max_num_seqs, gpu_memory_utilization=options.memory_fraction,
-            lora_target_modules=options.lora_target_modules, kv_cache_memory_bytes=options.kv_cache_bytes,
-            **plugin.engine_kwargs()))
+            lora_target_modules=options.lora_target_modules, kv_cache_memory_bytes=options.kv_cache_bytes, **extra))
         kinds = {ADAPTER, EXPERT} if options.experts else {ADAPTER}
         self.capabilities = EngineCapabilities(name="vllm", modifiers=frozenset(kinds), continuous_batching=True,
                                                max_batch_rows=options.max_num_seqs)
@@ -219,7 +233,8 @@ class VLLMEngine:
         yield LoRARequest(lora_name, lora_id, str(path))
 
     async def adapter_memory(self) -> dict[str, int]:
-        """Bytes the workers hold for adapters (plugin engines only; see ``atelier_memory``)."""
+        """Bytes the workers hold for adapters (``atelier_memory``: bank bases and Σ slots, dense LoRA slots,
+        vLLM's host-memory LoRA cache); needs the plugin or ``memory_probe``."""
         return (await self._rpc("atelier_memory", ()))[0]
 
     def stats(self) -> EngineStats:
@@ -231,6 +246,8 @@ class VLLMEngine:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        if self.plugin_bank is not None:  # this process's Σ payloads and basis files
+            shutil.rmtree(self.plugin_bank.host.cache_dir, ignore_errors=True)
 
     async def preload(self, names: Sequence[str]) -> None:
         """Load adapters into vLLM's host-memory LoRA cache now (at most ``max_cpu_loras`` stay)."""

@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from serve_app.vllm_plugin import register
 from serve_app.vllm_plugin.compat import check_vllm_version
+
+# vLLM imports this module in every worker of a plugin engine before it builds the model: install the
+# plugin here too (a no-op without ATELIER_VLLM_PLUGIN=1, idempotent), so workers get it even in a venv
+# whose installed metadata predates the entry point.
+register()
 
 
 class AtelierWorkerExtension:

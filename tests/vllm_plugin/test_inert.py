@@ -16,12 +16,17 @@ pytestmark = [pytest.mark.slow]
 
 PROBE = """
 import json, os
+report = {}
+if os.environ.get("PROBE_WORKER_EXT"):  # what a plugin engine's workers import before building the model
+    import serve_app.vllm_plugin.worker_ext
+    import vllm.lora.utils
+    report["worker_ext_installs"] = vllm.lora.utils._all_lora_classes[0].__module__
 from vllm.plugins import load_general_plugins
 load_general_plugins()  # what every vLLM process does: loads serve_app.vllm_plugin:register
 import vllm.lora.utils as lora_utils
 from vllm import ModelRegistry
-report = {"first_lora_class": lora_utils._all_lora_classes[0].__module__,
-          "llamdex_arch": "AtelierLlamdexForCausalLM" in ModelRegistry.get_supported_archs()}
+report.update(first_lora_class=lora_utils._all_lora_classes[0].__module__,
+              llamdex_arch="AtelierLlamdexForCausalLM" in ModelRegistry.get_supported_archs())
 if os.environ.get("PROBE_ENGINE_KWARGS"):
     from serve_app.vllm_plugin import PluginOptions
     report["kwargs"] = sorted(PluginOptions(bank=True).engine_kwargs())
@@ -48,5 +53,6 @@ def test_entry_point_is_inert_in_plain_vllm_processes(plugin_entry_point_install
     assert pool["env"] == "1" and "additional_config" in pool["kwargs"]
     assert pool["first_lora_class_after"] == "serve_app.vllm_plugin.bank_layers"
     # with the gate open (a process spawned by the pool's engine), the entry point installs it
-    spawned = _probe(ATELIER_VLLM_PLUGIN="1")
+    spawned = _probe(ATELIER_VLLM_PLUGIN="1", PROBE_WORKER_EXT="1")
+    assert spawned["worker_ext_installs"] == "serve_app.vllm_plugin.bank_layers"  # also without the entry point
     assert spawned["first_lora_class"] == "serve_app.vllm_plugin.bank_layers" and spawned["llamdex_arch"]

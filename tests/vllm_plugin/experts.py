@@ -7,21 +7,7 @@ from pathlib import Path
 
 import torch
 
-TOY = {
-    "name": "titanic",
-    "description": "Passengers of the RMS Titanic",
-    "subject": "passenger",
-    "features": [
-        {"name": "age", "type": "int", "range": [0, 100], "unit": "years", "description": "age of the passenger"},
-        {"name": "fare", "type": "float", "range": [0, 600], "unit": "pounds", "description": "ticket price",
-         "decimals": 2},
-        {"name": "sex", "type": "category", "categories": ["male", "female"], "description": "sex"},
-        {"name": "alone", "type": "bool", "description": "travelling alone"},
-    ],
-    "target": {"name": "survived", "question": "Did the passenger survive?",
-               "classes": [{"name": "no", "description": "did not survive"},
-                           {"name": "yes", "description": "survived"}]},
-}
+from tests.llamdex.conftest import TOY  # the brief's example schema, shared with the llamdex tests
 
 
 def save_random_expert(model_dir: Path, out: Path, layer: int, num_slots: int, seed: int) -> tuple[Path, Path]:

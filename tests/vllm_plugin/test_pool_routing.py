@@ -16,9 +16,12 @@ def test_a_pool_says_which_customization_kinds_it_serves():
     assert (opts.bank_layers, opts.experts, opts.max_experts) == (False, True, 3)
 
 
-def test_router_sends_experts_only_to_pools_that_serve_them(tmp_path):
+def test_router_sends_experts_only_to_pools_that_serve_them(tmp_path, monkeypatch):
     from cluster.registry import Registry
+    from serve_app import catalog as catalog_module
     from serve_app.catalog import Catalog
+
+    monkeypatch.setattr(catalog_module, "build_recommender", lambda *a: None)  # `auto` is not under test here
 
     config = load_app_config({"pools": [
         {"name": "torchpool", "model": str(tmp_path / "m")},

@@ -94,3 +94,14 @@ def test_bank_installs_before_the_first_request_and_drops_after_a_swap(tmp_path)
     held_basis = bank.host._lora_basis[lora.lora_int_id]
     assert workers.calls[2][1][0] == [1 - held_basis] and workers.calls[3][1][0] == [held_basis]
     assert lora.lora_int_id >= 1 and (tmp_path / "payloads").is_dir()
+
+
+def test_bank_ops_bench_smoke(tmp_path):
+    import json
+
+    from bench.vllm_bank_ops import main
+
+    main(["--tokens", "4,8", "--reps", "3", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "vllm_bank_ops.json").read_text())["results"]
+    assert [r["tokens"] for r in rows] == [4, 8] and all(r["bank_us"] > 0 and r["vllm_us"] > 0 for r in rows)
+    assert "| 8 |" in (tmp_path / "vllm_bank_ops.md").read_text()

@@ -330,12 +330,13 @@ class VLLMEngine:
             raise EngineError(400, "this vLLM pool does not serve experts (pool config vllm_experts: false)")
         ids = chat_prompt_ids(self.tokenizer, bundle.spec.system_prompt, [question])[0]
         async with self.plugin_experts.request(bundle, ids) as inputs:
-            last = None
+            last, rows = None, 1
             async for out in self.engine.generate(TokensPrompt(**inputs.prompt),
                                                   SamplingParams(max_tokens=1, temperature=0, **inputs.sampling),
                                                   f"predict-{inputs.nonce}"):
-                last = out
+                last, rows = out, max(rows, self.engine.get_num_unfinished_requests())
             read = await self.plugin_experts.read(inputs.nonce)
         if read is None:
             raise EngineError(500, "vLLM answered the expert request but its workers recorded no encoder read")
-        return {**prediction(bundle, last.outputs[0].logprobs[0], read), "batch_rows": 1}
+        # batch_rows: requests vLLM was running when this one finished (continuous batching: no fixed batch)
+        return {**prediction(bundle, last.outputs[0].logprobs[0], read), "batch_rows": rows}

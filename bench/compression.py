@@ -8,7 +8,7 @@ One run, three parts:
    and SHARE (arXiv 2602.06043) via ``lorashare`` (and ``vlora-dev``), fitted on the same 100
    adapters, every one evaluated the same way: through ``compression.attach_bank`` on the base model,
    one adapter per forward, exact match on trained phrasings, VALIDATION paraphrases and TEST
-   paraphrases (``train_jobs.lora_tasks``). Baseline, same run, same op: the original adapters as an
+   paraphrases (``compression.codebook.tasks``). Baseline, same run, same op: the original adapters as an
    exact bank. Plus the time to add one new adapter, per method.
 2. Served = uploaded: each JD bank served at error budgets b (adapters over b stored exactly, as the
    service does); the per-adapter budget is chosen on validation paraphrases
@@ -111,7 +111,7 @@ def peft_check(model, tok, bank, name: str, task, peft_dir: Path) -> dict:
     from peft import PeftModel
 
     from compression import attach_bank
-    from train_jobs.lora_tasks import eval_logits
+    from compression.codebook.tasks import eval_logits
 
     handle = attach_bank(model, bank)
     try:
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bench.compression_report import report
     from cluster.banks import model_linear_shapes
     from cluster.models import load_model, resolve_model
+    from cluster.settings import load_settings
     from compression import (
         DEFAULT_ERROR_BUDGET,
         bank_param_count,
@@ -187,13 +188,14 @@ def main(argv: list[str] | None = None) -> dict:
         mean_recon_errors,
         serve_within_budget,
     )
-    from train_jobs.lora_adapters import default_out_dir
-    from train_jobs.lora_tasks import LoraTask
+    from compression.codebook.store import default_out_dir
+    from compression.codebook.tasks import LoraTask
 
     t_run, c_run, load_start = time.perf_counter(), time.process_time(), os.getloadavg()
     model_ref = resolve_model(args.model)
     shapes = model_linear_shapes(str(model_ref.path))
-    adapters_dir = Path(args.adapters).expanduser() if args.adapters else default_out_dir(model_ref.id)
+    adapters_dir = (Path(args.adapters).expanduser() if args.adapters
+                    else default_out_dir(model_ref.id, load_settings().home))
     dirs = sorted((d for d in adapters_dir.iterdir() if (d / "task.json").exists()),
                   key=lambda d: json.loads((d / "task.json").read_text())["task"]["task_id"])
     dirs = dirs[:args.limit] if args.limit else dirs

@@ -22,7 +22,7 @@ def evaluate_bank(model, tok, bank, tasks: list, names: list[str]) -> list[dict]
     import torch
 
     from compression import attach_bank
-    from train_jobs.lora_tasks import eval_logits, score_logits
+    from compression.codebook.tasks import eval_logits, score_logits
 
     handle = attach_bank(model, bank)
     rows = []

@@ -1,10 +1,10 @@
 """Scale of the adapter bank to 1000 adapters, without telling the sweep the answer.
 
-1. ``planted_grid``: STRUCTURED SYNTHETIC adapters (``compression.synthetic``, planted groups) with
+1. ``planted_grid``: STRUCTURED SYNTHETIC adapters (``compression.synthetic_adapters``, planted groups) with
    the real module shapes; the whole r × K grid is fitted and reported (not only the planted r, K).
 2. ``family_collection``: adapters made from the TRAINED adapters of 2-3 task families, each a
    trained adapter of its family with its factors perturbed (relative noise). How many groups that
-   makes is not given to anything; ``train_jobs.bank_sweep.run_sweep`` (Ray Tune, the same sweep a
+   makes is not given to anything; ``cluster.bank_tune.run_sweep`` (Ray Tune, the same sweep a
    refit runs) picks r, K and Full/Diag for the smallest bank that serves every adapter within the
    error budget, and the bench reports which K it found, how its clusters line up with families,
    and how long the sweep took (the refit time at that many adapters).
@@ -60,7 +60,7 @@ def planted_grid(shapes: dict, n: int, groups: int, latent_rank: int, r0: int, n
                  budget: float, seed: int, log) -> list[dict]:
     """Fit every (method, r, K) of ``grid`` on n synthetic adapters with ``groups`` planted groups."""
     from compression import collection_param_count
-    from compression.synthetic import synthetic_collection
+    from compression.synthetic_adapters import synthetic_collection
 
     coll = synthetic_collection(n, shapes, clusters=groups, r0=r0, latent_rank=latent_rank, noise=noise, seed=seed)
     base = collection_param_count(coll.adapters)
@@ -96,8 +96,9 @@ def family_collection(trained: list, families: list[str], n: int, noise: float, 
 def sweep_families(adapters: list, labels: list[str], ranks: list[int], clusters: list[int], methods: list[str],
                    budget: float, storage, seed: int, max_concurrent: int) -> dict:
     """The Tune sweep on the family collection: its choice, the whole grid, and clusters vs families."""
+    from cluster.bank_tune import run_sweep
     from compression import collection_param_count
-    from train_jobs.bank_sweep import choose, fit_within_budget, run_sweep
+    from compression.selection import choose, fit_within_budget
 
     t = time.perf_counter()
     rows = run_sweep(adapters, ranks, clusters, methods, storage, max_concurrent, seed, budget, trial_cpus=1.0)
@@ -193,14 +194,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     from cluster.banks import model_linear_shapes
     from cluster.models import resolve_model
+    from cluster.settings import load_settings
     from compression import DEFAULT_ERROR_BUDGET, load_peft_adapter
-    from train_jobs.lora_adapters import default_out_dir
+    from compression.codebook.store import default_out_dir
 
     t_run, load_start = time.perf_counter(), os.getloadavg()
     budget = DEFAULT_ERROR_BUDGET if args.budget is None else args.budget
     model = resolve_model(args.model)
     shapes = model_linear_shapes(str(model.path))
-    adapters_dir = Path(args.adapters).expanduser() if args.adapters else default_out_dir(model.id)
+    adapters_dir = Path(args.adapters).expanduser() if args.adapters else default_out_dir(model.id, load_settings().home)
     trained = []
     for d in sorted(d for d in adapters_dir.iterdir() if (d / "task.json").exists()):
         task = json.loads((d / "task.json").read_text())["task"]
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"**Without the planted answer**: {sweep['adapters']} perturbed TRAINED adapters of the families "
             f"{', '.join(sweep['families'])} (each a trained adapter of its family, every factor + {args.family_noise} "
             f"relative Gaussian noise; the sweep is not told how many groups there are). The Ray Tune sweep "
-            f"(`train_jobs.bank_sweep.run_sweep`, the refit's own code, budget {budget} per adapter) chose "
+            f"(`cluster.bank_tune.run_sweep`, the refit's own code, budget {budget} per adapter) chose "
             f"**{c['method']} r={c['rank']} K={c['clusters']}**: {sweep['chosen_pct']} % of the parameters, "
             f"{c['exact_adapters']} adapters exact, served mean error {c['mean_error']:.4f}. Sweep "
             f"{sweep['sweep_wall_s']} s + final fit {sweep['final_fit_wall_s']} s wall, {args.max_concurrent} trial(s) "

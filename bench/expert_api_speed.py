@@ -24,11 +24,11 @@ def padded_batches(model, tokenizer, schema, questions: list[str], batch_size: i
     """The baseline: left-padded batches through ``model.generate``, greedy."""
     import torch
 
+    from causal_lm import left_pad, stop_token_ids
     from llamdex.expert_api import schema_prompt
-    from llamdex.llm_ops import left_pad
-    from llamdex.prompting import chat_prompt_ids, end_of_turn_ids
+    from llamdex.prompting import chat_prompt_ids
 
-    stop = sorted(end_of_turn_ids(tokenizer))
+    stop = sorted(stop_token_ids(tokenizer))
     prompts = chat_prompt_ids(tokenizer, schema_prompt(schema), questions)
     replies: list[str] = []
     for b in range(0, len(prompts), batch_size):

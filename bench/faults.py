@@ -1,7 +1,7 @@
 """Faults under steady load: a replica's actor is killed, or a worker node is lost, while closed-loop
 clients keep sending non-streaming chat requests (base and an adapter). Reports failed requests
 and the time until Serve is back to full strength, with the router's retry of lost replica calls
-(``serve_app.retry``, the default) against the same run without it (``ATELIER_REPLICA_RETRIES=1``,
+(``serve_app.ingress.retry``, the default) against the same run without it (``ATELIER_REPLICA_RETRIES=1``,
 the baseline).
 
     python -m bench.faults replica --seconds 40 --kill-at 10     # one node, 2 replicas, one killed
@@ -34,8 +34,8 @@ def build_app(config, store: str, pin_router_to_head: bool = False, one_replica_
     operator adds on a multi-node cluster: the router on the head, pool replicas spread one per node."""
     from ray import serve
 
-    from serve_app.replica import pool_deployment
-    from serve_app.router import Router
+    from serve_app.ingress.router import Router
+    from serve_app.replica.deployment import pool_deployment
 
     pools = {}
     for p in config.pools:
@@ -58,9 +58,11 @@ def deploy(model: str, port: int, work: Path, replicas: int, multinode: bool) ->
 
     from cluster.models import resolve_model
     from cluster.registry import Registry
+    from cluster.validators import install_validators
     from serve_app.config import load_app_config
     from tests.serve_fixtures import make_peft_adapter, upload_dir
 
+    install_validators()  # publish as the service and the jobs do: deep-checked
     registry = Registry(str(work / "store"))
     _, key = registry.create_tenant("bench")
     config = load_app_config({"pools": [{"name": POOL, "model": model, "num_cpus": 0.5, "max_batch_size": 8,

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Sequence
 
 import torch
 
-from serve_app.engine_api import EngineCapabilities, check_supported
-from serve_app.modifiers import RowModifier
-from serve_app.rows import encode_prompt
+from serve_app.replica.engine_api import EngineCapabilities, check_supported
+from serve_app.replica.modifiers import RowModifier
+from serve_app.replica.rows import encode_prompt
 from serve_app.wire import EngineStats, GenerationEvent, GenerationRequest, ReplicaError
 
 

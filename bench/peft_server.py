@@ -14,8 +14,8 @@ import asyncio
 from contextlib import nullcontext
 
 from bench.static_waves import StaticWaveEngine, _Row
-from serve_app.engine_api import EngineCapabilities
-from serve_app.modifiers import ADAPTER
+from serve_app.replica.engine_api import EngineCapabilities
+from serve_app.replica.modifiers import ADAPTER
 
 
 class PeftServer(StaticWaveEngine):

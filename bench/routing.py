@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import command_line, percentile, write_results
-from serve_app.routing.profiles import Profile, adapter_profile, expert_profile
-from serve_app.routing.recommender import BASE, MemoryItem, Recommender
-from serve_app.routing.tfidf import TfidfRecommender
+from serve_app.ingress.routing.profiles import Profile, adapter_profile, expert_profile
+from serve_app.ingress.routing.recommender import BASE, MemoryItem, Recommender
+from serve_app.ingress.routing.tfidf import TfidfRecommender
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "data" / "routing"
@@ -164,7 +164,7 @@ def issue_scenario(c: Contender, threshold: float) -> list[dict]:
 
 
 def build_contenders(methods: list[str], data: Path, threads: int) -> tuple[str, list[Contender]]:
-    from serve_app.routing.embedders import BaseLMEmbedder, CachedEmbedder, MiniLMEmbedder
+    from serve_app.ingress.routing.embedders import BaseLMEmbedder, CachedEmbedder, MiniLMEmbedder
 
     out: list[Contender] = []
     tenant, plain, legacy = load_profiles(data, 0)

@@ -38,12 +38,14 @@ def main() -> None:
     from bench.common import summarize_ms, write_results
     from cluster.models import resolve_model
     from cluster.registry import Registry
+    from cluster.validators import install_validators
     from serve_app.app import build_from_config
     from serve_app.config import load_app_config
     from serve_app.wire import GenerationRequest
     from tests.serve_fixtures import make_peft_adapter, upload_dir
 
     work = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
+    install_validators()  # publish as the service and the jobs do: deep-checked
     registry = Registry(str(work / "store"))
     _, key = registry.create_tenant("bench")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)

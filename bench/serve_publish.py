@@ -72,11 +72,11 @@ def make_expert_pair(model, tok, resolved, schema: dict, out: Path, seed: int) -
     """Freshly initialised connectors (default sizes) + an untrained expert for ``schema``."""
     import torch
 
+    from causal_lm import num_layers
     from llamdex.codec import FeatureCodec
     from llamdex.connectors_io import save_connectors
     from llamdex.expert import ExpertArch, ExpertSpec, build_expert, save_expert
     from llamdex.expert_spec import DPLedger
-    from llamdex.llm_ops import num_layers
     from llamdex.pipeline import ConnectorsConfig, init_connectors
     from llamdex.prompting import answer_tokens
 
@@ -131,6 +131,7 @@ def main() -> None:
     from cluster.banks import add_to_bank
     from cluster.models import load_model, resolve_model
     from cluster.registry import Registry
+    from cluster.validators import install_validators
     from serve_app.app import build_from_config
     from serve_app.config import load_app_config
     from tests.serve_fixtures import make_peft_adapter
@@ -140,6 +141,7 @@ def main() -> None:
     model, tok = load_model(resolved)
     schema = json.loads((ROOT / "examples" / "schemas" / "titanic.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="atelier-publish-"))
+    install_validators()  # publish as the service and the jobs do: deep-checked
     registry = Registry(str(work / "store"))
     _, key = registry.create_tenant("bench")
     admin = registry.issue_key(None, scope="admin")

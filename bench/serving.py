@@ -53,7 +53,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "atelier" / "bench-serving"
 # ---------------------------------------------------------------------------- driver (worker side)
 async def drive(engine, load, concurrency: int, tenant_of=None) -> list[dict]:
     """Send ``load`` (a serving_setup.Workload) through ``engine`` with ``concurrency`` clients."""
-    from serve_app.modifiers import AdapterModifier
+    from serve_app.replica.modifiers import AdapterModifier
     from serve_app.wire import GenerationRequest
 
     todo = list(range(len(load.prompts)))

@@ -1,6 +1,6 @@
 """Inputs and contenders of ``bench/serving.py``: synthetic adapters, banks, prompts, engines.
 
-Adapters are SYNTHETIC and labelled so: ``compression.synthetic_collection`` with 4 planted
+Adapters are SYNTHETIC and labelled so: ``compression.synthetic_adapters.synthetic_collection`` with 4 planted
 clusters, rank 8, on ``q_proj`` and ``v_proj`` of every layer (peft's default LoRA targets for
 Llama), saved as ordinary PEFT directories; the first N of one collection of 1000 serve each N.
 Content does not matter for speed (outputs have fixed lengths: ``ignore_eos``); layout does, and
@@ -8,7 +8,7 @@ this is the common one. Banks are JD-Full rank 16 with min(4, N) clusters (``com
 the compression bench's smallest config that kept 95 % of trained adapters' accuracy), cached
 on disk like the adapters.
 
-Every contender is built behind the same :class:`serve_app.engine_api.Engine` protocol and driven
+Every contender is built behind the same :class:`serve_app.replica.engine_api.Engine` protocol and driven
 the same way (in-process async clients): see :func:`build`.
 """
 
@@ -39,7 +39,7 @@ CONTENDERS = ("torch-base", "vllm-base", "hf-cb-base", "torch-bank", "vllm-pool"
 def adapter_dirs(root: Path, model_dir: Path, n: int) -> list[tuple[str, Path]]:
     """The first ``n`` synthetic adapters as PEFT directories (written once under ``root``)."""
     from compression import save_peft_adapter
-    from compression.synthetic import synthetic_collection
+    from compression.synthetic_adapters import synthetic_collection
 
     out = root / "adapters"
     names = [(f"bench/s{i:04d}", out / f"s{i:04d}") for i in range(n)]
@@ -113,7 +113,7 @@ def build(contender: str, model, dtype: str, threads: int, max_rows: int, root: 
     started = time.perf_counter()
     if contender in ("torch-base", "torch-bank"):
         from compression import load_bank
-        from serve_app.engine import TorchEngine, TorchEngineConfig
+        from serve_app.replica.engine_torch import TorchEngine, TorchEngineConfig
 
         lm, tok = load_model(model, dtype)
         engine = TorchEngine(lm, tok, TorchEngineConfig(max_batch_rows=max_rows, threads=threads))
@@ -151,7 +151,7 @@ def build(contender: str, model, dtype: str, threads: int, max_rows: int, root: 
         return PeftServer(peft_model, tok, max_batch_size=max_rows, threads=threads), time.perf_counter() - started
     if contender.startswith("vllm"):
         from compression import load_bank
-        from serve_app.engine_vllm import PeftDirectories, VLLMEngine, VLLMOptions, vllm_lora_modules
+        from serve_app.replica.engine_vllm import PeftDirectories, VLLMEngine, VLLMOptions, vllm_lora_modules
 
         # LoRA sizing as vLLM documents it: max_loras = distinct adapters in one batch (every running
         # row may name a different one; one spare slot, see the CPU -1 note in serve_app.config),

@@ -52,12 +52,14 @@ def deploy(model: str, port: int, work: Path, tenants: int, with_expert: bool, r
 
     from cluster.models import resolve_model
     from cluster.registry import Registry
+    from cluster.validators import install_validators
     from serve_app.app import build_from_config
     from serve_app.config import load_app_config
     from tests.security_fixtures import SCHEMA
     from tests.serve_fixtures import make_peft_adapter, train_tiny_connectors, upload_dir
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
+    install_validators()  # publish as the service and the jobs do: deep-checked
     registry = Registry(str(work / "store"))
     admin = registry.issue_key(None, scope="admin")
     keys = {f"t{i}": registry.create_tenant(f"t{i}")[1] for i in range(tenants)}

@@ -1,7 +1,7 @@
 """BASELINE ONLY: the torch engine as it was before continuous batching ("static waves").
 
 Kept so ``bench/serving.py`` can measure today's engine against the continuous one in the same
-run. The algorithm is the old ``serve_app/engine.py`` unchanged: an asyncio loop collects up to
+run. The algorithm is that engine's (then ``serve_app/engine.py``), unchanged: an asyncio loop collects up to
 ``max_batch_size`` requests within ``batch_wait_ms`` into a *wave*; one thread runs the wave
 (left-padded prefill, then decode steps until its longest row ends — a request arriving meanwhile
 waits for the whole wave, finished rows keep being fed, and every step re-decodes each row's
@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from llamdex.prompting import end_of_turn_ids
-from serve_app.engine_api import EngineCapabilities, check_supported
-from serve_app.modifiers import ADAPTER, RowModifier
-from serve_app.rows import encode_prompt, sample_token
+from causal_lm import left_pad, stop_token_ids
+from serve_app.replica.engine_api import EngineCapabilities, check_supported
+from serve_app.replica.modifiers import ADAPTER, RowModifier
+from serve_app.replica.rows import encode_prompt, sample_token
 from serve_app.wire import EngineStats, GenerationEvent, GenerationRequest, ReplicaError
 
 
@@ -60,7 +60,7 @@ class StaticWaveEngine:
         self._pending: asyncio.Queue[_Row] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loop_task: asyncio.Task | None = None
-        self.stop_ids = end_of_turn_ids(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer)
         self._stats = EngineStats(engine="torch-static-waves")
 
     def run_between_steps(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
@@ -143,10 +143,7 @@ class StaticWaveEngine:
         self._stats.steps += 1
         self._stats.rows_served += len(live)
         pad = self.tokenizer.pad_token_id
-        width = max(len(r.prompt_ids) for r in live)
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in live])
-        attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in live])
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention, positions = left_pad([r.prompt_ids for r in live], pad)
         with torch.inference_mode(), self._adapter_context([r.adapter for r in live]):
             out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
             logits, cache = out.logits[:, -1, :], out.past_key_values

@@ -55,7 +55,7 @@ _DEEP_VALIDATORS: dict[ArtifactKind, DeepValidator] = {}
 
 
 def register_validator(kind: ArtifactKind, validator: DeepValidator) -> None:
-    """Install the science package's validator for ``kind`` (called once at import time)."""
+    """Install the science package's validator for ``kind`` (``cluster.validators.install_validators`` does)."""
     _DEEP_VALIDATORS[kind] = validator
 
 

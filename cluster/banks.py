@@ -1,5 +1,8 @@
 """Adapter banks in the registry: where they live, adding one adapter, and when to refit.
 
+(Same idea at two layers: the bank itself -- format, fitting, the batched op -- is ``compression``,
+e.g. ``compression.bank``; this module keeps banks in the registry.)
+
 A pool's bank is the registry artifact ``system/bank/<bank name>``. When a tenant uploads a
 PEFT adapter, :func:`add_to_bank` projects it onto the latest bank's shared bases in closed form;
 if the projection's error exceeds the pool's budget, the adapter is stored exactly instead (its
@@ -8,12 +11,11 @@ uploaded within the budget. The result is published as the next bank version (un
 lock, so concurrent uploads never drop each other's adapters). Each version's metadata carries
 ``exact_params_since_refit``: the numbers stored exactly since the last refit; when they exceed
 the policy's share of the bank, :class:`BankUpdate` says a refit is due (the router then queues
-``train_jobs.bank_sweep`` on the bank, ``cluster.bank_refit``).
+a refit of the bank, ``cluster.bank_refit``).
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -120,7 +122,7 @@ def adapter_sha256(registry: Registry, tenant: str, name: str) -> str:
 def place_adapter(bank, adapter, budget: float, model: ResolvedModel, max_rank: int | None = None):
     """(new bank, Placement): ``adapter`` added within ``budget`` (replacing an older copy of it); a new
     bank is pinned to ``model``. Raises ValueError if the bank would exceed ``max_rank`` (a vLLM
-    pool's max_lora_rank)."""
+    pool's vllm.max_lora_rank)."""
     from compression import add_within_budget, remove_adapter
 
     if bank is not None and adapter.name in bank.adapters:
@@ -129,8 +131,8 @@ def place_adapter(bank, adapter, budget: float, model: ResolvedModel, max_rank: 
                                     base_model_hash=model.content_hash)
     if max_rank is not None and new.rank > max_rank:
         raise ValueError(f"adapter {adapter.name!r} ({placed.served}) would make the bank rank {new.rank}, above "
-                         f"this pool's max_lora_rank {max_rank}; upload an adapter of rank <= {max_rank} or raise "
-                         "the pool's max_lora_rank")
+                         f"this pool's vllm.max_lora_rank {max_rank}; upload an adapter of rank <= {max_rank} or raise "
+                         "the pool's vllm.max_lora_rank")
     return new, placed
 
 
@@ -172,12 +174,3 @@ def bank_metadata(registry: Registry, bank_name: str, version: int | None = None
         return dict(registry.resolve(SYSTEM_TENANT, "bank", bank_name, version).metadata)
     except NotFound:
         return {}
-
-
-def bank_summary(registry: Registry, bank_name: str) -> dict | None:
-    """bank.json of the latest version (adapter list, errors) without loading tensors."""
-    try:
-        manifest = registry.resolve(SYSTEM_TENANT, "bank", bank_name)
-    except NotFound:
-        return None
-    return {"version": manifest.version, **json.loads(registry.read_file(manifest, "bank.json"))}

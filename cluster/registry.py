@@ -29,10 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from cluster import (
-    lease,
-    validators,  # noqa: F401  (installs deep validators)
-)
+from cluster import lease
 from cluster.artifacts import ArtifactError, ArtifactKind, check_name, parse_kind, validate_files
 from cluster.storage import Storage
 

@@ -1,8 +1,9 @@
 """One typed settings object for every Atelier process, overridable from the environment.
 
 Every field ``foo`` can be set with the environment variable ``ATELIER_FOO``; ``atelier
-settings`` prints the effective values. Nothing else in the code base reads ``os.environ``
-for Atelier knobs, so this file is the complete list.
+settings`` prints the effective values. Four process-level knobs are read where they act instead
+(:data:`OTHER_ENV`); ``tests/test_settings.py`` checks that no other ``ATELIER_*`` variable is read
+anywhere, so this file and that list are complete.
 """
 
 from __future__ import annotations
@@ -14,6 +15,15 @@ from pathlib import Path
 
 def _default_home() -> Path:
     return Path(os.path.expanduser("~/.cache/atelier"))
+
+
+OTHER_ENV = {
+    "ATELIER_LOG_LEVEL": "cluster.logs: log level of every process (default INFO)",
+    "ATELIER_SERVE_CONFIG": "serve_app.app: the pools file `serve run` / `serve build` deploy (default: one pool)",
+    "ATELIER_MAX_JSON_BODY_MB": "serve_app.ingress.body_limit: largest JSON request body",
+    "ATELIER_REPLICA_RETRIES": "serve_app.ingress.retry: attempts when a replica is lost (default 4)",
+}
+"""``ATELIER_*`` variables read outside :class:`Settings` (name -> where and what)."""
 
 
 @dataclass(frozen=True)

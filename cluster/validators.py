@@ -1,7 +1,11 @@
 """Deep validation of tenant artifacts, delegated to the science packages that define them.
 
-Imported for its side effect by :mod:`cluster.registry`: after this, publishing a schema
-runs the full schema rules, so a bad artifact is refused before any byte is stored.
+Nothing happens at import. Each process that publishes tenant artifacts calls
+:func:`install_validators` where it starts (the ``atelier`` CLI, the Serve router and replicas,
+every ``train_jobs`` job and its Ray Train workers, the test session); from then on publishing a
+schema, expert or adapter runs the science package's full rules, so a bad artifact is refused
+before any byte is stored. Without it the registry still runs the format checks of
+:mod:`cluster.artifacts` (file names, JSON, safe tensors).
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ def _validate_schema(files: Mapping[str, bytes]) -> None:
     except SchemaError as exc:
         raise ArtifactError(f"schema.json: {exc}") from None
 
-
-register_validator(ArtifactKind.schema, _validate_schema)
 
 
 def _validate_expert(files: Mapping[str, bytes]) -> None:
@@ -71,8 +73,6 @@ def check_expert_for_tenant(registry, tenant: str, files: Mapping[str, bytes]) -
     return schema_name
 
 
-register_validator(ArtifactKind.expert, _validate_expert)
-
 
 def _load_adapter(files: Mapping[str, bytes], base_model_path=None):
     """The uploaded PEFT files as a ``compression.LoraAdapter`` (format checked; shapes checked
@@ -106,4 +106,8 @@ def check_adapter_fits(files: Mapping[str, bytes], base_model_path) -> None:
     _load_adapter(files, base_model_path)
 
 
-register_validator(ArtifactKind.adapter, _validate_adapter)
+def install_validators() -> None:
+    """Make the registry of this process deep-check schemas, experts and adapters (idempotent)."""
+    register_validator(ArtifactKind.schema, _validate_schema)
+    register_validator(ArtifactKind.expert, _validate_expert)
+    register_validator(ArtifactKind.adapter, _validate_adapter)

@@ -9,7 +9,9 @@ Modules, one idea each:
     collection   compress_collection / svd_bank / add_adapter / export_adapter / parameter counts
     exact        adapters stored exactly (own factors in exact clusters) when projection exceeds a budget
     batched      per-row mixed-adapter forward (bank_delta, BankLinear, attach_bank)
-    synthetic    synthetic LoRA collections with planted clusters (tests, benchmarks)
+    selection    fit a bank within an error budget, measure it, pick the smallest of several fits
+    synthetic_adapters  synthetic LoRA collections with planted clusters (tests, benchmarks)
+    codebook/    the tenant-codebook LoRA tasks: train and evaluate the adapters benchmarked here
 """
 
 from compression.bank import (

@@ -1,5 +1,8 @@
 """The decoder connector (expert output -> slot vectors); the encoder lives in :mod:`llamdex.encoder`.
 
+(Same idea at two layers: this is the connectors' science; ``train_jobs.connectors`` is the Ray job
+that trains them for tenants and publishes them.)
+
 Decoder (as in the paper, one deviation): SwiGLU c -> F -> n*d, reshaped to n vectors, then a
 LayerNorm without affine parameters, times ``scale``. The paper's SwiGLU has no biases at all, so
 dec(0) = 0: a confident binary expert (P(yes) ~ 0) yields near-zero vectors that LayerNorm cannot

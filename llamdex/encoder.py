@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
+from causal_lm import position_ids
 from llamdex.codec import FeatureCodec
 from llamdex.literals import KINDS, YES, LiteralBatch, candidates
 from llamdex.vocabulary import phrase_values, value_phrases
@@ -238,7 +239,7 @@ class Encoder(nn.Module):
                                  "input embeddings (the LLM's embed_tokens of its ids)")
             x = x + self.token_proj(embeds.float())
         if self.cfg.positions:
-            x = x + sinusoid((mask.long().cumsum(-1) - 1).clamp(min=0), x.shape[-1])
+            x = x + sinusoid(position_ids(mask.long()), x.shape[-1])
         if self.copies:
             if literals is None:
                 raise ValueError("literals: these connectors copy values from the prompt; fix: pass the "

@@ -36,13 +36,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from causal_lm import backbone, left_pad, stop_token_ids
 from llamdex.codec import FeatureCodec
 from llamdex.datasets import DatasetSplits
 from llamdex.expert import ExpertMLP, predict_proba
 from llamdex.family import FamilyRenderer, family_file
 from llamdex.insertion import Bundle, predict_many, prefill_with_experts
-from llamdex.llm_ops import class_logits, left_pad
-from llamdex.prompting import AnswerTokens, chat_prompt_ids, end_of_turn_ids
+from llamdex.llm_ops import class_logits
+from llamdex.prompting import AnswerTokens, chat_prompt_ids
 from llamdex.questions import QuestionGenerator
 from llamdex.render import Question
 from llamdex.stages import feature_fidelity
@@ -132,7 +133,7 @@ def base_llm_scores(model, tokenizer, answers: AnswerTokens, questions: Sequence
     out = []
     for b in range(0, len(prompts), batch_size):
         ids, mask, pos = left_pad(prompts[b:b + batch_size], pad)
-        hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
+        hidden = backbone(model)(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
         out.append(torch.softmax(class_logits(model, hidden, answers.ids).float(), -1))
     return torch.cat(out).numpy().astype(np.float64)
 
@@ -149,7 +150,7 @@ def chat_replies(model, tokenizer, bundle: Bundle, questions: Sequence[str], max
                  batch_size: int = 8) -> list[str]:
     """What chat to an expert says, as the serving engine does it: the slots' class answer token first
     (forced), then greedy decoding until the end of the turn or ``max_new_tokens``; decoded replies."""
-    stops = end_of_turn_ids(tokenizer)
+    stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     token_ids = bundle.spec.class_token_ids
     replies = []

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from causal_lm import stop_token_ids
 from llamdex.codec import FeatureCodec
 from llamdex.literals import token_texts
-from llamdex.prompting import chat_prompt_ids, end_of_turn_ids
+from llamdex.prompting import chat_prompt_ids
 from llamdex.questions import number_words
 from llamdex.schema import FeatureSpec, TenantSchema
 
@@ -145,7 +146,7 @@ def generate_queries(model, tokenizer, schema: TenantSchema, questions: Sequence
     schema prompt's shared KV cache (:func:`_question_states`; against left-padded batches:
     ``python -m bench.expert_api_speed``)."""
     limit = max_new_tokens or 12 * len(schema.features) + 16
-    stop = end_of_turn_ids(tokenizer)
+    stop = stop_token_ids(tokenizer)
     replies = []
     for n, (cache, logits) in enumerate(_question_states(model, tokenizer, schema, questions)):
         reply, _ = _greedy(model, cache, logits, stop, limit)
@@ -163,7 +164,7 @@ def guided_queries(model, tokenizer, schema: TenantSchema, questions: Sequence[s
     greedily until a line break, the end of turn or ``max_value_tokens``. A 135M model rarely keeps
     the free-form format (:func:`generate_queries`), so this is the strongest Expert-API we can give
     it while the LLM still reads every value itself. One question at a time, reusing its KV cache."""
-    stop = end_of_turn_ids(tokenizer) | {i for i, text in enumerate(token_texts(tokenizer)) if "\n" in text}
+    stop = stop_token_ids(tokenizer) | {i for i, text in enumerate(token_texts(tokenizer)) if "\n" in text}
     replies = []
     for n, (cache, _) in enumerate(_question_states(model, tokenizer, schema, questions)):
         lines = []

@@ -27,7 +27,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
-from llamdex.llm_ops import PrefixKV, backbone, left_pad, num_layers
+from causal_lm import backbone, left_pad, num_layers
+from llamdex.llm_ops import PrefixKV
 
 CacheProgress = Callable[[int, int, float], None]  # (prompts done, total, seconds so far)
 

@@ -27,13 +27,14 @@ from typing import Any
 
 import torch
 
+from causal_lm import backbone, left_pad, num_layers
 from llamdex.codec import FeatureCodec
 from llamdex.connectors import Decoder
 from llamdex.connectors_io import ConnectorsSpec, load_connectors
 from llamdex.encoder import Encoder
 from llamdex.expert import ExpertError, ExpertMLP, ExpertSpec, load_expert, predict_proba
 from llamdex.literals import LiteralBatch, layout, token_literals
-from llamdex.llm_ops import backbone, left_pad, num_layers, overwrite_at_layer
+from llamdex.llm_ops import overwrite_at_layer
 from llamdex.prompting import chat_prompt_ids
 
 

@@ -1,6 +1,7 @@
-"""Exact helpers over a frozen Hugging Face Llama-style causal LM (``model.model.layers`` etc.).
+"""Exact helpers over a frozen Hugging Face Llama-style causal LM for Llamdex's insertion.
 
-Connector training (stage 2) and insertion both need two operations on the frozen LLM:
+(What every user of the LLM needs -- its backbone, layer count, left padding, chat encoding --
+is in :mod:`causal_lm`.) Connector training (stage 2) and insertion both need two operations on the frozen LLM:
 
 * :func:`overwrite_at_layer` -- replace the residual stream of some positions at the *input* of
   decoder layer k (before its ``input_layernorm``), via a forward pre-hook, inside an ordinary
@@ -20,28 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch.nn import functional as F
 
-
-def backbone(model):
-    """The decoder stack (``model.model``) of a Llama-style causal LM; TypeError if it is not one."""
-    inner = getattr(model, "model", None)
-    missing = [a for a in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(inner, a)]
-    if inner is None or missing:
-        raise TypeError(f"model: {type(model).__name__} is not a Llama-style causal LM (missing model.{missing}); "
-                        "fix: pass a LlamaForCausalLM-like model (SmolLM2, Llama, Mistral)")
-    return inner
-
-
-def num_layers(model) -> int:
-    """Number of decoder layers L."""
-    return len(backbone(model).layers)
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad token lists -> (input_ids, attention_mask, position_ids), positions counting real tokens."""
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+from causal_lm import backbone
 
 
 class PrefixKV:

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from causal_lm import end_of_turn_id, num_layers
 from llamdex.codec import FeatureCodec
 from llamdex.connectors import Decoder, DecoderConfig, gaussian_placeholder
 from llamdex.connectors_io import ConnectorsSpec, TrainingReport, build_spec
@@ -35,11 +37,11 @@ from llamdex.expert import ExpertArch, ExpertMLP, ExpertSpec, predict_proba
 from llamdex.family import FamilyRenderer, family_file
 from llamdex.hidden_cache import AnswerInputs, PromptCache, build_cache
 from llamdex.literals import PromptLiterals, candidates, token_literals, value_tokens
-from llamdex.llm_ops import num_layers
-from llamdex.prompting import AnswerTokens, answer_tokens, chat_prompt_ids, end_of_turn_id
+from llamdex.prompting import AnswerTokens, answer_tokens, chat_prompt_ids
 from llamdex.questions import QuestionGenerator
 from llamdex.render import Question
 from llamdex.schema import TenantSchema, load_schema
+from llamdex.stage_checkpoint import EncoderCheckpoint
 from llamdex.stages import (
     FitSettings,
     Progress,
@@ -285,8 +287,14 @@ def init_connectors(model, codec: FeatureCodec, answers: AnswerTokens, cfg: Conn
 
 
 def fit_layer(model, data: ConnectorData, cache: PromptCache, cfg: ConnectorsConfig, *, model_id: str,
-              model_hash: str, progress: Progress | None = None, budget_s: float | None = None) -> TrainedConnectors:
-    """Stage 1 + stage 2 at ``cfg.layer`` on a cache holding it, then held-out evaluation and the spec."""
+              model_hash: str, progress: Progress | None = None, budget_s: float | None = None,
+              resume: EncoderCheckpoint | None = None,
+              on_encoder: Callable[[EncoderCheckpoint], None] | None = None) -> TrainedConnectors:
+    """Stage 1 + stage 2 at ``cfg.layer`` on a cache holding it, then held-out evaluation and the spec.
+
+    ``resume``: a stage-1 checkpoint of this run (:mod:`llamdex.stage_checkpoint`) -- the encoder is
+    loaded instead of trained. ``on_encoder`` receives the checkpoint as soon as stage 1 ends.
+    """
     start = time.perf_counter()
     layer = cfg.layer
     train_rows = cache.cached(data.train_rows)  # a time budget may have skipped some
@@ -299,9 +307,16 @@ def fit_layer(model, data: ConnectorData, cache: PromptCache, cfg: ConnectorsCon
         enc_deadline = start + BUDGET_SHARES.encoder * budget_s
         dec_deadline = start + BUDGET_SHARES.decoder_end * budget_s
     enc_set = FitSettings(cfg.enc_epochs, cfg.enc_lr, cfg.enc_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
-    enc_losses = train_encoder(encoder, cache, layer, data.x_read, train_rows, enc_set, cfg.numeric_weight,
-                               progress, enc_deadline, data.extras(model))
+    if resume is not None:
+        encoder.load_state_dict(resume.state)
+        encoder.eval()
+        enc_losses = resume.losses
+    else:
+        enc_losses = train_encoder(encoder, cache, layer, data.x_read, train_rows, enc_set, cfg.numeric_weight,
+                                   progress, enc_deadline, data.extras(model))
     t_enc = time.perf_counter()
+    if resume is None and on_encoder is not None:
+        on_encoder(EncoderCheckpoint(state=encoder.state_dict(), losses=enc_losses, seconds=t_enc - start))
     dec_set = FitSettings(cfg.dec_epochs, cfg.dec_lr, cfg.dec_batch, cfg.weight_decay, cfg.warmup_frac, cfg.seed)
     dec_losses = train_decoder(decoder, model, data.expert, cache, layer, data.x, data.y, data.stage2_rows,
                                data.answers.ids, dec_set, progress, dec_deadline, cfg.dec_objective,
@@ -336,8 +351,11 @@ def evaluate(model, data: ConnectorData, cache: PromptCache, layer: int, encoder
 
 
 def train_connectors(model, tokenizer, schema: TenantSchema | dict | str, *, model_id: str, model_hash: str,
-                     config: ConnectorsConfig | None = None, progress: Progress | None = None) -> TrainedConnectors:
-    """The whole recipe for one layer k (``config.layer``) within ``config.time_budget_s``."""
+                     config: ConnectorsConfig | None = None, progress: Progress | None = None,
+                     resume: EncoderCheckpoint | None = None,
+                     on_encoder: Callable[[EncoderCheckpoint], None] | None = None) -> TrainedConnectors:
+    """The whole recipe for one layer k (``config.layer``) within ``config.time_budget_s``; ``resume`` /
+    ``on_encoder`` carry a stage-1 checkpoint in and out (see :func:`fit_layer`)."""
     cfg = config or ConnectorsConfig()
     if not 0 <= cfg.layer < num_layers(model):
         raise ValueError(f"config.layer: {cfg.layer} is outside 0..{num_layers(model) - 1}; fix: pick a layer "
@@ -349,4 +367,4 @@ def train_connectors(model, tokenizer, schema: TenantSchema | dict | str, *, mod
                           None if budget is None else start + BUDGET_SHARES.cache * budget)
     left = None if budget is None else max(1.0, start + budget - time.perf_counter())
     return fit_layer(model, data, cache, cfg, model_id=model_id, model_hash=model_hash,
-                     progress=progress, budget_s=left)
+                     progress=progress, budget_s=left, resume=resume, on_encoder=on_encoder)

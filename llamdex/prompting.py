@@ -17,6 +17,8 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
+from causal_lm import chat_ids
+
 SYSTEM_WORDS = "Respond to the user's question with only one word: {options}."
 SYSTEM_LETTERS = "Respond to the user's question with only one letter: {options}."
 
@@ -65,25 +67,5 @@ def answer_tokens(tokenizer, class_names: list[str]) -> AnswerTokens:
 
 def chat_prompt_ids(tokenizer, system_prompt: str, questions: list[str]) -> list[list[int]]:
     """Token ids of ``[system, user=question]`` rendered with the chat template + generation prompt."""
-    out = []
-    for q in questions:
-        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": q}]
-        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        out.append([int(i) for i in enc["input_ids"]])
-    return out
-
-
-def end_of_turn_ids(tokenizer) -> set[int]:
-    """Token ids that end the assistant's turn (EOS and ChatML's ``<|im_end|>`` where the vocabulary has
-    them): where greedy generation stops, in the Expert-API baseline and in serving alike."""
-    ids = (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    return {i for i in ids if isinstance(i, int) and i >= 0}
-
-
-def end_of_turn_id(tokenizer) -> int | None:
-    """The token the chat template closes an assistant turn with (ChatML ``<|im_end|>``, else EOS): what
-    stage 2 teaches the model to say right after its one-word answer."""
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end >= 0 and im_end != tokenizer.unk_token_id:
-        return im_end
-    return tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, int) else None
+    return [chat_ids(tokenizer, [{"role": "system", "content": system_prompt}, {"role": "user", "content": q}])
+            for q in questions]

@@ -12,8 +12,8 @@ from ray import serve
 
 from cluster.settings import load_settings
 from serve_app.config import AppConfig, load_app_config
-from serve_app.replica import pool_deployment
-from serve_app.router import Router
+from serve_app.ingress.router import Router
+from serve_app.replica.deployment import pool_deployment
 
 
 def build_from_config(config: AppConfig, store: str | None = None) -> serve.Application:

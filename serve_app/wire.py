@@ -16,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field
 FinishReason = Literal["stop", "length"]
 
 
+class EngineError(Exception):
+    """A request an engine (or the replica) refuses or cannot serve; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -36,7 +44,9 @@ class GenerationRequest(_Wire):
     adapter: str | None = None
     """Bank adapter id (``tenant/name``) or None for the base model."""
     expert: str | None = None
-    """Expert key ``tenant/name@e<v>.c<v>`` (Llamdex) or None."""
+    """Expert key ``<tenant>/<name>@e<expert version>.c<connectors version>`` (``serve_app.replica.expert_runtime.ExpertKey``;
+    the router pins both versions) or None. In ``serve_app`` an ``expert`` field is always such a key;
+    a loaded expert is a bundle (``llamdex.insertion.Bundle``, held by ``LoadedExpert``)."""
     tenant: str = "-"
     """Who asked: the engine fills its batches fairly across tenants."""
     model: str = "base"
@@ -53,6 +63,7 @@ class Prediction(_Wire):
     """A Llamdex expert's answer read at the last slot (the first generated token is its answer)."""
 
     expert: str
+    """The expert key that answered (see :attr:`GenerationRequest.expert`)."""
     label: str
     answer: str
     probabilities: dict[str, float]
@@ -89,7 +100,7 @@ class PredictCall(_Wire):
     """One expert prediction, as the router sends it to a replica."""
 
     expert: str
-    """Expert key ``tenant/name@e<v>.c<v>``."""
+    """Expert key ``<tenant>/<name>@e<expert version>.c<connectors version>``."""
     question: str
 
 

@@ -20,6 +20,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def deep_validators() -> None:
+    """The test session publishes artifacts like the app and the jobs do: with the science
+    packages' deep validators installed (``cluster.validators``; nothing installs them at import)."""
+    from cluster.validators import install_validators
+
+    install_validators()
+
+
 @pytest.fixture(scope="session")
 def atelier_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("atelier-home")

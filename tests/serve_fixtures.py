@@ -97,9 +97,9 @@ def expert_reference(model_path: Path, expert_dir: Path, connectors_dir: Path, q
     the highest probability at the last slot, then greedy decoding until end of turn."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from causal_lm import left_pad
     from llamdex.connectors_io import read_spec
     from llamdex.insertion import load_bundle, prefill_with_experts
-    from llamdex.llm_ops import left_pad
     from llamdex.prompting import chat_prompt_ids
 
     tok = AutoTokenizer.from_pretrained(model_path)

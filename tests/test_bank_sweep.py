@@ -8,8 +8,8 @@ import torch
 
 from cluster.banks import add_to_bank, read_bank
 from cluster.registry import Registry
+from compression.selection import choose
 from tests.serve_fixtures import make_peft_adapter
-from train_jobs.bank_sweep import choose
 
 pytestmark = pytest.mark.ray
 
@@ -73,9 +73,9 @@ def test_sweep_publishes_the_smallest_bank_serving_every_adapter_within_budget(r
 
 def test_refit_keeps_uploads_made_while_it_ran_and_serves_them_within_budget(ray_session, tiny_model, tmp_path,
                                                                              monkeypatch):
+    from cluster import bank_refit
     from cluster.banks import bank_metadata, load_registry_adapter
     from cluster.models import resolve_model
-    from train_jobs import bank_sweep
 
     registry = Registry(str(tmp_path / "store"))
     registry.create_tenant("acme")
@@ -93,7 +93,9 @@ def test_refit_keeps_uploads_made_while_it_ran_and_serves_them_within_budget(ray
     assert len(bank.exact) == 4  # random subspaces: every one is stored exactly
     assert bank_metadata(registry, "small")["exact_params_since_refit"] > 0
 
-    real_sweep = bank_sweep.run_sweep
+    from cluster import bank_tune
+
+    real_sweep = bank_tune.run_sweep
 
     def sweep_while_tenants_upload(*args, **kwargs):
         rows = real_sweep(*args, **kwargs)
@@ -101,8 +103,8 @@ def test_refit_keeps_uploads_made_while_it_ran_and_serves_them_within_budget(ray
         upload("a1", seed=11)  # a re-upload: new weights under an old name
         return rows
 
-    monkeypatch.setattr(bank_sweep, "run_sweep", sweep_while_tenants_upload)
-    report = bank_sweep.refit_bank(str(tmp_path / "store"), "small", "tiny-random", budget=0.05, ranks=(4, 8),
+    monkeypatch.setattr(bank_tune, "run_sweep", sweep_while_tenants_upload)
+    report = bank_refit.refit_bank(str(tmp_path / "store"), "small", "tiny-random", budget=0.05, ranks=(4, 8),
                                    clusters=(1, 2), methods=("full",), out=str(tmp_path / "out"), trial_cpus=0.5)
     assert sorted(report["merged_after_refit"]) == ["acme/a1", "acme/late"]
     bank, version = read_bank(registry, "small")

@@ -78,8 +78,8 @@ def test_help_lists_every_knob(capsys):
 @pytest.fixture(scope="module")
 def tiny_adapters(tiny_model, tmp_path_factory):
     """Four codebook adapters for tiny-random, written by the LoRA job's own shard loop (no Ray)."""
+    from compression.codebook.tasks import TrainConfig
     from train_jobs.lora_adapters import run_shard
-    from train_jobs.lora_tasks import TrainConfig
 
     out = tmp_path_factory.mktemp("adapters")
     config = {"model": tiny_model.to_json(), "train": TrainConfig(num_layers=2, rank=4, steps=6).model_dump(),
@@ -146,7 +146,7 @@ def test_scoring_a_subset_fits_on_all_and_scores_the_evenly_spread_ones(tiny_ada
 def test_family_collection_and_scaling_without_ray():
     from bench import compression_scale as scale
     from cluster.logs import get_logger
-    from compression.synthetic import synthetic_collection
+    from compression.synthetic_adapters import synthetic_collection
 
     shapes = {"layers.0.q": (32, 24), "layers.0.v": (16, 24)}
     coll = synthetic_collection(6, shapes, clusters=2, r0=4, latent_rank=2, noise=0.01, seed=1)

@@ -78,3 +78,18 @@ def test_feature_targets_and_the_old_family_row():
     assert [r["method"] for r in rows].index(bench.OLD_FAMILY_ROW) == 1 + [r["method"] for r in rows].index(
         "Llamdex, non-DP expert")
     assert "| titanic | age | MAE 1.4 | MAE 1.4 |" in "\n".join(bench.fidelity_table([good]))
+
+
+def test_latency_targets_compare_llamdex_with_the_base_traffic_of_its_own_run():
+    """Each mixed run has its own base requests; the ratio must use those of the Llamdex run (a shared
+    label once made the Expert-API run's base traffic the denominator: 1.87 instead of 1.04)."""
+    from bench.llamdex_latency import latency_goals
+
+    conc, conc_api = "C=8, Llamdex + base", "C=8, Expert-API + base"
+    rows = [("single", "llamdex", 929), ("single", "base", 876), ("single", "expert-api", 6422),
+            ("single", "expert-api (generate_queries, shared prefix)", 7359), (conc, "llamdex", 5369),
+            (conc, "base", 5139), (conc_api, "expert-api", 18923), (conc_api, "base", 2867)]
+    goals = latency_goals([{"load": a, "method": b, "p50_ms": c} for a, b, c in rows], conc, conc_api)
+    assert goals["single_vs_base"] == 1.06 and goals["mixed_vs_base"] == 1.04 and goals["latency_ok"]
+    assert goals["single_speedup_vs_expert_api"] == 6.9 and goals["mixed_speedup_vs_expert_api"] == 3.5
+    assert not goals["speedup_ok"]

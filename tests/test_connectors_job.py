@@ -71,3 +71,48 @@ def test_two_tenants_get_connectors_that_serve_their_expert(ray_session, tiny_mo
                          registry.materialize(manifest, tmp_path / "c"), tiny_model.content_hash)
     answer = predict(model, tok, bundle, "A woman of 30 in first class. Did the passenger survive the sinking?")
     assert answer["label"] in ("no", "yes") and set(answer["features"]) >= {"age", "sex", "pclass"}
+
+
+def test_a_killed_job_resumes_from_its_stage_one_checkpoint(ray_session, tiny_model, tmp_path):
+    """SIGKILL the job (a real driver process on this cluster) once stage 1's checkpoint is stored;
+    the same job submitted again trains no encoder, publishes connectors whose encoder is the
+    checkpoint's, and removes the finished run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from train_jobs.connectors import main
+
+    store, storage = tmp_path / "store", tmp_path / "ray"
+    registry = Registry(str(store))
+    publish_tenant_expert(registry, "acme")
+    slow_stage2 = {**SMALL, "enc_epochs": 3, "dec_epochs": 25}  # room to kill between the stages
+    argv = ["--tenant", "acme", "--name", "survival", "--model", "tiny-random", "--layer", "2",
+            "--config", json.dumps(slow_stage2), "--store", str(store), "--storage-path", str(storage)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "train_jobs.connectors", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    def registered() -> bool:  # Ray Train's controller has recorded the checkpoint (what a new run restores)
+        return any("encoder" in p.read_text() for p in storage.glob("*/checkpoint_manager_snapshot.json"))
+
+    deadline = time.monotonic() + 300
+    while not registered() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = list(storage.glob("*/checkpoint*/encoder.safetensors"))
+    assert len(saved) == 1, "the job ended before stage 1 was checkpointed"
+    assert not registry.versions("acme", "connectors", "survival"), "the kill landed after publishing"
+    encoder_state = load_file(saved[0])
+    [row] = main(argv)
+    assert row["resumed_from"] == "encoder" and row["stage1_seconds_saved"] > 0
+    assert row["ref"] == "acme/connectors/survival@1" and not list(storage.iterdir())
+    published = load_file(registry.materialize(registry.resolve("acme", "connectors", "survival"), tmp_path / "c")
+                          / "connectors.safetensors")
+    for key, value in encoder_state.items():
+        assert torch.equal(published[f"encoder.{key}"], value), key

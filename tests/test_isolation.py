@@ -25,7 +25,7 @@ import pytest
 from ray import serve
 
 from cluster.artifacts import ArtifactKind
-from serve_app.routes_manage import UPLOAD_KINDS
+from serve_app.ingress.routes_manage import UPLOAD_KINDS
 from tests.security_fixtures import QUESTION, A, B, bearer, deploy, http, listing_digest, openapi
 from tests.serve_fixtures import greedy_with_peft
 

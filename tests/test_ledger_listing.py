@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from cluster.cli import main
+from cli.main import main
 from cluster.ledger import expert_ledger
 from cluster.registry import Registry
 from llamdex.expert import DPLedger, ExpertArch, ExpertSpec, build_expert, save_expert
@@ -64,10 +64,10 @@ def test_router_lists_the_ledger_over_http(tiny_model, tmp_path):
     the ledger of a DP expert with real (tiny) connectors. Predict/chat: tests/test_serve_experts.py."""
     from fastapi.testclient import TestClient
 
-    from serve_app.catalog import Catalog
     from serve_app.config import load_app_config
-    from serve_app.router import create_api
-    from serve_app.state import RouterState, set_state
+    from serve_app.ingress.catalog import Catalog
+    from serve_app.ingress.router import create_api
+    from serve_app.ingress.state import RouterState, set_state
     from tests.serve_fixtures import train_tiny_connectors
     from tests.test_serve_experts import SCHEMA
 

@@ -35,7 +35,7 @@ def test_job_local_mode_trains_indexes_publishes_and_resumes(tiny_model, tmp_pat
 
     from cluster.models import load_model
     from cluster.registry import Registry
-    from train_jobs.lora_tasks import LoraTask, evaluate
+    from compression.codebook.tasks import LoraTask, evaluate
 
     out, store = tmp_path / "adapters", tmp_path / "store"
     argv = ["--model", "tiny-random", "--num-adapters", "3", "--workers", "0", "--out", str(out),

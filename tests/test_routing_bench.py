@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from bench.routing import DATA, load_profiles, load_prompts, main
-from serve_app.routing.background import GENERAL_REQUESTS
+from serve_app.ingress.routing.background import GENERAL_REQUESTS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -60,6 +60,7 @@ def upload(app: dict, name: str, directory: Path) -> dict:
         r = upload_dir(c, app["key"], "acme", "adapters", name, directory)
     assert r.status_code == 201, r.text
     (bank,) = r.json()["banks"]
+    assert bank["replicas"] >= 1 and bank["replicas_serving"] == bank["replicas"], bank
     return bank
 
 
@@ -91,12 +92,8 @@ def test_uploads_from_different_subspaces_are_served_as_uploaded(ray_session, ti
             for name, directory in peft.items():
                 if name not in references:
                     references[name] = greedy_with_peft(tiny_model.path, directory, HI, TOKENS)
-                # replicas take the new bank within seconds of the upload (broadcast + poll), then must
-                # answer exactly as peft does; a wrong answer that persists fails here
-                try:
-                    wait_for(lambda n=name: answer(app, f"acme/{n}") == references[n], 30)
-                except AssertionError:
-                    assert answer(app, f"acme/{name}") == references[name], name
+                # the upload answered once every replica served the new bank: no waiting here
+                assert answer(app, f"acme/{name}") == references[name], name
 
         wait_for(lambda: answer(app, "acme/x") == greedy_with_peft(tiny_model.path, peft["x"], HI, TOKENS), 20)
         expect_all_served_as_uploaded()
@@ -138,7 +135,7 @@ def test_refit_is_queued_when_too_much_is_exact_and_answers_survive_it(ray_sessi
         first = upload(app, "a0", dirs["a0"])
         assert first["served"] == "exact" and first["refit"] == "not due"  # one adapter: nothing to share
         second = upload(app, "a1", dirs["a1"])
-        assert second["refit"] == "started", second
+        assert second["refit"] in ("started", "queued"), second  # "queued" while the refitter starts
         third = upload(app, "a2", dirs["a2"])
         assert third["refit"] in ("started", "queued"), third
         store = app["registry"].store.uri

@@ -32,3 +32,17 @@ def test_every_setting_is_documented():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [env for env, _, _ in rows if env not in readme]
     assert not missing, f"settings not in README: {missing}"
+
+
+def test_every_atelier_variable_the_code_reads_is_listed():
+    """``cluster/settings.py`` is the complete list: Settings fields plus OTHER_ENV, nothing else."""
+    import dataclasses
+    import re
+
+    from cluster.settings import OTHER_ENV, Settings
+
+    root = Path(__file__).resolve().parent.parent
+    known = {f"ATELIER_{f.name.upper()}" for f in dataclasses.fields(Settings)} | set(OTHER_ENV) | {"ATELIER_FOO"}
+    named = {m for package in ("cli", "cluster", "serve_app", "train_jobs", "compression", "llamdex", "causal_lm")
+             for path in (root / package).rglob("*.py") for m in re.findall(r"ATELIER_[A-Z_]+", path.read_text())}
+    assert named - known == set()

@@ -1,5 +1,8 @@
 """Ray job: Llamdex connectors for tenants' experts, one Ray Train run per tenant, in parallel.
 
+(Same idea at two layers: this is the job; the connectors themselves are ``llamdex.connectors``,
+``llamdex.encoder`` and their training ``llamdex.pipeline``.)
+
 This is the *server side* of Llamdex. Its only inputs are registry artifacts the tenant already
 published: the public **schema** and the **expert** (``expert.json`` + ``expert.safetensors``).
 There is no option for data files, and :class:`ConnectorsJob` forbids unknown fields, so private
@@ -15,6 +18,13 @@ the router serves ``<tenant>/<name>`` with the tenant's real expert swapped in).
 
 A jobs file is a YAML/JSON list of :class:`ConnectorsJob` objects. Progress (stage, epoch,
 loss) is reported to Ray Train (dashboard) and logged as JSON lines.
+
+**Resume.** Each run is named after its fingerprint (tenant, expert, expert version, model,
+config) under ``--storage-path`` (default ``<ATELIER_HOME>/runs/connectors``), and the trained
+stage-1 encoder -- most of a run -- is a Ray Train checkpoint. A job killed after stage 1 and
+submitted again resumes from it (:mod:`llamdex.stage_checkpoint`) and redoes only the synthetic
+expert, the hidden-state cache and stage 2; ``--fresh`` ignores checkpoints. A finished run's
+directory is removed, so the next identical submission trains anew.
 """
 
 from __future__ import annotations
@@ -22,7 +32,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -100,12 +112,20 @@ def train_loop(config: dict) -> dict:
 
     from cluster.models import load_model, resolve_model
     from cluster.registry import Registry
+    from cluster.validators import install_validators
     from llamdex.connectors_io import save_connectors
     from llamdex.expert import load_expert
     from llamdex.pipeline import train_connectors
+    from llamdex.stage_checkpoint import (
+        EncoderCheckpoint,
+        config_record,
+        run_fingerprint,
+        save_encoder_checkpoint,
+    )
 
     torch.set_num_threads(int(config["threads"]))
     job = ConnectorsJob.model_validate(config["job"])
+    install_validators()
     registry = Registry(config["store"])
     schema, expert_spec, expert_manifest = resolve_inputs(registry, job)
     resolved = resolve_model(job.model)
@@ -122,8 +142,20 @@ def train_loop(config: dict) -> dict:
         log.info("connectors.progress", tenant=job.tenant, name=job.name, **metrics)
         ray.train.report(metrics)
 
+    fingerprint = run_fingerprint(config_record(cfg), schema.model_dump_json(), resolved.content_hash)
+    resume = None if config.get("fresh") else resume_point(fingerprint)
+
+    def on_encoder(ckpt: EncoderCheckpoint) -> None:  # stage 1 done: what a resubmission resumes from
+        with tempfile.TemporaryDirectory() as tmp:
+            save_encoder_checkpoint(tmp, ckpt, fingerprint)
+            ray.train.report({"stage": "encoder", "checkpoint": "encoder", "stage1_seconds": round(ckpt.seconds, 1),
+                              "seconds": round(time.perf_counter() - start, 1)},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        log.info("connectors.checkpoint", tenant=job.tenant, name=job.name, stage="encoder",
+                 stage1_seconds=round(ckpt.seconds, 1))
+
     trained = train_connectors(model, tok, schema, model_id=resolved.id, model_hash=resolved.content_hash,
-                               config=cfg, progress=progress)
+                               config=cfg, progress=progress, resume=resume, on_encoder=on_encoder)
     with tempfile.TemporaryDirectory() as tmp:
         expert_dir, out = Path(tmp) / "expert", Path(tmp) / "connectors"
         expert_dir.mkdir()
@@ -143,23 +175,55 @@ def train_loop(config: dict) -> dict:
             "epsilon": expert_spec.dp.epsilon}
     ref = registry.publish(job.tenant, "connectors", job.name, files, meta)
     return {"ref": str(ref), "seconds": round(time.perf_counter() - start, 1), "layer": cfg.layer,
+            "resumed_from": "encoder" if resume is not None else None,
+            "stage1_seconds_saved": round(resume.seconds, 1) if resume is not None else 0.0,
             "end_to_end_accuracy": meta["heldout_synthetic"].get("end_to_end_accuracy"),
             "teacher_forced_accuracy": meta["heldout_synthetic"].get("teacher_forced_accuracy")}
 
 
-def run_one(job: ConnectorsJob, store: str, storage: Path, cpus: float, threads: int) -> dict:
-    """One tenant = one Ray Train run with one worker (loads the base model once)."""
+def resume_point(fingerprint: str):
+    """The stage-1 checkpoint this run left before it was killed (Ray Train restores it), or None."""
+    import ray.train
+
+    from llamdex.stage_checkpoint import load_encoder_checkpoint
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as directory:
+        resume = load_encoder_checkpoint(directory, fingerprint)
+    if resume is not None:
+        log.info("connectors.resume", stage="encoder", stage1_seconds_saved=round(resume.seconds, 1))
+    return resume
+
+
+def run_name(job: ConnectorsJob, expert_version: int) -> str:
+    """Ray Train run name: the same job (tenant, expert version, model, config) -> the same run, so
+    a resubmission finds the checkpoints its killed predecessor left."""
+    record = {**job.model_dump(), "expert_version": expert_version}
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    return f"connectors-{job.tenant}-{job.name}-{digest}"
+
+
+def run_one(job: ConnectorsJob, store: str, storage: Path, cpus: float, threads: int, expert_version: int,
+            fresh: bool = False) -> dict:
+    """One tenant = one Ray Train run with one worker (loads the base model once); resumes from the
+    stage-1 checkpoint a killed run of the same job left (unless ``fresh``)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     start = time.perf_counter()
-    trainer = TorchTrainer(train_loop, train_loop_config={"job": job.model_dump(), "store": store, "threads": threads},
+    name = run_name(job, expert_version)
+    if fresh:
+        shutil.rmtree(storage / name, ignore_errors=True)
+    config = {"job": job.model_dump(), "store": store, "threads": threads, "fresh": fresh}
+    trainer = TorchTrainer(train_loop, train_loop_config=config,
                            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
-                           run_config=RunConfig(name=f"connectors-{job.tenant}-{job.name}-{int(time.time())}",
-                                                storage_path=str(storage)))
+                           run_config=RunConfig(name=name, storage_path=str(storage)))
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"{job.tenant}/{job.name}: {result.error}")
+    shutil.rmtree(storage / name, ignore_errors=True)  # finished: nothing left to resume
     return {**result.return_value, "job_seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -184,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds to wait for a free worker's CPUs before failing with what is missing "
                         f"(default {DEFAULT_WAIT_S:g})")
     p.add_argument("--store", help="registry URI (default: ATELIER_STORE)")
-    p.add_argument("--storage-path", help="Ray Train run storage (default: a temp dir)")
+    p.add_argument("--storage-path", help="Ray Train run storage, where a killed run's checkpoint waits for "
+                   "the resubmission (default: <ATELIER_HOME>/runs/connectors; shared storage on a multi-node cluster)")
+    p.add_argument("--fresh", action="store_true", help="ignore a killed run's checkpoint and train from scratch")
     return p
 
 
@@ -212,20 +278,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from cluster.registry import Registry
     from cluster.settings import load_settings
+    from cluster.validators import install_validators
 
     jobs = jobs_from_args(args)
     store = args.store or load_settings().store_uri
+    install_validators()
     registry = Registry(store)
-    for job in jobs:  # fail fast, before any Ray Train run starts
-        resolve_inputs(registry, job)
+    versions = [resolve_inputs(registry, job)[2].version for job in jobs]  # fail fast, before any run starts
     ray.init(ignore_reinit_error=True)
     require_cpus(CpuDemand("train_jobs.connectors worker", 1, args.cpus_per_tenant, "--cpus-per-tenant"),
                  args.wait_for_resources)
-    storage = Path(args.storage_path or tempfile.mkdtemp(prefix="atelier-connectors-"))
+    storage = Path(args.storage_path or load_settings().home / "runs" / "connectors").resolve()
     log.info("connectors.start", jobs=len(jobs), parallel=args.parallel)
     results = []
     with concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        futures = {pool.submit(run_one, j, store, storage, args.cpus_per_tenant, args.threads): j for j in jobs}
+        futures = {pool.submit(run_one, j, store, storage, args.cpus_per_tenant, args.threads, v, args.fresh): j
+                   for j, v in zip(jobs, versions, strict=True)}
         for fut in concurrent.futures.as_completed(futures):
             job, out = futures[fut], fut.result()
             row = {"tenant": job.tenant, "name": job.name, **out}

@@ -1,5 +1,8 @@
 """Ray job: tenants' DP experts, one Ray Train run per tenant, many tenants in parallel.
 
+(Same idea at two layers: this is the job; the expert, its file format and its DP-SGD training are
+``llamdex.expert``, ``llamdex.expert_spec`` and ``llamdex.dp_training``.)
+
 This is the *tenant side* of Llamdex: the private CSV is read only inside the tenant's Train
 worker; what leaves it is the expert (``expert.json`` with the privacy ledger +
 ``expert.safetensors``), published to the registry under the tenant.
@@ -203,9 +206,10 @@ def publish(job: ExpertJob, out: dict, store: str | None) -> str:
     """Publish schema (if new) and expert to the registry; returns the expert's ref."""
     from cluster.registry import NotFound, Registry
     from cluster.settings import load_settings
-    from cluster.validators import check_expert_for_tenant
+    from cluster.validators import check_expert_for_tenant, install_validators
     from llamdex.schema import load_schema
 
+    install_validators()
     registry = Registry(store or load_settings().store_uri)
     try:
         registry.get_tenant(job.tenant)

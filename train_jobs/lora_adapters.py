@@ -11,16 +11,10 @@ Ray Train provides the worker group, resources, placement, failure handling and 
 reporting (``ray.train.report``, called the same number of times on every worker, as it is a
 barrier). ``--workers 0`` runs the same loop in the driver (Ray Train local mode).
 
-Output (default ``~/.cache/atelier/lora-adapters/<model>/``, outside git)::
-
-    codebook-0007/adapter_config.json        standard PEFT LoRA directory (safetensors only)
-    codebook-0007/adapter_model.safetensors
-    codebook-0007/task.json                   the task (facts, questions, description), metrics,
-                                              base-model record and a config fingerprint
-    index.json                                one row per adapter + summary
-
-The directory is a resumable cache: an adapter whose ``task.json`` fingerprint (task, training
-config, base-model content hash) matches is skipped. ``--publish`` publishes every adapter to the
+A thin Ray Train wrapper: the tasks, training, evaluation and the output directory are the
+science package ``compression.codebook``. Output (default ``~/.cache/atelier/lora-adapters/<model>/``,
+outside git) is the resumable directory of ``compression.codebook.store``: an adapter whose
+``task.json`` fingerprint (task, training config, base-model content hash) matches is skipped. ``--publish`` publishes every adapter to the
 artifact registry (tenant per task or per family; tenants are created when missing; unchanged
 adapters are not re-published).
 """
@@ -38,22 +32,18 @@ from pathlib import Path
 
 from cluster.logs import Timer, get_logger
 from cluster.resources import DEFAULT_WAIT_S, CpuDemand, require_cpus
+from compression.codebook.store import (
+    ADAPTER_FILES,
+    build_index,
+    default_out_dir,
+    fingerprint,
+    reusable_record,
+    train_and_write,
+)
 
 log = get_logger("train_jobs.lora_adapters")
 
-TASK_FILE = "task.json"
-INDEX_FILE = "index.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
 # ------------------------------------------------------------------------------------------- helpers
-def default_out_dir(model_id: str, home: Path | None = None) -> Path:
-    from cluster.settings import load_settings
-
-    home = home or load_settings().home
-    return Path(home) / "lora-adapters" / model_id.replace(":", "-").replace("/", "-")
-
-
 def task_ids(first: int, count: int) -> list[int]:
     return list(range(first, first + count))
 
@@ -68,24 +58,6 @@ def report_rounds(n_tasks: int, world: int, report_every: int) -> int:
     """Number of ``ray.train.report`` calls, identical on every worker."""
     per_worker = math.ceil(n_tasks / max(world, 1))
     return max(1, math.ceil(per_worker / max(report_every, 1)))
-
-
-def fingerprint(task_dump: dict, cfg_dump: dict, model_hash: str) -> str:
-    from train_jobs.lora_tasks import OBJECTIVE
-
-    blob = json.dumps({"task": task_dump, "config": cfg_dump, "model": model_hash, "objective": OBJECTIVE},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def read_task_json(adapter_dir: Path) -> dict | None:
-    try:
-        rec = json.loads((adapter_dir / TASK_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    if not all((adapter_dir / f).is_file() for f in ADAPTER_FILES):
-        return None
-    return rec
 
 
 def tenant_for(task, tenant_mode: str) -> str:
@@ -154,8 +126,7 @@ def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
     import torch
 
     from cluster.models import ResolvedModel, load_model
-    from train_jobs.lora_tasks import TrainConfig, make_task
-    from train_jobs.lora_train import train_lora, write_adapter_dir
+    from compression.codebook.tasks import TrainConfig, make_task
 
     torch.set_num_threads(int(config["threads"]))
     model_rec = config["model"]
@@ -171,7 +142,9 @@ def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
     registry = None
     if config.get("publish"):
         from cluster.registry import Registry
+        from cluster.validators import install_validators
 
+        install_validators()
         registry = Registry(config["store"])
     log.info("lora.shard.start", rank=rank, world=world, tasks=len(mine), rounds=rounds, model=resolved.id,
              out=str(out), threads=torch.get_num_threads())
@@ -183,9 +156,9 @@ def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
             task = make_task(task_id, seed=config["seed"], num_keys=config["num_keys"])
             fp = fingerprint(task.model_dump(), cfg.model_dump(), resolved.content_hash)
             adapter_dir = out / task.name
-            record = read_task_json(adapter_dir)
             try:
-                if record is not None and record.get("fingerprint") == fp and not config.get("force"):
+                record = None if config.get("force") else reusable_record(adapter_dir, fp)
+                if record is not None:
                     stats["skipped"] += 1
                     log.info("lora.task.skipped", rank=rank, task_id=task_id, name=task.name,
                              accuracy=record["metrics"]["accuracy"])
@@ -194,11 +167,8 @@ def run_shard(config: dict, rank: int, world: int, report=None) -> dict:
                         with Timer() as t:
                             model, tok = load_model(resolved)
                         log.info("lora.model.loaded", rank=rank, model=resolved.id, seconds=t.seconds)
-                    state, adapter_config, metrics = train_lora(model, tok, task, cfg)
-                    record = {"task": task.model_dump(), "metrics": metrics, "base_model": resolved.to_record(),
-                              "fingerprint": fp, "created_at": time.time(), "format": "peft-lora/safetensors"}
-                    write_adapter_dir(adapter_dir, state, adapter_config,
-                                      extra={TASK_FILE: json.dumps(record, indent=2).encode()})
+                    record = train_and_write(model, tok, task, cfg, adapter_dir, resolved.to_record(), fp)
+                    metrics = record["metrics"]
                     stats["trained"] += 1
                     log.info("lora.task.trained", rank=rank, task_id=task_id, name=task.name, family=task.family,
                              accuracy=metrics["accuracy"], heldout_accuracy=metrics["heldout_accuracy"],
@@ -241,59 +211,9 @@ def train_loop_per_worker(config: dict) -> dict:
     return run_shard(config, ctx.get_world_rank(), ctx.get_world_size(), report=ray.train.report)
 
 
-# ------------------------------------------------------------------------------------------- index
-def build_index(out: Path, model_record: dict, run: dict) -> dict:
-    """Index every adapter under ``out`` built against this base model (not only this run's)."""
-    rows = []
-    for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        rec = read_task_json(d)
-        if rec is None or rec.get("base_model", {}).get("content_hash") != model_record["content_hash"]:
-            continue
-        task, m = rec["task"], rec["metrics"]
-        rows.append({
-            "task_id": task["task_id"], "name": task["name"], "tenant": task["tenant"], "family": task["family"],
-            "description": task["description"], "path": d.name,
-            "base_accuracy": m["base_accuracy"], "accuracy": m["accuracy"],
-            "base_heldout_accuracy": m["base_heldout_accuracy"], "heldout_accuracy": m["heldout_accuracy"],
-            "base_test_accuracy": m.get("base_test_accuracy"), "test_accuracy": m.get("test_accuracy"),
-            "base_choice_accuracy": m["base_choice_accuracy"], "choice_accuracy": m["choice_accuracy"],
-            "first_token_accuracy": m.get("first_token_accuracy"),
-            "chance": m["chance"], "steps": m["steps"], "train_seconds": m["seconds_total"],
-            "train_cpu_seconds": m.get("cpu_seconds_total"), "trainable_params": m["trainable_params"],
-            "fingerprint": rec["fingerprint"],
-        })
-    rows.sort(key=lambda r: r["task_id"])
-
-    def stat(key: str) -> dict:
-        vals = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
-        if not vals:
-            return {}
-        return {"mean": round(sum(vals) / len(vals), 4), "min": min(vals), "max": max(vals)}
-
-    families: dict[str, list[float]] = {}
-    for r in rows:
-        families.setdefault(r["family"], []).append(r["accuracy"])
-    summary = {"adapters": len(rows), **{k: stat(k) for k in (
-        "accuracy", "heldout_accuracy", "test_accuracy", "base_accuracy", "base_heldout_accuracy",
-        "base_test_accuracy", "base_choice_accuracy",
-        "train_seconds", "train_cpu_seconds", "steps")},
-        "accuracy_by_family": {f: round(sum(v) / len(v), 4) for f, v in sorted(families.items())},
-        "at_least_90pct": sum(r["accuracy"] >= 0.9 for r in rows)}
-    index = {"model": model_record, "created_at": time.time(), "run": run, "summary": summary,
-             "metric": "exact match of the greedy reply (argmax over the full vocabulary: the single-token answer "
-                       "word, then end of turn). accuracy: trained phrasings; heldout_accuracy: validation "
-                       "paraphrases not trained on; test_accuracy: test paraphrases (final numbers only); "
-                       "base_choice_accuracy: base model restricted to the answer vocabulary (chance 1/8)",
-             "adapters": rows}
-    tmp = out / f".{INDEX_FILE}.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    tmp.replace(out / INDEX_FILE)
-    return index
-
-
 # ------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from train_jobs.lora_tasks import TrainConfig
+    from compression.codebook.tasks import TrainConfig
 
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m train_jobs.lora_adapters", description=__doc__,
@@ -346,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_config_from_args(args):
-    from train_jobs.lora_tasks import TrainConfig
+    from compression.codebook.tasks import TrainConfig
 
     return TrainConfig(rank=args.rank, alpha=args.alpha, num_layers=args.layers,
                        target_modules=[m.strip() for m in args.modules.split(",") if m.strip()],
@@ -358,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from cluster.models import resolve_model
     from cluster.settings import load_settings
-    from train_jobs.lora_tasks import make_task
+    from compression.codebook.tasks import make_task
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     settings = load_settings()

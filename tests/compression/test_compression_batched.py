@@ -10,7 +10,7 @@ from compression.batched import attach_bank, bank_delta
 from compression.collection import adapter_factors, compress_collection
 from compression.jd import JDConfig
 from compression.lora_io import linear_shapes
-from compression.synthetic import synthetic_collection
+from compression.synthetic_adapters import synthetic_collection
 
 K, N_ADAPTERS, D_OUT, D_IN, R = 3, 7, 24, 16, 4
 

@@ -8,7 +8,7 @@ import torch
 from compression.clustering import assignment_costs, cluster_adapters, fill_empty_clusters
 from compression.factors import stack_factors
 from compression.jd import JDConfig, project, reconstruction_error
-from compression.synthetic import synthetic_collection
+from compression.synthetic_adapters import synthetic_collection
 
 SHAPES = {"layers.0.q": (32, 24), "layers.0.v": (16, 24), "layers.1.q": (32, 24)}
 FAST_DIAG = JDConfig(diag_iters=30)

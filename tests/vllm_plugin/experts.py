@@ -43,8 +43,8 @@ def save_random_expert(model_dir: Path, out: Path, layer: int, num_slots: int, s
 def torch_expert_reference(model, tok, bundle, question: str, max_tokens: int) -> tuple[dict, list[int]]:
     """llamdex's own answer: ``predict`` (label, probabilities, encoded features) and the generation
     the torch engine serves (class answer token first, then greedy on the KV cache, no stop)."""
+    from causal_lm import left_pad
     from llamdex.insertion import predict, prefill_with_experts
-    from llamdex.llm_ops import left_pad
     from llamdex.prompting import chat_prompt_ids
 
     pred = predict(model, tok, bundle, question)

@@ -10,7 +10,7 @@ import torch
 
 from compression import bank_delta, compress_collection, export_adapter
 from compression.collection import add_adapter
-from compression.synthetic import synthetic_collection
+from compression.synthetic_adapters import synthetic_collection
 from serve_app.vllm_plugin.bank_host import BankHost
 from serve_app.vllm_plugin.bank_math import SlotTable, add_grouped_delta
 from serve_app.vllm_plugin.bank_payload import decode_header, encode_header

@@ -1,4 +1,4 @@
-"""The vLLM pool's engine (serve_app.engine_vllm.VLLMEngine, AsyncLLM with its engine core in a
+"""The vLLM pool's engine (serve_app.replica.engine_vllm.VLLMEngine, AsyncLLM with its engine core in a
 subprocess) with the plugin, against its references, through the engine protocol the replica uses:
 
 * bank adapters (bank layers: shared bases + Σ_i) equal the same adapters as dense vLLM LoRAs and
@@ -37,9 +37,9 @@ def test_vllm_pool_engine_serves_bank_and_experts(tiny32, banks, dense_expected,
 
     from cluster.models import hash_model_dir
     from llamdex.insertion import load_bundle, predict
-    from serve_app.engine import TorchEngine
-    from serve_app.engine_vllm import VLLMEngine, VLLMOptions
-    from serve_app.modifiers import AdapterModifier, ExpertModifier
+    from serve_app.replica.engine_torch import TorchEngine
+    from serve_app.replica.engine_vllm import VLLMEngine, VLLMOptions
+    from serve_app.replica.modifiers import AdapterModifier, ExpertModifier
 
     tok = AutoTokenizer.from_pretrained(tiny32)
     model = AutoModelForCausalLM.from_pretrained(tiny32).eval()

@@ -71,7 +71,7 @@ def test_a_failed_load_frees_the_slot_and_the_next_request_retries():
 
 def test_bank_installs_before_the_first_request_and_drops_after_a_swap(tmp_path):
     from compression import compress_collection
-    from compression.synthetic import synthetic_collection
+    from compression.synthetic_adapters import synthetic_collection
 
     adapters = synthetic_collection(6, {"layers.0.q_proj": (24, 16)}, clusters=2, r0=2, seed=0).adapters
     workers = Workers()

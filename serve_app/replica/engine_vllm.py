@@ -164,11 +164,10 @@ class VLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from serve_app.vllm_plugin import PluginOptions
+        from serve_app.vllm_plugin import PluginOptions, engine_kwargs
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        plugin = PluginOptions(bank=options.bank_layers, experts=options.experts)
-        extra = plugin.engine_kwargs()
+        extra = engine_kwargs(PluginOptions(bank=options.bank_layers, experts=options.experts))
         if options.memory_probe and not extra:
             from serve_app.vllm_plugin.options import WORKER_EXTENSION
 

@@ -3,7 +3,7 @@
 vLLM imports ``register`` in every process it starts (main, engine core, workers) through the
 entry point ``[project.entry-points."vllm.general_plugins"] atelier`` in pyproject.toml. It is
 inert unless the Atelier vLLM pool asks for it (see :mod:`.options`): it installs nothing in a
-process without ``ATELIER_VLLM_PLUGIN=1`` (set only by ``PluginOptions.engine_kwargs``), and even
+process without ``ATELIER_VLLM_PLUGIN=1`` (set only by :func:`engine_kwargs`), and even
 where installed, only an engine created with
 ``additional_config={"atelier": {"bank": true, "experts": true}}`` gets
 
@@ -19,9 +19,10 @@ This module stays import-light: the engine side imports option classes without v
 
 from serve_app.vllm_plugin.compat import SUPPORTED_VLLM_VERSIONS, VLLMVersionError, check_vllm_version
 from serve_app.vllm_plugin.options import ENV_FLAG, PLUGIN_KEY, PluginOptions, process_enabled
+from serve_app.vllm_plugin.registration import engine_kwargs, register_all
 
 __all__ = ["ENV_FLAG", "PLUGIN_KEY", "SUPPORTED_VLLM_VERSIONS", "PluginOptions", "VLLMVersionError", "check_vllm_version",
-           "register"]
+           "engine_kwargs", "register"]
 
 
 def register() -> None:
@@ -30,11 +31,9 @@ def register() -> None:
     Does nothing in a process without ``ATELIER_VLLM_PLUGIN=1`` (plain vLLM runs stay plain).
     On an unsupported vLLM version nothing is installed and an error is logged (plain vLLM use in
     the same environment keeps working); an engine that asks for the plugin's features is then
-    refused with :class:`VLLMVersionError` by :func:`serve_app.vllm_plugin.options.engine_args`
+    refused with :class:`VLLMVersionError` by :func:`engine_kwargs`
     and by the worker extension.
     """
     if not process_enabled():
         return
-    from serve_app.vllm_plugin.registration import register_all
-
     register_all()

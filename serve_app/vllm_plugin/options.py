@@ -5,12 +5,15 @@ to do with Atelier (e.g. the ``vllm-lora`` contender of bench/serving.py). Two g
 plugin inert there:
 
 1. the process gate: :func:`serve_app.vllm_plugin.register` installs nothing unless the
-   environment variable ``ATELIER_VLLM_PLUGIN=1`` is set. Only :meth:`PluginOptions.engine_kwargs`
+   environment variable ``ATELIER_VLLM_PLUGIN=1`` is set. Only :func:`.registration.engine_kwargs`
    (called by the Atelier vLLM pool) sets it, before the engine starts, so the engine-core and
    worker processes vLLM spawns inherit it;
 2. the engine gate: the installed classes act only for an engine whose
    ``vllm_config.additional_config["atelier"]`` (a :class:`PluginOptions`) asks for the feature;
    a plain engine in the same process gets plain vLLM behaviour.
+
+Only data and the gates live here (the plugin's layers and model read them inside vLLM); turning the
+features on for an engine is :mod:`.registration`'s.
 """
 
 from __future__ import annotations
@@ -46,35 +49,10 @@ class PluginOptions(BaseModel):
         raw = extra.get(PLUGIN_KEY) if isinstance(extra, dict) else None
         return cls.model_validate(raw or {})
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for vLLM's EngineArgs that turn these features on (after a version check)."""
-        if not self.enabled:
-            return {}
-        from serve_app.vllm_plugin.compat import check_vllm_version
-
-        check_vllm_version()
-        enable_in_this_process()
-        kwargs: dict[str, Any] = {"additional_config": {PLUGIN_KEY: self.model_dump()},
-                                  "worker_extension_cls": WORKER_EXTENSION}
-        if self.experts:
-            from serve_app.vllm_plugin.llamdex_model import engine_kwargs_for_experts
-
-            kwargs.update(engine_kwargs_for_experts())
-        return kwargs
-
 
 def process_enabled() -> bool:
     """Whether this process may install the plugin (the environment gate, see the module docstring)."""
     return os.environ.get(ENV_FLAG) == "1"
-
-
-def enable_in_this_process() -> None:
-    """Open the process gate here and in the processes vLLM spawns from now on, and install the
-    plugin now (vLLM may have loaded its general plugins in this process already)."""
-    os.environ[ENV_FLAG] = "1"
-    from serve_app.vllm_plugin.registration import register_all
-
-    register_all()
 
 
 def current_options() -> PluginOptions:

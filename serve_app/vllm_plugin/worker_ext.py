@@ -126,7 +126,7 @@ class AtelierWorkerExtension:
         table = getattr(getattr(model, "model", None), "experts", None)
         if table is None:
             raise RuntimeError(f"this vLLM engine serves {type(model).__name__}, not the Llamdex model; fix: create it "
-                               "with PluginOptions(experts=True).engine_kwargs()")
+                               "with engine_kwargs(PluginOptions(experts=True)) (serve_app.vllm_plugin)")
         return table
 
     def atelier_expert_load(self, slot_id: int, expert_dir: str, connectors_dir: str, model_hash: str) -> dict:

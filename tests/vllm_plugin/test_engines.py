@@ -32,10 +32,10 @@ pytestmark = [pytest.mark.slow]
 @pytest.fixture(scope="module")
 def atelier_llm(tiny32, dense_expected, experts):
     """One engine with both plugin features; max_loras = 4 = distinct adapters per batch."""
-    from serve_app.vllm_plugin import PluginOptions
+    from serve_app.vllm_plugin import PluginOptions, engine_kwargs
 
     with vllm_engine(tiny32, enable_lora=True, max_loras=4, max_cpu_loras=16, max_lora_rank=8,
-                     **PluginOptions(bank=True, experts=True).engine_kwargs()) as llm:
+                     **engine_kwargs(PluginOptions(bank=True, experts=True))) as llm:
         yield llm
 
 

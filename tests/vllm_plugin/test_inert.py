@@ -1,5 +1,5 @@
 """The plugin's entry point is loaded into every vLLM process; it must change nothing there unless
-the Atelier vLLM pool asked for it (ATELIER_VLLM_PLUGIN=1, set by PluginOptions.engine_kwargs)."""
+the Atelier vLLM pool asked for it (ATELIER_VLLM_PLUGIN=1, set by serve_app.vllm_plugin.engine_kwargs)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from vllm import ModelRegistry
 report.update(first_lora_class=lora_utils._all_lora_classes[0].__module__,
               llamdex_arch="AtelierLlamdexForCausalLM" in ModelRegistry.get_supported_archs())
 if os.environ.get("PROBE_ENGINE_KWARGS"):
-    from serve_app.vllm_plugin import PluginOptions
-    report["kwargs"] = sorted(PluginOptions(bank=True).engine_kwargs())
+    from serve_app.vllm_plugin import PluginOptions, engine_kwargs
+    report["kwargs"] = sorted(engine_kwargs(PluginOptions(bank=True)))
     report["env"] = os.environ.get("ATELIER_VLLM_PLUGIN")
     report["first_lora_class_after"] = lora_utils._all_lora_classes[0].__module__
 print("PROBE" + json.dumps(report))

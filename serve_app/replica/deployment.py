@@ -84,7 +84,7 @@ class LLMReplica:
         self.metrics = ReplicaMetrics(self.pool.name)
         self.engine: Engine = make_engine(self.pool, self.model, self.settings, on_step=self._observe_step)
         self.expert_stats = ExpertCacheStats()
-        self.predictor: PredictBatcher | None = None
+        self.predictor: PredictBatcher | EnginePredictor | None = None
         if EXPERT in self.engine.capabilities.modifiers:
             self.predictor = self._predictor()
         self.pinned_bank: int | None = None
@@ -96,7 +96,7 @@ class LLMReplica:
         log.info("replica.ready", pool=self.pool.name, model=self.model.id, engine=self.engine.capabilities.name,
                  bank_version=self.engine.bank_version, seconds=round(time.perf_counter() - started, 2))
 
-    def _predictor(self):
+    def _predictor(self) -> PredictBatcher | EnginePredictor:
         """What answers ``predict``: an engine that predicts by itself (vLLM with the plugin batches expert
         rows with everything else), else a PredictBatcher over the engine's torch model."""
         if hasattr(self.engine, "predict"):

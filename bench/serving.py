@@ -162,27 +162,27 @@ def worker(spec: dict) -> dict:
     root = Path(spec["cache"]) / model.id
     n, contender = spec["n"], spec["contender"]
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    names = [name for name, _ in adapter_dirs(root, model.path, n)] if n and not contender.endswith("base") else None
+    warmup = workload(min(4, spec["concurrency"]), 16, 4, names, seed=99)
+    if spec["scenario"] == "mixed":
+        import random
+
+        rng = random.Random(5)
+        reqs = spec["requests"]
+        load = workload(reqs, [rng.choice([16, 32, 64, 128, 256]) for _ in range(reqs)],
+                        [rng.choice([8, 16, 32, 64, 128]) for _ in range(reqs)], names, seed=5)
+    else:
+        load = workload(spec["requests"], spec["prompt_tokens"], spec["max_tokens"], names, seed=1)
+    used = {a for a in (*warmup.adapters, *load.adapters) if a} if names else None
     engine, adapters_s = build(contender, model, spec["dtype"], spec["threads"], spec["max_rows"], root, n, log,
-                               spec.get("vllm_cpus"))
-    names = [name for name, _ in adapter_dirs(root, model.path, n)] if n else None
-    if contender.endswith("base"):
-        names = None
+                               spec.get("vllm_cpus"), used)
     load_before = os.getloadavg()[0]
 
     async def main() -> dict:
         warm_s = await warm(engine, contender)
-        await drive(engine, workload(min(4, spec["concurrency"]), 16, 4, names, seed=99), spec["concurrency"])
+        await drive(engine, warmup, spec["concurrency"])
         if spec["scenario"] == "join":
             return {"join": await join_scenario(engine, spec["reps"]), "warm_s": warm_s}
-        if spec["scenario"] == "mixed":
-            import random
-
-            rng = random.Random(5)
-            reqs = spec["requests"]
-            load = workload(reqs, [rng.choice([16, 32, 64, 128, 256]) for _ in range(reqs)],
-                            [rng.choice([8, 16, 32, 64, 128]) for _ in range(reqs)], names, seed=5)
-        else:
-            load = workload(spec["requests"], spec["prompt_tokens"], spec["max_tokens"], names, seed=1)
         rows = await drive(engine, load, spec["concurrency"])
         out = {**summary(rows), "warm_s": warm_s}
         if contender.startswith("vllm") and n:  # what the workers hold for the N resident adapters

@@ -44,7 +44,7 @@ def replica_rss() -> dict[str, int]:
 
 
 def deploy(model: str, port: int, work: Path, tenants: int, with_expert: bool, replicas: int,
-           rate_limit_rpm: int) -> dict:
+           rate_limit_rpm: int, max_ongoing: int = 16) -> dict:
     """The app on one pool of ``model``; ``tenants`` tenants with an adapter each, t0 also an expert."""
     import httpx
     import ray
@@ -65,6 +65,7 @@ def deploy(model: str, port: int, work: Path, tenants: int, with_expert: bool, r
     keys = {f"t{i}": registry.create_tenant(f"t{i}")[1] for i in range(tenants)}
     config = load_app_config({"pools": [{"name": "p", "model": model, "num_cpus": 1.0 / replicas,
                                          "max_batch_size": 8, "batch_wait_ms": 10, "max_new_tokens": 64,
+                                         "max_ongoing_requests": max_ongoing,
                                          "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}],
                               "rate_limit_rpm": rate_limit_rpm, "router_num_cpus": 0.25})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -90,7 +91,7 @@ def soak(args, work: Path) -> dict:
 
     from bench.load import Client, chat, predict, run_load, summary
 
-    app = deploy(args.model, args.port, work, args.tenants, True, args.replicas, 0)
+    app = deploy(args.model, args.port, work, args.tenants, True, args.replicas, 0, args.max_ongoing)
     try:
         keys = app["keys"]
         mix = []
@@ -131,7 +132,7 @@ def flood(args, work: Path) -> dict:
 
     from bench.load import Client, chat, run_load, summary
 
-    app = deploy(args.model, args.port, work, 2, False, 1, args.rate_limit_rpm)
+    app = deploy(args.model, args.port, work, 2, False, 1, args.rate_limit_rpm, args.max_ongoing)
     try:
         keys = app["keys"]
         victim = [Client("B", keys["t1"], chat("t1/style", "Tell me about the sea", args.max_tokens))]
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--flood-clients", type=int, default=24, help="flood: tenant A's concurrent clients")
     p.add_argument("--flood-seconds", type=float, default=60.0, help="flood: per phase (all mode)")
     p.add_argument("--rate-limit-rpm", type=int, default=60_000, help="flood: per-key rate limit (A stays under)")
+    p.add_argument("--max-ongoing", type=int, default=16,
+                   help="the pool's max_ongoing_requests: requests past it wait, in arrival order, at Serve's "
+                        "handle; below it they reach the replica's per-tenant fair queue")
     p.add_argument("--port", type=int, default=18400)
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="results directory")
     args = p.parse_args(argv)
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     if flood_r:
         notes.append(f"Flood: tenant B's p99 during A's flood / alone = {flood_r['b_p99_ratio']} (target <= 2); A sent "
                      f"{flood_r['a_requests_per_minute']} requests/min under a limit of {flood_r['rate_limit_rpm']}.")
-    notes.append(f"`{args.model}`, closed-loop clients, greedy chat of {args.max_tokens} tokens. Load average at the "
+    notes.append(f"`{args.model}`, closed-loop clients, greedy chat of {args.max_tokens} tokens, pool "
+                 f"max_batch_size 8, max_ongoing_requests {args.max_ongoing}. Load average at the "
                  f"end: {tuple(round(x, 1) for x in os.getloadavg())} on 2 cores shared with other jobs.")
     name = "soak" if args.mode == "all" else f"soak_{args.mode}"
     _, md = write_results(Path(args.out), name, {"runs": results, "args": vars(args)}, table,

@@ -41,6 +41,24 @@ def _validate_expert(files: Mapping[str, bytes]) -> None:
             raise ArtifactError(f"expert: {exc}") from None
 
 
+def _validate_connectors(files: Mapping[str, bytes]) -> None:
+    """Connectors must load: spec valid, weights' SHA-256 as recorded, every tensor present, shaped
+    as the spec says and finite. The base model is checked where they are served (the pool refuses
+    connectors built for another model's hash)."""
+    import tempfile
+    from pathlib import Path
+
+    from llamdex.connectors_io import ConnectorsError, load_connectors, read_spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname in ("connectors.json", "connectors.safetensors"):
+            (Path(tmp) / fname).write_bytes(files[fname])
+        try:
+            load_connectors(tmp, read_spec(tmp).base_model_hash)
+        except ConnectorsError as exc:
+            raise ArtifactError(f"connectors: {str(exc).replace(tmp, '<upload>')}") from None
+
+
 def check_expert_for_tenant(registry, tenant: str, files: Mapping[str, bytes]) -> str:
     """An expert must match a schema the tenant published (``schema_name`` in expert.json).
 
@@ -111,3 +129,4 @@ def install_validators() -> None:
     register_validator(ArtifactKind.schema, _validate_schema)
     register_validator(ArtifactKind.expert, _validate_expert)
     register_validator(ArtifactKind.adapter, _validate_adapter)
+    register_validator(ArtifactKind.connectors, _validate_connectors)

@@ -22,6 +22,16 @@ def schema_files(**changes) -> dict[str, bytes]:
     return {"schema.json": json.dumps({**SCHEMA, **changes}).encode()}
 
 
+@pytest.fixture(autouse=True)
+def format_checks_only(monkeypatch):
+    """These tests exercise storage and the registry's format checks with placeholder connectors
+    files; the connectors' deep check (they must load) is tested with real ones in
+    tests/llamdex/test_llamdex_connectors.py."""
+    from cluster.artifacts import _DEEP_VALIDATORS, ArtifactKind
+
+    monkeypatch.delitem(_DEEP_VALIDATORS, ArtifactKind.connectors, raising=False)
+
+
 def connectors_files(value: float = 1.0) -> dict[str, bytes]:
     return {"connectors.json": b'{"layer": 1}',
             "connectors.safetensors": st_save({"w": torch.full((2, 2), value)})}

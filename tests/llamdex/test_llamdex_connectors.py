@@ -257,3 +257,41 @@ def test_a_run_resumed_after_stage_one_answers_like_the_uninterrupted_run(lm, to
                for t in (first, second)]
     assert answers[0]["features"] == answers[1]["features"]
     assert answers[0]["probabilities"] == pytest.approx(answers[1]["probabilities"], abs=1e-4)
+
+
+def test_publishing_connectors_runs_the_deep_check(saved, tmp_path):
+    """Connectors that would not load are refused at publish with an error naming the file and the
+    fix (the registry's own format checks already refuse NaN, pickles and bad JSON): weights edited
+    after saving (SHA-256), weights of another shape (re-signed), a spec with an unknown field.
+    The registry lists nothing new; the good files then publish."""
+    from cluster.artifacts import ArtifactError
+    from cluster.registry import Registry
+    from cluster.validators import install_validators
+
+    install_validators()
+    _, _, _, directory = saved
+    files = {f: (directory / f).read_bytes() for f in (CONNECTORS_JSON, CONNECTORS_WEIGHTS)}
+    spec = json.loads(files[CONNECTORS_JSON])
+    registry = Registry(str(tmp_path / "store"))
+    registry.create_tenant("acme", "Acme")
+
+    def weights(edit) -> bytes:
+        tensors = load_file(directory / CONNECTORS_WEIGHTS)
+        name = next(k for k, v in tensors.items() if v.ndim == 2)
+        tensors[name] = edit(tensors[name])
+        save_file(tensors, tmp_path / "edited.safetensors")
+        return (tmp_path / "edited.safetensors").read_bytes()
+
+    def signed(data: bytes) -> bytes:
+        return json.dumps({**spec, "weights_sha256": hashlib.sha256(data).hexdigest()}).encode()
+
+    doubled, narrow = weights(lambda w: w * 2), weights(lambda w: w[:, :-1].contiguous())
+    cases = [({**files, CONNECTORS_WEIGHTS: doubled}, "SHA-256"),
+             ({CONNECTORS_JSON: signed(narrow), CONNECTORS_WEIGHTS: narrow}, "shape"),
+             ({**files, CONNECTORS_JSON: json.dumps({**spec, "surprise": 1}).encode()}, "surprise")]
+    for bad, needle in cases:
+        with pytest.raises(ArtifactError, match=needle) as refused:
+            registry.publish("acme", "connectors", "survival", bad)
+        assert str(refused.value).startswith("connectors: ") and "fix" in str(refused.value)
+    assert registry.list_artifacts("acme", "connectors") == []
+    assert registry.publish("acme", "connectors", "survival", files).version == 1

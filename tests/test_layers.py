@@ -140,4 +140,4 @@ def test_importing_the_registry_installs_no_validator():
             "print(sorted(k.value for k in _DEEP_VALIDATORS))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["['adapter',", "'expert',", "'schema']"]
+    assert out.stdout.split() == ["['adapter',", "'connectors',", "'expert',", "'schema']"]

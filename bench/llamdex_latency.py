@@ -3,7 +3,9 @@
     python -m bench.llamdex_latency                  # -> docs/bench/llamdex_latency.{json,md}
 
 Three ways to answer the same held-out test question (titanic by default), all served by the same
-continuous-batching torch engine (``serve_app.replica.engine_torch``), greedy, stopping at the end of turn:
+engine — the continuous-batching torch engine (``serve_app.replica.engine_torch``), or with ``--engine vllm``
+the vLLM pool's engine with Atelier's vLLM plugin (experts inside vLLM; results ``llamdex_latency_vllm``)
+— greedy, stopping at the end of turn:
 
 * **Llamdex** — the expert inside the forward pass: the connectors' prompt + the question, n slots
   overwritten at layer k, the answer token read at the last slot (``ExpertModifier``);
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=2, help="questions each mixed client sends = rounds x questions")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engine", default="torch", choices=["torch", "vllm"],
+                   help="the pool engine serving all three methods (vllm: the plugin's Llamdex model)")
     p.add_argument("--connectors", type=Path, help="connectors directory (with --expert); default: train once")
     p.add_argument("--expert", type=Path)
     p.add_argument("--train-budget", type=float, default=300, help="seconds for the one-off connectors training")
@@ -122,7 +126,14 @@ def main(argv: list[str] | None = None) -> dict:
     splits = load_splits(args.dataset, ROOT / "examples" / "datasets")
     schema = splits.schema
     questions = eval_set(splits, "validation", None, 400, seed=0).questions[: args.questions]
-    engine = TorchEngine(lm, tok, TorchEngineConfig(max_batch_rows=16, threads=args.threads))
+    if args.engine == "vllm":
+        from serve_app.replica.engine_vllm import VLLMEngine, VLLMOptions
+
+        engine = VLLMEngine(model.path, args.cache / "vllm", VLLMOptions(
+            dtype=args.dtype, max_num_seqs=16, max_model_len=2048, experts=True,
+            cpu_threads_bind=f"0-{args.threads - 1}"))
+    else:
+        engine = TorchEngine(lm, tok, TorchEngineConfig(max_batch_rows=16, threads=args.threads))
     api_tokens = 12 * len(schema.features) + 16
 
     def request(kind: str, q: str) -> tuple[GenerationRequest, list]:
@@ -209,12 +220,14 @@ def main(argv: list[str] | None = None) -> dict:
     goals = latency_goals(table, conc, conc_api)
     import os
 
-    notes = (f"{args.dataset}: the first {len(questions)} validation-split questions, {args.dtype}, {args.threads} "
+    notes = (f"{args.dataset}: the first {len(questions)} validation-split questions, {args.engine} engine, "
+             f"{args.dtype}, {args.threads} "
              f"threads, load average {os.getloadavg()[0]:.2f} at the end. Llamdex/base: max 8 tokens, end of turn "
              f"usually after the answer word; Expert-API: up to {api_tokens} tokens (its reply), then parse + "
              f"expert. Connectors: layer {bundle.spec.layer}, {bundle.spec.num_slots} slots.\n\nTargets: "
              + ", ".join(f"{k}={v}" for k, v in goals.items()))
-    write_results(args.out, "llamdex_latency", {"rows": table, "targets": goals, "raw": results,
+    name = "llamdex_latency" if args.engine == "torch" else f"llamdex_latency_{args.engine}"
+    write_results(args.out, name, {"rows": table, "targets": goals, "raw": results,
                                                 "library_expert_api_s": lib}, table,
                   "Llamdex latency vs the base model and the Expert-API", command_line("bench.llamdex_latency", argv),
                   notes)

@@ -9,6 +9,8 @@ Contenders (``bench/serving_setup.py`` builds them behind the one Engine protoco
 * ``hf-cb-base`` — the base model on transformers' ContinuousBatchingManager (for reference);
 * ``torch-bank`` — Atelier's torch pool: continuous batching + the compressed bank (per-row adapters);
 * ``vllm-pool`` — Atelier's vLLM pool: bank adapters exported as rank-16 LoRAs, served by vLLM;
+* ``vllm-bank`` — Atelier's vLLM pool with the plugin's bank layers (serve_app/vllm_plugin): each
+  cluster's bases once per module, a Σ_i-only LoRA per adapter;
 * ``vllm-lora`` — plain vLLM multi-LoRA serving the uncompressed PEFT adapters;
 * ``peft`` — the naive server: peft, one adapter active at a time (``set_adapter`` per group);
 * ``torch-static-bank`` — the torch engine as it was: static waves and the bank's per-cluster loop
@@ -22,6 +24,8 @@ distinct random words (nothing for a prefix cache to reuse), adapters are drawn 
 Adapter loading happens before the clock starts for everyone (bank attach; peft load_adapter;
 vLLM ``add_lora`` into its CPU cache) and is reported apart.
 
+vLLM contenders with adapters also report ``adapter_memory`` (bytes, from the workers): bank bases
+and Σ slots (``vllm-bank``), dense LoRA slots, and vLLM's host-memory LoRA cache holding all N.
 Peak RSS is the worker's process tree (vLLM runs its engine core in a child process), sampled
 every 0.2 s. Scenarios: ``sweep`` (throughput, TTFT, e2e p50/p99, peak RSS vs N), ``join`` (a 4-token request
 sent 0.3 s after a 128-token one vs alone), ``mixed`` (C=16 mixed prompt and output lengths,
@@ -180,7 +184,10 @@ def worker(spec: dict) -> dict:
         if spec["scenario"] == "join":
             return {"join": await join_scenario(engine, spec["reps"]), "warm_s": warm_s}
         rows = await drive(engine, load, spec["concurrency"])
-        return {**summary(rows), "warm_s": warm_s}
+        out = {**summary(rows), "warm_s": warm_s}
+        if contender.startswith("vllm") and n:  # what the workers hold for the N resident adapters
+            out["adapter_memory"] = await engine.adapter_memory()
+        return out
 
     result = asyncio.run(main())
     stats = engine.stats().model_dump()

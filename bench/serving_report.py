@@ -9,6 +9,7 @@ from pathlib import Path
 LABELS = {"torch-base": "base model, torch engine", "vllm-base": "base model, vLLM",
           "hf-cb-base": "base model, transformers ContinuousBatchingManager",
           "torch-bank": "Atelier torch pool (bank)", "vllm-pool": "Atelier vLLM pool (bank exports)",
+          "vllm-bank": "Atelier vLLM pool (bank layers, vLLM plugin)",
           "vllm-lora": "plain vLLM multi-LoRA (uncompressed)",
           "vllm-lora-all": "plain vLLM multi-LoRA (uncompressed, LoRA slots on all modules)",
           "peft": "peft, one adapter at a time",
@@ -56,7 +57,7 @@ def _sweep_targets(sweep: list[dict]) -> dict:
         at = medians(lambda r: r["n"] == 0)
     at |= medians(lambda r: r["n"] == top)
     ceiling = max([at[c] for c in ("torch-base", "vllm-base", "hf-cb-base") if c in at] or [float("nan")])
-    pools = {c: at[c] for c in ("torch-bank", "vllm-pool") if c in at}
+    pools = {c: at[c] for c in ("torch-bank", "vllm-pool", "vllm-bank") if c in at}
     best = max(pools, key=pools.get) if pools else None
     out = {"n": top, "ceiling_tok_s": ceiling, "best_pool": best, "best_pool_tok_s": pools.get(best)}
     if best:
@@ -91,6 +92,11 @@ def rows(results: list[dict], scenario: str) -> list[dict]:
                         "e2e p50 ms": r["e2e_p50_ms"], "e2e p99 ms": r["e2e_p99_ms"],
                         "peak RSS MB": r["peak_rss_mb"], "adapter load s": r["adapters_load_s"],
                         "load avg": r["loadavg_before"]})
+            mem = r.get("adapter_memory")
+            if mem:  # vLLM workers: device-side adapter state (slots + bank bases) and host LoRA cache
+                row.update({"adapter slots+bases MB": round((mem["lora_slots"] + mem["bank_bases"] + mem["bank_slots"])
+                                                            / 2**20, 1),
+                            "LoRA host cache MB": round(mem["lora_host_cache"] / 2**20, 1)})
         table.append(row)
     return table
 

@@ -31,7 +31,8 @@ WORDS = ("time year people way day man thing woman life child world school state
          "moment air teacher force education").split()
 RANK, CLUSTERS, BANK_RANK = 8, 4, 16
 TARGETS = ("q_proj", "v_proj")
-CONTENDERS = ("torch-base", "vllm-base", "hf-cb-base", "torch-bank", "vllm-pool", "vllm-lora", "vllm-lora-all",
+CONTENDERS = ("torch-base", "vllm-base", "hf-cb-base", "torch-bank", "vllm-pool", "vllm-bank", "vllm-lora",
+              "vllm-lora-all",
               "peft", "torch-static-bank")
 
 
@@ -160,14 +161,16 @@ def build(contender: str, model, dtype: str, threads: int, max_rows: int, root: 
         # max_cpu_loras = adapters cached in host memory (all of them: they fit), max_lora_rank =
         # the largest rank served (8 for the originals, the bank's 16 for exported bank adapters),
         # lora_target_modules = the modules the adapters touch (vLLM's tuning knob; default: all four).
-        rank = BANK_RANK if contender == "vllm-pool" else RANK
+        # vllm-bank: the same pool with the plugin's bank layers (bases once, Σ_i per adapter slot).
+        rank = BANK_RANK if contender in ("vllm-pool", "vllm-bank") else RANK
         options = VLLMOptions(dtype=dtype, max_lora_rank=rank, max_loras=max_rows + 1,
                               max_cpu_loras=max(max_rows + 1, n), max_model_len=1024, max_num_seqs=max_rows,
                               cpu_threads_bind=vllm_cpus or f"0-{threads - 1}",
-                              lora_target_modules=None if contender == "vllm-lora-all" else vllm_lora_modules(TARGETS))
+                              lora_target_modules=None if contender == "vllm-lora-all" else vllm_lora_modules(TARGETS),
+                              bank_layers=contender == "vllm-bank", memory_probe=True)
         engine = VLLMEngine(model.path, root / f"vllm-exports-{n}", options)  # one export cache per bank
         started = time.perf_counter()
-        if contender == "vllm-pool" and n:
+        if contender in ("vllm-pool", "vllm-bank") and n:
             engine.set_bank(load_bank(bank_dir(root, model, n, log)), 1)
         elif contender in ("vllm-lora", "vllm-lora-all") and n:
             engine.source = PeftDirectories(dict(adapter_dirs(root, model.path, n)))
@@ -179,6 +182,6 @@ async def warm(engine, contender: str) -> float:
     """Inside the measuring event loop: vLLM contenders load every adapter into vLLM's CPU LoRA
     cache (``add_lora``), so all contenders start from a steady state. Returns the seconds spent."""
     started = time.perf_counter()
-    if contender in ("vllm-pool", "vllm-lora", "vllm-lora-all") and engine.adapter_names():
+    if contender in ("vllm-pool", "vllm-bank", "vllm-lora", "vllm-lora-all") and engine.adapter_names():
         await engine.preload(engine.adapter_names())
     return time.perf_counter() - started

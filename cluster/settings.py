@@ -22,6 +22,8 @@ OTHER_ENV = {
     "ATELIER_SERVE_CONFIG": "serve_app.app: the pools file `serve run` / `serve build` deploy (default: one pool)",
     "ATELIER_MAX_JSON_BODY_MB": "serve_app.ingress.body_limit: largest JSON request body",
     "ATELIER_REPLICA_RETRIES": "serve_app.ingress.retry: attempts when a replica is lost (default 4)",
+    "ATELIER_VLLM_PLUGIN": ("serve_app.vllm_plugin: the plugin's process gate, set to 1 by the vLLM pool's engine "
+                            "for itself and the processes vLLM spawns (internal, not a knob)"),
 }
 """``ATELIER_*`` variables read outside :class:`Settings` (name -> where and what)."""
 

@@ -48,6 +48,8 @@ class Bundle:
     spec: ConnectorsSpec
     codec: FeatureCodec
     expert_spec: ExpertSpec | None = None
+    origin: tuple[str, str] | None = None
+    """(expert dir, connectors dir) it was loaded from (an engine in another process reloads it there)."""
 
     @torch.no_grad()
     def slots(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None,
@@ -81,7 +83,7 @@ def load_bundle(expert_dir: str | Path, connectors_dir: str | Path, expected_mod
     layout is checked against the connectors' schema (feature order, columns, sizes, classes)."""
     encoder, decoder, spec = load_connectors(connectors_dir, expected_model_hash)
     expert, expert_spec = load_expert(expert_dir, schema=spec.tenant_schema)
-    bundle = Bundle(encoder, decoder, expert, spec, spec.codec())
+    bundle = Bundle(encoder, decoder, expert, spec, spec.codec(), origin=(str(expert_dir), str(connectors_dir)))
     return bundle.with_expert(expert, expert_spec)
 
 

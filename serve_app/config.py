@@ -66,6 +66,13 @@ class VLLMSettings(_Strict):
         "modules (vLLM's default: every slot then also holds and runs o/gate_up/down)."))
     memory_fraction: float = Field(0.15, gt=0, le=1, description=(
         "Fraction of (CPU or GPU) memory for weights + KV cache."))
+    bank_layers: bool = Field(True, description=(
+        "Serve the bank through Atelier's vLLM plugin (docs/serving.md, 'The vLLM plugin'): each cluster's "
+        "bases once per module, only Σ_i per adapter (a LoRA slot then costs r² numbers per module instead of "
+        "r x (d_in + d_out)). false = export every adapter as a dense LoRA."))
+    experts: bool = Field(True, description=(
+        "Serve Llamdex experts inside vLLM (the plugin's Llamdex model; runs eager with chunked prefill off). "
+        "false = plain vLLM model, expert traffic goes to other pools."))
 
     @model_validator(mode="after")
     def _loras(self) -> VLLMSettings:
@@ -82,6 +89,8 @@ FLAT_ENGINE_KEYS = {
     "max_cpu_loras": ("vllm", "max_cpu_loras"),
     "vllm_lora_target_modules": ("vllm", "lora_target_modules"),
     "vllm_memory_fraction": ("vllm", "memory_fraction"),
+    "vllm_bank_layers": ("vllm", "bank_layers"),
+    "vllm_experts": ("vllm", "experts"),
 }
 """Engine settings also accepted at the top of a pool, under their older flat names (configs written
 before the ``torch:`` / ``vllm:`` sections keep working): flat name -> (section, field)."""
@@ -93,7 +102,8 @@ class PoolConfig(_Strict):
     name: str = Field("default", description="Pool name (lowercase, digits, '-'); the Serve deployment's name.")
     model: str = Field("smollm2-135m", description="Catalog name or local Hugging Face directory (see cluster.models).")
     engine: Literal["torch", "vllm"] = Field("torch", description=(
-        "torch runs everything (experts, bank); vllm serves base + adapters only."))
+        "torch or vllm; both serve base, bank adapters and Llamdex experts (vllm through Atelier's vLLM plugin: "
+        "vllm.bank_layers, vllm.experts). ``serves`` lists what a pool serves."))
     description: str = Field("SmolLM2-135M-Instruct: small and fast", description="Shown in GET /v1/models.")
     latency_tier: int = Field(1, ge=1, description="1 = fastest; used by model='auto' with a latency hint")
     cost_tier: int = Field(1, ge=1, description="1 = cheapest; used by model='auto' with a cost hint")
@@ -167,6 +177,13 @@ class PoolConfig(_Strict):
         if not POOL_NAME.match(v):
             raise ValueError(f"pool name {v!r} must match {POOL_NAME.pattern}")
         return v
+
+    @property
+    def serves(self) -> frozenset[str]:
+        """Customization kinds this pool serves (``adapter``, ``expert``): what routing asks of a pool."""
+        if self.engine == "vllm" and not self.vllm.experts:
+            return frozenset({"adapter"})
+        return frozenset({"adapter", "expert"})
 
     @property
     def bank_name(self) -> str:

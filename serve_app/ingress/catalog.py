@@ -4,8 +4,9 @@ A request's ``model`` is ``base``, ``<tenant>/<name>`` (an adapter in a pool's b
 expert with published connectors) or ``auto``. :class:`Catalog` lists these per caller, resolves
 a name to a :class:`Target` (kind, pool, multiplexed expert key) and implements ``auto``.
 
-An expert is servable on the torch pools whose base model has the content hash its connectors
-were trained for; its listing and its resolved target carry its version's DP ledger
+An expert is servable on the pools that serve experts (``PoolConfig.serves``: torch pools, and
+vLLM pools with ``vllm.experts``) whose base model has the content hash its connectors were
+trained for; its listing and its resolved target carry its version's DP ledger
 (``privacy``, read from expert.json by :func:`cluster.ledger.expert_ledger`); its multiplexed key ``<tenant>/<name>@e<expert version>.c<connectors version>``
 (:mod:`serve_app.replica.expert_runtime`) changes whenever either artifact is re-published.
 
@@ -214,9 +215,9 @@ class Catalog:
         return self._pool_hashes
 
     def expert_pools(self, connectors_hash: str | None) -> tuple[str, ...]:
-        """Torch pools whose base model the connectors were trained for."""
+        """Pools that serve experts (``PoolConfig.serves``) and whose base model the connectors were trained for."""
         hashes = self.pool_model_hashes()
-        return tuple(p.name for p in self.config.pools if p.engine == "torch"
+        return tuple(p.name for p in self.config.pools if "expert" in p.serves
                      and hashes.get(p.name) in (None, connectors_hash))
 
     def _connectors_base_model(self, manifest) -> dict:
@@ -263,9 +264,10 @@ class Catalog:
 
     def _target(self, c: Customization, hints: RoutingHints | None, reason: dict | None) -> Target:
         if not c.pools and c.kind == "expert":
-            running = {p.name: p.model for p in self.config.pools if p.engine == "torch"}
+            running = {p.name: p.model for p in self.config.pools if "expert" in p.serves}
             raise OpenAIError(422, f"{c.model_id}: its connectors (version {c.extra['connectors_version']}) were "
-                                   f"trained for base model {c.extra.get('base_model')!r}, but no torch pool runs "
+                                   f"trained for base model {c.extra.get('base_model')!r}, but no pool serving "
+                                   "experts runs "
                                    f"that model (pools: {running}); fix: train connectors against a pool's base "
                                    "model (the connectors job) or add a pool running that model",
                               param="model", code="model_not_servable")

@@ -33,6 +33,7 @@ from serve_app.config import PoolConfig
 from serve_app.metrics import ReplicaMetrics
 from serve_app.replica.engine_api import Engine, check_supported
 from serve_app.replica.expert_runtime import (
+    EnginePredictor,
     ExpertCacheStats,
     ExpertKey,
     LoadedExpert,
@@ -83,11 +84,9 @@ class LLMReplica:
         self.metrics = ReplicaMetrics(self.pool.name)
         self.engine: Engine = make_engine(self.pool, self.model, self.settings, on_step=self._observe_step)
         self.expert_stats = ExpertCacheStats()
-        self.predictor: PredictBatcher | None = None
+        self.predictor: PredictBatcher | EnginePredictor | None = None
         if EXPERT in self.engine.capabilities.modifiers:
-            self.predictor = PredictBatcher(self.engine.model, self.engine.tokenizer,  # type: ignore[attr-defined]
-                                            self.pool.max_batch_size, self.pool.batch_wait_ms / 1000,
-                                            self.engine.run_between_steps)
+            self.predictor = self._predictor()
         self.pinned_bank: int | None = None
         self._bank_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
@@ -96,6 +95,14 @@ class LLMReplica:
             self._expert_loader())
         log.info("replica.ready", pool=self.pool.name, model=self.model.id, engine=self.engine.capabilities.name,
                  bank_version=self.engine.bank_version, seconds=round(time.perf_counter() - started, 2))
+
+    def _predictor(self) -> PredictBatcher | EnginePredictor:
+        """What answers ``predict``: an engine that predicts by itself (vLLM with the plugin batches expert
+        rows with everything else), else a PredictBatcher over the engine's torch model."""
+        if hasattr(self.engine, "predict"):
+            return EnginePredictor(self.engine)
+        return PredictBatcher(self.engine.model, self.engine.tokenizer,  # type: ignore[attr-defined]
+                              self.pool.max_batch_size, self.pool.batch_wait_ms / 1000, self.engine.run_between_steps)
 
     def _observe_step(self, rows: int) -> None:
         self.metrics.batch_rows.observe(rows, tags=self.metrics.tags)
@@ -186,7 +193,7 @@ class LLMReplica:
         """The bundle for ``expert_key`` from the LRU (loading it on a miss); counts hits and misses."""
         if self.predictor is None:
             raise EngineError(400, f"pool {self.pool.name!r} runs the {self.engine.capabilities.name} engine, which "
-                                   "cannot run Llamdex experts; send expert traffic to a torch pool")
+                                   "cannot run Llamdex experts; send expert traffic to a pool that serves them")
         hit = expert_key in self.expert_stats.resident
         entry = await self.get_expert(expert_key)
         bundle = entry.bundle

@@ -167,6 +167,18 @@ def class_answer(bundle, last_logits: torch.Tensor) -> tuple[dict[str, Any], int
 
 
 # ---------------------------------------------------------------------------- batched prediction
+class EnginePredictor:
+    """``predict`` through an engine that answers expert questions itself (``engine.predict``)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.batches = 0
+
+    async def predict(self, bundle, question: str) -> dict[str, Any]:
+        self.batches += 1
+        return await self.engine.predict(bundle, question)
+
+
 class PredictBatcher:
     """Collects concurrent predict calls (any experts) into one ``predict_many`` forward.
 

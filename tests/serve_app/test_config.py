@@ -9,11 +9,15 @@ from serve_app.config import FLAT_ENGINE_KEYS, AppConfig, PoolConfig, load_app_c
 
 
 def test_flat_engine_keys_load_into_their_sections():
-    flat = PoolConfig(name="v", engine="vllm", torch_threads=2, prefill_chunk_tokens=64, max_lora_rank=32,
-                      max_loras=5, max_cpu_loras=40, vllm_lora_target_modules=["qkv_proj"], vllm_memory_fraction=0.3)
+    flat_keys = dict(torch_threads=2, prefill_chunk_tokens=64, max_lora_rank=32, max_loras=5, max_cpu_loras=40,
+                     vllm_lora_target_modules=["qkv_proj"], vllm_memory_fraction=0.3, vllm_bank_layers=False,
+                     vllm_experts=False)
+    assert set(flat_keys) == set(FLAT_ENGINE_KEYS)  # every flat name is tried here
+    flat = PoolConfig(name="v", engine="vllm", **flat_keys)
     nested = PoolConfig(name="v", engine="vllm", torch={"threads": 2, "prefill_chunk_tokens": 64},
                         vllm={"max_lora_rank": 32, "max_loras": 5, "max_cpu_loras": 40,
-                              "lora_target_modules": ["qkv_proj"], "memory_fraction": 0.3})
+                              "lora_target_modules": ["qkv_proj"], "memory_fraction": 0.3,
+                              "bank_layers": False, "experts": False})
     assert flat == nested
     assert not set(FLAT_ENGINE_KEYS) & set(flat.model_dump())  # flat names are inputs only
     from_yaml = load_app_config({"pools": [{"name": "p", "max_loras": 4, "vllm": {"max_cpu_loras": 4}}]})

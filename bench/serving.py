@@ -147,6 +147,19 @@ class TreeRSS:
         return self.peak
 
 
+def engine_device(engine, contender: str) -> str:
+    """Where the contender's forward ran (the report says which device each number came from):
+    vLLM's platform for vLLM contenders, else the device of the model's parameters."""
+    if contender.startswith("vllm"):
+        from vllm.platforms import current_platform
+
+        return str(current_platform.device_type or "unknown")
+    try:
+        return next(engine.model.parameters()).device.type
+    except (AttributeError, StopIteration, TypeError):
+        return "unknown"
+
+
 def worker(spec: dict) -> dict:
     """One (scenario, contender, N, dtype) measurement in this process."""
     rss = TreeRSS()
@@ -190,6 +203,7 @@ def worker(spec: dict) -> dict:
         return out
 
     result = asyncio.run(main())
+    device = engine_device(engine, contender)
     stats = engine.stats().model_dump()
     peak = rss.stop()
     engine.shutdown()
@@ -197,7 +211,7 @@ def worker(spec: dict) -> dict:
             "peak_rss_mb": round(peak / 2**20),
             "peak_rss_self_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2),
-            "engine_stats": stats, "threads": spec["threads"]}
+            "engine_stats": stats, "threads": spec["threads"], "device": device}
 
 
 # ---------------------------------------------------------------------------- orchestrator

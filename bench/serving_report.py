@@ -78,7 +78,7 @@ def rows(results: list[dict], scenario: str) -> list[dict]:
         if r["scenario"] != scenario:
             continue
         row = {"contender": LABELS.get(r["contender"], r["contender"]), "N": r["n"], "dtype": r["dtype"],
-               "C": r["concurrency"], "rows": r["max_rows"]}
+               "device": r.get("device", "cpu (not recorded)"), "C": r["concurrency"], "rows": r["max_rows"]}
         if "run" in r:  # a --combine report: which run measured it
             row = {"run": r["run"], **row}
         if "error" in r:

@@ -27,6 +27,7 @@ def test_serving_bench_smoke(tmp_path, atelier_home):
     for r in results:
         if r["scenario"] == "sweep":
             assert r["output_tokens"] == r["requests"] * 4 and r["tok_s"] > 0 and r["peak_rss_mb"] > 0
+            assert r["device"] == "cpu"  # the report says where each number came from
     joins = [r for r in results if r["scenario"] == "join"]
     assert len(joins) == 2 and all(j["join"]["ratio"] > 0 for j in joins)
     assert {"ceiling_tok_s", "best_pool", "vs_ceiling", "vs_peft", "join_ratio"} <= set(data["targets"])

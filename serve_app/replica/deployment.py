@@ -99,7 +99,7 @@ class LLMReplica:
     def _predictor(self) -> PredictBatcher | EnginePredictor:
         """What answers ``predict``: an engine that predicts by itself (vLLM with the plugin batches expert
         rows with everything else), else a PredictBatcher over the engine's torch model."""
-        if hasattr(self.engine, "predict"):
+        if self.engine.capabilities.predicts_experts:
             return EnginePredictor(self.engine)
         return PredictBatcher(self.engine.model, self.engine.tokenizer,  # type: ignore[attr-defined]
                               self.pool.max_batch_size, self.pool.batch_wait_ms / 1000, self.engine.run_between_steps)

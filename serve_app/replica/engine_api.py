@@ -29,6 +29,9 @@ class EngineCapabilities(BaseModel):
     """Requests join and leave the running batch between decode steps."""
     streaming: bool = True
     max_batch_rows: int = 0
+    predicts_experts: bool = False
+    """The engine answers expert ``predict`` calls itself (``engine.predict``, batched with its other rows);
+    otherwise the replica predicts on the engine's torch model (``PredictBatcher``)."""
 
 
 @runtime_checkable

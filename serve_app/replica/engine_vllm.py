@@ -179,7 +179,7 @@ class VLLMEngine:
             lora_target_modules=options.lora_target_modules, kv_cache_memory_bytes=options.kv_cache_bytes, **extra))
         kinds = {ADAPTER, EXPERT} if options.experts else {ADAPTER}
         self.capabilities = EngineCapabilities(name="vllm", modifiers=frozenset(kinds), continuous_batching=True,
-                                               max_batch_rows=options.max_num_seqs)
+                                               max_batch_rows=options.max_num_seqs, predicts_experts=options.experts)
         self.cache_dir = cache_dir
         self.source = source
         self.plugin_bank = self.plugin_experts = None

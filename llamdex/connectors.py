@@ -11,6 +11,12 @@ projections biases (W3 stays bias-free) so every expert output maps to a proper 
 LayerNorm (per-element RMS 1); ``norm = "residual_rms"`` sets ``scale`` to the measured median
 RMS of the residual stream at layer k, so injected slots look like real tokens to later layers.
 The decoder also owns ``placeholder``: what the n slots hold at layers < k (see insertion).
+
+Second deviation, ``sharpen`` (a temperature T <= 1 on the expert's class distribution, applied before
+the SwiGLU; T = 1 is the paper): the LLM is trained to transmit the *sharpened* expert, so a
+near-tied expert ([0.45, 0.55]) reaches the LLM as a clear choice ([0.31, 0.69] at T = 0.25) and its
+argmax survives the decoding. Chat needs the expert's argmax; predict returns the expert's own
+probabilities, untouched. Chosen on validation rows (``bench/llamdex_decoders.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class DecoderConfig(_Strict):
     ffn_hidden: int = Field(default=512, ge=1)
     norm: Literal["layernorm", "residual_rms"] = "residual_rms"
     scale: float = Field(default=1.0, gt=0)
+    sharpen: float = Field(default=1.0, gt=0, le=1)  # temperature on the expert's distribution (1 = paper)
 
 
 class Decoder(nn.Module):
@@ -50,8 +57,19 @@ class Decoder(nn.Module):
         self.register_buffer("placeholder", torch.zeros(cfg.num_slots, cfg.hidden_size))
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
+        p = sharpen(p, self.cfg.sharpen)
         y = self.w3(F.silu(self.w1(p)) * self.w2(p)).view(p.shape[0], self.cfg.num_slots, self.cfg.hidden_size)
         return F.layer_norm(y, (self.cfg.hidden_size,)) * self.cfg.scale
+
+
+def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Expert output (B, c) at ``temperature``: binary P(yes) (c = 1) or a class distribution (c = K),
+    same shape, ordering kept, gaps widened for T < 1 (T = 1 returns ``p`` itself)."""
+    if temperature == 1.0:
+        return p
+    if p.shape[1] == 1:
+        return torch.sigmoid(torch.logit(p.clamp(1e-6, 1 - 1e-6)) / temperature)
+    return torch.softmax(p.clamp_min(1e-12).log() / temperature, dim=1)
 
 
 def gaussian_placeholder(embedding: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:

@@ -111,6 +111,7 @@ class ConnectorsConfig:
     dec_batch: int = 16
     dec_objective: Literal["labels", "expert"] = "expert"  # "labels" (paper) or transmit the expert (stages.py)
     dec_random_share: float = 0.5  # "expert": share of each batch with random expert outputs
+    dec_sharpen: float = 1.0  # temperature on the expert's distribution the LLM transmits (connectors.py; 1 = paper)
     dec_end_weight: float = 0.1  # weight of "end the turn right after the answer token" (stages.train_decoder; 0 = off)
     weight_decay: float = 0.01
     warmup_frac: float = 0.05  # of all steps (paper: 500 steps of ~7,500)
@@ -278,7 +279,8 @@ def init_connectors(model, codec: FeatureCodec, answers: AnswerTokens, cfg: Conn
                                     conv_layers=cfg.enc_conv_layers, conv_kernel=cfg.enc_conv_kernel, anchor=cfg.enc_anchor,
                                     copy_literals=cfg.enc_copy_literals))
     decoder = Decoder(DecoderConfig(input_size=codec.output_size, hidden_size=d, num_slots=cfg.num_slots,
-                                    ffn_hidden=cfg.dec_ffn, norm=cfg.dec_norm, scale=scale))
+                                    ffn_hidden=cfg.dec_ffn, norm=cfg.dec_norm, scale=scale,
+                                    sharpen=cfg.dec_sharpen))
     decoder.placeholder.copy_(gaussian_placeholder(model.get_input_embeddings().weight, cfg.num_slots, cfg.seed))
     spec = build_spec(model_id=model_id, model_hash=model_hash, num_layers=num_layers(model), schema=codec.schema,
                       layer=cfg.layer, encoder=encoder.cfg, decoder=decoder.cfg, class_token_ids=answers.ids,

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from llamdex.codec import FeatureCodec
-from llamdex.connectors import Decoder
+from llamdex.connectors import Decoder, sharpen
 from llamdex.encoder import Encoder, EncoderRaw
 from llamdex.hidden_cache import PromptCache
 from llamdex.literals import LiteralBatch, PromptLiterals, layout, target_mask
@@ -221,7 +221,8 @@ def train_decoder(decoder: Decoder, model: nn.Module, expert: nn.Module, cache: 
     the expert's own class distribution, and in a ``random_share`` of each batch the expert's output
     is replaced by a random one (:func:`random_expert_outputs`). The synthetic expert is confident on
     its synthetic rows, so label training only ever shows the decoder outputs near 0 and 1 and leaves
-    its threshold anywhere in between; a tenant's real (or DP) expert is far less confident.
+    its threshold anywhere in between; a tenant's real (or DP) expert is far less confident. The
+    target is the expert's distribution at the decoder's ``sharpen`` temperature (what it transmits).
 
     **What follows the answer** (``end_weight`` > 0): serving forces the class answer token after the
     slots and lets the model continue; untrained, what follows is noise ("Yes, no, no, the
@@ -254,7 +255,8 @@ def train_decoder(decoder: Decoder, model: nn.Module, expert: nn.Module, cache: 
             if n_random:
                 p = torch.cat([random_expert_outputs(n_random, p.shape[1], gen), p[n_random:]])
             logits, after = slot_class_logits(model, cache, layer, decoder(p), idx, token_ids, answer)
-            loss = -(as_distribution(p) * F.log_softmax(logits, -1)).sum(-1).mean()
+            target = as_distribution(sharpen(p, decoder.cfg.sharpen))  # what the decoder transmits
+            loss = -(target * F.log_softmax(logits, -1)).sum(-1).mean()
         if after is not None:
             loss = loss + end_weight * F.cross_entropy(after, torch.full((len(idx),), int(end_of_turn)))
         return loss
@@ -302,11 +304,11 @@ def feature_fidelity(codec: FeatureCodec, predicted: torch.Tensor, true: torch.T
 @torch.no_grad()
 def decoder_accuracy(decoder: Decoder, model: nn.Module, expert: nn.Module, cache: PromptCache, layer: int,
                      x_in: torch.Tensor, y: torch.Tensor, rows: Sequence[int], token_ids: list[int],
-                     batch: int = 32, end_of_turn: int | None = None) -> dict[str, float]:
+                     batch: int = 32, end_of_turn: int | None = None, per_row: bool = False) -> dict:
     """LLM answer (argmax over class tokens at the last slot) vs the synthetic labels ``y[rows]`` and vs
     the expert's own argmax, with ``x_in`` (len(rows), m) fed to the expert (true or encoded features);
     with ``end_of_turn`` (and cached answer states), how often the model's next token after its own
-    answer ends the turn (``ends_turn_after_answer``)."""
+    answer ends the turn (``ends_turn_after_answer``); ``per_row`` adds ``agrees`` (len(rows),) bool."""
     preds, expert_preds, ends, end_p = [], [], [], []
     for b in range(0, len(rows), batch):
         idx = list(rows[b:b + batch])
@@ -324,6 +326,8 @@ def decoder_accuracy(decoder: Decoder, model: nn.Module, expert: nn.Module, cach
     out = {"accuracy": float((pred == truth).float().mean()),
            "expert_accuracy": float((e_pred == truth).float().mean()),
            "agreement_with_expert": float((pred == e_pred).float().mean())}
+    if per_row:
+        out["agrees"] = pred == e_pred
     if ends:
         out["ends_turn_after_answer"] = float(torch.cat(ends).float().mean())
         out["end_of_turn_probability"] = float(torch.cat(end_p).mean())

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llamdex.codec import FeatureCodec
+from llamdex.connectors import Decoder, sharpen
 from llamdex.connectors_io import (
     CONNECTORS_JSON,
     CONNECTORS_WEIGHTS,
@@ -225,6 +226,23 @@ def test_random_expert_outputs_cover_the_output_space():
     assert float((top > 0.95).float().mean()) > 0.15 and float((top < 0.4).float().mean()) > 0.1
     dist = as_distribution(torch.tensor([[0.25]]))
     assert dist.tolist() == [[0.75, 0.25]]
+
+
+def test_sharpen_widens_gaps_keeps_the_choice_and_is_what_the_decoder_reads(saved):
+    multi = torch.tensor([[0.45, 0.55, 0.0], [0.2, 0.3, 0.5]])
+    torch.testing.assert_close(sharpen(multi, 1.0), multi)
+    hot = sharpen(multi, 0.25)
+    assert torch.equal(hot.argmax(1), multi.argmax(1)) and torch.allclose(hot.sum(1), torch.ones(2))
+    assert float(hot[0, 1] - hot[0, 0]) > 0.35  # 0.45 vs 0.55 -> about 0.29 vs 0.71
+    binary = torch.tensor([[0.45], [0.5], [0.9]])
+    torch.testing.assert_close(sharpen(binary, 0.25)[:, 0],  # the binary form is the two-class one
+                               sharpen(torch.cat([1 - binary, binary], 1), 0.25)[:, 1], atol=1e-5, rtol=0)
+    _, dec, _, _ = saved
+    cold = Decoder(dec.cfg.model_copy(update={"sharpen": 0.25}))
+    cold.load_state_dict(dec.state_dict())
+    torch.testing.assert_close(cold(binary), dec(sharpen(binary, 0.25)))
+    with pytest.raises(ValueError, match="sharpen"):
+        dec.cfg.model_validate(dec.cfg.model_dump() | {"sharpen": 1.5})
 
 
 def test_a_run_resumed_after_stage_one_answers_like_the_uninterrupted_run(lm, toy, tmp_path):

@@ -67,6 +67,18 @@ def run_load(base_url: str, clients: list[Client], seconds: float, records: list
     return threads
 
 
+def chat_client_records(base_url: str, label: str, key: str, model: str, seconds: float, max_tokens: int
+                        ) -> list[Record]:
+    """One closed-loop chat client of ``model`` for ``seconds``, run to the end; its records. Plain
+    arguments, so another process can run it (a user whose latency is not measured behind other
+    clients' threads)."""
+    records: list[Record] = []
+    for t in run_load(base_url, [Client(label, key, chat(model, "Tell me about the sea", max_tokens))], seconds,
+                      records):
+        t.join()
+    return records
+
+
 def summary(records: list[Record], label: str | None = None, since: float | None = None,
             until: float | None = None) -> dict:
     """Count, errors by status and latency percentiles of the records started in [since, until)."""

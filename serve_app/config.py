@@ -245,6 +245,14 @@ class AppConfig(_Strict):
         "if the listing is older than this (bounds registry reads caused by unknown names)."))
     rate_limit_rpm: int = Field(600, ge=0, description=(
         "Requests per minute per API key on each router replica (0 = unlimited); over it -> 429."))
+    tenant_max_in_flight: int = Field(2, ge=0, description=(
+        "While other tenants are active on a router replica, the requests one tenant may have in flight to the "
+        "pools from it (0 = no cap); more wait at the router in arrival order (up to request_timeout_s, then 503). "
+        "A tenant alone is never held back. Keep it below the pools' max_batch_size so a flood never fills every "
+        "batch row (docs/reliability.md#fair-share)."))
+    tenant_active_s: float = Field(2.0, gt=0, description=(
+        "A tenant counts as active for tenant_max_in_flight while it has requests in flight or waiting, and for "
+        "this many seconds after its last one."))
     router_num_cpus: float = Field(0.25, ge=0, description="Ray CPUs per router replica.")
     router_replicas: int = Field(1, ge=1, description="Router replicas.")
     request_timeout_s: float = Field(300, gt=0, description="How long the router waits for a replica's answer.")

@@ -17,7 +17,7 @@ from serve_app.ingress import routes_experts, routes_manage, routes_openai
 from serve_app.ingress.body_limit import JsonBodyLimit
 from serve_app.ingress.catalog import Catalog
 from serve_app.ingress.openai_api import OpenAIError
-from serve_app.ingress.state import RateLimiter, RouterState, set_state
+from serve_app.ingress.state import RateLimiter, RouterState, TenantGate, set_state
 from serve_app.metrics import RouterMetrics
 
 log = get_logger("router")
@@ -85,5 +85,7 @@ class Router:
         install_validators()  # uploads are deep-checked before any byte is stored
         registry = Registry(store)
         set_state(RouterState(config=cfg, registry=registry, catalog=Catalog(registry, cfg), pools=pools,
-                              metrics=RouterMetrics(), limiter=RateLimiter(cfg.rate_limit_rpm)))
+                              metrics=RouterMetrics(), limiter=RateLimiter(cfg.rate_limit_rpm),
+                              gate=TenantGate(cfg.tenant_max_in_flight, cfg.request_timeout_s,
+                                              cfg.tenant_active_s)))
         log.info("router.ready", pools=list(pools), store=store)

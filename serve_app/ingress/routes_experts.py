@@ -83,12 +83,15 @@ async def predict(tenant: str, name: str, body: PredictRequest, who: Principal =
                                "(use /v1/chat/completions for adapters)", param="name")
     tags = {"tenant": who.tenant or "admin", "model": model, "endpoint": "predict"}
     handle = state.pools[target.pool].options(multiplexed_model_id=target.expert_key)
+    release = await state.gate.enter(tags["tenant"])
     try:
         reply: PredictReply = await call_with_retry(
             lambda: handle.predict.remote(PredictCall(expert=target.expert_key, question=body.question)),
             f"pool {target.pool!r}")
     except BackPressureError:
         raise OpenAIError(503, f"pool {target.pool!r} is at capacity; retry shortly", type_="overloaded") from None
+    finally:
+        release()
     if reply.error is not None or reply.result is None:
         raise replica_error(state, tags, reply.error or ReplicaError(message="empty prediction"))
     result = reply.result

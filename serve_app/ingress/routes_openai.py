@@ -108,14 +108,16 @@ async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_
     if target.expert_key:  # ties the answer to one expert version and its DP ledger
         info.update(expert_key=target.expert_key, expert_version=target.expert_version, privacy=target.privacy)
     if body.stream:
-        gen = handle.options(stream=True).generate_stream.remote(req)
-        return StreamingResponse(_sse(state, gen, endpoint, req, info, tags, started, response_id, target.pool),
+        return StreamingResponse(_gated_sse(state, handle, endpoint, req, info, tags, started, response_id, target.pool),
                                  media_type="text/event-stream")
+    release = await state.gate.enter(req.tenant)
     sent = time.perf_counter()
     try:
         result: GenerationResult = await call_with_retry(lambda: handle.generate.remote(req), f"pool {target.pool!r}")
     except BackPressureError:
         raise OpenAIError(503, f"pool {target.pool!r} is at capacity; retry shortly", type_="overloaded") from None
+    finally:
+        release()
     if result.error is not None:
         raise replica_error(state, tags, result.error)
     state.catalog.latency.observe(target.pool, time.perf_counter() - sent)  # for atelier.max_latency_ms
@@ -131,6 +133,24 @@ async def _serve(state: RouterState, who: Principal, body, endpoint: str, route_
                                               finish_reason=result.finish_reason or "stop")])
     return TextCompletion(id=response_id, created=now(), model=target.model_id, usage=usage, atelier=info,
                           choices=[TextChoice(text=result.text, finish_reason=result.finish_reason or "stop")])
+
+
+async def _gated_sse(state: RouterState, handle, endpoint: str, req: GenerationRequest, info: dict, tags: dict,
+                     started: float, chunk_id: str, pool: str) -> AsyncIterator[str]:
+    """The stream, holding one of the tenant's in-flight slots (:class:`TenantGate`) from the pool call
+    to its last event; a stream the client never reads never takes a slot."""
+    try:
+        release = await state.gate.enter(req.tenant)
+    except OpenAIError as exc:  # the response has started: the refusal is the stream's only event
+        yield "data: " + json.dumps(exc.body()) + "\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    try:
+        gen = handle.options(stream=True).generate_stream.remote(req)
+        async for text in _sse(state, gen, endpoint, req, info, tags, started, chunk_id, pool):
+            yield text
+    finally:
+        release()
 
 
 async def _sse(state: RouterState, gen, endpoint: str, req: GenerationRequest, info: dict, tags: dict,

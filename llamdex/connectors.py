@@ -16,7 +16,10 @@ Second deviation, ``sharpen`` (a temperature T <= 1 on the expert's class distri
 the SwiGLU; T = 1 is the paper): the LLM is trained to transmit the *sharpened* expert, so a
 near-tied expert ([0.45, 0.55]) reaches the LLM as a clear choice ([0.31, 0.69] at T = 0.25) and its
 argmax survives the decoding. Chat needs the expert's argmax; predict returns the expert's own
-probabilities, untouched. Chosen on validation rows (``bench/llamdex_decoders.py``).
+probabilities, untouched. Chosen on validation rows (``bench/llamdex_decoders.py``): the LLM's answer
+agrees with the expert on true features on 85.7 % of wine's validation rows at T = 1 and 99.0 % at
+T = 0.2 (near ties: 65 % -> 94 %); titanic 97.9 % -> 99.3 %. ``DecoderConfig`` keeps 1 as its
+default so connectors saved before this field read as before; training uses ``dec_sharpen``.
 """
 
 from __future__ import annotations

@@ -111,7 +111,8 @@ class ConnectorsConfig:
     dec_batch: int = 16
     dec_objective: Literal["labels", "expert"] = "expert"  # "labels" (paper) or transmit the expert (stages.py)
     dec_random_share: float = 0.5  # "expert": share of each batch with random expert outputs
-    dec_sharpen: float = 1.0  # temperature on the expert's distribution the LLM transmits (connectors.py; 1 = paper)
+    dec_sharpen: float = 0.2  # temperature on the expert's distribution the LLM transmits (connectors.py; 1 = paper;
+    #                          validation agreement with the expert: wine 85.7 % at 1 -> 99.0 % at 0.2, titanic 97.9 -> 99.3 %)
     dec_end_weight: float = 0.1  # weight of "end the turn right after the answer token" (stages.train_decoder; 0 = off)
     weight_decay: float = 0.01
     warmup_frac: float = 0.05  # of all steps (paper: 500 steps of ~7,500)

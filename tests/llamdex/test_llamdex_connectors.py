@@ -238,9 +238,11 @@ def test_sharpen_widens_gaps_keeps_the_choice_and_is_what_the_decoder_reads(save
     torch.testing.assert_close(sharpen(binary, 0.25)[:, 0],  # the binary form is the two-class one
                                sharpen(torch.cat([1 - binary, binary], 1), 0.25)[:, 1], atol=1e-5, rtol=0)
     _, dec, _, _ = saved
-    cold = Decoder(dec.cfg.model_copy(update={"sharpen": 0.25}))
+    plain, cold = (Decoder(dec.cfg.model_copy(update={"sharpen": t})) for t in (1.0, 0.25))
+    plain.load_state_dict(dec.state_dict())
     cold.load_state_dict(dec.state_dict())
-    torch.testing.assert_close(cold(binary), dec(sharpen(binary, 0.25)))
+    torch.testing.assert_close(cold(binary), plain(sharpen(binary, 0.25)))
+    assert dec.cfg.sharpen == ConnectorsConfig().dec_sharpen  # training's knob reaches the saved decoder
     with pytest.raises(ValueError, match="sharpen"):
         dec.cfg.model_validate(dec.cfg.model_dump() | {"sharpen": 1.5})
 

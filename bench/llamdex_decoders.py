@@ -11,7 +11,7 @@ the test split) with the tenant's non-DP expert fed the rows' *true* features:
 * ``accuracy %`` vs ``bound %`` -- the LLM's answer and the expert's argmax against the real label;
 * ``ends turn %`` -- the model ends its turn right after its answer (fluency must not regress).
 
-    python -m bench.llamdex_decoders --dataset wine --temperatures 1,0.5,0.25
+    python -m bench.llamdex_decoders --dataset wine --temperatures 1,0.5,0.2
 """
 
 from __future__ import annotations
@@ -23,22 +23,16 @@ import time
 from pathlib import Path
 
 from bench.llamdex_accuracy import ROOT, log, train_or_load_expert
+from bench.llamdex_encoders import add_validation_ablation_args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m bench.llamdex_decoders", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="wine", help="titanic, wine, nursery or bank")
-    p.add_argument("--temperatures", default="1,0.5,0.25", help="comma-separated dec_sharpen values (1 = the paper)")
-    p.add_argument("--rows", type=int, default=300, help="real validation rows (validation family)")
+    p.add_argument("--temperatures", default="1,0.5,0.2", help="comma-separated dec_sharpen values (1 = the paper)")
     p.add_argument("--tie-margin", type=float, default=0.1, help="expert top-2 probability margin of a near tie")
-    p.add_argument("--connectors", default="{}", help="JSON of ConnectorsConfig overrides for every variant "
-                   "(e.g. '{\"dec_epochs\": 5}')")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--seed", type=int, default=0, help="expert and validation-subset seed")
-    p.add_argument("--cache", default="~/.cache/atelier/bench/llamdex", help="expert cache (shared with llamdex_accuracy)")
-    p.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="results directory")
-    p.add_argument("--name", default=None, help="result file stem (default llamdex_decoders_<dataset>)")
+    add_validation_ablation_args(p, "llamdex_decoders", "'{\"dec_epochs\": 5}'")
     args = p.parse_args(argv)
 
     import torch

@@ -37,6 +37,18 @@ VARIANTS = {
 }
 
 
+def add_validation_ablation_args(p: argparse.ArgumentParser, stem: str, example: str) -> None:
+    """The options every validation-split ablation shares (rows, config overrides, threads, seed, caches)."""
+    p.add_argument("--rows", type=int, default=300, help="real validation rows (validation family)")
+    p.add_argument("--connectors", default="{}", help="JSON of ConnectorsConfig overrides for the shared cache "
+                   f"and every variant (e.g. {example})")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--seed", type=int, default=0, help="expert and validation-subset seed")
+    p.add_argument("--cache", default="~/.cache/atelier/bench/llamdex", help="expert cache (shared with llamdex_accuracy)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="results directory")
+    p.add_argument("--name", default=None, help=f"result file stem (default {stem}_<dataset>)")
+
+
 def pointer_hits(encoder, raw, value_tokens: list[dict[str, list[int]]]) -> dict[str, list[int]]:
     """Per feature: [landed on its own value (or 'not stated' when absent), rows]."""
     width = raw.pointer_logits.shape[-1] - 1
@@ -57,14 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dataset", default="bank", help="titanic, wine, nursery or bank")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--epochs", type=int, default=12, help="encoder epochs for every variant")
-    p.add_argument("--rows", type=int, default=300, help="real validation rows (validation family)")
-    p.add_argument("--connectors", default="{}", help="JSON of ConnectorsConfig overrides for the shared cache "
-                   "and every variant (e.g. '{\"train_questions\": 1000}')")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--seed", type=int, default=0, help="expert and validation-subset seed")
-    p.add_argument("--cache", default="~/.cache/atelier/bench/llamdex", help="expert cache (shared with llamdex_accuracy)")
-    p.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="results directory")
-    p.add_argument("--name", default=None, help="result file stem (default llamdex_encoders_<dataset>)")
+    add_validation_ablation_args(p, "llamdex_encoders", "'{\"train_questions\": 1000}'")
     args = p.parse_args(argv)
 
     import numpy as np

@@ -98,3 +98,16 @@ def test_latency_targets_compare_llamdex_with_the_base_traffic_of_its_own_run():
     goals = latency_goals(answered, conc, conc_api)
     assert goals["single_answer_speedup_vs_expert_api"] == round(6422 / (929 / 8), 1)
     assert goals["mixed_answer_speedup_vs_expert_api"] == round(18923 / (5369 / 8), 1) and goals["answer_speedup_ok"]
+
+
+def test_the_ablation_tools_cannot_select_the_test_split():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    for tool in ("bench.llamdex_encoders", "bench.llamdex_decoders"):
+        bad = subprocess.run([sys.executable, "-m", tool, "--split", "test"], cwd=ROOT, capture_output=True, text=True)
+        assert bad.returncode == 2 and "unrecognized arguments: --split" in bad.stderr, (tool, bad.stderr[-300:])
+        text = (ROOT / (tool.replace(".", "/") + ".py")).read_text()
+        assert '"validation"' in text and '"test"' not in text  # scores validation rows, never names the test split

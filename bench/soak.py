@@ -144,11 +144,12 @@ def flood(args, work: Path, cap: int) -> dict:
     app = deploy(args.model, args.port, work, 2, False, 1, args.rate_limit_rpm, args.max_ongoing, cap)
     try:
         keys = app["keys"]
-        b = (app["url"], "B", keys["t1"], "t1/style", args.seconds, args.max_tokens)
+        def b_for(seconds: float) -> tuple:  # tenant B's client, run in the other process
+            return app["url"], "B", keys["t1"], "t1/style", seconds, args.max_tokens
+
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as other_user:
-            other_user.submit(chat_client_records, app["url"], "B", keys["t1"], "t1/style", 1.0,
-                              args.max_tokens).result()  # warm the process and the route
-            records = other_user.submit(chat_client_records, *b).result()
+            other_user.submit(chat_client_records, *b_for(1.0)).result()  # warm the process and the route
+            records = other_user.submit(chat_client_records, *b_for(args.seconds)).result()
             unloaded = summary(records, label="B")
             flooders = [Client("A", keys["t0"], chat("t0/style", "Tell me about the sea", args.max_tokens))
                         for _ in range(args.flood_clients)]
@@ -156,7 +157,7 @@ def flood(args, work: Path, cap: int) -> dict:
             stop = threading.Event()
             flood_threads = run_load(app["url"], flooders, args.seconds + 10, records2, stop)
             time.sleep(5.0)  # let the flood fill the queues first
-            records2 += other_user.submit(chat_client_records, *b).result()
+            records2 += other_user.submit(chat_client_records, *b_for(args.seconds)).result()
         stop.set()
         for t in flood_threads:
             t.join(timeout=300)

@@ -249,7 +249,7 @@ class AppConfig(_Strict):
         "While other tenants are active on a router replica, the requests one tenant may have in flight to the "
         "pools from it (0 = no cap); more wait at the router in arrival order (up to request_timeout_s, then 503). "
         "A tenant alone is never held back. Keep it below the pools' max_batch_size so a flood never fills every "
-        "batch row (docs/reliability.md#fair-share)."))
+        "batch row (docs/reliability.md#the-per-tenant-in-flight-cap)."))
     tenant_active_s: float = Field(2.0, gt=0, description=(
         "A tenant counts as active for tenant_max_in_flight while it has requests in flight or waiting, and for "
         "this many seconds after its last one."))

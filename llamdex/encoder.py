@@ -44,6 +44,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from scipy.optimize import linear_sum_assignment
 from torch.nn import functional as F
 
 from causal_lm import position_ids
@@ -129,6 +130,17 @@ def feature_heads(codec: FeatureCodec) -> list[FeatureHead]:
                         categories=list(f.categories) if f.categories else None, phrases=value_phrases(f),
                         phrase_values=phrase_values(f), fill=_fill(f))
             for f in codec.features]
+
+
+def assign_distinct(mass: torch.Tensor, floor: float = 0.01) -> dict[int, int]:
+    """Rows (features) -> distinct columns (tokens) maximising the summed log of ``mass`` (F, T), over
+    pairs holding more than ``floor``; rows without such a pair are left out of the result."""
+    cols = torch.nonzero((mass > floor).any(0)).flatten()
+    if len(cols) == 0:
+        return {}
+    sub = mass[:, cols].double()
+    rows, picked = linear_sum_assignment((-torch.log(sub.clamp_min(1e-12))).numpy())
+    return {int(i): int(cols[c]) for i, c in zip(rows.tolist(), picked.tolist(), strict=True) if float(sub[i, c]) > floor}
 
 
 @dataclass
@@ -334,10 +346,14 @@ class Encoder(nn.Module):
         Probabilities are summed over the tokens of one literal ("thirty-six" is three tokens, and its
         mass would otherwise be split three ways against the single "not stated" option). A feature is
         stated when its candidates hold more than half of its mass, and reads the literal or mention
-        holding the most. One numeric/bool feature per literal: (feature, literal) pairs are taken
-        greedily by mass, so a feature confident about a literal keeps it and a less confident feature
-        that also wanted it falls back to its next choice; mentions of a feature's own values (two
-        features may both read "never contacted before") and categories are exempt."""
+        holding the most. One numeric/bool feature per literal: the pointers' joint choice is the most
+        probable assignment of features to distinct literals (maximum summed log-mass, Hungarian
+        algorithm), not a greedy one: when two features both lean towards one literal, a greedy pass lets
+        the more confident keep it and sends the other to whatever it half-wanted next (often a third
+        field's value), while the joint choice gives each feature a literal it points at. Only pairs holding more than 1 % of a
+        feature's mass take part; a feature left without one keeps its own choice. Mentions of a
+        feature's own values (two features may both read "never contacted before") and categories are
+        exempt."""
         assert raw.pointer_logits is not None and raw.literals is not None and raw.candidates is not None
         lits = raw.literals
         b, f, t = raw.pointer_logits.shape[0], raw.pointer_logits.shape[1], lits.kinds.shape[1]
@@ -359,20 +375,10 @@ class Encoder(nn.Module):
         own = lits.mentions.gather(2, best.clamp(max=t - 1)[..., None])[..., 0] >= 0
         literal = (lits.kinds != 0).float()[:, None, :]  # only kind literals are shared
         for r in range(b):
-            keep = [j for j, i in enumerate(shared) if bool(stated[r, i]) and not bool(own[r, i])]
-            if len(keep) < 2:
-                continue
-            m = mass[r, shared] * literal[r]
-            j, tok = torch.nonzero(m > 0.01, as_tuple=True)
-            order = m[j, tok].argsort(descending=True)
-            done: set[int] = {x for x in range(len(shared)) if x not in keep}
-            taken: set[int] = set()
-            for k in order.tolist():
-                jj, tt = int(j[k]), int(tok[k])
-                if jj not in done and tt not in taken:
-                    best[r, shared[jj]] = tt
-                    done.add(jj)
-                    taken.add(tt)
+            keep = [i for i in shared if bool(stated[r, i]) and not bool(own[r, i])]
+            if len(keep) >= 2:
+                for i, tok in assign_distinct(mass[r, keep] * literal[r]).items():
+                    best[r, keep[i]] = tok
         return best
 
     def features(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None,

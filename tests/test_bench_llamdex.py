@@ -106,8 +106,20 @@ def test_the_ablation_tools_cannot_select_the_test_split():
 
     from tests.conftest import ROOT
 
-    for tool in ("bench.llamdex_encoders", "bench.llamdex_decoders"):
+    for tool in ("bench.llamdex_encoders", "bench.llamdex_decoders", "bench.llamdex_assignment"):
         bad = subprocess.run([sys.executable, "-m", tool, "--split", "test"], cwd=ROOT, capture_output=True, text=True)
         assert bad.returncode == 2 and "unrecognized arguments: --split" in bad.stderr, (tool, bad.stderr[-300:])
         text = (ROOT / (tool.replace(".", "/") + ".py")).read_text()
         assert '"validation"' in text and '"test"' not in text  # scores validation rows, never names the test split
+
+
+def test_the_greedy_baseline_is_the_old_assignment_and_joint_beats_it_where_greedy_fails():
+    import torch
+
+    from bench.llamdex_assignment import greedy_distinct
+    from llamdex.encoder import assign_distinct
+
+    leaning = torch.tensor([[0.44, 0.55, 0.01], [0.005, 0.5, 0.03]])  # both lean on token 1
+    assert greedy_distinct(leaning) == {0: 1, 1: 2} and assign_distinct(leaning) == {0: 0, 1: 1}
+    clear = torch.tensor([[0.97, 0.0], [0.6, 0.3]])
+    assert greedy_distinct(clear) == assign_distinct(clear) == {0: 0, 1: 1}

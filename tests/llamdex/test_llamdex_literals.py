@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llamdex.codec import FeatureCodec
-from llamdex.encoder import Encoder, EncoderConfig, FeatureHead, feature_heads
+from llamdex.encoder import Encoder, EncoderConfig, FeatureHead, assign_distinct, feature_heads
 from llamdex.literals import (
     NO,
     NONE,
@@ -275,3 +275,22 @@ def test_one_literal_per_feature_the_more_confident_keeps_it():
         got = enc.activate(raw)
     assert torch.allclose(got, torch.tensor([[0.12, 0.07]], dtype=got.dtype))  # b falls back to "7"
     assert raw.pointer_logits.argmax(-1).tolist() == [[1, 1]]  # independently, both would copy "12"
+
+
+def test_features_leaning_on_one_literal_get_the_jointly_most_probable_literals():
+    """a says "6" (0.55) or "1" (0.44); b says "6" (0.5), barely "15": greedy would give a "6" and send b
+    to "15"; the most probable joint reading is a = 1, b = 6."""
+    heads = [FeatureHead(name=n, kind="numeric", width=1, lo=0, hi=100) for n in ("a", "b")]
+    enc = Encoder(EncoderConfig(hidden_size=8, features=heads, width=16, heads=2, head_hidden=8,
+                                copy_literals=True)).eval()
+    kinds = torch.tensor([[NONE, NUMBER, NONE, NUMBER, NONE, NUMBER]])
+    values = torch.tensor([[0.0, 1.0, 0.0, 6.0, 0.0, 15.0]], dtype=torch.float64)
+    lits = LiteralBatch(kinds, values, torch.full((1, 2, 6), -1, dtype=torch.long))
+    p = torch.tensor([[[0, 0.44, 0, 0.55, 0, 0.01, 0], [0, 0.005, 0, 0.5, 0, 0.03, 0.465]]])
+    with torch.no_grad():
+        raw = enc(torch.randn(1, 6, 8), torch.ones(1, 6, dtype=torch.bool), literals=lits)
+        raw.pointer_logits[:] = torch.log(p.clamp_min(1e-9))
+        got = enc.activate(raw)
+    assert torch.allclose(got, torch.tensor([[0.01, 0.06]], dtype=got.dtype))
+    assert assign_distinct(torch.tensor([[0.44, 0.55, 0.01], [0.005, 0.5, 0.03]])) == {0: 0, 1: 1}
+    assert assign_distinct(torch.tensor([[0.005, 0.004]])) == {}  # nothing above the floor: keep own choice

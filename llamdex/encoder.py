@@ -43,8 +43,8 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import nn
 from scipy.optimize import linear_sum_assignment
+from torch import nn
 from torch.nn import functional as F
 
 from causal_lm import position_ids

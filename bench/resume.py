@@ -1,0 +1,128 @@
+"""Time a killed connectors job saves by resuming from its stage-1 Ray Train checkpoint.
+
+Three runs of the same connectors job (``train_jobs.connectors``: the real base model by default,
+under a wall-clock ``--time-budget``) on one local Ray, in one process:
+
+1. **uninterrupted** (the baseline: what a resubmission without checkpoints costs);
+2. the same job for another tenant, **SIGKILLed** (a real driver process) once Ray Train has
+   registered its stage-1 checkpoint;
+3. that job **submitted again**: it resumes from the checkpoint (skips stage 1).
+
+Reports each run's wall seconds, the time saved by resuming (uninterrupted − resubmission) and what
+the kill cost in all (killed run + resubmission − uninterrupted), and checks by value that the
+resubmission published the checkpoint's encoder weights. The tenants' expert is an untrained network
+of the schema's shape (training time does not depend on its weights).
+
+    python -m bench.resume --time-budget 300          # -> docs/bench/resume.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = ROOT / "examples" / "schemas" / "titanic.json"
+
+
+def publish_untrained_expert(registry, tenant: str, name: str) -> None:
+    """The tenant's schema and an expert of its shape (what ``train_jobs.experts`` would leave)."""
+    from llamdex.expert import ExpertArch, ExpertSpec, build_expert, save_expert
+    from llamdex.expert_spec import DPLedger
+
+    registry.create_tenant(tenant)
+    registry.publish(tenant, "schema", SCHEMA.stem, {"schema.json": SCHEMA.read_bytes()})
+    arch = ExpertArch.from_schema(json.loads(SCHEMA.read_text()))
+    ledger = DPLedger(mechanism="none", epsilon=None, noise_multiplier=0.0, sample_rate=0.1, steps=1, epochs=1,
+                      accountant="none")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_expert(build_expert(arch), ExpertSpec.build(SCHEMA.read_text(), arch, ledger), tmp)
+        registry.publish(tenant, "expert", name, {p.name: p.read_bytes() for p in Path(tmp).iterdir()})
+
+
+def kill_after_stage_one(argv: list[str], storage: Path, gcs: str, timeout_s: float) -> float:
+    """Run the job as its own process; SIGKILL it once the stage-1 checkpoint is registered. Seconds run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": gcs}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "train_jobs.connectors", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline and not any(
+            "encoder" in p.read_text() for p in storage.glob("*/checkpoint_manager_snapshot.json")):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if not list(storage.glob("*/checkpoint*/encoder.safetensors")):
+        raise RuntimeError("the killed job left no stage-1 checkpoint; raise --timeout")
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench.resume", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="base model (catalog name or directory)")
+    p.add_argument("--time-budget", type=float, default=300, help="the job's --time-budget, seconds")
+    p.add_argument("--config", default="{}", help="further ConnectorsConfig overrides (JSON)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the stage-1 checkpoint")
+    p.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="results directory")
+    p.add_argument("--name", default="resume", help="result file stem")
+    args = p.parse_args(argv)
+
+    import ray
+    import torch
+    from safetensors.torch import load_file
+
+    from bench.common import command_line, write_results
+    from cluster.registry import Registry
+    from train_jobs.connectors import main as connectors_job
+
+    work = Path(tempfile.mkdtemp(prefix="atelier-resume-"))
+    store, registry = str(work / "store"), Registry(str(work / "store"))
+    ray.init(num_cpus=2, include_dashboard=False)
+    gcs = ray.get_runtime_context().gcs_address
+
+    def job(tenant: str, storage: Path) -> list[str]:
+        return ["--tenant", tenant, "--name", "survival", "--model", args.model, "--time-budget",
+                str(args.time_budget), "--config", args.config, "--store", store, "--storage-path", str(storage)]
+
+    for tenant in ("straight", "killed"):
+        publish_untrained_expert(registry, tenant, "survival")
+    start = time.perf_counter()
+    [straight] = connectors_job(job("straight", work / "ray-straight"))
+    straight_s = time.perf_counter() - start
+    killed_s = kill_after_stage_one(job("killed", work / "ray-killed"), work / "ray-killed", gcs, args.timeout)
+    encoder_state = load_file(next((work / "ray-killed").glob("*/checkpoint*/encoder.safetensors")))
+    start = time.perf_counter()
+    [resumed] = connectors_job(job("killed", work / "ray-killed"))
+    resumed_s = time.perf_counter() - start
+    published = load_file(registry.materialize(registry.resolve("killed", "connectors", "survival"), work / "c")
+                          / "connectors.safetensors")
+    same = all(torch.equal(published[f"encoder.{k}"], v) for k, v in encoder_state.items())
+    ray.shutdown()
+    row = {"uninterrupted s": round(straight_s, 1), "killed after stage 1 s": round(killed_s, 1),
+           "resubmission s": round(resumed_s, 1), "saved by resuming s": round(straight_s - resumed_s, 1),
+           "saved %": round(100 * (straight_s - resumed_s) / straight_s, 1),
+           "kill cost in all s": round(killed_s + resumed_s - straight_s, 1),
+           "resumed_from": resumed["resumed_from"], "stage 1 s (job's report)": resumed["stage1_seconds_saved"],
+           "published encoder = checkpoint's": same}
+    write_results(Path(args.out), args.name, {"runs": {"uninterrupted": straight, "resumed": resumed}, "row": row},
+                  [row], "Connectors job: resume from the stage-1 checkpoint vs starting over",
+                  command_line("bench.resume", argv),
+                  notes=f"`{args.model}`, `--time-budget {args.time_budget:g}`, one Ray Train worker (1 CPU, 1 thread); "
+                        "the uninterrupted run is the baseline (a resubmission without checkpoints). Wall seconds "
+                        "include Ray Train's worker start and the base model's load.")
+    print(json.dumps(row))
+    if not same:
+        raise SystemExit("the resubmission did not publish the checkpoint's encoder")
+    return row
+
+
+if __name__ == "__main__":
+    main()

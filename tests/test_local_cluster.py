@@ -62,6 +62,23 @@ def test_up_submit_status_down(tmp_path):
         assert job.returncode == 0, job.stdout + job.stderr
         assert "CPUS 2.0" in job.stdout
 
+        # A relative --schema is read where the user typed it: `--working-dir .` ships that directory
+        # and the job's driver resolves the path there (train_jobs.experts.resolve_paths, as main does);
+        # without it the driver runs elsewhere and the job fails naming the flag and the fix.
+        user = tmp_path / "user"
+        (user / "schemas").mkdir(parents=True)
+        (user / "schemas" / "mine.json").write_text('{"marker": "typed here"}')
+        probe = ["python", "-c", "from train_jobs.experts import ExpertJob, resolve_paths; from pathlib import Path; "
+                 "j = resolve_paths(ExpertJob(tenant='a1', name='x', schema_path='schemas/mine.json', "
+                 "paper_dataset='titanic')); print('READ', Path(j.schema_path).read_text())"]
+        submit = [str(VENV_BIN / "ray"), "job", "submit", "--entrypoint-num-cpus=0.1"]
+        shipped = subprocess.run([*submit, "--working-dir", ".", "--", *probe], cwd=user, env={**env, **_env_sh(home)},
+                                 capture_output=True, text=True, timeout=180)
+        assert shipped.returncode == 0 and 'READ {"marker": "typed here"}' in shipped.stdout, shipped.stdout[-2000:]
+        unshipped = subprocess.run([*submit, "--", *probe], cwd=user, env={**env, **_env_sh(home)},
+                                   capture_output=True, text=True, timeout=180)
+        assert unshipped.returncode != 0 and "fix: pass an existing path with --schema" in unshipped.stdout + unshipped.stderr
+
         status = _run([str(VENV_BIN / "atelier"), "status"], env)
         assert status.returncode == 0 and '"dashboard_ready": true' in status.stdout
 

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.logs import get_logger
 from cluster.resources import DEFAULT_WAIT_S, CpuDemand, require_cpus
+from train_jobs.fanout import each_completed
 
 log = get_logger("connectors")
 DEFAULT_LAYER = 16
@@ -294,8 +295,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool:
         futures = {pool.submit(run_one, j, store, storage, args.cpus_per_tenant, args.threads, v, args.fresh): j
                    for j, v in zip(jobs, versions, strict=True)}
-        for fut in concurrent.futures.as_completed(futures):
-            job, out = futures[fut], fut.result()
+        for job, out in each_completed(futures, "connectors"):
             row = {"tenant": job.tenant, "name": job.name, **out}
             log.info("connectors.done", **row)
             results.append(row)

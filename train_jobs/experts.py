@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.logs import get_logger
 from cluster.resources import DEFAULT_WAIT_S, CpuDemand, require_cpus
+from train_jobs.fanout import each_completed
 
 log = get_logger("experts")
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,8 +298,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         futures = {pool.submit(run_one, j, storage, out_root / j.tenant / j.name, args.worker_cpus): j
                    for j in jobs}
-        for fut in concurrent.futures.as_completed(futures):
-            job, out = futures[fut], fut.result()
+        for job, out in each_completed(futures, "experts"):
             ref = publish(job, out, args.store) if args.publish else None
             row = {"tenant": job.tenant, "name": job.name, "ref": ref, **out}
             log.info("experts.done", **{k: v for k, v in row.items() if k != "ledger"}, epsilon=out["ledger"]["epsilon"])

@@ -13,7 +13,8 @@ the kill cost in all (killed run + resubmission − uninterrupted), and checks b
 resubmission published the checkpoint's encoder weights. The tenants' expert is an untrained network
 of the schema's shape (training time does not depend on its weights).
 
-    python -m bench.resume --time-budget 300          # -> docs/bench/resume.{json,md}
+    python -m bench.resume --config '{"train_questions": 600, "stage2_questions": 150, "eval_questions": 60}'
+        # -> docs/bench/resume.{json,md}
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.resume", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="base model (catalog name or directory)")
-    p.add_argument("--time-budget", type=float, default=300, help="the job's --time-budget, seconds")
+    p.add_argument("--time-budget", type=float, default=0, help="the job's --time-budget, seconds (0: none, "
+                   "the config's epochs decide)")
     p.add_argument("--config", default="{}", help="further ConnectorsConfig overrides (JSON)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the stage-1 checkpoint")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="results directory")
@@ -89,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     gcs = ray.get_runtime_context().gcs_address
 
     def job(tenant: str, storage: Path) -> list[str]:
-        return ["--tenant", tenant, "--name", "survival", "--model", args.model, "--time-budget",
-                str(args.time_budget), "--config", args.config, "--store", store, "--storage-path", str(storage)]
+        budget = ["--time-budget", str(args.time_budget)] if args.time_budget > 0 else []
+        return ["--tenant", tenant, "--name", "survival", "--model", args.model, *budget, "--config", args.config,
+                "--store", store, "--storage-path", str(storage)]
 
     for tenant in ("straight", "killed"):
         publish_untrained_expert(registry, tenant, "survival")
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_results(Path(args.out), args.name, {"runs": {"uninterrupted": straight, "resumed": resumed}, "row": row},
                   [row], "Connectors job: resume from the stage-1 checkpoint vs starting over",
                   command_line("bench.resume", argv),
-                  notes=f"`{args.model}`, `--time-budget {args.time_budget:g}`, one Ray Train worker (1 CPU, 1 thread); "
+                  notes=f"`{args.model}`, `--time-budget {args.time_budget:g}` (0: none), `--config {args.config}`, one Ray "
+                        "Train worker (1 CPU, 1 thread); "
                         "the uninterrupted run is the baseline (a resubmission without checkpoints). Wall seconds "
                         "include Ray Train's worker start and the base model's load.")
     print(json.dumps(row))

@@ -19,8 +19,8 @@ import json
 import time
 from pathlib import Path
 
-from bench.llamdex_accuracy import ROOT, log
-from bench.llamdex_encoders import add_validation_ablation_args
+from bench.llamdex_accuracy import log
+from bench.llamdex_encoders import add_validation_ablation_args, load_for_ablation
 
 
 def greedy_distinct(mass, floor: float = 0.01) -> dict[int, int]:
@@ -48,24 +48,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
 
     import numpy as np
-    import torch
 
     import llamdex.encoder as encoder_module
     from bench.common import command_line, write_results
     from bench.llamdex_accuracy import train_or_load_connectors
-    from cluster.models import load_model, resolve_model
     from llamdex.connectors_io import load_connectors
-    from llamdex.datasets import load_splits
     from llamdex.evaluation import eval_set, extraction_fidelity, llamdex_scores
     from llamdex.expert import load_expert
     from llamdex.insertion import Bundle
     from llamdex.pipeline import ConnectorsConfig
 
-    torch.set_num_threads(args.threads)
-    resolved = resolve_model("smollm2-135m")
-    model, tok = load_model(resolved)
-    model.eval().requires_grad_(False)
-    splits = load_splits(args.dataset, ROOT / "examples" / "datasets")
+    resolved, model, tok, splits = load_for_ablation(args)
     if args.connectors_dir:
         d = Path(args.connectors_dir).expanduser()
         encoder, decoder, spec = load_connectors(d / "connectors", resolved.content_hash)

@@ -22,8 +22,8 @@ import json
 import time
 from pathlib import Path
 
-from bench.llamdex_accuracy import ROOT, log, train_or_load_expert
-from bench.llamdex_encoders import add_validation_ablation_args
+from bench.llamdex_accuracy import log, train_or_load_expert
+from bench.llamdex_encoders import add_validation_ablation_args, load_for_ablation
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -38,18 +38,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     from bench.common import command_line, write_results
-    from cluster.models import load_model, resolve_model
-    from llamdex.datasets import load_splits
     from llamdex.evaluation import eval_set
     from llamdex.pipeline import ConnectorsConfig, cache_prompts, init_connectors, prepare_data, residual_rms
     from llamdex.prompting import chat_prompt_ids
     from llamdex.stages import FitSettings, as_distribution, decoder_accuracy, train_decoder
 
-    torch.set_num_threads(args.threads)
-    resolved = resolve_model("smollm2-135m")
-    model, tok = load_model(resolved)
-    model.eval().requires_grad_(False)
-    splits = load_splits(args.dataset, ROOT / "examples" / "datasets")
+    resolved, model, tok, splits = load_for_ablation(args)
     expert, _ = train_or_load_expert(Path(args.cache).expanduser(), args.dataset, splits.schema, splits.fit, None,
                                      args.seed)
     overrides = json.loads(args.connectors)

@@ -49,6 +49,21 @@ def add_validation_ablation_args(p: argparse.ArgumentParser, stem: str, example:
     p.add_argument("--name", default=None, help=f"result file stem (default {stem}_<dataset>)")
 
 
+def load_for_ablation(args: argparse.Namespace):
+    """(resolved model, model, tokenizer, dataset splits) for a validation ablation: SmolLM2-135M frozen in
+    eval mode at ``args.threads`` torch threads, and ``args.dataset``'s splits."""
+    import torch
+
+    from cluster.models import load_model, resolve_model
+    from llamdex.datasets import load_splits
+
+    torch.set_num_threads(args.threads)
+    resolved = resolve_model("smollm2-135m")
+    model, tok = load_model(resolved)
+    model.eval().requires_grad_(False)
+    return resolved, model, tok, load_splits(args.dataset, ROOT / "examples" / "datasets")
+
+
 def pointer_hits(encoder, raw, value_tokens: list[dict[str, list[int]]]) -> dict[str, list[int]]:
     """Per feature: [landed on its own value (or 'not stated' when absent), rows]."""
     width = raw.pointer_logits.shape[-1] - 1
@@ -76,8 +91,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     from bench.common import command_line, write_results
-    from cluster.models import load_model, resolve_model
-    from llamdex.datasets import load_splits
     from llamdex.evaluation import eval_set
     from llamdex.expert import predict_proba
     from llamdex.pipeline import ConnectorsConfig, cache_prompts, init_connectors, locate_values, prepare_data
@@ -91,11 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         train_encoder,
     )
 
-    torch.set_num_threads(args.threads)
-    resolved = resolve_model("smollm2-135m")
-    model, tok = load_model(resolved)
-    model.eval().requires_grad_(False)
-    splits = load_splits(args.dataset, ROOT / "examples" / "datasets")
+    resolved, model, tok, splits = load_for_ablation(args)
     schema, train = splits.schema, splits.fit
     expert, _ = train_or_load_expert(Path(args.cache).expanduser(), args.dataset, schema, train, None, args.seed)
     base = ConnectorsConfig(**{**json.loads(args.connectors), "stage2_questions": 0, "eval_questions": 0})

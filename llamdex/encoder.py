@@ -348,12 +348,12 @@ class Encoder(nn.Module):
         stated when its candidates hold more than half of its mass, and reads the literal or mention
         holding the most. One numeric/bool feature per literal: the pointers' joint choice is the most
         probable assignment of features to distinct literals (maximum summed log-mass, Hungarian
-        algorithm), not a greedy one: when two features both lean towards one literal, a greedy pass lets
-        the more confident keep it and sends the other to whatever it half-wanted next (often a third
-        field's value), while the joint choice gives each feature a literal it points at. Only pairs holding more than 1 % of a
-        feature's mass take part; a feature left without one keeps its own choice. Mentions of a
-        feature's own values (two features may both read "never contacted before") and categories are
-        exempt."""
+        algorithm), not a greedy one: when two features both lean towards one literal, a greedy pass
+        lets the more confident keep it and sends the other to whatever it half-wanted next (often a
+        third field's value), while the joint choice gives each feature a literal it points at. Only
+        pairs holding more than 1 % of a feature's mass take part; a feature left without one keeps
+        its own choice. Mentions of a feature's own values (two features may both read "never
+        contacted before") and categories are exempt."""
         assert raw.pointer_logits is not None and raw.literals is not None and raw.candidates is not None
         lits = raw.literals
         b, f, t = raw.pointer_logits.shape[0], raw.pointer_logits.shape[1], lits.kinds.shape[1]

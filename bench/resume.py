@@ -3,7 +3,8 @@
 Three runs of the same connectors job (``train_jobs.connectors``: the real base model by default,
 under a wall-clock ``--time-budget``) on one local Ray, in one process:
 
-1. **uninterrupted** (the baseline: what a resubmission without checkpoints costs);
+1. **uninterrupted** (the baseline: what a resubmission without checkpoints costs), as its own
+   process like the other two;
 2. the same job for another tenant, **SIGKILLed** (a real driver process) once Ray Train has
    registered its stage-1 checkpoint;
 3. that job **submitted again**: it resumes from the checkpoint (skips stage 1).
@@ -48,6 +49,19 @@ def publish_untrained_expert(registry, tenant: str, name: str) -> None:
         registry.publish(tenant, "expert", name, {p.name: p.read_bytes() for p in Path(tmp).iterdir()})
 
 
+def run_job(argv: list[str], gcs: str) -> tuple[float, dict]:
+    """Run the job to the end as its own process (as ``ray job submit`` would); (seconds, its result row)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": gcs}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "train_jobs.connectors", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"the connectors job failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    rows = json.loads(done.stdout[done.stdout.rindex("\n[") + 1:] if "\n[" in done.stdout else done.stdout)
+    return seconds, rows[0]
+
+
 def kill_after_stage_one(argv: list[str], storage: Path, gcs: str, timeout_s: float) -> float:
     """Run the job as its own process; SIGKILL it once the stage-1 checkpoint is registered. Seconds run."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": gcs}
@@ -83,7 +97,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bench.common import command_line, write_results
     from cluster.registry import Registry
-    from train_jobs.connectors import main as connectors_job
 
     work = Path(tempfile.mkdtemp(prefix="atelier-resume-"))
     store, registry = str(work / "store"), Registry(str(work / "store"))
@@ -97,14 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     for tenant in ("straight", "killed"):
         publish_untrained_expert(registry, tenant, "survival")
-    start = time.perf_counter()
-    [straight] = connectors_job(job("straight", work / "ray-straight"))
-    straight_s = time.perf_counter() - start
+    straight_s, straight = run_job(job("straight", work / "ray-straight"), gcs)
     killed_s = kill_after_stage_one(job("killed", work / "ray-killed"), work / "ray-killed", gcs, args.timeout)
     encoder_state = load_file(next((work / "ray-killed").glob("*/checkpoint*/encoder.safetensors")))
-    start = time.perf_counter()
-    [resumed] = connectors_job(job("killed", work / "ray-killed"))
-    resumed_s = time.perf_counter() - start
+    resumed_s, resumed = run_job(job("killed", work / "ray-killed"), gcs)
     published = load_file(registry.materialize(registry.resolve("killed", "connectors", "survival"), work / "c")
                           / "connectors.safetensors")
     same = all(torch.equal(published[f"encoder.{k}"], v) for k, v in encoder_state.items())

@@ -1,10 +1,10 @@
 """Time a killed connectors job saves by resuming from its stage-1 Ray Train checkpoint.
 
 Three runs of the same connectors job (``train_jobs.connectors``: the real base model by default,
-under a wall-clock ``--time-budget``) on one local Ray, in one process:
+epochs from ``--config``, optionally a ``--time-budget``), each its own driver process against one
+local Ray:
 
-1. **uninterrupted** (the baseline: what a resubmission without checkpoints costs), as its own
-   process like the other two;
+1. **uninterrupted** (the baseline: what a resubmission without checkpoints costs);
 2. the same job for another tenant, **SIGKILLed** (a real driver process) once Ray Train has
    registered its stage-1 checkpoint;
 3. that job **submitted again**: it resumes from the checkpoint (skips stage 1).
@@ -34,14 +34,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "examples" / "schemas" / "titanic.json"
 
 
-def publish_untrained_expert(registry, tenant: str, name: str) -> None:
-    """The tenant's schema and an expert of its shape (what ``train_jobs.experts`` would leave)."""
+def publish_untrained_expert(registry, tenant: str, name: str, hidden_sizes: tuple[int, ...] | None = None) -> None:
+    """The tenant's titanic schema and an untrained expert of its shape (what ``train_jobs.experts``
+    would leave; also the connectors-job tests' tenant)."""
     from llamdex.expert import ExpertArch, ExpertSpec, build_expert, save_expert
     from llamdex.expert_spec import DPLedger
 
     registry.create_tenant(tenant)
     registry.publish(tenant, "schema", SCHEMA.stem, {"schema.json": SCHEMA.read_bytes()})
-    arch = ExpertArch.from_schema(json.loads(SCHEMA.read_text()))
+    schema = json.loads(SCHEMA.read_text())
+    arch = ExpertArch.from_schema(schema, hidden_sizes=hidden_sizes) if hidden_sizes else ExpertArch.from_schema(schema)
     ledger = DPLedger(mechanism="none", epsilon=None, noise_multiplier=0.0, sample_rate=0.1, steps=1, epochs=1,
                       accountant="none")
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,12 +51,17 @@ def publish_untrained_expert(registry, tenant: str, name: str) -> None:
         registry.publish(tenant, "expert", name, {p.name: p.read_bytes() for p in Path(tmp).iterdir()})
 
 
+def _job_process(argv: list[str], gcs: str) -> tuple[list[str], dict]:
+    """The command and environment of one connectors job driver on the Ray at ``gcs``."""
+    return ([sys.executable, "-m", "train_jobs.connectors", *argv],
+            {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": gcs})
+
+
 def run_job(argv: list[str], gcs: str) -> tuple[float, dict]:
     """Run the job to the end as its own process (as ``ray job submit`` would); (seconds, its result row)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": gcs}
+    cmd, env = _job_process(argv, gcs)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "train_jobs.connectors", *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"the connectors job failed (exit {done.returncode}): {done.stderr[-2000:]}")
@@ -64,10 +71,10 @@ def run_job(argv: list[str], gcs: str) -> tuple[float, dict]:
 
 def kill_after_stage_one(argv: list[str], storage: Path, gcs: str, timeout_s: float) -> float:
     """Run the job as its own process; SIGKILL it once the stage-1 checkpoint is registered. Seconds run."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": gcs}
+    cmd, env = _job_process(argv, gcs)
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "train_jobs.connectors", *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None and time.monotonic() < deadline and not any(
             "encoder" in p.read_text() for p in storage.glob("*/checkpoint_manager_snapshot.json")):

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
+from bench.resume import publish_untrained_expert
 from cluster.registry import Registry
 from tests.conftest import ROOT
 from train_jobs.connectors import ConnectorsJob, build_parser, jobs_from_args, resolve_inputs
 
 pytestmark = pytest.mark.ray
-TITANIC = ROOT / "examples" / "schemas" / "titanic.json"
 SMALL = {"synthetic_rows": 400, "train_questions": 48, "stage2_questions": 24, "eval_questions": 12,
          "enc_width": 32, "enc_heads": 4, "enc_head_hidden": 16, "dec_ffn": 16, "enc_epochs": 2, "dec_epochs": 2,
          "expert_epochs": 2, "num_slots": 3, "cache_dtype": "float32"}
@@ -17,20 +17,7 @@ SMALL = {"synthetic_rows": 400, "train_questions": 48, "stage2_questions": 24, "
 
 def publish_tenant_expert(registry: Registry, tenant: str, name: str = "survival") -> None:
     """A tenant who published the titanic schema and an expert for it (what train_jobs.experts leaves)."""
-    import tempfile
-    from pathlib import Path
-
-    from llamdex.expert import ExpertArch, ExpertSpec, build_expert, save_expert
-    from llamdex.expert_spec import DPLedger
-
-    registry.create_tenant(tenant)
-    registry.publish(tenant, "schema", "titanic", {"schema.json": TITANIC.read_bytes()})
-    arch = ExpertArch.from_schema(json.loads(TITANIC.read_text()), hidden_sizes=(8,))
-    ledger = DPLedger(mechanism="none", epsilon=None, noise_multiplier=0.0, sample_rate=0.1, steps=1, epochs=1,
-                      accountant="none")
-    with tempfile.TemporaryDirectory() as tmp:
-        save_expert(build_expert(arch), ExpertSpec.build(TITANIC.read_text(), arch, ledger), tmp)
-        registry.publish(tenant, "expert", name, {p.name: p.read_bytes() for p in Path(tmp).iterdir()})
+    publish_untrained_expert(registry, tenant, name, hidden_sizes=(8,))
 
 
 def test_jobs_carry_references_only(tmp_path):

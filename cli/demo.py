@@ -120,6 +120,11 @@ def run_demo(settings: Settings, budget_s: float = 600.0, retrain: bool = False)
                 "--store", settings.store_uri)
         conn = _latest(registry, "connectors")
     print(f"  {conn.ref}: held-out synthetic accuracy {conn.metadata.get('heldout_synthetic', {})}")
+    seconds = {k: round(v) for k, v in conn.metadata.get("seconds", {}).items()}
+    print(f"  seconds per stage: {seconds}")
+    for note in conn.metadata.get("notes", []):
+        if note.startswith("time budget overrun"):
+            print(f"  note: {note}")
 
     _step(5, "deploying the Serve app (atelier serve)")
     code = subprocess.call([str(Path(sys.executable).with_name("atelier")), "serve"], cwd=ROOT,

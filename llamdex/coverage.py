@@ -14,6 +14,14 @@ in the schema's domain (still schema-only, no tenant data):
 * float    -> the same, written with a random precision (0, 1, 2 or the schema's decimals);
 * category -> uniform over the categories, ``cat_missing`` left blank; bool -> fair coin.
 
+Why the schema's ``default`` (``default_share`` of the numeric values, where the schema gives one):
+the default is the value the tenant declares typical, and it is what real rows hold most often
+(bank's training rows: 82 % have ``previous`` = 0 and 82 % ``pdays`` = -1), yet the spreads above draw
+them one time in ten (``previous``) and three in a hundred (``pdays``). An encoder that has rarely had to read "0 contacts before
+this campaign" reads "0" for ``previous`` as unlikely and points at another field's number instead
+(measured on bank's validation questions: most of ``previous``'s misreads were rows where it is 0,
+read from the call duration or the campaign count).
+
 Why the log-uniform magnitudes (``log_share`` of the values): the LLM's hidden states at a number
 show how many digits it has, so an encoder trained where every balance is a 5-digit number learns
 "the long number is the balance" instead of "the number next to *balance*" (measured on the real
@@ -48,9 +56,10 @@ def _log_magnitude(rng: np.random.Generator, n: int, lo: float, hi: float, resol
 
 
 def coverage_rows(schema: TenantSchema | dict | str, n: int, seed: int = 0, cat_missing: float = 0.1,
-                  log_share: float = 0.5) -> pd.DataFrame:
+                  log_share: float = 0.5, default_share: float = 0.0) -> pd.DataFrame:
     """``n`` rows in schema order (same column types as ``make_synthetic``), deterministic by ``seed``;
-    ``log_share`` of the numeric values have a log-uniform magnitude (see the module docstring)."""
+    ``log_share`` of the numeric values have a log-uniform magnitude and ``default_share`` are the
+    feature's schema ``default`` where it has one (see the module docstring)."""
     schema = load_schema(schema)
     rng = np.random.default_rng([seed, 7])
     cols: dict[str, object] = {}
@@ -59,6 +68,8 @@ def coverage_rows(schema: TenantSchema | dict | str, n: int, seed: int = 0, cat_
             resolution = 1.0 if f.type == "int" else 10.0 ** -(f.decimals if f.decimals is not None else 2)
             linear = f.lo + _spread(rng, n) * (f.hi - f.lo + (1 if f.type == "int" else 0))
             raw = np.where(rng.random(n) < log_share, _log_magnitude(rng, n, f.lo, f.hi, resolution), linear)
+            if isinstance(f.default, int | float) and not isinstance(f.default, bool):
+                raw = np.where(rng.random(n) < default_share, float(f.default), raw)
         if f.type == "int":
             cols[f.name] = np.floor(raw).clip(f.lo, f.hi).astype(np.int64)
         elif f.type == "float":

@@ -48,6 +48,9 @@ from llamdex.phrasings import (
     LIST_MARKS,
     NARRATIVE_VERBS,
     OPENERS,
+    PERSON_OF,
+    PERSON_WORDS,
+    AGE_WORDS,
     SEPARATORS,
     STYLES,
     SUBJECT_REFS,
@@ -70,11 +73,16 @@ from llamdex.render import (
     unmark_all,
 )
 from llamdex.schema import FeatureSpec, TenantSchema
-from llamdex.vocabulary import labels, number_words, value_phrases
+from llamdex.vocabulary import labels, number_words, unit_forms, value_phrases
 
 _NEGATION = re.compile(r"\[([^\]]+)\]")  # BOOL_FALSE marks its negation word as [no]
 _SHORT = frozenset({"record", "csv", "terse"})
 _PRONOUNS = {"he": ("he", "his", "him"), "she": ("she", "her", "her")}
+
+
+def _is_age(f: FeatureSpec) -> bool:
+    """A numeric feature measured in years of life (its units include "years old" or "year-old")."""
+    return f.type in ("int", "float") and bool({"years old", "year-old"} & {u.lower() for u in unit_forms(f)})
 
 
 class TrainingGrammar:
@@ -183,11 +191,22 @@ class TrainingGrammar:
         if f.type == "int" and f.nouns and rng.random() < 0.5 and style != "csv":
             count, noun = self.writer.count(f, value)
             return rng.choice(COUNT_CLAUSES).format(count=mark(i, count), noun=noun)
+        if _is_age(f) and rng.random() < 0.15 and style not in ("csv", "record"):
+            return self._person_of(i, f, value)
         if f.type == "category" and rng.random() < 0.25 and style != "csv":
             text = self.writer.category(f, value, short)
             if self._phrase_owners.get(text.lower(), 0) == 1:  # only this feature has that word
                 return rng.choice(CATEGORY_BARE).format(value=mark(i, text))
         return self._joined(label, self._value(i, f, value, short), short, style == "narrative")
+
+    def _person_of(self, i: int, f: FeatureSpec, value: Any) -> str:
+        """An age after the person it belongs to: "a passenger of 40", "a child aged four"."""
+        rng = self.rng
+        young = next(words for limit, words in AGE_WORDS if float(value) < limit)
+        noun = rng.choice((self.schema.subject, rng.choice(PERSON_WORDS), rng.choice(young)))
+        person = rng.choice((article(noun), "the " + noun, "this " + noun, "someone"))
+        n = mark(i, self.writer.number(f, value, unit_share=0.0))
+        return rng.choice(PERSON_OF).format(person=person, n=n)
 
     def _bool(self, i: int, f: FeatureSpec, value: Any, label: str, short: bool) -> str:
         rng = self.rng

@@ -70,6 +70,14 @@ COUNT_CLAUSES = (
     "together with {count} {noun}", "accompanied only by {count} {noun}", "there were {count} {noun}",
     "{count} {noun}, it seems", "counting {count} {noun}", "{count} {noun} on record", "{noun} - {count}",
 )
+# an age written after the person it belongs to ("a man of 40", "a girl of four"): for features whose
+# units say "years old" (llamdex.grammar._is_age); {person} is gender-neutral (the row's sex is its own
+# feature) -- the schema's subject, or a word that fits the age
+PERSON_OF = ("{person} of {n}", "{person} aged {n}", "aged {n}", "{person}, {n}", "{person} of about {n}",
+             "{person} of just {n}")
+PERSON_WORDS = ("person", "individual", "soul")
+AGE_WORDS = ((13, ("child", "kid", "youngster")), (20, ("teenager", "youngster", "young person")),
+             (200, ("adult", "grown-up")))
 BOOL_ANSWER = (
     "{label}: {answer}", "{label} {answer}", "{label}? {answer}", "{label} = {answer}", "{label}={answer}",
     "{answer} on {label}", "{label} - {answer}", "{label}: {answer}, it says",

@@ -173,13 +173,15 @@ def train_loop(config: dict) -> dict:
     meta = {"description": schema.description, "expert_version": expert_manifest.version,
             "base_model": resolved.to_record(), "layer": cfg.layer, "num_slots": cfg.num_slots,
             "heldout_synthetic": report.stage2 if report else {}, "seconds": report.seconds if report else {},
-            "epsilon": expert_spec.dp.epsilon}
+            "notes": report.notes if report else [], "epsilon": expert_spec.dp.epsilon}
     ref = registry.publish(job.tenant, "connectors", job.name, files, meta)
     return {"ref": str(ref), "seconds": round(time.perf_counter() - start, 1), "layer": cfg.layer,
             "resumed_from": "encoder" if resume is not None else None,
             "stage1_seconds_saved": round(resume.seconds, 1) if resume is not None else 0.0,
             "end_to_end_accuracy": meta["heldout_synthetic"].get("end_to_end_accuracy"),
-            "teacher_forced_accuracy": meta["heldout_synthetic"].get("teacher_forced_accuracy")}
+            "teacher_forced_accuracy": meta["heldout_synthetic"].get("teacher_forced_accuracy"),
+            "stage_seconds": {k: round(v, 1) for k, v in meta["seconds"].items()},
+            "overrun": [n for n in meta["notes"] if n.startswith("time budget overrun")]}
 
 
 def resume_point(fingerprint: str):

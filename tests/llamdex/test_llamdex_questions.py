@@ -58,7 +58,7 @@ def training_templates() -> set[str]:
         for det in ("", "the ", "its ", "their "):
             out.add(_normal_template("{value}" + c + det + "{label}"))
     pools = (ph.COUNT_CLAUSES, ph.BOOL_ANSWER, ph.BOOL_FALSE, ph.BOOL_PHRASE, ph.CATEGORY_BARE,
-             ph.UNSTATED, ph.OPENERS, ph.DISTRACTORS, ph.CLOSERS, ph.LEADINS)
+             ph.UNSTATED, ph.OPENERS, ph.DISTRACTORS, ph.CLOSERS, ph.LEADINS, ph.PERSON_OF)
     for pool in pools:
         for t in pool:
             out.add(_normal_template(t.replace("[", "").replace("]", "").replace("{q}", "{question}")
@@ -69,7 +69,7 @@ def training_templates() -> set[str]:
 def training_connectors() -> set[str]:
     """Every connector phrase between a label and a value the training grammar writes (with letters)."""
     out = {_norm(c) for c in ph.forward_connectors() + ph.backward_connectors()}
-    for pool in (ph.BOOL_ANSWER, ph.COUNT_CLAUSES):
+    for pool in (ph.BOOL_ANSWER, ph.COUNT_CLAUSES, ph.PERSON_OF):
         for t in pool:
             out.update(connectors_of(t))
     return {c for c in out if _wordy(c)}

@@ -35,6 +35,7 @@ from typing import Any
 
 from llamdex.codec import is_missing, to_bool
 from llamdex.phrasings import (
+    AGE_WORDS,
     BOOL_ANSWER,
     BOOL_FALSE,
     BOOL_PHRASE,
@@ -50,7 +51,6 @@ from llamdex.phrasings import (
     OPENERS,
     PERSON_OF,
     PERSON_WORDS,
-    AGE_WORDS,
     SEPARATORS,
     STYLES,
     SUBJECT_REFS,

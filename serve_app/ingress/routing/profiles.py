@@ -11,13 +11,18 @@ long text into something about nothing in particular), and the best-matching one
   survive the sinking? died in the sinking"), the feature descriptions as one list, and a few
   questions composed from the schema alone by Llamdex's question generator
   (:class:`llamdex.questions.QuestionGenerator`, the same code that makes connector training
-  questions) — no tenant data is used.
+  questions) — no tenant data is used; and what tells whether a prompt states any of its feature
+  values (:mod:`~serve_app.ingress.routing.evidence`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serve_app.ingress.routing.evidence import FeatureEvidence
 
 MAX_EXAMPLES = 50
 MAX_EXAMPLE_CHARS = 2000
@@ -34,6 +39,8 @@ class Profile:
     kind: str  # "adapter" | "expert"
     documents: tuple[str, ...]
     sources: tuple[str, ...] = field(default=())  # what each document is (for explanations)
+    # experts: which feature values a prompt states (serve_app.ingress.routing.evidence); None = not checked
+    evidence: FeatureEvidence | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if not self.sources:
@@ -118,7 +125,10 @@ def expert_profile(model_id: str, description: str, schema: dict | None,
             docs.append(("; ".join(f for f in features if f), "features"))
         docs += [(q, "schema question") for q in schema_made_questions(schema, schema_questions)]
     unique = list(dict.fromkeys(docs))
-    return Profile(model_id, "expert", tuple(d for d, _ in unique), tuple(s for _, s in unique))
+    from serve_app.ingress.routing.evidence import feature_evidence
+
+    return Profile(model_id, "expert", tuple(d for d, _ in unique), tuple(s for _, s in unique),
+                   feature_evidence(schema))
 
 
 def schema_made_questions(schema: dict, n: int, seed: int = 0) -> list[str]:

@@ -10,7 +10,12 @@ and the documents are embedded by one :mod:`~serve_app.ingress.routing.embedders
    the same candidate gets for a fixed set of everyday requests
    (:data:`~serve_app.ingress.routing.background.GENERAL_REQUESTS`): ``z = (score − mean) / std``.
    The candidate wins if ``z ≥ threshold`` (standard deviations); otherwise ``base``.
-   ``normalize=False`` compares the raw score with the threshold.
+   ``normalize=False`` compares the raw score with the threshold. Two more checks, each able to
+   send the prompt to ``base``: **about, not for** -- the prompt must not be nearer, by more than
+   ``topic_margin``, to a question *about* the candidate's subject than to its nearest own document
+   (:mod:`~serve_app.ingress.routing.topics`); **something to read** -- an expert is chosen only if
+   the prompt states at least one value of its features (``require_evidence``,
+   :mod:`~serve_app.ingress.routing.evidence`).
 3. **What the tenant taught it** (:class:`MemoryItem`, from ``POST /v1/feedback``), nearest
    neighbour: the nearest prompt the tenant confirmed or corrected decides (its label: a
    servable customization or ``base``) if it is at least ``memory_similarity`` alike *and*
@@ -34,9 +39,12 @@ import numpy as np
 from serve_app.ingress.routing.background import GENERAL_REQUESTS
 from serve_app.ingress.routing.embedders import CachedEmbedder, Embedder
 from serve_app.ingress.routing.profiles import Profile
+from serve_app.ingress.routing.topics import topic_questions, topic_terms
 
 BASE = "base"
 POOLINGS = ("mean", "max")
+# chosen with the z threshold on the routing benchmark's validation split (bench/routing.py)
+TOPIC_MARGIN = -0.16
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class Recommendation:
     candidates: list[dict] = field(default_factory=list)  # top scores, best first
     matched: dict | None = None  # the document or feedback prompt that decided
     vetoed: list[str] = field(default_factory=list)
+    checks: dict = field(default_factory=dict)  # the about-not-for and evidence checks of the best candidate
     elapsed_ms: float = 0.0
 
     def explain(self) -> dict:
@@ -69,26 +78,51 @@ class Recommendation:
             out["matched"] = self.matched
         if self.vetoed:
             out["vetoed_by_feedback"] = self.vetoed
+        if self.checks:
+            out["checks"] = self.checks
         return out
+
+
+@dataclass
+class Scores:
+    """Per profile, for one prompt: what ranks, what gates, and the two checks' inputs."""
+
+    rank: np.ndarray  # pooled cosine to the documents
+    gate: np.ndarray  # z-score (normalize) or the cosine
+    best: list[int]  # index of each profile's most similar document (-1: none)
+    nearest: np.ndarray  # best single-document cosine
+    topic: np.ndarray  # nearest document minus nearest question about the subject (+inf: not checked)
+    stated: list[list[str] | None]  # expert feature values the prompt states (None: not checked)
+
+    def passes(self, i: int, threshold: float, topic_margin: float | None) -> bool:
+        """Whether profile ``i`` clears the gate and both checks."""
+        return (bool(self.gate[i] >= threshold) and (topic_margin is None or bool(self.topic[i] >= topic_margin))
+                and (self.stated[i] is None or len(self.stated[i] or []) > 0))
 
 
 class Recommender:
     """Scores prompts against profiles with one embedder; thread-safe."""
 
     def __init__(self, embedder: Embedder, threshold: float, pooling: str = "mean", normalize: bool = True,
-                 memory_similarity: float = 0.75, memory_margin: float = 0.05, top: int = 5):
+                 memory_similarity: float = 0.75, memory_margin: float = 0.05, top: int = 5,
+                 topic_margin: float | None = TOPIC_MARGIN, require_evidence: bool = True):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.embedder = embedder if isinstance(embedder, CachedEmbedder) else CachedEmbedder(embedder)
         self.threshold, self.pooling, self.normalize = threshold, pooling, normalize
         self.memory_similarity, self.memory_margin, self.top = memory_similarity, memory_margin, top
+        self.topic_margin, self.require_evidence = topic_margin, require_evidence
         self._stats: dict[tuple[str, ...], tuple[float, float]] = {}
+        self._topics: dict[tuple[str, ...], tuple[list[str], np.ndarray]] = {}
         self._lock = threading.Lock()
 
     @property
     def method(self) -> str:
         gate = "z-score vs general requests" if self.normalize else "cosine"
-        return f"{self.embedder.name}: {self.pooling} cosine over documents, {gate}"
+        checks = (["about-not-for"] if self.topic_margin is not None else []) + (
+            ["expert evidence"] if self.require_evidence else [])
+        return f"{self.embedder.name}: {self.pooling} cosine over documents, {gate}" + (
+            f", {' + '.join(checks)}" if checks else "")
 
     def warm(self, profiles: Sequence[Profile]) -> None:
         """Embed the profiles' documents (and their background statistics) now instead of on first use."""
@@ -97,6 +131,8 @@ class Recommender:
                 self.embedder.encode(list(p.documents))
                 if self.normalize:
                     self._background(p)
+                if self.topic_margin is not None:
+                    self._topic_questions(p)
 
     def _pool(self, sims: np.ndarray) -> np.ndarray:
         return sims.mean(0) if self.pooling == "mean" else sims.max(0)
@@ -114,35 +150,58 @@ class Recommender:
                 self._stats[p.documents] = hit
         return hit
 
+    def topic_questions(self, p: Profile) -> list[str]:
+        """The questions about ``p``'s subject that the about-not-for check compares prompts with."""
+        return topic_questions(self._topic_questions(p)[0])
+
+    def _topic_questions(self, p: Profile) -> tuple[list[str], np.ndarray]:
+        """(subject terms, embedded questions about them) of a profile, cached per document set."""
+        with self._lock:
+            hit = self._topics.get(p.documents)
+        if hit is None:
+            general = self.embedder.encode(list(GENERAL_REQUESTS)).mean(0)
+            terms = topic_terms(p, self.embedder.encode, general)
+            questions = topic_questions(terms)
+            hit = (terms, self.embedder.encode(questions) if questions else np.zeros((0, 1), dtype=np.float32))
+            with self._lock:
+                if len(self._topics) > 10_000:
+                    self._topics.clear()
+                self._topics[p.documents] = hit
+        return hit
+
     def embed_prompt(self, prompt: str) -> np.ndarray:
         """The prompt's vector, computed afresh (prompts are not cached: they rarely repeat, and
         the router should not keep users' prompts around)."""
         return self.embedder.inner.encode([prompt])[0]
 
-    def scores(self, prompt: str, profiles: Sequence[Profile]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """(rank scores, gate scores, index of each profile's most similar document) for ``prompt``."""
-        rank, gate, best, _ = self._scores(self.embed_prompt(prompt), profiles)
-        return rank, gate, best
+    def scores(self, prompt: str, profiles: Sequence[Profile]) -> Scores:
+        """Every profile's scores and checks for ``prompt``."""
+        return self._scores(prompt, self.embed_prompt(prompt), profiles)
 
-    def _scores(self, q: np.ndarray, profiles: Sequence[Profile]):
-        rank = np.full(len(profiles), -1e9, dtype=np.float32)
-        gate = np.full(len(profiles), -1e9, dtype=np.float32)
-        nearest = np.full(len(profiles), -1.0, dtype=np.float32)  # best single-document cosine
-        best = []
+    def _scores(self, prompt: str, q: np.ndarray, profiles: Sequence[Profile]) -> Scores:
+        n = len(profiles)
+        out = Scores(np.full(n, -1e9, dtype=np.float32), np.full(n, -1e9, dtype=np.float32), [],
+                     np.full(n, -1.0, dtype=np.float32), np.full(n, np.inf, dtype=np.float32), [None] * n)
         for i, p in enumerate(profiles):
             if not p.documents:
-                best.append(-1)
+                out.best.append(-1)
                 continue
             sims = self.embedder.encode(list(p.documents)) @ q
-            best.append(int(sims.argmax()))
-            nearest[i] = float(sims.max())
-            rank[i] = float(self._pool(sims[:, None])[0])
+            out.best.append(int(sims.argmax()))
+            out.nearest[i] = float(sims.max())
+            out.rank[i] = float(self._pool(sims[:, None])[0])
             if self.normalize:
                 mean, std = self._background(p)
-                gate[i] = (rank[i] - mean) / std
+                out.gate[i] = (out.rank[i] - mean) / std
             else:
-                gate[i] = rank[i]
-        return rank, gate, best, nearest
+                out.gate[i] = out.rank[i]
+            if self.topic_margin is not None:
+                _, questions = self._topic_questions(p)
+                if len(questions):
+                    out.topic[i] = out.nearest[i] - float((questions @ q).max())
+            if self.require_evidence and p.evidence is not None:
+                out.stated[i] = p.evidence.stated(prompt)
+        return out
 
     def recommend(self, prompt: str, profiles: Sequence[Profile], memory: Sequence[MemoryItem] = ()) -> Recommendation:
         """The best candidate for ``prompt`` or ``base``, with the reasons."""
@@ -152,7 +211,8 @@ class Recommender:
             rec.why = "the caller has no servable customization"
         else:
             q = self.embed_prompt(prompt)
-            rank, gate, best_doc, nearest = self._scores(q, profiles)
+            sc = self._scores(prompt, q, profiles)
+            rank, gate, best_doc, nearest = sc.rank, sc.gate, sc.best, sc.nearest
             ids = [p.model_id for p in profiles]
             order = [int(i) for i in np.argsort(-rank)]
             rec.candidates = [{"model": ids[i], "kind": profiles[i].kind, "similarity": round(float(rank[i]), 4),
@@ -163,7 +223,8 @@ class Recommender:
             rec.vetoed = sorted({label for label, sim in recalled[1]
                                  if sim >= nearest[ids.index(label)] + self.memory_margin})
             order = [i for i in order if ids[i] not in rec.vetoed]
-            doc_choice = order[0] if order and gate[order[0]] >= self.threshold else None
+            doc_choice = order[0] if order and sc.passes(order[0], self.threshold, self.topic_margin) else None
+            refused = self._checks(rec, sc, profiles, order[0]) if order else ""
             bar = nearest[doc_choice] + self.memory_margin if doc_choice is not None else -1.0
             follow = next(((label, item, sim) for label, item, sim in recalled[0] if sim >= bar), None)
             if follow is not None and (doc_choice is None or follow[0] != ids[doc_choice]):
@@ -180,9 +241,28 @@ class Recommender:
             else:
                 rec.score = float(gate[order[0]]) if order else None
                 rec.why = ("every matching customization was vetoed by your feedback" if not order else
-                           "no customization reached the similarity threshold")
+                           refused or "no customization reached the similarity threshold")
         rec.elapsed_ms = (time.perf_counter() - started) * 1000
         return rec
+
+    def _checks(self, rec: Recommendation, sc: Scores, profiles: Sequence[Profile], i: int) -> str:
+        """Record the best candidate's two checks in ``rec.checks``; the reason it fails one that
+        matters (its z-score passed), or ''."""
+        p = profiles[i]
+        if self.topic_margin is not None and np.isfinite(sc.topic[i]):
+            terms, _ = self._topic_questions(p)
+            rec.checks["about_not_for"] = {"margin": round(float(sc.topic[i]), 4), "min": self.topic_margin,
+                                           "subject": terms}
+        if sc.stated[i] is not None:
+            rec.checks["expert_values_stated"] = sc.stated[i]
+        if sc.gate[i] < self.threshold:
+            return ""
+        if self.topic_margin is not None and sc.topic[i] < self.topic_margin:
+            return (f"the prompt asks about {p.model_id}'s subject rather than for what it does (nearer to a "
+                    "question about it than to its own documents)")
+        if sc.stated[i] is not None and not sc.stated[i]:
+            return f"the prompt states none of the values the expert {p.model_id} reads"
+        return ""
 
     def _recall(self, q: np.ndarray, memory: Sequence[MemoryItem], ids: list[str]):
         """([(label, item, sim)] of positive feedback, nearest first; [(label, sim)] of thumbs-downs),

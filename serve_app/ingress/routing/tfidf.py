@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from serve_app.ingress.routing.profiles import Profile
-from serve_app.ingress.routing.recommender import BASE, MemoryItem, Recommendation
+from serve_app.ingress.routing.recommender import BASE, MemoryItem, Recommendation, Scores
 
 
 def similarity_scores(prompt: str, documents: list[str]) -> list[float]:
@@ -44,16 +44,17 @@ class TfidfRecommender:
     def warm(self, profiles: Sequence[Profile]) -> None:
         """Nothing to precompute (the vectorizer is fitted per request)."""
 
-    def scores(self, prompt: str, profiles: Sequence[Profile]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """(rank scores, gate scores, -1s): both scores are the TF-IDF cosine."""
+    def scores(self, prompt: str, profiles: Sequence[Profile]) -> Scores:
+        """Rank and gate are both the TF-IDF cosine; no checks."""
         texts = [" ".join(p.documents) for p in profiles]
         s = np.asarray(similarity_scores(prompt, texts), dtype=np.float32)
-        return s, s, [-1] * len(profiles)
+        n = len(profiles)
+        return Scores(s, s, [-1] * n, s, np.full(n, np.inf, dtype=np.float32), [None] * n)
 
     def recommend(self, prompt: str, profiles: Sequence[Profile], memory: Sequence[MemoryItem] = ()) -> Recommendation:
         started = time.perf_counter()
         profiles = [p for p in profiles if p.documents]
-        scores, _, _ = self.scores(prompt, profiles)
+        scores = self.scores(prompt, profiles).rank
         order = np.argsort(-scores) if len(scores) else []
         table = [{"model": profiles[i].model_id, "kind": profiles[i].kind, "similarity": round(float(scores[i]), 4)}
                  for i in order[: self.top]]

@@ -83,8 +83,44 @@ def test_examples_are_validated(value, fragment):
     assert check_examples(["  a prompt ", ""]) == ["a prompt"]
 
 
+def test_questions_about_a_subject_and_prompts_stating_nothing_go_to_base(minilm):
+    """The two checks: a prompt nearer to a question *about* a customization's subject than to what it
+    is for, and a prompt that states no value an expert could read, go to base, each saying why;
+    without the checks the same prompts went to the customization."""
+    profiles = demo_profiles()
+    checked, unchecked = Recommender(minilm, 2.85), Recommender(minilm, 2.85, topic_margin=None, require_evidence=False)
+    movie = "Which actors were in Titanic?"
+    assert unchecked.recommend(movie, profiles).chosen == "demo/survival"
+    got = checked.recommend(movie, profiles)
+    assert got.chosen == BASE and got.explain()["checks"]["expert_values_stated"] == []
+    assert "states none of the values" in got.why
+    piracy = "When did the golden age of piracy end historically?"
+    assert unchecked.recommend(piracy, profiles).chosen == "demo/style"
+    got = checked.recommend(piracy, profiles)
+    assert got.chosen == BASE and "subject" in got.why
+    assert got.explain()["checks"]["about_not_for"]["margin"] < checked.topic_margin
+    story = checked.recommend("Write me a pirate story about ships", profiles)  # asking *for* the task still routes
+    assert story.chosen == "demo/style" and story.explain()["checks"]["about_not_for"]["margin"] >= checked.topic_margin
+    survived = checked.recommend("A 30 year old man in third class paid 8 pounds. Did he survive?", profiles)
+    assert survived.chosen == "demo/survival"
+    assert set(survived.explain()["checks"]["expert_values_stated"]) == {"pclass", "sex", "<number>"}
+
+
+def test_subject_terms_come_from_the_description(minilm):
+    """The about-not-for check's subject words are the customization's own, not everyday words."""
+    from serve_app.ingress.routing.background import GENERAL_REQUESTS
+    from serve_app.ingress.routing.topics import candidate_terms, topic_questions, topic_terms
+
+    assert candidate_terms(["Writes in a pirate voice for ship stories"]) == sorted(
+        ["writes", "pirate", "voice", "ship", "stories", "pirate voice", "ship stories"])
+    general = minilm.encode(list(GENERAL_REQUESTS)).mean(0)
+    terms = topic_terms(adapter_profile("a/style", PIRATE), minilm.encode, general)
+    assert len(terms) == 4 and "pirate voice" in terms and "writes" not in terms
+    assert "Who invented pirate voice?" in topic_questions(terms)
+
+
 def test_feedback_memory_overrides_and_vetoes(minilm):
-    rec = Recommender(minilm, 2.95)
+    rec = Recommender(minilm, 2.95, topic_margin=None, require_evidence=False)  # so that it makes the mistake
     profiles = demo_profiles()
     movie = "Which actors were in Titanic?"
     assert rec.recommend(movie, profiles).chosen == "demo/survival"  # the mistake feedback will fix
@@ -152,8 +188,8 @@ def test_feedback_teaches_one_tenant_only(world):
     from serve_app.ingress.routing.feedback import FeedbackRequest
 
     catalog = world["catalog"]
-    wrong = ["Tell me about the history of pirate ships", "What did real pirate ships look like in the 1700s?",
-             "How were real pirate ships built in history?"]
+    wrong = ["Explain how real pirate ships were crewed in history", "What did real pirate ships look like in the 1700s?",
+             "How were real pirate ships built in history?"]  # history questions the about-not-for check lets through
     assert [auto(world, "acme", p).model_id for p in wrong] == ["acme/style"] * 3  # history is not a pirate story
     for i, prompt in enumerate(wrong):
         chosen = auto(world, "acme", prompt, response_id=f"chatcmpl-test{i}").model_id
@@ -162,10 +198,10 @@ def test_feedback_teaches_one_tenant_only(world):
         if chosen == "acme/style":  # a wrong choice is also vetoed for prompts this alike
             assert out["recorded"][1] == {"label": "acme/style", "vote": -1}
     catalog.feedback._memory.clear()  # other router replicas read the store: so does this one now
-    again = auto(world, "acme", "Give me a history lesson on pirate ships")
+    again = auto(world, "acme", "What were real pirate ships like in history?")
     assert again.model_id == "base" and "feedback_prompt" in again.routing["matched"]
     assert auto(world, "acme", "Write me a pirate story about ships").model_id == "acme/style"
-    assert auto(world, "globex", "Give me a history lesson on pirate ships").model_id == "globex/style"  # isolated
+    assert auto(world, "globex", "What were real pirate ships like in history?").model_id == "globex/style"  # isolated
     stored = world["registry"].store.list_dir("routing/acme/feedback")
     assert 3 <= len(stored) <= 6 and not world["registry"].store.list_dir("routing/globex/feedback")
     assert all(n.endswith(".json") for n in stored)

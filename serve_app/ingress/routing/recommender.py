@@ -92,7 +92,7 @@ class Scores:
     best: list[int]  # index of each profile's most similar document (-1: none)
     nearest: np.ndarray  # best single-document cosine
     topic: np.ndarray  # nearest document minus nearest question about the subject (+inf: not checked)
-    stated: list[list[str] | None]  # expert feature values the prompt states (None: not checked)
+    stated: list[list[str] | None]  # the best-ranked expert's feature values the prompt states (None: not checked)
 
     def passes(self, i: int, threshold: float, topic_margin: float | None) -> bool:
         """Whether profile ``i`` clears the gate and both checks."""
@@ -199,9 +199,15 @@ class Recommender:
                 _, questions = self._topic_questions(p)
                 if len(questions):
                     out.topic[i] = out.nearest[i] - float((questions @ q).max())
-            if self.require_evidence and p.evidence is not None:
-                out.stated[i] = p.evidence.stated(prompt)
+        if n:  # only the best-ranked candidate can be chosen by the documents: check it alone
+            self._read_values(out, profiles, int(out.rank.argmax()), prompt)
         return out
+
+    def _read_values(self, sc: Scores, profiles: Sequence[Profile], i: int, prompt: str) -> None:
+        """Fill ``sc.stated[i]`` when profile ``i`` is an expert whose evidence is required."""
+        evidence = profiles[i].evidence
+        if self.require_evidence and evidence is not None and profiles[i].documents and sc.stated[i] is None:
+            sc.stated[i] = evidence.stated(prompt)
 
     def recommend(self, prompt: str, profiles: Sequence[Profile], memory: Sequence[MemoryItem] = ()) -> Recommendation:
         """The best candidate for ``prompt`` or ``base``, with the reasons."""
@@ -223,6 +229,8 @@ class Recommender:
             rec.vetoed = sorted({label for label, sim in recalled[1]
                                  if sim >= nearest[ids.index(label)] + self.memory_margin})
             order = [i for i in order if ids[i] not in rec.vetoed]
+            if order:  # feedback may have vetoed the best-ranked one
+                self._read_values(sc, profiles, order[0], prompt)
             doc_choice = order[0] if order and sc.passes(order[0], self.threshold, self.topic_margin) else None
             refused = self._checks(rec, sc, profiles, order[0]) if order else ""
             bar = nearest[doc_choice] + self.memory_margin if doc_choice is not None else -1.0

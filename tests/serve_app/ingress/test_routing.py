@@ -106,6 +106,26 @@ def test_questions_about_a_subject_and_prompts_stating_nothing_go_to_base(minilm
     assert set(survived.explain()["checks"]["expert_values_stated"]) == {"pclass", "sex", "<number>"}
 
 
+def test_the_evidence_check_follows_a_feedback_veto_to_the_next_candidate(minilm):
+    """When feedback vetoes the best-ranked customization, the next one is checked too: an expert
+    the prompt states nothing for is not chosen in its place."""
+    titanic = schema("titanic")
+    profiles = [expert_profile("demo/survival", titanic["description"], titanic),
+                adapter_profile("demo/films", "Answers questions about films, actors and directors: who starred "
+                                              "in a movie, who directed it.")]
+    prompt = "Which actors starred in the Titanic film?"
+    veto = [MemoryItem("Which actors starred in the movie Titanic?", "demo/films", -1)]
+    rec = Recommender(minilm, 2.85)
+    first = rec.recommend(prompt, profiles)
+    assert first.chosen == "demo/films" and first.candidates[1]["model"] == "demo/survival"
+    assert first.candidates[1]["z"] >= rec.threshold  # the expert would pass the gate on its own
+    got = rec.recommend(prompt, profiles, veto)
+    assert got.vetoed == ["demo/films"] and got.chosen == BASE
+    assert got.explain()["checks"]["expert_values_stated"] == [] and "states none" in got.why
+    without = Recommender(minilm, 2.85, require_evidence=False).recommend(prompt, profiles, veto)
+    assert without.chosen == "demo/survival"
+
+
 def test_subject_terms_come_from_the_description(minilm):
     """The about-not-for check's subject words are the customization's own, not everyday words."""
     from serve_app.ingress.routing.background import GENERAL_REQUESTS

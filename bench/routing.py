@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.common import command_line, percentile, write_results
 from serve_app.ingress.routing.profiles import Profile, adapter_profile, expert_profile
-from serve_app.ingress.routing.recommender import BASE, MemoryItem, Recommender
+from serve_app.ingress.routing.recommender import BASE, MemoryItem, Recommender, Scores
 from serve_app.ingress.routing.tfidf import TfidfRecommender
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,34 +73,19 @@ def load_profiles(data: Path, schema_questions: int) -> tuple[str, list[Profile]
     return tenant, profiles, legacy
 
 
-@dataclass
-class ScoreMatrix:
-    """Every prompt's scores against every customization, each (n prompts, n customizations)."""
-
-    rank: np.ndarray
-    gate: np.ndarray
-    topic: np.ndarray  # about-not-for margin (+inf: not checked)
-    stated: np.ndarray  # bool: the prompt states a value the customization reads (True: not checked)
-
-
-def score_matrix(c: Contender, prompts: list[dict]) -> ScoreMatrix:
+def score_matrix(c: Contender, prompts: list[dict]) -> list[Scores]:
     """The recommender's scores and checks for every prompt (documents embedded once)."""
     c.recommender.warm(c.profiles)
-    rows = [c.recommender.scores(p["prompt"], c.profiles) for p in prompts]
-    return ScoreMatrix(np.stack([r.rank for r in rows]), np.stack([r.gate for r in rows]),
-                       np.stack([r.topic for r in rows]),
-                       np.array([[s is None or len(s) > 0 for s in r.stated] for r in rows], dtype=bool))
+    return [c.recommender.scores(p["prompt"], c.profiles) for p in prompts]
 
 
-def predict(scores: ScoreMatrix, ids: list[str], threshold: float, margin: float | None = None) -> list[str]:
-    """The best-ranked customization where its gate score reaches ``threshold`` and it passes both
-    checks, else base (what ``Recommender.recommend`` decides without feedback)."""
-    best = scores.rank.argmax(1)
+def predict(scores: list[Scores], ids: list[str], threshold: float, margin: float | None = None) -> list[str]:
+    """The best-ranked customization where it passes the gate and both checks, else base (what
+    ``Recommender.recommend`` decides without feedback, by the same :meth:`Scores.passes`)."""
     out = []
-    for i, b in enumerate(best):
-        ok = scores.gate[i, b] >= threshold and bool(scores.stated[i, b])
-        ok = ok and (margin is None or scores.topic[i, b] >= margin)
-        out.append(ids[b] if ok else BASE)
+    for s in scores:
+        best = int(s.rank.argmax())
+        out.append(ids[best] if s.passes(best, threshold, margin) else BASE)
     return out
 
 
@@ -125,7 +110,7 @@ def metrics(prompts: list[dict], predicted: list[str], tenant: str, ids: list[st
             "n_on_topic": len(on), "n_off_topic": len(off), "per_customization": per, "errors": errors}
 
 
-def choose_threshold(scores: ScoreMatrix, prompts: list[dict], tenant: str, ids: list[str],
+def choose_threshold(scores: list[Scores], prompts: list[dict], tenant: str, ids: list[str],
                      grid: np.ndarray, margins: np.ndarray | None = None) -> tuple[float, float | None, list]:
     """The threshold (and about-not-for margin, when ``margins``) with the best validated balanced
     accuracy: the middle of the best plateau. The curve is the threshold sweep at the chosen margin."""
@@ -135,10 +120,10 @@ def choose_threshold(scores: ScoreMatrix, prompts: list[dict], tenant: str, ids:
             m = metrics(prompts, predict(scores, ids, float(t), margin), tenant, ids)
             table[(float(t), margin)] = (m["on_topic_accuracy"], m["off_topic_to_base"], m["balanced_accuracy"])
     top = max(v[2] for v in table.values())
-    plateau = sorted(k for k, v in table.items() if v[2] == top)
-    margin = sorted({k[1] for k in plateau}, key=lambda x: -1e9 if x is None else x)
-    margin = margin[len(margin) // 2]
-    at = [k[0] for k in plateau if k[1] == margin]
+    plateau = [k for k, v in table.items() if v[2] == top]
+    best_margins = sorted({m for _, m in plateau if m is not None}) or [None]
+    margin = best_margins[len(best_margins) // 2]
+    at = sorted(t for t, m in plateau if m == margin)
     threshold = at[len(at) // 2]
     curve = [(t, *table[(float(t), margin)]) for t in map(float, grid)]
     return threshold, margin, curve

@@ -120,10 +120,12 @@ def run_demo(settings: Settings, budget_s: float = 600.0, retrain: bool = False)
                 "--store", settings.store_uri)
         conn = _latest(registry, "connectors")
     print(f"  {conn.ref}: held-out synthetic accuracy {conn.metadata.get('heldout_synthetic', {})}")
+    from llamdex.pipeline import OVERRUN_NOTE
+
     seconds = {k: round(v) for k, v in conn.metadata.get("seconds", {}).items()}
     print(f"  seconds per stage: {seconds}")
     for note in conn.metadata.get("notes", []):
-        if note.startswith("time budget overrun"):
+        if note.startswith(OVERRUN_NOTE):
             print(f"  note: {note}")
 
     _step(5, "deploying the Serve app (atelier serve)")

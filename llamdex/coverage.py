@@ -16,11 +16,11 @@ in the schema's domain (still schema-only, no tenant data):
 
 Why the schema's ``default`` (``default_share`` of the numeric values, where the schema gives one):
 the default is the value the tenant declares typical, and it is what real rows hold most often
-(bank's training rows: 82 % have ``previous`` = 0 and 82 % ``pdays`` = -1), yet the spreads above draw
-them one time in ten (``previous``) and three in a hundred (``pdays``). An encoder that has rarely had to read "0 contacts before
-this campaign" reads "0" for ``previous`` as unlikely and points at another field's number instead
-(measured on bank's validation questions: most of ``previous``'s misreads were rows where it is 0,
-read from the call duration or the campaign count).
+(bank's training rows: 82 % have ``previous`` = 0 and 82 % ``pdays`` = -1), yet the spreads above
+draw them one time in ten (``previous``) and three in a hundred (``pdays``). An encoder that has
+rarely had to read "0 contacts before this campaign" points at another field's number instead (on
+bank's validation questions, 9 of 12 wrong readings of ``previous`` were rows where it is 0, read
+from the call duration, the balance or the campaign count).
 
 Why the log-uniform magnitudes (``log_share`` of the values): the LLM's hidden states at a number
 show how many digits it has, so an encoder trained where every balance is a 5-digit number learns

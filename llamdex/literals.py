@@ -131,8 +131,9 @@ def _normal(text: str) -> str:
 
 
 @lru_cache(maxsize=512)
-def _matcher(phrases: tuple[tuple[str, ...], ...]) -> tuple[re.Pattern, dict[str, int]] | None:
-    """One regex over every phrase of a feature's values (longest first) + normalised phrase -> value."""
+def value_matcher(phrases: tuple[tuple[str, ...], ...]) -> tuple[re.Pattern, dict[str, int]] | None:
+    """One regex over every phrase of a feature's values (``phrases[k]``: value k's; whole words,
+    case-insensitive, "-", "_" and spaces alike, longest first) + normalised phrase -> value index."""
     index: dict[str, int] = {}
     for k, group in enumerate(phrases):
         for p in group:
@@ -171,7 +172,7 @@ class PromptLiterals:
         part of, else -1 (``vocabulary[j][k]``: the phrases of feature j's value k)."""
         out = torch.full((len(vocabulary), len(self.kinds)), -1, dtype=torch.long)
         for j, phrases in enumerate(vocabulary):
-            matcher = _matcher(phrases)
+            matcher = value_matcher(phrases)
             if matcher is None:
                 continue
             pattern, index = matcher

@@ -78,6 +78,7 @@ class BudgetShares:
 
 
 BUDGET_SHARES = BudgetShares()
+OVERRUN_NOTE = "time budget overrun"  # how a training report's note about the floor starts
 
 
 @dataclass(frozen=True)
@@ -376,12 +377,14 @@ def train_connectors(model, tokenizer, schema: TenantSchema | dict | str, *, mod
     cache = cache_prompts(model, tokenizer, data, [cfg.layer], cfg, progress,
                           None if budget is None else start + BUDGET_SHARES.cache * budget)
     used = time.perf_counter() - start
-    floor = None if budget is None else BUDGET_SHARES.fit_floor * budget
-    left = None if budget is None or floor is None else max(budget - used, floor)
+    left = floor = None
+    if budget is not None:
+        floor = BUDGET_SHARES.fit_floor * budget
+        left = max(budget - used, floor)
     trained = fit_layer(model, data, cache, cfg, model_id=model_id, model_hash=model_hash,
                         progress=progress, budget_s=left, resume=resume, on_encoder=on_encoder)
-    if budget is not None and floor is not None and budget - used < floor and trained.spec.training is not None:
+    if floor is not None and left == floor and trained.spec.training is not None:
         trained.spec.training.notes.append(
-            f"time budget overrun: preparing and caching took {used:.0f} s of the {budget:.0f} s budget; "
+            f"{OVERRUN_NOTE}: preparing and caching took {used:.0f} s of the {budget:.0f} s budget; "
             f"training kept its floor of {floor:.0f} s (BUDGET_SHARES.fit_floor)")
     return trained

@@ -116,7 +116,7 @@ def train_loop(config: dict) -> dict:
     from cluster.validators import install_validators
     from llamdex.connectors_io import save_connectors
     from llamdex.expert import load_expert
-    from llamdex.pipeline import train_connectors
+    from llamdex.pipeline import OVERRUN_NOTE, train_connectors
     from llamdex.stage_checkpoint import (
         EncoderCheckpoint,
         config_record,
@@ -181,7 +181,7 @@ def train_loop(config: dict) -> dict:
             "end_to_end_accuracy": meta["heldout_synthetic"].get("end_to_end_accuracy"),
             "teacher_forced_accuracy": meta["heldout_synthetic"].get("teacher_forced_accuracy"),
             "stage_seconds": {k: round(v, 1) for k, v in meta["seconds"].items()},
-            "overrun": [n for n in meta["notes"] if n.startswith("time budget overrun")]}
+            "overrun": [n for n in meta["notes"] if n.startswith(OVERRUN_NOTE)]}
 
 
 def resume_point(fingerprint: str):

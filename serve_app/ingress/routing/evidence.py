@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from llamdex.literals import NUMBER, find_literals
+from llamdex.literals import NUMBER, find_literals, value_matcher
 from llamdex.schema import TenantSchema, load_schema
 from llamdex.vocabulary import value_phrases
 
@@ -28,11 +28,10 @@ class FeatureEvidence:
         for f in self.schema.features:
             if f.type not in ("category", "bool"):
                 continue
-            phrases = sorted({" ".join(p.replace("_", " ").lower().split()) for ps in value_phrases(f) for p in ps
-                              if len(p.strip()) > 2}, key=len, reverse=True)
-            if phrases:
-                body = "|".join(re.escape(p).replace(r"\ ", r"[\s_-]+") for p in phrases)
-                self._phrases.append((f.name, re.compile(rf"(?<!\w)(?:{body})(?!\w)", re.IGNORECASE)))
+            # the connectors' own matcher; one- and two-letter forms ("F", "1") say too little alone
+            matcher = value_matcher(tuple(tuple(p for p in ps if len(p.strip()) > 2) for ps in value_phrases(f)))
+            if matcher is not None:
+                self._phrases.append((f.name, matcher[0]))
         self._ranges = [(f.lo, f.hi) for f in self.schema.features if f.type in ("int", "float")]
 
     def stated(self, prompt: str) -> list[str]:

@@ -94,10 +94,20 @@ class Scores:
     topic: np.ndarray  # nearest document minus nearest question about the subject (+inf: not checked)
     stated: list[list[str] | None]  # the best-ranked expert's feature values the prompt states (None: not checked)
 
+    def refusal(self, i: int, threshold: float, topic_margin: float | None) -> str | None:
+        """Why profile ``i`` may not be chosen -- ``"threshold"``, ``"about"`` (asks about its subject)
+        or ``"evidence"`` (states none of an expert's values) -- or None when it may."""
+        if not self.gate[i] >= threshold:
+            return "threshold"
+        if topic_margin is not None and self.topic[i] < topic_margin:
+            return "about"
+        if self.stated[i] is not None and not self.stated[i]:
+            return "evidence"
+        return None
+
     def passes(self, i: int, threshold: float, topic_margin: float | None) -> bool:
         """Whether profile ``i`` clears the gate and both checks."""
-        return (bool(self.gate[i] >= threshold) and (topic_margin is None or bool(self.topic[i] >= topic_margin))
-                and (self.stated[i] is None or len(self.stated[i] or []) > 0))
+        return self.refusal(i, threshold, topic_margin) is None
 
 
 class Recommender:
@@ -254,8 +264,8 @@ class Recommender:
         return rec
 
     def _checks(self, rec: Recommendation, sc: Scores, profiles: Sequence[Profile], i: int) -> str:
-        """Record the best candidate's two checks in ``rec.checks``; the reason it fails one that
-        matters (its z-score passed), or ''."""
+        """Record candidate ``i``'s two checks in ``rec.checks``; the reason a check refused it, or ''
+        (also when only the threshold did: the caller says that)."""
         p = profiles[i]
         if self.topic_margin is not None and np.isfinite(sc.topic[i]):
             terms, _ = self._topic_questions(p)
@@ -263,12 +273,11 @@ class Recommender:
                                            "subject": terms}
         if sc.stated[i] is not None:
             rec.checks["expert_values_stated"] = sc.stated[i]
-        if sc.gate[i] < self.threshold:
-            return ""
-        if self.topic_margin is not None and sc.topic[i] < self.topic_margin:
+        why = sc.refusal(i, self.threshold, self.topic_margin)
+        if why == "about":
             return (f"the prompt asks about {p.model_id}'s subject rather than for what it does (nearer to a "
                     "question about it than to its own documents)")
-        if sc.stated[i] is not None and not sc.stated[i]:
+        if why == "evidence":
             return f"the prompt states none of the values the expert {p.model_id} reads"
         return ""
 

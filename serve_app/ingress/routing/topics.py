@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -34,16 +35,13 @@ TERMS = 4  # subject words per customization
 SOURCES = ("description", "target question", "example")  # which documents the words come from
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
 _CLAUSE = re.compile(r"[,;:.!?()\[\]\"/]+")  # a two-word phrase does not cross these
-_STOP: frozenset[str] | None = None
 
 
+@lru_cache(maxsize=1)
 def _stop_words() -> frozenset[str]:
-    global _STOP
-    if _STOP is None:
-        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-        _STOP = frozenset(ENGLISH_STOP_WORDS)
-    return _STOP
+    return frozenset(ENGLISH_STOP_WORDS)
 
 
 def candidate_terms(texts: Sequence[str]) -> list[str]:

@@ -2,7 +2,7 @@
 
 One tenant holds the 12 customizations of ``bench/data/routing/customizations.json`` (4 Llamdex
 experts on the example schemas, 8 described adapters). Every contender scores the labelled
-prompts of ``validation.jsonl``; each contender's threshold is the one with the best balanced
+prompts of the validation files (``validation*.jsonl``, :func:`validation_files`); each contender's threshold is the one with the best balanced
 accuracy on validation (mean of "on-topic prompt → its customization" and "off-topic → base"),
 and the contender with the best validated balanced accuracy is *chosen*. Only then is
 ``test.jsonl`` scored, once, for every contender at its validated threshold: accuracy,
@@ -51,6 +51,20 @@ class Contender:
 
 def load_prompts(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def validation_files(data: Path) -> list[Path]:
+    """Every ``validation*.jsonl`` in ``data`` (design data: methods, thresholds and margins are chosen
+    on all of them); ``test.jsonl`` is the only other split."""
+    files = sorted(data.glob("validation*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no validation*.jsonl in {data}")
+    return files
+
+
+def load_splits(data: Path) -> tuple[list[dict], list[dict]]:
+    """(validation prompts, test prompts)."""
+    return [p for f in validation_files(data) for p in load_prompts(f)], load_prompts(data / "test.jsonl")
 
 
 def load_profiles(data: Path, schema_questions: int) -> tuple[str, list[Profile], list[Profile]]:
@@ -215,7 +229,7 @@ def build_contenders(methods: list[str], data: Path, threads: int) -> tuple[str,
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DATA, help="customizations.json, validation.jsonl, test.jsonl")
+    ap.add_argument("--data", type=Path, default=DATA, help="customizations.json, validation*.jsonl, test.jsonl")
     ap.add_argument("--methods", default="tfidf,minilm,smollm2", help="comma list of tfidf, minilm, smollm2")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the embedders")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where routing.{json,md,png} go")
@@ -226,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    val, test = load_prompts(args.data / "validation.jsonl"), load_prompts(args.data / "test.jsonl")
+    val, test = load_splits(args.data)
     tenant, contenders = build_contenders(args.methods.split(","), args.data, args.threads)
     ids = [p.model_id for p in contenders[0].profiles]
     results, curves = [], {}

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from bench.routing import DATA, load_profiles, load_prompts, main
+from bench.routing import DATA, load_profiles, load_prompts, load_splits, main, validation_files
 from serve_app.ingress.routing.background import GENERAL_REQUESTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,7 +17,7 @@ def norm(text: str) -> str:
 
 
 def test_validation_test_examples_and_background_share_no_prompt():
-    val, test = load_prompts(DATA / "validation.jsonl"), load_prompts(DATA / "test.jsonl")
+    val, test = load_splits(DATA)
     spec = json.loads((DATA / "customizations.json").read_text())
     examples = {norm(e) for a in spec["adapters"] for e in a.get("examples", [])}
     v, t = {norm(p["prompt"]) for p in val}, {norm(p["prompt"]) for p in test}
@@ -38,28 +38,29 @@ def test_no_labelled_prompt_is_a_topic_question_the_method_writes():
     _, profiles, _ = load_profiles(DATA, 8)
     written = {norm(q) for p in profiles for q in rec.topic_questions(p)}
     assert len(written) >= 40 * len(profiles)
-    for split in ("validation", "test"):
-        hits = [p["prompt"] for p in load_prompts(DATA / f"{split}.jsonl") if norm(p["prompt"]) in written]
-        assert not hits, (split, hits)
+    for path in [*validation_files(DATA), DATA / "test.jsonl"]:
+        hits = [p["prompt"] for p in load_prompts(path) if norm(p["prompt"]) in written]
+        assert not hits, (path.name, hits)
 
 
 def test_labels_name_customizations_and_every_customization_is_covered():
     tenant, profiles, _ = load_profiles(DATA, 0)
     names = {p.model_id.split("/", 1)[1] for p in profiles}
-    for split in ("validation", "test"):
-        prompts = load_prompts(DATA / f"{split}.jsonl")
+    for path in [*validation_files(DATA), DATA / "test.jsonl"]:
+        prompts = load_prompts(path)
         labels = {p["label"] for p in prompts}
-        assert labels == names | {"base"}, split
+        assert labels == names | {"base"}, path.name
         assert sum(p["label"] == "base" for p in prompts) >= 50
+        assert min(sum(p["label"] == n for p in prompts) for n in names) >= 9, path.name
 
 
 def test_bench_runs_and_writes_results(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "customizations.json").write_text((DATA / "customizations.json").read_text())
-    for split in ("validation", "test"):  # a small slice: every 6th prompt
-        lines = (DATA / f"{split}.jsonl").read_text().splitlines()[::6]
-        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    for path in [*validation_files(DATA), DATA / "test.jsonl"]:  # a small slice: every 6th prompt
+        lines = path.read_text().splitlines()[::6]
+        (data / path.name).write_text("\n".join(lines) + "\n")
     out = main(["--methods", "tfidf", "--data", str(data), "--out", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "routing.json").read_text())
     assert result["chosen"] == out["chosen"] and {r["contender"] for r in result["results"]} >= {

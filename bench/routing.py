@@ -13,7 +13,8 @@ before (description text, fixed threshold 0.12) and TF-IDF over the same documen
 embedders (threshold validated). The MiniLM contenders include the router's two checks alone and
 together (``about-not-for``: questions about a customization's subject, serve_app/ingress/routing/topics.py,
 whose margin is chosen jointly with the threshold on validation; ``expert evidence``: an expert needs
-a stated feature value, serve_app/ingress/routing/evidence.py) and the earlier method without them.
+one or two stated feature values, serve_app/ingress/routing/evidence.py; ``first/last sentence``: a
+long prompt is also scored by its first and last sentence) and the earlier method without them.
 
     python -m bench.routing                       # all contenders → docs/bench/routing.{json,md,png}
     python -m bench.routing --methods tfidf,minilm --threads 1
@@ -31,7 +32,7 @@ import numpy as np
 
 from bench.common import command_line, percentile, write_results
 from serve_app.ingress.routing.profiles import Profile, adapter_profile, expert_profile
-from serve_app.ingress.routing.recommender import BASE, MemoryItem, Recommender, Scores
+from serve_app.ingress.routing.recommender import BASE, VIEWS_MIN_WORDS, MemoryItem, Recommender, Scores
 from serve_app.ingress.routing.tfidf import TfidfRecommender
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,7 +201,7 @@ def build_contenders(methods: list[str], data: Path, threads: int) -> tuple[str,
     from serve_app.ingress.routing.embedders import BaseLMEmbedder, CachedEmbedder, MiniLMEmbedder
 
     out: list[Contender] = []
-    tenant, plain, legacy = load_profiles(data, 0)
+    tenant, plain_docs, legacy = load_profiles(data, 0)
     _, with_q, _ = load_profiles(data, 8)
     if "tfidf" in methods:
         out.append(Contender("tfidf (old auto: description text, threshold 0.12)", TfidfRecommender(0.12), legacy, 0.12))
@@ -210,20 +211,24 @@ def build_contenders(methods: list[str], data: Path, threads: int) -> tuple[str,
         embedders["minilm"] = CachedEmbedder(MiniLMEmbedder(threads=threads))
     if "smollm2" in methods:
         embedders["smollm2-mid"] = CachedEmbedder(BaseLMEmbedder("smollm2-135m", threads=threads))
-    plain_checks = {"topic_margin": None, "require_evidence": False}
+    plain = {"topic_margin": None, "require_evidence": False, "views_min_words": None}
     for name, emb in embedders.items():
         for pooling in ("mean", "max"):
             for normalize in (True, False):
                 label = f"{name} {pooling}, {'z-score' if normalize else 'cosine'}"
-                out.append(Contender(label, Recommender(emb, 0.5, pooling, normalize, **plain_checks), with_q))
+                out.append(Contender(label, Recommender(emb, 0.5, pooling, normalize, **plain), with_q))
         out.append(Contender(f"{name} mean, z-score, no schema questions",
-                             Recommender(emb, 0.5, "mean", True, **plain_checks), plain))
-        out.append(Contender(f"{name} mean, z-score + expert evidence",
-                             Recommender(emb, 0.5, "mean", True, topic_margin=None, require_evidence=True), with_q))
-        out.append(Contender(f"{name} mean, z-score + about-not-for",
-                             Recommender(emb, 0.5, "mean", True, topic_margin=0.0, require_evidence=False), with_q))
-        out.append(Contender(f"{name} mean, z-score + about-not-for + expert evidence",
-                             Recommender(emb, 0.5, "mean", True, topic_margin=0.0, require_evidence=True), with_q))
+                             Recommender(emb, 0.5, "mean", True, **plain), plain_docs))
+        variants = (  # (label, about-not-for, expert evidence: values needed or 0, views)
+            ("expert evidence ≥ 1", False, 1, False), ("about-not-for", True, 0, False),
+            ("about-not-for + expert evidence ≥ 1 (the default until 2026-12-07)", True, 1, False),
+            ("about-not-for + expert evidence ≥ 2", True, 2, False),
+            ("about-not-for + expert evidence ≥ 2 + first/last sentence", True, 2, True))
+        for label, about, values, views in variants:
+            rec = Recommender(emb, 0.5, "mean", True, topic_margin=0.0 if about else None,
+                              require_evidence=values > 0, min_values=max(values, 1),
+                              views_min_words=VIEWS_MIN_WORDS if views else None)
+            out.append(Contender(f"{name} mean, z-score + {label}", rec, with_q))
     return tenant, out
 
 

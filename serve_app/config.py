@@ -217,8 +217,14 @@ class RoutingConfig(_Strict):
     topic_margin: float | None = Field(None, ge=-1, le=1, description=(
         "The about-not-for margin (cosine); None = the method's validated default (minilm: -0.16)."))
     expert_evidence: bool = Field(True, description=(
-        "Choose an expert only when the prompt states at least one of its feature values "
+        "Choose an expert only when the prompt states at least ``expert_min_values`` of its feature values "
         "(serve_app/ingress/routing/evidence.py)."))
+    expert_min_values: int = Field(2, ge=1, le=64, description=(
+        "How many feature values (category/bool features, distinct in-range numbers) a prompt must state for "
+        "an expert; validated default 2."))
+    views_min_words: int = Field(25, ge=0, description=(
+        "Prompts of at least this many words are also scored by their first and last sentence (the request "
+        "around a pasted document); 0 turns it off."))
     schema_questions: int = Field(8, ge=0, le=64, description=(
         "Questions composed from an expert's public schema and added to its documents."))
     memory_similarity: float = Field(0.75, gt=0, le=1, description=(

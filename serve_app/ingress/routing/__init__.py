@@ -38,7 +38,8 @@ def build_recommender(cfg, tfidf_threshold: float = 0.12):
     threshold = cfg.threshold if cfg.threshold is not None else DEFAULT_THRESHOLDS[cfg.method]
     margin = cfg.topic_margin if cfg.topic_margin is not None else DEFAULT_TOPIC_MARGINS[cfg.method]
     return Recommender(embedder, threshold, cfg.pooling, cfg.normalize, cfg.memory_similarity, cfg.memory_margin,
-                       topic_margin=margin if cfg.about_not_for else None, require_evidence=cfg.expert_evidence)
+                       topic_margin=margin if cfg.about_not_for else None, require_evidence=cfg.expert_evidence,
+                       min_values=cfg.expert_min_values, views_min_words=cfg.views_min_words or None)
 
 
 __all__ = ["BASE", "DEFAULT_THRESHOLDS", "DEFAULT_TOPIC_MARGINS", "MemoryItem", "Profile", "Recommendation", "Recommender",

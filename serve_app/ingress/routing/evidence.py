@@ -7,7 +7,9 @@ prompt. So ``auto`` sends a prompt to an expert only when it states at least one
 expert's features, found with the connectors' own vocabulary: a category's or bool's value phrases
 (its name, synonyms and ordinal forms: "third class", "a woman", "no mortgage"), or a number
 (digits, words, ordinals) inside some numeric feature's range. Cheap (regular expressions, no
-model), and a rule about what an expert can use, not a threshold.
+model), and a rule about what an expert can use. How many values it takes (``min_values``, default
+2: one value alone -- "red wine", "a 40-year-old" -- is a mention, not a case to predict) was chosen on
+the routing benchmark's validation files (bench/routing.py).
 """
 
 from __future__ import annotations
@@ -35,13 +37,23 @@ class FeatureEvidence:
         self._ranges = [(f.lo, f.hi) for f in self.schema.features if f.type in ("int", "float")]
 
     def stated(self, prompt: str) -> list[str]:
-        """Names of the category/bool features whose value the prompt writes, then ``"<number>"`` if it
-        holds a number some numeric feature's range admits."""
-        out = [name for name, pattern in self._phrases if pattern.search(prompt)]
-        if any(lit.kind == NUMBER and any(lo <= lit.value <= hi for lo, hi in self._ranges)
-               for lit in find_literals(prompt)):
-            out.append("<number>")
+        """What the prompt states that the expert could read: the names of the category/bool features
+        whose value it writes, then each distinct number some numeric feature's range admits (as written
+        by :func:`_number`, e.g. ``"40"``)."""
+        out, spans = [], []
+        for name, pattern in self._phrases:
+            found = list(pattern.finditer(prompt))
+            if found:
+                out.append(name)
+                spans += [m.span() for m in found]
+        numbers = (lit.value for lit in find_literals(prompt) if lit.kind == NUMBER
+                   and not any(s <= lit.start < e for s, e in spans))  # "third" of "third class" is pclass's
+        out += list(dict.fromkeys(_number(v) for v in numbers if any(lo <= v <= hi for lo, hi in self._ranges)))
         return out
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def feature_evidence(schema: dict | None) -> FeatureEvidence | None:

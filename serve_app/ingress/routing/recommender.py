@@ -14,8 +14,11 @@ and the documents are embedded by one :mod:`~serve_app.ingress.routing.embedders
    send the prompt to ``base``: **about, not for** -- the prompt must not be nearer, by more than
    ``topic_margin``, to a question *about* the candidate's subject than to its nearest own document
    (:mod:`~serve_app.ingress.routing.topics`); **something to read** -- an expert is chosen only if
-   the prompt states at least one value of its features (``require_evidence``,
+   the prompt states at least ``min_values`` values of its features (``require_evidence``,
    :mod:`~serve_app.ingress.routing.evidence`).
+   A long prompt (``views_min_words`` words or more: a pasted contract, a diff, an email with the
+   request around it) is also scored by its first and its last sentence, where people write what they
+   want; the view whose best candidate scores highest decides (``Scores.view``).
 3. **What the tenant taught it** (:class:`MemoryItem`, from ``POST /v1/feedback``), nearest
    neighbour: the nearest prompt the tenant confirmed or corrected decides (its label: a
    servable customization or ``base``) if it is at least ``memory_similarity`` alike *and*
@@ -29,6 +32,7 @@ Every number that decided is in the returned :class:`Recommendation`.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -45,6 +49,9 @@ BASE = "base"
 POOLINGS = ("mean", "max")
 # chosen with the z threshold on the routing benchmark's validation split (bench/routing.py)
 TOPIC_MARGIN = -0.16
+MIN_VALUES = 2  # an expert needs this many stated values (validated: 1 lets "red wine" through to the wine expert)
+VIEWS_MIN_WORDS = 25  # prompts this long are also scored by their first and last sentence
+_SEGMENT = re.compile(r"(?<=[.!?:])\s+|\n+")
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ class Scores:
     nearest: np.ndarray  # best single-document cosine
     topic: np.ndarray  # nearest document minus nearest question about the subject (+inf: not checked)
     stated: list[list[str] | None]  # the best-ranked expert's feature values the prompt states (None: not checked)
+    min_values: int = 1  # how many stated values an expert needs
+    view: str = "prompt"  # which text of the prompt these scores are for ("prompt", "first sentence", "last sentence")
 
     def refusal(self, i: int, threshold: float, topic_margin: float | None) -> str | None:
         """Why profile ``i`` may not be chosen -- ``"threshold"``, ``"about"`` (asks about its subject)
@@ -101,7 +110,7 @@ class Scores:
             return "threshold"
         if topic_margin is not None and self.topic[i] < topic_margin:
             return "about"
-        if self.stated[i] is not None and not self.stated[i]:
+        if self.stated[i] is not None and len(self.stated[i]) < self.min_values:
             return "evidence"
         return None
 
@@ -115,13 +124,15 @@ class Recommender:
 
     def __init__(self, embedder: Embedder, threshold: float, pooling: str = "mean", normalize: bool = True,
                  memory_similarity: float = 0.75, memory_margin: float = 0.05, top: int = 5,
-                 topic_margin: float | None = TOPIC_MARGIN, require_evidence: bool = True):
+                 topic_margin: float | None = TOPIC_MARGIN, require_evidence: bool = True,
+                 min_values: int = MIN_VALUES, views_min_words: int | None = VIEWS_MIN_WORDS):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.embedder = embedder if isinstance(embedder, CachedEmbedder) else CachedEmbedder(embedder)
         self.threshold, self.pooling, self.normalize = threshold, pooling, normalize
         self.memory_similarity, self.memory_margin, self.top = memory_similarity, memory_margin, top
         self.topic_margin, self.require_evidence = topic_margin, require_evidence
+        self.min_values, self.views_min_words = min_values, views_min_words
         self._stats: dict[tuple[str, ...], tuple[float, float]] = {}
         self._topics: dict[tuple[str, ...], tuple[list[str], np.ndarray]] = {}
         self._lock = threading.Lock()
@@ -130,7 +141,8 @@ class Recommender:
     def method(self) -> str:
         gate = "z-score vs general requests" if self.normalize else "cosine"
         checks = (["about-not-for"] if self.topic_margin is not None else []) + (
-            ["expert evidence"] if self.require_evidence else [])
+            [f"expert evidence (≥ {self.min_values})"] if self.require_evidence else []) + (
+            [f"first/last sentence of prompts ≥ {self.views_min_words} words"] if self.views_min_words else [])
         return f"{self.embedder.name}: {self.pooling} cosine over documents, {gate}" + (
             f", {' + '.join(checks)}" if checks else "")
 
@@ -188,10 +200,33 @@ class Recommender:
         """Every profile's scores and checks for ``prompt``."""
         return self._scores(prompt, self.embed_prompt(prompt), profiles)
 
+    def views(self, prompt: str) -> list[tuple[str, str]]:
+        """(name, text) of a long prompt's first and last sentence or line (three words or more), else []."""
+        if not self.views_min_words or len(prompt.split()) < self.views_min_words:
+            return []
+        parts = [p.strip() for p in _SEGMENT.split(prompt) if len(p.strip().split()) >= 3]
+        if not parts:
+            return []
+        named = [("first sentence", parts[0])] + ([("last sentence", parts[-1])] if len(parts) > 1 else [])
+        return [(n, t) for n, t in named if t != prompt.strip()]
+
     def _scores(self, prompt: str, q: np.ndarray, profiles: Sequence[Profile]) -> Scores:
+        """The whole prompt's scores, or a view's whose best candidate scores higher; evidence is read
+        from the whole prompt."""
+        out = self._score_text(q, profiles)
+        for name, text in self.views(prompt):
+            view = self._score_text(self.embed_prompt(text), profiles, name)
+            if len(profiles) and view.gate.max() > out.gate.max():
+                out = view
+        if profiles:  # only the best-ranked candidate can be chosen by the documents: check it alone
+            self._read_values(out, profiles, int(out.rank.argmax()), prompt)
+        return out
+
+    def _score_text(self, q: np.ndarray, profiles: Sequence[Profile], view: str = "prompt") -> Scores:
         n = len(profiles)
         out = Scores(np.full(n, -1e9, dtype=np.float32), np.full(n, -1e9, dtype=np.float32), [],
-                     np.full(n, -1.0, dtype=np.float32), np.full(n, np.inf, dtype=np.float32), [None] * n)
+                     np.full(n, -1.0, dtype=np.float32), np.full(n, np.inf, dtype=np.float32), [None] * n,
+                     self.min_values, view)
         for i, p in enumerate(profiles):
             if not p.documents:
                 out.best.append(-1)
@@ -209,8 +244,6 @@ class Recommender:
                 _, questions = self._topic_questions(p)
                 if len(questions):
                     out.topic[i] = out.nearest[i] - float((questions @ q).max())
-        if n:  # only the best-ranked candidate can be chosen by the documents: check it alone
-            self._read_values(out, profiles, int(out.rank.argmax()), prompt)
         return out
 
     def _read_values(self, sc: Scores, profiles: Sequence[Profile], i: int, prompt: str) -> None:
@@ -254,7 +287,8 @@ class Recommender:
                 p = profiles[doc_choice]
                 rec.chosen, rec.score = ids[doc_choice], float(gate[doc_choice])
                 j = best_doc[doc_choice]
-                rec.matched = {"document": _clip(p.documents[j]), "source": p.sources[j]}
+                rec.matched = {"document": _clip(p.documents[j]), "source": p.sources[j],
+                               **({"prompt_view": sc.view} if sc.view != "prompt" else {})}
                 rec.why = "the most similar customization reached the threshold"
             else:
                 rec.score = float(gate[order[0]]) if order else None
@@ -273,12 +307,15 @@ class Recommender:
                                            "subject": terms}
         if sc.stated[i] is not None:
             rec.checks["expert_values_stated"] = sc.stated[i]
+            rec.checks["expert_values_needed"] = sc.min_values
         why = sc.refusal(i, self.threshold, self.topic_margin)
         if why == "about":
             return (f"the prompt asks about {p.model_id}'s subject rather than for what it does (nearer to a "
                     "question about it than to its own documents)")
         if why == "evidence":
-            return f"the prompt states none of the values the expert {p.model_id} reads"
+            n = len(sc.stated[i] or [])
+            return (f"the prompt states {'none' if n == 0 else f'only {n}'} of the values the expert {p.model_id} "
+                    f"reads (it needs {sc.min_values})")
         return ""
 
     def _recall(self, q: np.ndarray, memory: Sequence[MemoryItem], ids: list[str]):

@@ -103,7 +103,39 @@ def test_questions_about_a_subject_and_prompts_stating_nothing_go_to_base(minilm
     assert story.chosen == "demo/style" and story.explain()["checks"]["about_not_for"]["margin"] >= checked.topic_margin
     survived = checked.recommend("A 30 year old man in third class paid 8 pounds. Did he survive?", profiles)
     assert survived.chosen == "demo/survival"
-    assert set(survived.explain()["checks"]["expert_values_stated"]) == {"pclass", "sex", "<number>"}
+    assert set(survived.explain()["checks"]["expert_values_stated"]) == {"pclass", "sex", "30", "8"}
+
+
+def test_an_expert_needs_two_stated_values(minilm):
+    """One value is a mention, not a case: "red wine" alone does not reach the wine expert (it did when
+    one value sufficed); two values do, whatever their kind."""
+    wine = schema("wine")
+    profiles = [expert_profile("demo/wine", wine["description"], wine)]
+    one = "How do I get a red wine stain out of a white carpet?"
+    assert Recommender(minilm, 0.0, topic_margin=None, min_values=1).recommend(one, profiles).chosen == "demo/wine"
+    got = Recommender(minilm, 0.0, topic_margin=None).recommend(one, profiles)
+    assert got.chosen == BASE and got.explain()["checks"]["expert_values_stated"] == ["type"]
+    assert "states only 1 of the values" in got.why and "needs 2" in got.why
+    two = "A red wine with 12.5 % alcohol: what quality score would it get?"
+    assert Recommender(minilm, 0.0, topic_margin=None).recommend(two, profiles).chosen == "demo/wine"
+
+
+def test_a_long_prompt_is_also_read_by_its_first_and_last_sentence(minilm):
+    """The request around a pasted document decides: the whole text is about the document's subject,
+    its first sentence says what the user wants."""
+    profiles = [adapter_profile("demo/legal", "Summarises legal documents in plain English: contracts, leases, "
+                                              "terms of service."),
+                adapter_profile("demo/recipes", "Cooking assistant: recipes, substitutions, cooking times.")]
+    pasted = ("What are my obligations under this contract, in plain words?\nPreheat the oven to 180 degrees. "
+              "Cream the butter and sugar, beat in the eggs, fold in the flour and bake the sponge for 25 minutes "
+              "until golden. Dust with icing sugar and serve with cream and strawberries.")
+    rec = Recommender(minilm, 0.0, topic_margin=None, require_evidence=False)
+    assert [n for n, _ in rec.views(pasted)] == ["first sentence", "last sentence"]
+    assert rec.views("Write a haiku about snow.") == []
+    whole = Recommender(minilm, 0.0, topic_margin=None, require_evidence=False, views_min_words=None)
+    assert whole.recommend(pasted, profiles).candidates[0]["model"] == "demo/recipes"
+    got = rec.recommend(pasted, profiles)
+    assert got.chosen == "demo/legal" and got.explain()["matched"]["prompt_view"] == "first sentence"
 
 
 def test_the_evidence_check_follows_a_feedback_veto_to_the_next_candidate(minilm):

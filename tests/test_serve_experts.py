@@ -181,7 +181,7 @@ def test_auto_can_choose_the_expert(app):
     with http() as c:
         r = c.post("/v1/chat/completions", headers=bearer(app["acme"]), json={
             "model": "auto", "max_tokens": 4,
-            "messages": [{"role": "user", "content": "Did the Titanic passenger survive? Age 30, travelling alone."}]})
+            "messages": [{"role": "user", "content": "Did the Titanic passenger survive? Age 30, paid 7.25 pounds, travelling alone."}]})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "acme/survival" and body["atelier"]["routing"]["chosen"] == "acme/survival"

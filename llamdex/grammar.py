@@ -60,6 +60,7 @@ from llamdex.phrasings import (
     YES_NO,
     backward_connectors,
     forward_connectors,
+    hedged_connectors,
 )
 from llamdex.render import (
     LABEL,
@@ -92,6 +93,7 @@ class TrainingGrammar:
         self.schema, self.rng = schema, rng
         self.writer = ValueWriter(rng)
         self.forward, self.backward = forward_connectors(), backward_connectors()
+        self.hedged = hedged_connectors()
         words = {w for f in schema.features for lab in labels(f) for w in lab.lower().split()}
         self.fake_labels = [x for x in FAKE_LABELS if not set(x.split()) & words]
         self.gender = self._gender_feature()
@@ -219,8 +221,10 @@ class TrainingGrammar:
             template = rng.choice(BOOL_FALSE)
             return _NEGATION.sub(lambda m: mark(i, m.group(1)), template).format(label=label)
         answer = mark(i, rng.choice(YES_NO)[0 if yes else 1])
-        if roll < 0.75:
+        if roll < 0.6:
             return rng.choice(BOOL_ANSWER).format(label=label, answer=answer)
+        if roll < 0.75:  # the answer after a hedge ("housing loan? probably yes")
+            return label + rng.choice(self.hedged) + answer
         return self._joined(label, answer, short)
 
     def _fake_clause(self) -> str:

@@ -57,6 +57,14 @@ BACKWARD_BASE = (
     " given for ", " reported for ", " registered for ", " shown for ", " stated for ", " written for ",
     " known as the ", " by way of ", " towards ", " against ",
 )
+HEDGES = ("probably", "I think", "I believe", "most likely", "apparently", "reportedly", "as far as I know",
+          "to my knowledge", "if I remember right", "I'm fairly sure", "we were told", "they told us",
+          "the file says", "my notes say", "presumably", "supposedly", "I reckon", "last I checked", "hmm,",
+          "let me check...")
+"""Words people put between a question's label and its answer ("housing loan? probably yes"): the
+pointer must look past them to the value, not to a nearer literal of another field. They hold no
+literal (no number, yes/no, negation or article)."""
+HEDGE_JOINS = (": {hedge} ", "? {hedge} ", ", {hedge}, ")
 LABEL_PREFIXES = ("", "", "", "the ", "its ", "their ", "with ", "with a ", "and ", "having ", "whose ", "plus ",
                   "also ", "then ", "a ", "and the ", "with the ", "while the ", "where the ", "also the ")
 SUBJECT_REFS = ("The {subject}", "This {subject}", "They", "The {subject} in question", "Our {subject}",
@@ -153,7 +161,13 @@ def forward_connectors() -> list[str]:
     """Every connector the grammar writes between a label and a following value (finite; for the
     disjointness tests): the base list and every head x tail composition, minus :data:`LEFT_OUT`."""
     composed = [f" {h}{t} " for h, t in itertools.product(FORWARD_HEADS, FORWARD_TAILS)]
-    return [c for c in dict.fromkeys(FORWARD_BASE + tuple(composed)) if c not in LEFT_OUT]
+    return [c for c in dict.fromkeys(FORWARD_BASE + tuple(composed) + tuple(hedged_connectors()))
+            if c not in LEFT_OUT]
+
+
+def hedged_connectors() -> list[str]:
+    """A label's connector with a hedge before the value (": probably ", "? I think ", ", reportedly, ")."""
+    return [j.format(hedge=h) for j, h in itertools.product(HEDGE_JOINS, HEDGES)]
 
 
 def backward_connectors() -> list[str]:

@@ -5,7 +5,7 @@ experts on the example schemas, 8 described adapters). Every contender scores th
 prompts of the validation files (``validation*.jsonl``, :func:`validation_files`); each contender's threshold is the one with the best balanced
 accuracy on validation (mean of "on-topic prompt → its customization" and "off-topic → base"),
 and the contender with the best validated balanced accuracy is *chosen*. Only then is
-``test.jsonl`` scored, once, for every contender at its validated threshold: accuracy,
+the test files (``test*.jsonl``) scored, once, for every contender at its validated threshold: accuracy,
 per-customization precision/recall, off-topic → base rate and the latency the recommender adds
 per request (wall and thread-CPU p50/p99; documents are embedded once, so a request costs one
 prompt embedding + dot products). Baselines in the same run: TF-IDF exactly as ``auto`` did
@@ -56,16 +56,28 @@ def load_prompts(path: Path) -> list[dict]:
 
 def validation_files(data: Path) -> list[Path]:
     """Every ``validation*.jsonl`` in ``data`` (design data: methods, thresholds and margins are chosen
-    on all of them); ``test.jsonl`` is the only other split."""
+    on all of them); the test files (:func:`test_files`) are the only other split."""
     files = sorted(data.glob("validation*.jsonl"))
     if not files:
         raise FileNotFoundError(f"no validation*.jsonl in {data}")
     return files
 
 
+def test_files(data: Path) -> list[Path]:
+    """Every ``test*.jsonl`` in ``data``: the final numbers only (each written before the method it scores
+    was chosen; see bench/data/routing/README.md)."""
+    files = sorted(data.glob("test*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no test*.jsonl in {data}")
+    return files
+
+
 def load_splits(data: Path) -> tuple[list[dict], list[dict]]:
-    """(validation prompts, test prompts)."""
-    return [p for f in validation_files(data) for p in load_prompts(f)], load_prompts(data / "test.jsonl")
+    """(validation prompts, test prompts), each prompt tagged with its file (``split``)."""
+    def tagged(files: list[Path]) -> list[dict]:
+        return [{**p, "split": f.stem} for f in files for p in load_prompts(f)]
+
+    return tagged(validation_files(data)), tagged(test_files(data))
 
 
 def load_profiles(data: Path, schema_questions: int) -> tuple[str, list[Profile], list[Profile]]:
@@ -234,7 +246,7 @@ def build_contenders(methods: list[str], data: Path, threads: int) -> tuple[str,
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DATA, help="customizations.json, validation*.jsonl, test.jsonl")
+    ap.add_argument("--data", type=Path, default=DATA, help="customizations.json, validation*.jsonl, test*.jsonl")
     ap.add_argument("--methods", default="tfidf,minilm,smollm2", help="comma list of tfidf, minilm, smollm2")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the embedders")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where routing.{json,md,png} go")
@@ -274,7 +286,14 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = max((r for r in results if "tfidf" not in r["contender"]),
                  key=lambda r: r["validation"]["balanced_accuracy"], default=results[0])
     for c, r in zip(contenders, results, strict=True):  # 2) test, once, at the validated threshold
-        r["test"] = metrics(test, predict(score_matrix(c, test), ids, r["threshold"], r["topic_margin"]), tenant, ids)
+        predicted = predict(score_matrix(c, test), ids, r["threshold"], r["topic_margin"])
+        r["test"] = metrics(test, predicted, tenant, ids)
+        r["test_by_file"] = {}
+        for name in sorted({p["split"] for p in test}):
+            keep = [i for i, p in enumerate(test) if p["split"] == name]
+            m = metrics([test[i] for i in keep], [predicted[i] for i in keep], tenant, ids)
+            r["test_by_file"][name] = {k: m[k] for k in ("on_topic_accuracy", "off_topic_to_base", "balanced_accuracy",
+                                                         "n_on_topic", "n_off_topic")}
         r["latency"] = latency(c, test, r["threshold"], r["topic_margin"])
         r["chosen"] = r is chosen
     best = contenders[results.index(chosen)]
@@ -289,11 +308,14 @@ def main(argv: list[str] | None = None) -> dict:
               "test off-topic → base": r["test"]["off_topic_to_base"],
               "added p50 / p99 ms (wall)": f"{r['latency']['wall_p50_ms']} / {r['latency']['wall_p99_ms']}",
               "CPU p50 ms": r["latency"]["cpu_p50_ms"]} for r in results]
+    by_file = [f"{name}: on-topic {m['on_topic_accuracy']}, off-topic → base {m['off_topic_to_base']} "
+               f"({m['n_on_topic']} + {m['n_off_topic']} prompts)" for name, m in chosen["test_by_file"].items()]
     per = chosen["test"]["per_customization"]
     notes = ["Thresholds (z-score / about-not-for margin where the contender has that check) and the chosen "
              "contender come from validation only; test was scored once.",
              f"Load average during the run: {' '.join(load)} (2 cores shared with other jobs; wall latency is noisy, "
              "thread CPU time is the work done).", "",
+             "Test files, chosen contender: " + "; ".join(by_file) + ".", "",
              f"## Chosen: {chosen['contender']} at threshold {chosen['threshold']} — per customization (test)", "",
              "| customization | precision | recall | n |", "|---|---|---|---|"]
     notes += [f"| {m} | {v['precision']} | {v['recall']} | {v['n']} |" for m, v in per.items()]

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from bench.routing import DATA, load_profiles, load_prompts, load_splits, main, validation_files
+from bench.routing import DATA, load_profiles, load_prompts, load_splits, main, test_files, validation_files
 from serve_app.ingress.routing.background import GENERAL_REQUESTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +28,30 @@ def test_validation_test_examples_and_background_share_no_prompt():
     assert len({p["id"] for p in val + test}) == len(val) + len(test)
 
 
+def test_no_test_prompt_nearly_repeats_a_design_prompt():
+    """The rule the fresh test splits were cleaned with (bench/data/routing/README.md): no test prompt is a
+    near-duplicate (difflib ratio >= 0.85 of the normalised text) of a validation prompt, an adapter
+    example or a background request -- except key=value records, which share field names, not values."""
+    import difflib
+
+    val, test = load_splits(DATA)
+    spec = json.loads((DATA / "customizations.json").read_text())
+    design = [norm(p["prompt"]) for p in val] + [norm(g) for g in GENERAL_REQUESTS] + [
+        norm(e) for a in spec["adapters"] for e in a.get("examples", [])]
+    record = re.compile(r"\w+\s*[=:]\s*[\w.-]+")
+    near = []
+    for p in test:
+        if len(record.findall(p["prompt"])) >= 3:
+            continue
+        m = difflib.SequenceMatcher(None, b=norm(p["prompt"]))  # seq2 is cached; seq1 varies
+        for d in design:
+            m.set_seq1(d)
+            if m.real_quick_ratio() >= 0.85 and m.quick_ratio() >= 0.85 and m.ratio() >= 0.85:
+                near.append((p["id"], d))
+                break
+    assert not near, near
+
+
 def test_no_labelled_prompt_is_a_topic_question_the_method_writes():
     """The about-not-for check's questions are part of the method, written from each customization's
     own words: none of those it writes for the benchmark's customizations is a labelled prompt."""
@@ -38,7 +62,7 @@ def test_no_labelled_prompt_is_a_topic_question_the_method_writes():
     _, profiles, _ = load_profiles(DATA, 8)
     written = {norm(q) for p in profiles for q in rec.topic_questions(p)}
     assert len(written) >= 40 * len(profiles)
-    for path in [*validation_files(DATA), DATA / "test.jsonl"]:
+    for path in [*validation_files(DATA), *test_files(DATA)]:
         hits = [p["prompt"] for p in load_prompts(path) if norm(p["prompt"]) in written]
         assert not hits, (path.name, hits)
 
@@ -46,7 +70,7 @@ def test_no_labelled_prompt_is_a_topic_question_the_method_writes():
 def test_labels_name_customizations_and_every_customization_is_covered():
     tenant, profiles, _ = load_profiles(DATA, 0)
     names = {p.model_id.split("/", 1)[1] for p in profiles}
-    for path in [*validation_files(DATA), DATA / "test.jsonl"]:
+    for path in [*validation_files(DATA), *test_files(DATA)]:
         prompts = load_prompts(path)
         labels = {p["label"] for p in prompts}
         assert labels == names | {"base"}, path.name
@@ -58,7 +82,7 @@ def test_bench_runs_and_writes_results(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "customizations.json").write_text((DATA / "customizations.json").read_text())
-    for path in [*validation_files(DATA), DATA / "test.jsonl"]:  # a small slice: every 6th prompt
+    for path in [*validation_files(DATA), *test_files(DATA)]:  # a small slice: every 6th prompt
         lines = path.read_text().splitlines()[::6]
         (data / path.name).write_text("\n".join(lines) + "\n")
     out = main(["--methods", "tfidf", "--data", str(data), "--out", str(tmp_path / "out")])

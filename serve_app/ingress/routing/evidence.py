@@ -3,8 +3,8 @@
 An expert answers from the feature values its connectors read in the prompt; a prompt that states
 none ("What is the pH of lemon juice?" to a wine-quality expert, "How long did the Titanic take to
 build?") would be answered from the schema's defaults alone -- the same answer for every such
-prompt. So ``auto`` sends a prompt to an expert only when it states at least one value of the
-expert's features, found with the connectors' own vocabulary: a category's or bool's value phrases
+prompt. So ``auto`` sends a prompt to an expert only when it states values of the expert's
+features, found with the connectors' own vocabulary: a category's or bool's value phrases
 (its name, synonyms and ordinal forms: "third class", "a woman", "no mortgage"), or a number
 (digits, words, ordinals) inside some numeric feature's range. Cheap (regular expressions, no
 model), and a rule about what an expert can use. How many values it takes (``min_values``, default

@@ -56,14 +56,14 @@ def load_prompts(path: Path) -> list[dict]:
 
 def validation_files(data: Path) -> list[Path]:
     """Every ``validation*.jsonl`` in ``data`` (design data: methods, thresholds and margins are chosen
-    on all of them); the test files (:func:`test_files`) are the only other split."""
+    on all of them); the test files (:func:`final_test_files`) are the only other split."""
     files = sorted(data.glob("validation*.jsonl"))
     if not files:
         raise FileNotFoundError(f"no validation*.jsonl in {data}")
     return files
 
 
-def test_files(data: Path) -> list[Path]:
+def final_test_files(data: Path) -> list[Path]:
     """Every ``test*.jsonl`` in ``data``: the final numbers only (each written before the method it scores
     was chosen; see bench/data/routing/README.md)."""
     files = sorted(data.glob("test*.jsonl"))
@@ -77,7 +77,7 @@ def load_splits(data: Path) -> tuple[list[dict], list[dict]]:
     def tagged(files: list[Path]) -> list[dict]:
         return [{**p, "split": f.stem} for f in files for p in load_prompts(f)]
 
-    return tagged(validation_files(data)), tagged(test_files(data))
+    return tagged(validation_files(data)), tagged(final_test_files(data))
 
 
 def load_profiles(data: Path, schema_questions: int) -> tuple[str, list[Profile], list[Profile]]:

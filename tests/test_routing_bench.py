@@ -6,7 +6,15 @@ import json
 import re
 from pathlib import Path
 
-from bench.routing import DATA, load_profiles, load_prompts, load_splits, main, test_files, validation_files
+from bench.routing import (
+    DATA,
+    final_test_files,
+    load_profiles,
+    load_prompts,
+    load_splits,
+    main,
+    validation_files,
+)
 from serve_app.ingress.routing.background import GENERAL_REQUESTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +70,7 @@ def test_no_labelled_prompt_is_a_topic_question_the_method_writes():
     _, profiles, _ = load_profiles(DATA, 8)
     written = {norm(q) for p in profiles for q in rec.topic_questions(p)}
     assert len(written) >= 40 * len(profiles)
-    for path in [*validation_files(DATA), *test_files(DATA)]:
+    for path in [*validation_files(DATA), *final_test_files(DATA)]:
         hits = [p["prompt"] for p in load_prompts(path) if norm(p["prompt"]) in written]
         assert not hits, (path.name, hits)
 
@@ -70,7 +78,7 @@ def test_no_labelled_prompt_is_a_topic_question_the_method_writes():
 def test_labels_name_customizations_and_every_customization_is_covered():
     tenant, profiles, _ = load_profiles(DATA, 0)
     names = {p.model_id.split("/", 1)[1] for p in profiles}
-    for path in [*validation_files(DATA), *test_files(DATA)]:
+    for path in [*validation_files(DATA), *final_test_files(DATA)]:
         prompts = load_prompts(path)
         labels = {p["label"] for p in prompts}
         assert labels == names | {"base"}, path.name
@@ -82,7 +90,7 @@ def test_bench_runs_and_writes_results(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "customizations.json").write_text((DATA / "customizations.json").read_text())
-    for path in [*validation_files(DATA), *test_files(DATA)]:  # a small slice: every 6th prompt
+    for path in [*validation_files(DATA), *final_test_files(DATA)]:  # a small slice: every 6th prompt
         lines = path.read_text().splitlines()[::6]
         (data / path.name).write_text("\n".join(lines) + "\n")
     out = main(["--methods", "tfidf", "--data", str(data), "--out", str(tmp_path / "out")])

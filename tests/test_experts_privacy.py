@@ -87,7 +87,8 @@ def test_same_size_datasets_publish_identical_everything_but_weights(private_csv
     assert 0 < a["reports"][-1]["epsilon_spent"] <= 1.0
     # the private statistics are printed on the tenant's side only, and they do differ
     assert "PRIVATE, not DP, never published" in printed_a and "accuracy" in printed_a
-    assert printed_a.split("accuracy is ")[1][:6] != printed_b.split("accuracy is ")[1][:6]
+    # (accuracy and per-epoch losses together: two datasets' accuracies alone can coincide, 0.7833 = 235/300)
+    assert printed_a.split("accuracy is ")[1].split("\n")[0] != printed_b.split("accuracy is ")[1].split("\n")[0]
 
 
 def test_a_different_size_changes_only_the_ledger_unless_the_tenant_publishes_it(private_csvs, tmp_path):

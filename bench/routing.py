@@ -54,22 +54,23 @@ def load_prompts(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _files(data: Path, prefix: str) -> list[Path]:
+    files = sorted(data.glob(f"{prefix}*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no {prefix}*.jsonl in {data}")
+    return files
+
+
 def validation_files(data: Path) -> list[Path]:
     """Every ``validation*.jsonl`` in ``data`` (design data: methods, thresholds and margins are chosen
     on all of them); the test files (:func:`final_test_files`) are the only other split."""
-    files = sorted(data.glob("validation*.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"no validation*.jsonl in {data}")
-    return files
+    return _files(data, "validation")
 
 
 def final_test_files(data: Path) -> list[Path]:
     """Every ``test*.jsonl`` in ``data``: the final numbers only (each written before the method it scores
     was chosen; see bench/data/routing/README.md)."""
-    files = sorted(data.glob("test*.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"no test*.jsonl in {data}")
-    return files
+    return _files(data, "test")
 
 
 def load_splits(data: Path) -> tuple[list[dict], list[dict]]:

@@ -47,7 +47,8 @@ class Contender:
     name: str
     recommender: object  # Recommender | TfidfRecommender
     profiles: list[Profile]
-    fixed_threshold: float | None = None  # baselines that keep today's threshold
+    fixed_threshold: float | None = None  # baselines that keep an earlier threshold
+    fixed_margin: float | None = None  # ... and about-not-for margin
 
 
 def load_prompts(path: Path) -> list[dict]:
@@ -242,6 +243,11 @@ def build_contenders(methods: list[str], data: Path, threads: int) -> tuple[str,
                               require_evidence=values > 0, min_values=max(values, 1),
                               views_min_words=VIEWS_MIN_WORDS if views else None)
             out.append(Contender(f"{name} mean, z-score + {label}", rec, with_q))
+        if name == "minilm":  # the same method at the values chosen on the three earlier validation files
+            rec = Recommender(emb, 0.5, "mean", True, topic_margin=0.0, min_values=2, views_min_words=VIEWS_MIN_WORDS)
+            out.append(Contender(f"{name} mean, z-score + about-not-for + expert evidence ≥ 2 + first/last sentence, "
+                                 "at the default until 2026-12-07 09:30 (2.85 / -0.16, chosen on 3 validation files)",
+                                 rec, with_q, fixed_threshold=2.85, fixed_margin=-0.16))
     return tenant, out
 
 
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
             margins = MARGIN_GRID if getattr(c.recommender, "topic_margin", None) is not None else None
             threshold, margin, curves[c.name] = choose_threshold(scores, val, tenant, ids, grid, margins)
         else:
-            threshold = c.fixed_threshold
+            threshold, margin = c.fixed_threshold, c.fixed_margin
         m = metrics(val, predict(scores, ids, threshold, margin), tenant, ids)
         results.append({"contender": c.name, "threshold": threshold, "topic_margin": margin, "validation": m})
         print(json.dumps({"event": "validation", "contender": c.name, "threshold": threshold, "topic_margin": margin,

@@ -215,7 +215,7 @@ class RoutingConfig(_Strict):
         "Send a prompt to base when it is nearer to a question *about* the best customization's subject than "
         "to its own documents, by more than ``topic_margin`` (serve_app/ingress/routing/topics.py)."))
     topic_margin: float | None = Field(None, ge=-1, le=1, description=(
-        "The about-not-for margin (cosine); None = the method's validated default (minilm: -0.16)."))
+        "The about-not-for margin (cosine); None = the method's validated default (minilm: -0.22)."))
     expert_evidence: bool = Field(True, description=(
         "Choose an expert only when the prompt states at least ``expert_min_values`` of its feature values "
         "(serve_app/ingress/routing/evidence.py)."))

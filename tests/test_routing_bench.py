@@ -63,10 +63,10 @@ def test_no_test_prompt_nearly_repeats_a_design_prompt():
 def test_no_labelled_prompt_is_a_topic_question_the_method_writes():
     """The about-not-for check's questions are part of the method, written from each customization's
     own words: none of those it writes for the benchmark's customizations is a labelled prompt."""
-    from serve_app.ingress.routing import Recommender
+    from serve_app.ingress.routing import DEFAULT_THRESHOLDS, Recommender
     from serve_app.ingress.routing.embedders import CachedEmbedder, MiniLMEmbedder
 
-    rec = Recommender(CachedEmbedder(MiniLMEmbedder(threads=1)), 2.85)
+    rec = Recommender(CachedEmbedder(MiniLMEmbedder(threads=1)), DEFAULT_THRESHOLDS["minilm"])
     _, profiles, _ = load_profiles(DATA, 8)
     written = {norm(q) for p in profiles for q in rec.topic_questions(p)}
     assert len(written) >= 40 * len(profiles)

@@ -21,7 +21,7 @@ from serve_app.ingress.routing.recommender import BASE, TOPIC_MARGIN, MemoryItem
 # Thresholds chosen on the routing benchmark's validation split (bench/routing.py): z-scores for
 # the normalised embedders (minilm: jointly with the about-not-for margin; base-lm: without it).
 # tfidf uses AppConfig.auto_min_similarity.
-DEFAULT_THRESHOLDS = {"minilm": 2.85, "base-lm": 1.65}
+DEFAULT_THRESHOLDS = {"minilm": 2.9, "base-lm": 1.65}
 DEFAULT_TOPIC_MARGINS = {"minilm": TOPIC_MARGIN, "base-lm": None}  # None: not validated, check off
 
 

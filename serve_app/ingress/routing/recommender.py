@@ -48,7 +48,7 @@ from serve_app.ingress.routing.topics import topic_questions, topic_terms
 BASE = "base"
 POOLINGS = ("mean", "max")
 # chosen with the z threshold on the routing benchmark's validation split (bench/routing.py)
-TOPIC_MARGIN = -0.16
+TOPIC_MARGIN = -0.22
 MIN_VALUES = 2  # an expert needs this many stated values (validated: 1 lets "red wine" through to the wine expert)
 VIEWS_MIN_WORDS = 25  # prompts this long are also scored by their first and last sentence
 _SEGMENT = re.compile(r"(?<=[.!?:])\s+|\n+")

@@ -11,6 +11,7 @@ import pytest
 
 from serve_app.ingress.routing import (
     BASE,
+    DEFAULT_THRESHOLDS,
     MemoryItem,
     Recommender,
     adapter_profile,
@@ -18,6 +19,8 @@ from serve_app.ingress.routing import (
     expert_profile,
 )
 from serve_app.ingress.routing.profiles import description_fragments
+
+Z = DEFAULT_THRESHOLDS["minilm"]  # the validated default gate
 
 ROOT = Path(__file__).resolve().parents[3]
 SCHEMAS = ROOT / "examples" / "schemas"
@@ -88,7 +91,7 @@ def test_questions_about_a_subject_and_prompts_stating_nothing_go_to_base(minilm
     is for, and a prompt that states no value an expert could read, go to base, each saying why;
     without the checks the same prompts went to the customization."""
     profiles = demo_profiles()
-    checked, unchecked = Recommender(minilm, 2.85), Recommender(minilm, 2.85, topic_margin=None, require_evidence=False)
+    checked, unchecked = Recommender(minilm, Z), Recommender(minilm, Z, topic_margin=None, require_evidence=False)
     movie = "Which actors were in Titanic?"
     assert unchecked.recommend(movie, profiles).chosen == "demo/survival"
     got = checked.recommend(movie, profiles)
@@ -147,14 +150,14 @@ def test_the_evidence_check_follows_a_feedback_veto_to_the_next_candidate(minilm
                                               "in a movie, who directed it.")]
     prompt = "Which actors starred in the Titanic film?"
     veto = [MemoryItem("Which actors starred in the movie Titanic?", "demo/films", -1)]
-    rec = Recommender(minilm, 2.85)
+    rec = Recommender(minilm, Z)
     first = rec.recommend(prompt, profiles)
     assert first.chosen == "demo/films" and first.candidates[1]["model"] == "demo/survival"
     assert first.candidates[1]["z"] >= rec.threshold  # the expert would pass the gate on its own
     got = rec.recommend(prompt, profiles, veto)
     assert got.vetoed == ["demo/films"] and got.chosen == BASE
     assert got.explain()["checks"]["expert_values_stated"] == [] and "states none" in got.why
-    without = Recommender(minilm, 2.85, require_evidence=False).recommend(prompt, profiles, veto)
+    without = Recommender(minilm, Z, require_evidence=False).recommend(prompt, profiles, veto)
     assert without.chosen == "demo/survival"
 
 

@@ -101,3 +101,31 @@ def test_bench_runs_and_writes_results(tmp_path):
     assert "off-topic → base" in md and (tmp_path / "out" / "routing.png").stat().st_size > 1000
     for r in result["results"]:
         assert 0 <= r["test"]["on_topic_accuracy"] <= 1 and r["latency"]["n"] > 0
+
+
+def test_the_intent_corpus_shares_nothing_with_the_benchmark():
+    """The corpus a router may be trained on (bench/data/routing/intent_corpus/) is other authors' prompts about
+    other customizations: none of its prompts or descriptions nearly repeats a labelled prompt, an adapter example
+    or a background request (the near-duplicate rule above), and no corpus customization has a benchmark name."""
+    import difflib
+
+    from bench.routing_projection import load_corpus
+
+    val, test = load_splits(DATA)
+    spec = json.loads((DATA / "customizations.json").read_text())
+    bench_texts = [norm(p["prompt"]) for p in val + test] + [norm(g) for g in GENERAL_REQUESTS] + [
+        norm(e) for a in spec["adapters"] for e in a.get("examples", [])]
+    tenants = load_corpus()
+    assert len(tenants) == 4 and all(len(t["documents"]) == 10 for t in tenants)
+    corpus = [norm(p) for t in tenants for p, _ in t["prompts"]] + [norm(d) for t in tenants for ds in t["documents"] for d in ds]
+    near = []
+    for text in corpus:
+        m = difflib.SequenceMatcher(None, b=text)
+        for d in bench_texts:
+            m.set_seq1(d)
+            if m.real_quick_ratio() >= 0.85 and m.quick_ratio() >= 0.85 and m.ratio() >= 0.85:
+                near.append((text, d))
+                break
+    assert not near, near[:5]
+    names = {c["name"] for f in (DATA / "intent_corpus").glob("*.json") for c in json.loads(f.read_text())["customizations"]}
+    assert not names & {p.model_id.split("/", 1)[1] for p in load_profiles(DATA, 0)[1]}

@@ -129,3 +129,22 @@ def test_the_intent_corpus_shares_nothing_with_the_benchmark():
     assert not near, near[:5]
     names = {c["name"] for f in (DATA / "intent_corpus").glob("*.json") for c in json.loads(f.read_text())["customizations"]}
     assert not names & {p.model_id.split("/", 1)[1] for p in load_profiles(DATA, 0)[1]}
+
+
+def test_the_projection_and_judge_benches_describe_every_customization():
+    """bench.routing_projection's embedder returns unit vectors through its map; bench.routing_judge tells the
+    judge what every customization does."""
+    import numpy as np
+
+    from bench.routing_judge import descriptions
+    from bench.routing_projection import Projected
+
+    class Fixed:
+        def encode(self, texts):
+            return np.ones((len(texts), 3), dtype=np.float32) / np.sqrt(3)
+
+    out = Projected(Fixed(), np.diag([2.0, 0.0, 0.0]), "x").encode(["a", "b"])
+    assert np.allclose(out, [[1, 0, 0], [1, 0, 0]])
+    tenant, profiles, _ = load_profiles(DATA, 0)
+    said = descriptions(DATA, tenant)
+    assert set(said) == {p.model_id for p in profiles} and all(len(v) > 5 for v in said.values())

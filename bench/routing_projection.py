@@ -144,18 +144,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     import torch
 
+    from serve_app.ingress.routing import DEFAULT_THRESHOLDS, Recommender
     from serve_app.ingress.routing.embedders import CachedEmbedder, MiniLMEmbedder
-    from serve_app.ingress.routing.recommender import Recommender
 
     torch.set_num_threads(args.threads)
     minilm = CachedEmbedder(MiniLMEmbedder(threads=args.threads))
     tenants = load_corpus()
     tenant, profiles, _ = load_profiles(DATA, 8)
     val, _ = load_splits(DATA)  # the test files are never scored here
-    identity = np.eye(384, dtype=np.float32)
+    identity = np.eye(minilm.encode(["x"]).shape[1], dtype=np.float32)
     rows, payload = [], {"corpus": {t["name"]: len(t["prompts"]) for t in tenants}, "results": []}
     plain_corpus = {t["name"]: heldout_tenant(t, minilm.encode, identity) for t in tenants}
-    plain_val = loso(Recommender(minilm, 2.9), profiles, val, tenant)
+    gate = DEFAULT_THRESHOLDS["minilm"]  # a starting value only: loso chooses the threshold per fold
+    plain_val = loso(Recommender(minilm, gate), profiles, val, tenant)
     payload["results"].append({"contender": "MiniLM (identity)", "corpus": plain_corpus, "validation": plain_val})
     for spec in args.grid.split(","):
         lam, steps = float(spec.split(":")[0]), int(spec.split(":")[1])
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
             corpus[t["name"]] = heldout_tenant(t, minilm.encode, weight)
         weight = train_projection(tenants, minilm.encode, lam, steps)
         name = f"projected (lam {lam}, {steps} steps)"
-        rec = Recommender(CachedEmbedder(Projected(minilm, weight, name)), 2.9)
+        rec = Recommender(CachedEmbedder(Projected(minilm, weight, name)), gate)
         val_res = loso(rec, profiles, val, tenant)
         payload["results"].append({"contender": name, "corpus": corpus, "validation": val_res,
                                    "distance_from_identity": round(float(np.linalg.norm(weight - identity)), 3)})

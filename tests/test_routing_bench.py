@@ -36,27 +36,34 @@ def test_validation_test_examples_and_background_share_no_prompt():
     assert len({p["id"] for p in val + test}) == len(val) + len(test)
 
 
+def unlabelled_texts() -> list[str]:
+    """The normalised background requests and adapter examples: part of every design set."""
+    spec = json.loads((DATA / "customizations.json").read_text())
+    return [norm(g) for g in GENERAL_REQUESTS] + [norm(e) for a in spec["adapters"] for e in a.get("examples", [])]
+
+
+def nearly_repeats(text: str, design: list[str], ratio: float = 0.85) -> str | None:
+    """The first of ``design`` (normalised texts) that ``text`` nearly repeats (difflib ratio >= ``ratio`` of
+    the normalised text), or None."""
+    import difflib
+
+    m = difflib.SequenceMatcher(None, b=norm(text))  # seq2 is cached; seq1 varies
+    for d in design:
+        m.set_seq1(d)
+        if m.real_quick_ratio() >= ratio and m.quick_ratio() >= ratio and m.ratio() >= ratio:
+            return d
+    return None
+
+
 def test_no_test_prompt_nearly_repeats_a_design_prompt():
     """The rule the fresh test splits were cleaned with (bench/data/routing/README.md): no test prompt is a
     near-duplicate (difflib ratio >= 0.85 of the normalised text) of a validation prompt, an adapter
     example or a background request -- except key=value records, which share field names, not values."""
-    import difflib
-
     val, test = load_splits(DATA)
-    spec = json.loads((DATA / "customizations.json").read_text())
-    design = [norm(p["prompt"]) for p in val] + [norm(g) for g in GENERAL_REQUESTS] + [
-        norm(e) for a in spec["adapters"] for e in a.get("examples", [])]
+    design = [norm(p["prompt"]) for p in val] + unlabelled_texts()
     record = re.compile(r"\w+\s*[=:]\s*[\w.-]+")
-    near = []
-    for p in test:
-        if len(record.findall(p["prompt"])) >= 3:
-            continue
-        m = difflib.SequenceMatcher(None, b=norm(p["prompt"]))  # seq2 is cached; seq1 varies
-        for d in design:
-            m.set_seq1(d)
-            if m.real_quick_ratio() >= 0.85 and m.quick_ratio() >= 0.85 and m.ratio() >= 0.85:
-                near.append((p["id"], d))
-                break
+    near = [(p["id"], d) for p in test if len(record.findall(p["prompt"])) < 3
+            and (d := nearly_repeats(p["prompt"], design)) is not None]
     assert not near, near
 
 
@@ -107,25 +114,14 @@ def test_the_intent_corpus_shares_nothing_with_the_benchmark():
     """The corpus a router may be trained on (bench/data/routing/intent_corpus/) is other authors' prompts about
     other customizations: none of its prompts or descriptions nearly repeats a labelled prompt, an adapter example
     or a background request (the near-duplicate rule above), and no corpus customization has a benchmark name."""
-    import difflib
-
     from bench.routing_projection import load_corpus
 
     val, test = load_splits(DATA)
-    spec = json.loads((DATA / "customizations.json").read_text())
-    bench_texts = [norm(p["prompt"]) for p in val + test] + [norm(g) for g in GENERAL_REQUESTS] + [
-        norm(e) for a in spec["adapters"] for e in a.get("examples", [])]
+    bench_texts = [norm(p["prompt"]) for p in val + test] + unlabelled_texts()
     tenants = load_corpus()
     assert len(tenants) == 4 and all(len(t["documents"]) == 10 for t in tenants)
-    corpus = [norm(p) for t in tenants for p, _ in t["prompts"]] + [norm(d) for t in tenants for ds in t["documents"] for d in ds]
-    near = []
-    for text in corpus:
-        m = difflib.SequenceMatcher(None, b=text)
-        for d in bench_texts:
-            m.set_seq1(d)
-            if m.real_quick_ratio() >= 0.85 and m.quick_ratio() >= 0.85 and m.ratio() >= 0.85:
-                near.append((text, d))
-                break
+    corpus = [p for t in tenants for p, _ in t["prompts"]] + [d for t in tenants for ds in t["documents"] for d in ds]
+    near = [(text, d) for text in corpus if (d := nearly_repeats(text, bench_texts)) is not None]
     assert not near, near[:5]
     names = {c["name"] for f in (DATA / "intent_corpus").glob("*.json") for c in json.loads(f.read_text())["customizations"]}
     assert not names & {p.model_id.split("/", 1)[1] for p in load_profiles(DATA, 0)[1]}

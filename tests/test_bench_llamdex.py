@@ -123,3 +123,23 @@ def test_the_greedy_baseline_is_the_old_assignment_and_joint_beats_it_where_gree
     assert greedy_distinct(leaning) == {0: 1, 1: 2} and assign_distinct(leaning) == {0: 0, 1: 1}
     clear = torch.tensor([[0.97, 0.0], [0.6, 0.3]])
     assert greedy_distinct(clear) == assign_distinct(clear) == {0: 0, 1: 1}
+
+
+def test_misreads_sums_the_pointer_mass_over_the_read_literals_tokens():
+    """bench.llamdex_misreads: the mass on the literal a feature reads is summed over every token of that literal
+    (same kind and value), and "not stated" is the last column."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.llamdex_misreads import literal_mass
+
+    # one question, 4 tokens: "one hundred" (two tokens, value 100), "7", "yes"; two features
+    kinds = torch.tensor([[1, 1, 1, 2]])
+    values = torch.tensor([[100.0, 100.0, 7.0, 1.0]])
+    probs = torch.tensor([[[0.45, 0.45, 0.05, 0.0, 0.05],     # feature 0 reads "one hundred": 0.9
+                           [0.1, 0.0, 0.3, 0.0, 0.6]]])        # feature 1 reads "7" (0.3), mostly not stated
+    raw = SimpleNamespace(pointer_logits=probs.log(), literals=SimpleNamespace(kinds=kinds, values=values))
+    encoder = SimpleNamespace(_one_each=lambda raw: torch.tensor([[0, 2]]))
+    mass, none = literal_mass(encoder, raw)
+    assert torch.allclose(mass, torch.tensor([[0.9, 0.3]])) and torch.allclose(none, torch.tensor([[0.05, 0.6]]))

@@ -15,12 +15,16 @@ category/bool features, MAE for numeric ones, each beside its predict-the-mean/m
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from bench.llamdex_accuracy import log
-from bench.llamdex_encoders import add_validation_ablation_args, load_for_ablation
+from bench.llamdex_encoders import (
+    add_connectors_dir_arg,
+    add_validation_ablation_args,
+    load_bundle,
+    load_for_ablation,
+)
 
 
 def greedy_distinct(mass, floor: float = 0.01) -> dict[int, int]:
@@ -41,9 +45,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m bench.llamdex_assignment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="bank", help="titanic, wine, nursery or bank")
-    p.add_argument("--connectors-dir", default=None,
-                   help="a trained connectors directory (holding connectors/ and synthetic-expert/, as the accuracy "
-                        "bench caches them); default: train or load them as llamdex_accuracy does with --connectors")
+    add_connectors_dir_arg(p)
     add_validation_ablation_args(p, "llamdex_assignment", "'{\"time_budget_s\": 1500}'")
     args = p.parse_args(argv)
 
@@ -51,22 +53,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     import llamdex.encoder as encoder_module
     from bench.common import command_line, write_results
-    from bench.llamdex_accuracy import train_or_load_connectors
-    from llamdex.connectors_io import load_connectors
     from llamdex.evaluation import eval_set, extraction_fidelity, llamdex_scores
-    from llamdex.expert import load_expert
-    from llamdex.insertion import Bundle
-    from llamdex.pipeline import ConnectorsConfig
 
     resolved, model, tok, splits = load_for_ablation(args)
-    if args.connectors_dir:
-        d = Path(args.connectors_dir).expanduser()
-        encoder, decoder, spec = load_connectors(d / "connectors", resolved.content_hash)
-        synthetic, _ = load_expert(d / "synthetic-expert", schema=splits.schema)
-        bundle = Bundle(encoder, decoder, synthetic, spec, spec.codec())
-    else:
-        bundle, _ = train_or_load_connectors(Path(args.cache).expanduser(), args.dataset, model, tok, resolved,
-                                             splits.schema, ConnectorsConfig(**json.loads(args.connectors)))
+    bundle = load_bundle(args, resolved, model, tok, splits)
     rows = eval_set(splits, "validation", None, args.rows, seed=args.seed)
     codec = bundle.codec
     reference = codec.encode(splits.fit[[f.name for f in splits.schema.features]])

@@ -64,6 +64,32 @@ def load_for_ablation(args: argparse.Namespace):
     return resolved, model, tok, load_splits(args.dataset, ROOT / "examples" / "datasets")
 
 
+def add_connectors_dir_arg(p: argparse.ArgumentParser) -> None:
+    """``--connectors-dir``: evaluate connectors already trained (inference-only ablations)."""
+    p.add_argument("--connectors-dir", default=None,
+                   help="a trained connectors directory (holding connectors/ and synthetic-expert/, as the accuracy "
+                        "bench caches them); default: train or load them as llamdex_accuracy does with --connectors")
+
+
+def load_bundle(args: argparse.Namespace, resolved, model, tok, splits):
+    """The connectors bundle of ``args.connectors_dir``, or trained/loaded through the accuracy bench's cache
+    with ``args.connectors``."""
+    from bench.llamdex_accuracy import train_or_load_connectors
+    from llamdex.connectors_io import load_connectors
+    from llamdex.expert import load_expert
+    from llamdex.insertion import Bundle
+    from llamdex.pipeline import ConnectorsConfig
+
+    if args.connectors_dir:
+        d = Path(args.connectors_dir).expanduser()
+        encoder, decoder, spec = load_connectors(d / "connectors", resolved.content_hash)
+        synthetic, _ = load_expert(d / "synthetic-expert", schema=splits.schema)
+        return Bundle(encoder, decoder, synthetic, spec, spec.codec())
+    bundle, _ = train_or_load_connectors(Path(args.cache).expanduser(), args.dataset, model, tok, resolved,
+                                         splits.schema, ConnectorsConfig(**json.loads(args.connectors)))
+    return bundle
+
+
 def pointer_hits(encoder, raw, value_tokens: list[dict[str, list[int]]]) -> dict[str, list[int]]:
     """Per feature: [landed on its own value (or 'not stated' when absent), rows]."""
     width = raw.pointer_logits.shape[-1] - 1

@@ -64,6 +64,7 @@ from llamdex.phrasings import (
 )
 from llamdex.render import (
     LABEL,
+    PRONOUNS,
     Question,
     ValueWriter,
     article,
@@ -81,6 +82,28 @@ _SHORT = frozenset({"record", "csv", "terse"})
 _PRONOUNS = {"he": ("he", "his", "him"), "she": ("she", "her", "her")}
 
 
+_NOT_VALUE_WORDS = frozenset("the and for with per from this that its not any one two three".split())
+
+
+def schema_phrases(schema: TenantSchema) -> frozenset[str]:
+    """The phrases that *are* a schema's values or counted things -- count nouns, category names and synonyms
+    (lower case) -- but not pronouns (other people's "her" in a distractor is intended) nor bare function or
+    number words. Why: a distractor sentence that uses one ("My sister is 4." beside titanic's sibsp, whose
+    nouns include sister) teaches the encoder to ignore that word where a user means the passenger's sister."""
+    phrases = set()
+    for f in schema.features:
+        phrases |= {w.lower() for pair in f.nouns for w in pair}
+        if f.type == "category":
+            phrases |= {p.lower() for group in value_phrases(f) for p in group}
+    return frozenset(p for p in phrases if len(p) > 2 and p not in _NOT_VALUE_WORDS and p not in PRONOUNS)
+
+
+def speaks(text: str, phrases: frozenset[str]) -> bool:
+    """Whether ``text`` (its ``{placeholders}`` ignored) contains one of ``phrases`` as whole words."""
+    plain = " " + " ".join(re.findall(r"[a-z0-9]+", re.sub(r"\{\w+\}", "", text).lower())) + " "
+    return any(" " + " ".join(re.findall(r"[a-z0-9]+", p)) + " " in plain for p in phrases)
+
+
 def _is_age(f: FeatureSpec) -> bool:
     """A numeric feature measured in years of life (its units include "years old" or "year-old")."""
     return f.type in ("int", "float") and bool({"years old", "year-old"} & {u.lower() for u in unit_forms(f)})
@@ -96,6 +119,8 @@ class TrainingGrammar:
         self.hedged = hedged_connectors()
         words = {w for f in schema.features for lab in labels(f) for w in lab.lower().split()}
         self.fake_labels = [x for x in FAKE_LABELS if not set(x.split()) & words]
+        own = schema_phrases(schema)  # a distractor must not speak the schema's values ("My sister is 4." vs sibsp)
+        self.distractors = [d for d in DISTRACTORS if not speaks(d, own)]
         self.gender = self._gender_feature()
         owners: dict[str, int] = {}
         for f in schema.features:
@@ -253,7 +278,7 @@ class TrainingGrammar:
     def _distractor(self) -> str:
         rng = self.rng
         n = rng.choice((rng.randint(2, 12), rng.randint(13, 99), rng.randint(100, 999)))
-        return rng.choice(DISTRACTORS).format(n=number_words(n) if rng.random() < 0.2 else n,
+        return rng.choice(self.distractors).format(n=number_words(n) if rng.random() < 0.2 else n,
                                               year=rng.randint(1890, 2025))
 
     def _body(self, style: str, parts: list[str], pron, subj: dict) -> list[str]:

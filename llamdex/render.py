@@ -24,6 +24,7 @@ from llamdex.codec import to_bool
 from llamdex.schema import FeatureSpec
 from llamdex.vocabulary import (
     abbreviations,
+    category_code,
     currency_symbol,
     labels,
     number_words,
@@ -33,6 +34,7 @@ from llamdex.vocabulary import (
     value_phrases,
 )
 
+CODE_SHARE = 0.25  # of an ordinal category's values in records, the share written as its bare number
 PRONOUNS = frozenset("he him his she her hers they them their theirs it its".split())
 VALUE, LABEL, CLOSE, INDEX_BASE = "\x02", "\x04", "\x03", 0xE000
 _OPENS = (VALUE, LABEL)
@@ -206,12 +208,16 @@ class ValueWriter:
 
     def category(self, f: FeatureSpec, value: Any, short: bool = False) -> str:
         """A category's name (a third of the time) or one of its synonyms/derived forms; pronouns are
-        read but never written as values; single letters only in ``short`` (record) styles."""
+        read but never written as values; single letters and class codes ("3" for third) only in ``short``
+        (record) styles."""
         assert f.categories is not None
         text = value if isinstance(value, str) else str(value)
         if text not in f.categories:
             raise ValueError(f"{f.name}: unknown category {value!r}; fix: use one of {f.categories}")
         phrases = value_phrases(f)[f.categories.index(text)]
+        code = category_code(text) if short else None
+        if code is not None and self.rng.random() < CODE_SHARE:  # records write class codes: 'pclass=1'
+            return code
         usable = [p for p in phrases[1:] if p.lower() not in PRONOUNS and (short or len(p) > 1)]
         if not usable or self.rng.random() < 1 / 3:
             return phrases[0]

@@ -113,6 +113,13 @@ def derived_forms(name: str) -> list[str]:
     return [f for f in dict.fromkeys(forms) if f.lower() != name.lower()]
 
 
+def category_code(name: str) -> str | None:
+    """The bare number an ordinal category name stands for, as records code it ('third' -> '3', '2nd' -> '2');
+    None for any other name."""
+    parsed = _number_of(name)
+    return str(parsed[0]) if parsed is not None and parsed[1] else None
+
+
 def labels(f: FeatureSpec) -> list[str]:
     """What users call the feature: its description and aliases (the column name with spaces only if it
     has neither: 'has nurs' is a key, not words; see :func:`record_keys`)."""

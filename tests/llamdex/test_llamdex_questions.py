@@ -192,3 +192,37 @@ def test_every_stated_value_has_a_token_the_encoder_can_copy(rows_by_schema, lm)
             for name in q.stated:
                 assert w.get(name), (schema.name, name, q.text)
         assert FeatureCodec(schema).m and candidates is not None and token_literals is not None
+
+
+def test_no_distractor_speaks_a_value_of_the_schema(rows_by_schema):
+    """A distractor that uses a schema's own value words ("My sister is 4." beside titanic's sibsp) would teach
+    the encoder to ignore the passenger's sister; each schema's distractors avoid its nouns and category phrases."""
+    import random
+
+    from llamdex.grammar import TrainingGrammar, schema_phrases, speaks
+
+    titanic = rows_by_schema["titanic"][0]
+    assert {"sister", "brother", "steerage", "woman"} <= schema_phrases(titanic)
+    assert not {"her", "one"} & schema_phrases(titanic)  # pronouns and number words stay allowed
+    assert speaks("My sister is {n}.", schema_phrases(titanic)) and not speaks("{n} sisters", frozenset({"sister"}))
+    for schema, _ in rows_by_schema.values():
+        grammar = TrainingGrammar(schema, random.Random(0))
+        assert grammar.distractors and not any(speaks(d, schema_phrases(schema)) for d in grammar.distractors)
+    assert "My sister is {n}." not in TrainingGrammar(titanic, random.Random(0)).distractors
+
+
+def test_records_write_an_ordinal_class_by_its_code(rows_by_schema):
+    """Records code ordinal classes as numbers ('pclass=1', as the Kaggle table does); prose never does."""
+    import random
+
+    from llamdex.render import ValueWriter
+
+    schema = rows_by_schema["titanic"][0]
+    pclass = next(f for f in schema.features if f.name == "pclass")
+    writer = ValueWriter(random.Random(0))
+    short = [writer.category(pclass, "first", short=True) for _ in range(400)]
+    assert 0.15 < short.count("1") / 400 < 0.45
+    assert "1" not in {writer.category(pclass, "first") for _ in range(400)}
+    nursery = rows_by_schema["nursery"][0]
+    children = next(f for f in nursery.features if f.name == "children")  # cardinal names: no code path
+    assert {writer.category(children, "1", short=True) for _ in range(200)} <= set(value_phrases(children)[0])

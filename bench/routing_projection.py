@@ -43,22 +43,14 @@ from bench.routing import (
     metrics,
     predict,
 )
+from serve_app.ingress.routing.intent_tuning import load_intent_corpus
 
 CORPUS = DATA / "intent_corpus"
 
 
-def load_corpus(path: Path = CORPUS) -> list[dict]:
-    """Each file as one tenant: {"name", "documents": [[description, *examples], ...], "prompts": [(text, index
-    or -1 for base)]}."""
-    tenants = []
-    for f in sorted(path.glob("*.json")):
-        spec = json.loads(f.read_text())
-        custom = spec["customizations"]
-        prompts = [(p, k) for k, c in enumerate(custom) for p in c["on_topic"]]
-        prompts += [(p, -1) for c in custom for p in c["near_miss"]] + [(p, -1) for p in spec["general"]]
-        tenants.append({"name": f.stem, "documents": [[c["description"], *c.get("examples", [])] for c in custom],
-                        "prompts": prompts})
-    return tenants
+def load_corpus(path: Path = CORPUS):
+    """The intent corpus as tenants (:func:`serve_app.ingress.routing.intent_tuning.load_intent_corpus`)."""
+    return load_intent_corpus(path)
 
 
 class Projected:
@@ -84,8 +76,8 @@ def train_projection(tenants: list[dict], embed, lam: float, steps: int, lr: flo
     import torch
 
     torch.manual_seed(seed)
-    data = [([torch.tensor(embed(d)) for d in t["documents"]], torch.tensor(embed([p for p, _ in t["prompts"]])),
-             torch.tensor([len(t["documents"]) if k < 0 else k for _, k in t["prompts"]])) for t in tenants]
+    data = [([torch.tensor(embed(d)) for d in t.documents], torch.tensor(embed([p for p, _ in t.prompts])),
+             torch.tensor([len(t.documents) if k < 0 else k for _, k in t.prompts])) for t in tenants]
     dim = data[0][1].shape[1]
     delta = torch.zeros(dim, dim, requires_grad=True)
     log_scale, bias = torch.tensor(3.0, requires_grad=True), torch.tensor(0.3, requires_grad=True)
@@ -106,9 +98,9 @@ def heldout_tenant(tenant: dict, embed, weight: np.ndarray) -> dict:
     """Balanced accuracy on one corpus tenant by raw cosine at its best (oracle) threshold."""
     import torch
 
-    docs = [torch.tensor(embed(d)) for d in tenant["documents"]]
-    s = _scores(torch, torch.tensor(weight), docs, torch.tensor(embed([p for p, _ in tenant["prompts"]]))).numpy()
-    y = np.array([k for _, k in tenant["prompts"]])
+    docs = [torch.tensor(embed(d)) for d in tenant.documents]
+    s = _scores(torch, torch.tensor(weight), docs, torch.tensor(embed([p for p, _ in tenant.prompts]))).numpy()
+    y = np.array([k for _, k in tenant.prompts])
     best = []
     for t in np.arange(0.0, 0.8, 0.01):
         pred = np.where(s.max(1) >= t, s.argmax(1), -1)
@@ -153,8 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     tenant, profiles, _ = load_profiles(DATA, 8)
     val, _ = load_splits(DATA)  # the test files are never scored here
     identity = np.eye(minilm.encode(["x"]).shape[1], dtype=np.float32)
-    rows, payload = [], {"corpus": {t["name"]: len(t["prompts"]) for t in tenants}, "results": []}
-    plain_corpus = {t["name"]: heldout_tenant(t, minilm.encode, identity) for t in tenants}
+    rows, payload = [], {"corpus": {t.name: len(t.prompts) for t in tenants}, "results": []}
+    plain_corpus = {t.name: heldout_tenant(t, minilm.encode, identity) for t in tenants}
     gate = DEFAULT_THRESHOLDS["minilm"]  # a starting value only: loso chooses the threshold per fold
     plain_val = loso(Recommender(minilm, gate), profiles, val, tenant)
     payload["results"].append({"contender": "MiniLM (identity)", "corpus": plain_corpus, "validation": plain_val})
@@ -164,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         corpus = {}
         for i, t in enumerate(tenants):
             weight = train_projection([u for j, u in enumerate(tenants) if j != i], minilm.encode, lam, steps)
-            corpus[t["name"]] = heldout_tenant(t, minilm.encode, weight)
+            corpus[t.name] = heldout_tenant(t, minilm.encode, weight)
         weight = train_projection(tenants, minilm.encode, lam, steps)
         name = f"projected (lam {lam}, {steps} steps)"
         rec = Recommender(CachedEmbedder(Projected(minilm, weight, name)), gate)

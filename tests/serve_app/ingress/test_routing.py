@@ -64,6 +64,24 @@ def test_the_issue_example_routes_all_three(minilm):
     assert [c["model"] for c in why["candidates"]][0] == "demo/style" and json.dumps(why)
 
 
+def test_the_configured_default_recommender_routes_the_issue_example():
+    """What ``model="auto"`` runs out of the box (RoutingConfig's defaults through build_recommender, the
+    shipped intent adapter included when that is the default) gets the issue's tenant right."""
+    from serve_app.config import RoutingConfig
+    from serve_app.ingress.routing import build_recommender
+
+    cfg = RoutingConfig()
+    rec = build_recommender(cfg)
+    assert cfg.method != "minilm-intent" or rec.embedder.name.endswith("+intent_minilm")
+    cases = {"A 30 year old man in third class paid 8 pounds. Did he survive the Titanic sinking?": "demo/survival",
+             "Write me a pirate story about ships": "demo/style",
+             "Our family has two children and critical housing; how would the nursery school rank our "
+             "application?": "demo/nursery",
+             "How do I renew my passport before a trip next month?": BASE}
+    for prompt, want in cases.items():
+        assert rec.recommend(prompt, demo_profiles()).chosen == want, prompt
+
+
 def test_profiles_hold_schema_and_description_parts():
     p = expert_profile("t/survival", "", schema("titanic"), schema_questions=3)
     assert "Did the passenger survive the sinking?" in p.documents

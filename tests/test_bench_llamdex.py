@@ -143,3 +143,26 @@ def test_misreads_sums_the_pointer_mass_over_the_read_literals_tokens():
     encoder = SimpleNamespace(_one_each=lambda raw: torch.tensor([[0, 2]]))
     mass, none = literal_mass(encoder, raw)
     assert torch.allclose(mass, torch.tensor([[0.9, 0.3]])) and torch.allclose(none, torch.tensor([[0.05, 0.6]]))
+
+
+def test_the_llamdex_probe_says_only_schema_values():
+    """bench.llamdex_probe's questions name real features and valid values; an unknown dataset is refused by name."""
+    import pytest
+
+    from bench.llamdex_probe import read_probe, same
+    from llamdex.schema import load_schema
+
+    from bench.llamdex_encoders import ROOT
+
+    schema = load_schema(str(ROOT / "examples" / "schemas" / "titanic.json"))
+    features = {f.name: f for f in schema.features}
+    probes = read_probe("titanic")
+    assert len(probes) >= 25 and len({q["question"] for q in probes}) == len(probes)
+    for q in probes:
+        assert q["says"] and set(q["says"]) <= set(features), q
+        for name, value in q["says"].items():
+            f = features[name]
+            assert value in f.categories if f.type == "category" else f.lo <= value <= f.hi, (name, value)
+    assert same(4.0, 4) and same("first", "first") and not same(None, 0) and not same(8.0, 4)
+    with pytest.raises(SystemExit, match="no probe for 'nope'"):
+        read_probe("nope")

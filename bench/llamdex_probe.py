@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ok = [same(read[k][name] if stated[k, i] else None, v) for k, v in said]
             row[name] = f"{sum(ok)}/{len(ok)}"
             wrong += [{"question": probes[k]["question"], "feature": name, "says": v,
-                       "read": read[k][name] if stated[k, i] else "not stated"} for (k, v), good in zip(said, ok) if not good]
+                       "read": read[k][name] if stated[k, i] else "not stated"} for (k, v), good in zip(said, ok, strict=True)
+                      if not good]
         total = sum(len(q["says"]) for q in probes)
         row["all features"] = f"{total - len(wrong)}/{total}"
         table.append(row)

@@ -149,10 +149,9 @@ def test_the_llamdex_probe_says_only_schema_values():
     """bench.llamdex_probe's questions name real features and valid values; an unknown dataset is refused by name."""
     import pytest
 
+    from bench.llamdex_encoders import ROOT
     from bench.llamdex_probe import read_probe, same
     from llamdex.schema import load_schema
-
-    from bench.llamdex_encoders import ROOT
 
     schema = load_schema(str(ROOT / "examples" / "schemas" / "titanic.json"))
     features = {f.name: f for f in schema.features}

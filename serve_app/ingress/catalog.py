@@ -13,7 +13,8 @@ trained for; its listing and its resolved target carry its version's DP ledger
 * **which customization** — :mod:`serve_app.ingress.routing`: each candidate is a profile of short
   documents (an adapter's description and uploaded example prompts; an expert's description,
   schema question, classes, features and questions composed from its schema), embedded by
-  all-MiniLM-L6-v2 (``routing.method``); the best mean similarity wins if it stands
+  all-MiniLM-L6-v2 with the shipped intent adapter merged in (``routing.method``, default ``minilm-intent``);
+  the best mean similarity wins if it stands
   ``routing.threshold`` standard deviations above that customization's similarity to general
   requests, unless the tenant's feedback memory (``POST /v1/feedback``) has a prompt this alike;
   otherwise ``base``. The response reports the scores and what matched.

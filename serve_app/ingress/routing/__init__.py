@@ -16,13 +16,23 @@ tenant feedback, and the latency/cost-aware pool choice. Plain numpy/torch/trans
 from __future__ import annotations
 
 from serve_app.ingress.routing.profiles import Profile, adapter_profile, check_examples, expert_profile
-from serve_app.ingress.routing.recommender import BASE, TOPIC_MARGIN, MemoryItem, Recommendation, Recommender
+from serve_app.ingress.routing.recommender import (
+    BASE,
+    TOPIC_MARGIN,
+    VIEWS_MIN_WORDS,
+    MemoryItem,
+    Recommendation,
+    Recommender,
+)
 
 # Thresholds chosen on the routing benchmark's validation split (bench/routing.py): z-scores for
-# the normalised embedders (minilm: jointly with the about-not-for margin; base-lm: without it).
+# the normalised embedders (minilm, minilm-intent: jointly with the about-not-for margin; base-lm: without it).
 # tfidf uses AppConfig.auto_min_similarity.
-DEFAULT_THRESHOLDS = {"minilm": 2.9, "base-lm": 1.65}
-DEFAULT_TOPIC_MARGINS = {"minilm": TOPIC_MARGIN, "base-lm": None}  # None: not validated, check off
+DEFAULT_THRESHOLDS = {"minilm-intent": 3.6, "minilm": 2.9, "base-lm": 1.65}
+DEFAULT_TOPIC_MARGINS = {"minilm-intent": -0.14, "minilm": TOPIC_MARGIN, "base-lm": None}  # None: not validated, check off
+# long prompts also scored by their first/last sentence: validated for minilm; for minilm-intent it scored
+# 0.3 points lower on validation (bench/routing.py), so off
+DEFAULT_VIEWS_MIN_WORDS = {"minilm-intent": None, "minilm": VIEWS_MIN_WORDS, "base-lm": VIEWS_MIN_WORDS}
 
 
 def build_recommender(cfg, tfidf_threshold: float = 0.12):
@@ -43,8 +53,10 @@ def build_recommender(cfg, tfidf_threshold: float = 0.12):
     margin = cfg.topic_margin if cfg.topic_margin is not None else DEFAULT_TOPIC_MARGINS[cfg.method]
     return Recommender(embedder, threshold, cfg.pooling, cfg.normalize, cfg.memory_similarity, cfg.memory_margin,
                        topic_margin=margin if cfg.about_not_for else None, require_evidence=cfg.expert_evidence,
-                       min_values=cfg.expert_min_values, views_min_words=cfg.views_min_words or None)
+                       min_values=cfg.expert_min_values,
+                       views_min_words=(cfg.views_min_words if cfg.views_min_words is not None
+                                        else DEFAULT_VIEWS_MIN_WORDS[cfg.method]) or None)
 
 
-__all__ = ["BASE", "DEFAULT_THRESHOLDS", "DEFAULT_TOPIC_MARGINS", "MemoryItem", "Profile", "Recommendation", "Recommender",
+__all__ = ["BASE", "DEFAULT_THRESHOLDS", "DEFAULT_TOPIC_MARGINS", "DEFAULT_VIEWS_MIN_WORDS", "MemoryItem", "Profile", "Recommendation", "Recommender",
            "adapter_profile", "build_recommender", "check_examples", "expert_profile"]

@@ -59,12 +59,12 @@ def test_a_bad_adapter_directory_is_refused_by_name(tmp_path):
         tune_intent([CorpusTenant("t", [["d"]], [("x", 0)])], IntentTuning(top_layers=9))
 
 
-@pytest.mark.skipif(not (INTENT_ADAPTER / "adapter_model.safetensors").is_file(), reason="no shipped adapter yet")
 def test_the_shipped_adapter_is_safetensors_and_says_how_it_was_made(plain):
     files = {p.name for p in INTENT_ADAPTER.iterdir()}
     assert files == {"adapter_config.json", "adapter_model.safetensors", "training.json"}
     made = json.loads((INTENT_ADAPTER / "training.json").read_text())
     assert "bench.routing_intent" in made["command"] and len(made["corpus"]) == 8
+    assert "/" not in json.loads((INTENT_ADAPTER / "adapter_config.json").read_text())["base_model_name_or_path"]
     tuned = MiniLMEmbedder(threads=1, adapter=INTENT_ADAPTER)
     v = tuned.encode(["conjugate venir in the futur simple"])
     assert np.isclose(np.linalg.norm(v), 1.0, atol=1e-5) and not np.allclose(v, plain.encode(["conjugate venir in the futur simple"]))

@@ -78,6 +78,9 @@ def test_the_configured_default_recommender_routes_the_issue_example():
              "Our family has two children and critical housing; how would the nursery school rank our "
              "application?": "demo/nursery",
              "How do I renew my passport before a trip next month?": BASE}
+    if cfg.method == "minilm-intent":  # history questions the plain embedder sends to the pirate adapter
+        cases |= {p: BASE for p in ("Explain how real pirate ships were crewed in history",
+                                    "What did real pirate ships look like in the 1700s?")}
     for prompt, want in cases.items():
         assert rec.recommend(prompt, demo_profiles()).chosen == want, prompt
 
@@ -231,7 +234,9 @@ def world(tmp_path_factory, tiny_model):
                                                      "Why does my GROUP BY query fail?"]})
         for name in ("style", "sql"):
             add_to_bank(registry, "default", tiny_model, tenant, name)
-    config = load_app_config({"pools": [{"name": "default", "model": "tiny-random"}]})
+    # the plain embedder: the feedback tests need a router that sends history questions to the pirate adapter
+    # (the default, intent-tuned router sends them to base: test_the_configured_default_recommender_...)
+    config = load_app_config({"pools": [{"name": "default", "model": "tiny-random"}], "routing": {"method": "minilm"}})
     catalog = Catalog(registry, config)
     principals = {t: registry.authenticate(k) for t, k in keys.items()}
     return {"catalog": catalog, "registry": registry, "who": principals,

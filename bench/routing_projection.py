@@ -43,12 +43,12 @@ from bench.routing import (
     metrics,
     predict,
 )
-from serve_app.ingress.routing.intent_tuning import load_intent_corpus
+from serve_app.ingress.routing.intent_tuning import CorpusTenant, load_intent_corpus
 
 CORPUS = DATA / "intent_corpus"
 
 
-def load_corpus(path: Path = CORPUS):
+def load_corpus(path: Path = CORPUS) -> list[CorpusTenant]:
     """The intent corpus as tenants (:func:`serve_app.ingress.routing.intent_tuning.load_intent_corpus`)."""
     return load_intent_corpus(path)
 
@@ -71,7 +71,7 @@ def _scores(torch, weight, docs, prompts):
     return torch.stack([(p @ unit(d @ weight.T, dim=-1).T).mean(1) for d in docs], 1)
 
 
-def train_projection(tenants: list[dict], embed, lam: float, steps: int, lr: float = 3e-3, seed: int = 0) -> np.ndarray:
+def train_projection(tenants: list[CorpusTenant], embed, lam: float, steps: int, lr: float = 3e-3, seed: int = 0) -> np.ndarray:
     """``W`` minimising the mean per-tenant cross-entropy of (customizations + base) plus ``lam`` ‖W − I‖²."""
     import torch
 
@@ -94,7 +94,7 @@ def train_projection(tenants: list[dict], embed, lam: float, steps: int, lr: flo
     return (torch.eye(dim) + delta).detach().numpy()
 
 
-def heldout_tenant(tenant: dict, embed, weight: np.ndarray) -> dict:
+def heldout_tenant(tenant: CorpusTenant, embed, weight: np.ndarray) -> dict:
     """Balanced accuracy on one corpus tenant by raw cosine at its best (oracle) threshold."""
     import torch
 

@@ -75,14 +75,14 @@ from llamdex.render import (
     unmark_all,
 )
 from llamdex.schema import FeatureSpec, TenantSchema
-from llamdex.vocabulary import labels, number_words, unit_forms, value_phrases
+from llamdex.vocabulary import ONES, labels, number_words, unit_forms, value_phrases
 
 _NEGATION = re.compile(r"\[([^\]]+)\]")  # BOOL_FALSE marks its negation word as [no]
 _SHORT = frozenset({"record", "csv", "terse"})
 _PRONOUNS = {"he": ("he", "his", "him"), "she": ("she", "her", "her")}
 
 
-_NOT_VALUE_WORDS = frozenset("the and for with per from this that its not any one two three".split())
+_FUNCTION_WORDS = frozenset("the and for with per from this that its not any".split())
 
 
 def schema_phrases(schema: TenantSchema) -> frozenset[str]:
@@ -95,13 +95,18 @@ def schema_phrases(schema: TenantSchema) -> frozenset[str]:
         phrases |= {w.lower() for pair in f.nouns for w in pair}
         if f.type == "category":
             phrases |= {p.lower() for group in value_phrases(f) for p in group}
-    return frozenset(p for p in phrases if len(p) > 2 and p not in _NOT_VALUE_WORDS and p not in PRONOUNS)
+    return frozenset(p for p in phrases if len(p) > 2 and p not in _FUNCTION_WORDS and p not in ONES and p not in PRONOUNS)
+
+
+def _words(text: str) -> str:
+    """' w1 w2 … ' -- the lower-case words of ``text``, space-delimited for whole-word containment."""
+    return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
 
 
 def speaks(text: str, phrases: frozenset[str]) -> bool:
     """Whether ``text`` (its ``{placeholders}`` ignored) contains one of ``phrases`` as whole words."""
-    plain = " " + " ".join(re.findall(r"[a-z0-9]+", re.sub(r"\{\w+\}", "", text).lower())) + " "
-    return any(" " + " ".join(re.findall(r"[a-z0-9]+", p)) + " " in plain for p in phrases)
+    plain = _words(re.sub(r"\{\w+\}", "", text))
+    return any(_words(p) in plain for p in phrases)
 
 
 def _is_age(f: FeatureSpec) -> bool:

@@ -144,7 +144,8 @@ class TorchEngine:
         pending = self._pending_bank
         if pending is not None:
             return pending[0] is not None and name in pending[0].adapters
-        return self.runtime.bank is not None and name in self.runtime.bank.bank.adapters
+        attached = self.runtime.bank
+        return attached is not None and name in attached.bank.adapters
 
     def _servable_now(self, name: str) -> bool:
         """In the attached bank (and, by the caller's check, in the pending one if a swap waits: rows
@@ -249,11 +250,19 @@ class TorchEngine:
         with self._bank_lock:
             if self._pending_bank is not pending:
                 return  # superseded meanwhile: the next step applies the newer one
-            self._pending_bank = None
+        # The swap stays pending while set_bank runs: generate() checks adapters against the pending
+        # bank, never against the moment between detaching the old bank and attaching the new one.
         try:
             self.set_bank(bank, version)
         except Exception as exc:
-            future.set_exception(exc)
+            failed: Exception | None = exc
+        else:
+            failed = None
+        with self._bank_lock:
+            if self._pending_bank is pending:  # a newer swap queued meanwhile stays pending
+                self._pending_bank = None
+        if failed is not None:
+            future.set_exception(failed)
         else:
             future.set_result(None)
 

@@ -166,6 +166,46 @@ def test_adapter_index_follows_the_bank_version():
     assert m.index_in(TorchRuntime(None, None, Handle(["acme/b"]), 2)) == 0
 
 
+def test_adapter_in_both_banks_is_never_refused_mid_swap(lively, adapters, monkeypatch):
+    """An adapter in the old and the new bank is served throughout a swap, including while the
+    engine thread is between detaching the old bank and attaching the new one (CI once saw a 404
+    there). Attaching is slowed so a request deterministically arrives in that moment."""
+    import threading
+    import time
+
+    import compression
+    from compression import load_peft_adapter, svd_bank
+
+    a1 = load_peft_adapter(adapters["acme/a1"], name="acme/a1")
+    model, tok = load(lively)
+    engine = TorchEngine(model, tok, TorchEngineConfig(max_batch_rows=4))
+    engine.set_bank(svd_bank([a1], rank=4), 1)
+    attaching = threading.Event()
+    real_attach = compression.attach_bank
+
+    def slow_attach(*args, **kwargs):
+        attaching.set()
+        time.sleep(0.3)
+        return real_attach(*args, **kwargs)
+
+    monkeypatch.setattr(compression, "attach_bank", slow_attach)
+
+    async def main():
+        swap = asyncio.create_task(engine.swap_bank(svd_bank([a1], rank=4), 2))
+        await asyncio.to_thread(attaching.wait, 10)
+        assert engine.runtime.bank is None, "the request must arrive while no bank is attached"
+        answer = await collect(engine, greedy(HI, 6), [AdapterModifier("acme/a1")])
+        await swap
+        return answer
+
+    try:
+        answer = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert answer.error is None and engine.bank_version == 2
+    assert answer.text == peft_reference(lively, adapters["acme/a1"], HI, 6, engine.stop_ids)
+
+
 def test_bank_swap_while_rows_generate(lively, adapters):
     """Swap to a bank without a1 while an a1 row generates: that row finishes on the old bank (its
     answer equals peft), a2 (only in the new bank) waits for the swap, a1 asked meanwhile is refused."""

@@ -3,22 +3,51 @@
 An expert answers from the feature values its connectors read in the prompt; a prompt that states
 none ("What is the pH of lemon juice?" to a wine-quality expert, "How long did the Titanic take to
 build?") would be answered from the schema's defaults alone -- the same answer for every such
-prompt. So ``auto`` sends a prompt to an expert only when it states values of the expert's
-features, found with the connectors' own vocabulary: a category's or bool's value phrases
-(its name, synonyms and ordinal forms: "third class", "a woman", "no mortgage"), or a number
-(digits, words, ordinals) inside some numeric feature's range. Cheap (regular expressions, no
-model), and a rule about what an expert can use. How many values it takes (``min_values``, default
-2: one value alone -- "red wine", "a 40-year-old" -- is a mention, not a case to predict) was chosen on
-the routing benchmark's validation files (bench/routing.py).
+prompt. So ``auto`` sends a prompt to an expert only when it states a value of at least
+``min_values`` of the expert's features, found with the connectors' own vocabulary:
+
+* a category's, bool's or numeric special value's phrase (its name, synonyms and ordinal forms:
+  "third class", "a woman", "no mortgage", "never contacted before") -- except one- and two-letter
+  forms and English stop words ("may" the month is "may" the verb; "her", "third" and "one" say
+  nothing about *which* feature alone);
+* a number inside a numeric feature's range **bound to that feature**: the feature's name, an
+  alias, its unit, a unit alias or a counted noun is written within :data:`BIND_CHARS` characters
+  of it ("a 40-year-old", "balance: 1200", "3 calls", "pH 3.2"). A bare number is not evidence:
+  contracts, invoices and recipes are full of numbers inside some feature's range ("within 30
+  days", "£84,000", "clause 12") -- the routing benchmark's legal documents went to the bank
+  expert that way.
+
+Cheap (regular expressions, no model), and a rule about what an expert can use. ``min_values``
+(default 1) and the binding window were chosen on the routing benchmark's validation files
+(bench/routing.py; with the binding, one bound feature separates cases from mentions better than
+two unbound values did).
 """
 
 from __future__ import annotations
 
 import re
 
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
 from llamdex.literals import NUMBER, find_literals, value_matcher
 from llamdex.schema import TenantSchema, load_schema
 from llamdex.vocabulary import value_phrases
+
+BIND_CHARS = 40  # a number and its feature's words are at most this far apart
+
+
+def _says_something(phrase: str) -> bool:
+    """A value phrase that names a value by itself: three letters or more and not an English stop word."""
+    text = phrase.strip().lower()
+    return len(text) > 2 and text not in ENGLISH_STOP_WORDS
+
+
+def _words_pattern(words: set[str]) -> re.Pattern | None:
+    words = {w.strip() for w in words if len(w.strip()) > 1}
+    if not words:
+        return None
+    parts = (r"[-\s_]+".join(re.escape(p) for p in re.split(r"[-\s_]+", w)) for w in sorted(words, key=len, reverse=True))
+    return re.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", re.IGNORECASE)
 
 
 class FeatureEvidence:
@@ -27,33 +56,42 @@ class FeatureEvidence:
     def __init__(self, schema: TenantSchema | dict):
         self.schema = load_schema(schema) if isinstance(schema, dict) else schema
         self._phrases: list[tuple[str, re.Pattern]] = []
+        self._numbers: list[tuple[str, float, float, re.Pattern]] = []
         for f in self.schema.features:
-            if f.type not in ("category", "bool"):
-                continue
-            # the connectors' own matcher; one- and two-letter forms ("F", "1") say too little alone
-            matcher = value_matcher(tuple(tuple(p for p in ps if len(p.strip()) > 2) for ps in value_phrases(f)))
+            matcher = value_matcher(tuple(tuple(p for p in ps if _says_something(p)) for ps in value_phrases(f)))
             if matcher is not None:
                 self._phrases.append((f.name, matcher[0]))
-        self._ranges = [(f.lo, f.hi) for f in self.schema.features if f.type in ("int", "float")]
+            if f.type in ("int", "float"):
+                words = {f.name.replace("_", " "), *(f.aliases or []), *(f.unit_aliases or []),
+                         *(w for pair in f.nouns or [] for w in pair)} | ({f.unit} if f.unit else set())
+                pattern = _words_pattern(words)
+                if pattern is not None:
+                    self._numbers.append((f.name, f.lo, f.hi, pattern))
 
     def stated(self, prompt: str) -> list[str]:
-        """What the prompt states that the expert could read: the names of the category/bool features
-        whose value it writes, then each distinct number some numeric feature's range admits (as written
-        by :func:`_number`, e.g. ``"40"``)."""
+        """The names of the features whose value the prompt states (value phrases first, then numbers
+        bound to a numeric feature), each once."""
         out, spans = [], []
         for name, pattern in self._phrases:
             found = list(pattern.finditer(prompt))
             if found:
                 out.append(name)
                 spans += [m.span() for m in found]
-        numbers = (lit.value for lit in find_literals(prompt) if lit.kind == NUMBER
-                   and not any(s <= lit.start < e for s, e in spans))  # "third" of "third class" is pclass's
-        out += list(dict.fromkeys(_number(v) for v in numbers if any(lo <= v <= hi for lo, hi in self._ranges)))
+        numbers = [lit for lit in find_literals(prompt) if lit.kind == NUMBER
+                   and not any(s <= lit.start < e for s, e in spans)]  # "third" of "third class" is pclass's
+        for name, lo, hi, words in self._numbers:
+            if name in out:
+                continue
+            near = [m.span() for m in words.finditer(prompt)]
+            if any(lo <= lit.value <= hi and any(_gap((lit.start, lit.end), w) <= BIND_CHARS for w in near)
+                   for lit in numbers):
+                out.append(name)
         return out
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+def _gap(a: tuple[int, int], b: tuple[int, int]) -> int:
+    """Characters between two spans (0 when they touch or overlap)."""
+    return max(0, max(a[0], b[0]) - min(a[1], b[1]))
 
 
 def feature_evidence(schema: dict | None) -> FeatureEvidence | None:

@@ -127,7 +127,22 @@ def test_questions_about_a_subject_and_prompts_stating_nothing_go_to_base(minilm
     assert story.chosen == "demo/style" and story.explain()["checks"]["about_not_for"]["margin"] >= checked.topic_margin
     survived = checked.recommend("A 30 year old man in third class paid 8 pounds. Did he survive?", profiles)
     assert survived.chosen == "demo/survival"
-    assert set(survived.explain()["checks"]["expert_values_stated"]) == {"pclass", "sex", "30", "8"}
+    assert set(survived.explain()["checks"]["expert_values_stated"]) == {"pclass", "sex", "age", "fare"}
+
+
+def test_a_number_is_evidence_only_beside_its_features_words():
+    """Numbers count for the feature whose name, alias, unit or counted noun is written beside them; the
+    numbers of an invoice or a contract (inside some feature's range) state nothing; a stop word that is
+    also a value ("may" the month, "her", "third") is not a value by itself (so "in May" is not evidence either)."""
+    from serve_app.ingress.routing.evidence import FeatureEvidence
+
+    titanic, bank = FeatureEvidence(schema("titanic")), FeatureEvidence(schema("bank"))
+    assert titanic.stated("Invoice 4471: 3 items, total 80, payable within 30 days of delivery.") == []
+    assert set(titanic.stated("She was 4 years old and travelled with 2 siblings; the fare was £15.")) == {
+        "age", "sibsp", "fare"}
+    assert bank.stated("The tenant may terminate this lease; see her third notice.") == []
+    assert set(bank.stated("age=41, balance: 1200 euros, called 3 times, last contact in June")) == {
+        "month", "age", "balance", "campaign"}
 
 
 def test_an_expert_needs_two_stated_values(minilm):

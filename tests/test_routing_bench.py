@@ -119,7 +119,7 @@ def test_the_intent_corpus_shares_nothing_with_the_benchmark():
     val, test = load_splits(DATA)
     bench_texts = [norm(p["prompt"]) for p in val + test] + unlabelled_texts()
     tenants = load_corpus()
-    assert len(tenants) == 8 and all(len(t.documents) == 10 for t in tenants)
+    assert len(tenants) == 11 and all(len(t.documents) == 10 for t in tenants)
     corpus = [p for t in tenants for p, _ in t.prompts] + [d for t in tenants for ds in t.documents for d in ds]
     near = [(text, d) for text in corpus if (d := nearly_repeats(text, bench_texts)) is not None]
     assert not near, near[:5]

@@ -13,17 +13,23 @@ before (description text, fixed threshold 0.12) and TF-IDF over the same documen
 embedders (threshold validated). The MiniLM contenders include the router's two checks alone and
 together (``about-not-for``: questions about a customization's subject, serve_app/ingress/routing/topics.py,
 whose margin is chosen jointly with the threshold on validation; ``expert evidence``: an expert needs
-one or two stated feature values, serve_app/ingress/routing/evidence.py; ``first/last sentence``: a
-long prompt is also scored by its first and last sentence) and the earlier method without them.
+one or two features whose value the prompt states, serve_app/ingress/routing/evidence.py; ``first/last
+sentence``: a long prompt is also scored by its first and last sentence) and the earlier method without
+them. ``--previous-default REV`` adds the router as it shipped at git revision REV (its intent adapter,
+evidence counting unbound numbers, its threshold and margin) as a baseline.
 
     python -m bench.routing                       # all contenders → docs/bench/routing.{json,md,png}
     python -m bench.routing --methods tfidf,minilm --threads 1
+    python -m bench.routing --methods tfidf,minilm,minilm-intent --previous-default 6ad0dae --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +55,7 @@ class Contender:
     profiles: list[Profile]
     fixed_threshold: float | None = None  # baselines that keep an earlier threshold
     fixed_margin: float | None = None  # ... and about-not-for margin
+    baseline: bool = False  # never the chosen contender
 
 
 def load_prompts(path: Path) -> list[dict]:
@@ -218,8 +225,9 @@ def build_contenders(methods: list[str], data: Path, threads: int) -> tuple[str,
     tenant, plain_docs, legacy = load_profiles(data, 0)
     _, with_q, _ = load_profiles(data, 8)
     if "tfidf" in methods:
-        out.append(Contender("tfidf (old auto: description text, threshold 0.12)", TfidfRecommender(0.12), legacy, 0.12))
-        out.append(Contender("tfidf (same documents, validated threshold)", TfidfRecommender(), with_q))
+        out.append(Contender("tfidf (old auto: description text, threshold 0.12)", TfidfRecommender(0.12), legacy, 0.12,
+                             baseline=True))
+        out.append(Contender("tfidf (same documents, validated threshold)", TfidfRecommender(), with_q, baseline=True))
     embedders = {}
     if "minilm" in methods:
         embedders["minilm"] = CachedEmbedder(MiniLMEmbedder(threads=threads))
@@ -238,9 +246,9 @@ def build_contenders(methods: list[str], data: Path, threads: int) -> tuple[str,
         if name != "minilm-intent":
             out.append(Contender(f"{name} mean, z-score, no schema questions",
                                  Recommender(emb, 0.5, "mean", True, **plain), plain_docs))
-        variants = (  # (label, about-not-for, expert evidence: values needed or 0, views)
+        variants = (  # (label, about-not-for, expert evidence: features needed or 0, views)
             ("expert evidence ≥ 1", False, 1, False), ("about-not-for", True, 0, False),
-            ("about-not-for + expert evidence ≥ 1 (the default until 2026-12-07)", True, 1, False),
+            ("about-not-for + expert evidence ≥ 1", True, 1, False),
             ("about-not-for + expert evidence ≥ 2", True, 2, False),
             ("about-not-for + expert evidence ≥ 2 + first/last sentence", True, 2, True))
         for label, about, values, views in variants:
@@ -248,12 +256,34 @@ def build_contenders(methods: list[str], data: Path, threads: int) -> tuple[str,
                               require_evidence=values > 0, min_values=max(values, 1),
                               views_min_words=VIEWS_MIN_WORDS if views else None)
             out.append(Contender(f"{name} mean, z-score + {label}", rec, with_q))
-        if name == "minilm":  # the same method at the values chosen on the four earlier validation files
-            rec = Recommender(emb, 0.5, "mean", True, topic_margin=0.0, min_values=2, views_min_words=VIEWS_MIN_WORDS)
-            out.append(Contender(f"{name} mean, z-score + about-not-for + expert evidence ≥ 2 + first/last sentence, "
-                                 "at the default until 2026-12-07 12:00 (2.9 / -0.22, chosen on 4 validation files)",
-                                 rec, with_q, fixed_threshold=2.9, fixed_margin=-0.22))
     return tenant, out
+
+
+def previous_default(rev: str, data: Path, threads: int) -> Contender:
+    """The router as it shipped at git revision ``rev`` (before evidence bound numbers to features): its
+    intent adapter read from git, evidence counting every in-range number, ≥ 2 values, its threshold and
+    margin (serve_app/ingress/routing/__init__.py at that revision: 3.6 / -0.14)."""
+    from serve_app.ingress.routing.embedders import CachedEmbedder, MiniLMEmbedder
+    from serve_app.ingress.routing.evidence import FeatureEvidence
+
+    folder = "serve_app/ingress/routing/intent_minilm"
+    adapter = Path(tempfile.mkdtemp(prefix="previous-intent-"))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        blob = subprocess.run(["git", "show", f"{rev}:{folder}/{name}"], cwd=ROOT, capture_output=True, check=False)
+        if blob.returncode:
+            raise SystemExit(f"--previous-default {rev}: {folder}/{name} is not in that revision "
+                             f"({blob.stderr.decode().strip()}); give a commit that shipped the intent adapter")
+        (adapter / name).write_bytes(blob.stdout)
+    tenant, profiles, _ = load_profiles(data, 8)
+    spec = json.loads((data / "customizations.json").read_text())
+    schemas = {f"{tenant}/{e['name']}": json.loads((ROOT / "examples" / "schemas" / f"{e['schema']}.json").read_text())
+               for e in spec["experts"]}
+    profiles = [dataclasses.replace(p, evidence=FeatureEvidence(schemas[p.model_id], bound=False))
+                if p.model_id in schemas else p for p in profiles]
+    rec = Recommender(CachedEmbedder(MiniLMEmbedder(threads=threads, adapter=adapter)), 3.6, "mean", True,
+                      topic_margin=-0.14, min_values=2, views_min_words=None)
+    return Contender(f"the default shipped at {rev} (intent adapter of that revision, unbound evidence ≥ 2 values, "
+                     "3.6 / -0.14)", rec, profiles, fixed_threshold=3.6, fixed_margin=-0.14, baseline=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -264,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the embedders")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where routing.{json,md,png} go")
     ap.add_argument("--name", default="routing", help="results file stem")
+    ap.add_argument("--previous-default", metavar="REV",
+                    help="also score the router as shipped at this git revision (a baseline; see previous_default)")
     ap.add_argument("--validation-only", action="store_true",
                     help="score validation only (while developing a method: the test split stays unseen)")
     args = ap.parse_args(argv)
@@ -272,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     val, test = load_splits(args.data)
     tenant, contenders = build_contenders(args.methods.split(","), args.data, args.threads)
+    if args.previous_default:
+        contenders.append(previous_default(args.previous_default, args.data, args.threads))
     ids = [p.model_id for p in contenders[0].profiles]
     results, curves = [], {}
     for c in contenders:  # 1) validation: threshold per contender
@@ -296,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_results(args.out, args.name, {"results": results, "validation_curves": curves}, table,
                       "Routing (validation only)", command_line("bench.routing", argv))
         return {"results": results}
-    chosen = max((r for r in results if "tfidf" not in r["contender"]),
+    chosen = max((r for r, c in zip(results, contenders, strict=True) if not c.baseline),
                  key=lambda r: r["validation"]["balanced_accuracy"], default=results[0])
     for c, r in zip(contenders, results, strict=True):  # 2) test, once, at the validated threshold
         predicted = predict(score_matrix(c, test), ids, r["threshold"], r["topic_margin"])

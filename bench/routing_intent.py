@@ -7,7 +7,8 @@ router does (:class:`serve_app.ingress.routing.embedders.MiniLMEmbedder` with ``
 on the routing benchmark's **validation files only**, leaving one file out in turn (threshold and
 about-not-for margin chosen on the others, every check of the router on: the fold protocol of
 ``bench/routing_projection.py``), against plain MiniLM in the same run. The configuration with the best
-mean held-out balanced accuracy is chosen; ``--save`` writes it to the adapter the router ships
+mean held-out balanced accuracy -- among the new ones and the adapter the router ships now, scored in the same
+folds -- is chosen; ``--save`` writes a new winner over the adapter the router ships
 (``serve_app/ingress/routing/intent_minilm/``). The test files are scored only by ``bench/routing.py``.
 
     python -m bench.routing_intent --threads 1 --save      # → docs/bench/routing_intent.{json,md}
@@ -72,6 +73,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "validation": loso(Recommender(CachedEmbedder(MiniLMEmbedder(threads=args.threads)), gate), profiles, val, tenant)}]
     print(json.dumps({"event": "contender", "name": results[0]["contender"],
                       "validation_mean": results[0]["validation"]["mean balanced"]}), flush=True)
+    if (INTENT_ADAPTER / "adapter_config.json").exists():  # the adapter the router ships now, in the same folds
+        trained_on = json.loads((INTENT_ADAPTER / "training.json").read_text())
+        name = (f"shipped adapter (LoRA r{trained_on['config']['rank']} on the top {trained_on['config']['top_layers']} "
+                f"layers, {trained_on['config']['steps']} steps, corpus {','.join(trained_on['corpus'])})")
+        res = loso(Recommender(CachedEmbedder(MiniLMEmbedder(threads=args.threads, adapter=INTENT_ADAPTER)), gate),
+                   profiles, val, tenant)
+        results.append({"contender": name, "config": trained_on["config"], "validation": res, "shipped": True})
+        print(json.dumps({"event": "contender", "name": name, "validation_mean": res["mean balanced"]}), flush=True)
     work = Path(tempfile.mkdtemp(prefix="routing-intent-"))
     try:
         for top, steps, rank in grid:
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
                               "validation_mean": res["mean balanced"]}), flush=True)
         chosen = max(results[1:], key=lambda r: r["validation"]["mean balanced"])
         chosen["chosen"] = True
-        if args.save:
+        if args.save and not chosen.get("shipped"):  # a new adapter won: it replaces the shipped one
             shutil.rmtree(INTENT_ADAPTER, ignore_errors=True)
             shutil.copytree(chosen["adapter"], INTENT_ADAPTER)
             (INTENT_ADAPTER / "README.md").unlink(missing_ok=True)  # peft's model-card stub
@@ -120,7 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
                   notes="Each validation file held out in turn: threshold and about-not-for margin chosen on the other "
                         "files, every check of the router on, the held-out file scored ('on / off': on-topic → right "
                         "customization, off-topic → base). Training reads only the intent corpus; no test file is read."
-                        + (" The chosen adapter was written to serve_app/ingress/routing/intent_minilm/." if args.save else ""))
+                        + (" The chosen adapter was written to serve_app/ingress/routing/intent_minilm/."
+                           if args.save and not chosen.get("shipped") else
+                           " The shipped adapter stays: no new one beat it." if chosen.get("shipped") else ""))
     return payload
 
 

@@ -53,15 +53,21 @@ def _words_pattern(words: set[str]) -> re.Pattern | None:
 class FeatureEvidence:
     """Which of one schema's features a prompt states a value of."""
 
-    def __init__(self, schema: TenantSchema | dict):
+    def __init__(self, schema: TenantSchema | dict, bound: bool = True):
+        """``bound=False``: the rule before 2026-12-07 (a baseline of bench/routing.py): category and bool
+        phrases of three letters or more, stop words included, and every distinct number inside some
+        numeric feature's range, each counted as one value."""
         self.schema = load_schema(schema) if isinstance(schema, dict) else schema
+        self.bound = bound
         self._phrases: list[tuple[str, re.Pattern]] = []
-        self._numbers: list[tuple[str, float, float, re.Pattern]] = []
+        self._numbers: list[tuple[str, float, float, re.Pattern]] = []  # bound: (feature, lo, hi, its words)
+        self._ranges = [(f.lo, f.hi) for f in self.schema.features if f.type in ("int", "float")]
         for f in self.schema.features:
-            matcher = value_matcher(tuple(tuple(p for p in ps if _says_something(p)) for ps in value_phrases(f)))
-            if matcher is not None:
+            keep = _says_something if bound else (lambda p: len(p.strip()) > 2)
+            matcher = value_matcher(tuple(tuple(p for p in ps if keep(p)) for ps in value_phrases(f)))
+            if matcher is not None and (bound or f.type in ("category", "bool")):
                 self._phrases.append((f.name, matcher[0]))
-            if f.type in ("int", "float"):
+            if f.type in ("int", "float") and bound:
                 words = {f.name.replace("_", " "), *(f.aliases or []), *(f.unit_aliases or []),
                          *(w for pair in f.nouns or [] for w in pair)} | ({f.unit} if f.unit else set())
                 pattern = _words_pattern(words)
@@ -79,6 +85,9 @@ class FeatureEvidence:
                 spans += [m.span() for m in found]
         numbers = [lit for lit in find_literals(prompt) if lit.kind == NUMBER
                    and not any(s <= lit.start < e for s, e in spans)]  # "third" of "third class" is pclass's
+        if not self.bound:
+            return out + list(dict.fromkeys(_number(lit.value) for lit in numbers
+                                            if any(lo <= lit.value <= hi for lo, hi in self._ranges)))
         for name, lo, hi, words in self._numbers:
             if name in out:
                 continue
@@ -87,6 +96,10 @@ class FeatureEvidence:
                    for lit in numbers):
                 out.append(name)
         return out
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _gap(a: tuple[int, int], b: tuple[int, int]) -> int:

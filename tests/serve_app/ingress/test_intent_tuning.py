@@ -4,6 +4,7 @@ through the router's embedder, and a bad adapter directory is refused by name.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,7 +64,9 @@ def test_the_shipped_adapter_is_safetensors_and_says_how_it_was_made(plain):
     files = {p.name for p in INTENT_ADAPTER.iterdir()}
     assert files == {"adapter_config.json", "adapter_model.safetensors", "training.json"}
     made = json.loads((INTENT_ADAPTER / "training.json").read_text())
-    assert "bench.routing_intent" in made["command"] and len(made["corpus"]) == 8
+    corpus = sorted(f.stem for f in (Path(__file__).resolve().parents[3] / "bench" / "data" / "routing"
+                                     / "intent_corpus").glob("*.json"))
+    assert "bench.routing_intent" in made["command"] and made["corpus"] == corpus  # trained on the whole corpus
     assert "/" not in json.loads((INTENT_ADAPTER / "adapter_config.json").read_text())["base_model_name_or_path"]
     tuned = MiniLMEmbedder(threads=1, adapter=INTENT_ADAPTER)
     v = tuned.encode(["conjugate venir in the futur simple"])

@@ -217,13 +217,14 @@ class RoutingConfig(_Strict):
         "Send a prompt to base when it is nearer to a question *about* the best customization's subject than "
         "to its own documents, by more than ``topic_margin`` (serve_app/ingress/routing/topics.py)."))
     topic_margin: float | None = Field(None, ge=-1, le=1, description=(
-        "The about-not-for margin (cosine); None = the method's validated default (minilm-intent: -0.14; minilm: -0.22)."))
+        "The about-not-for margin (cosine); None = the method's validated default (minilm-intent: -0.2; minilm: -0.22)."))
     expert_evidence: bool = Field(True, description=(
-        "Choose an expert only when the prompt states at least ``expert_min_values`` of its feature values "
+        "Choose an expert only when the prompt states a value of at least ``expert_min_values`` of its features "
         "(serve_app/ingress/routing/evidence.py)."))
-    expert_min_values: int = Field(2, ge=1, le=64, description=(
-        "How many feature values (category/bool features, distinct in-range numbers) a prompt must state for "
-        "an expert; validated default 2."))
+    expert_min_values: int | None = Field(None, ge=1, le=64, description=(
+        "How many features a prompt must state a value of for an expert (a value phrase, or a number beside the "
+        "feature's name, alias, unit or counted noun); None = the method's validated default (minilm-intent: 1; "
+        "minilm: 2)."))
     views_min_words: int | None = Field(None, ge=0, description=(
         "Prompts of at least this many words are also scored by their first and last sentence (the request "
         "around a pasted document); 0 turns it off; None = the method's validated default (minilm: 25; "

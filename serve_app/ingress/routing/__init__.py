@@ -18,6 +18,7 @@ from __future__ import annotations
 from serve_app.ingress.routing.profiles import Profile, adapter_profile, check_examples, expert_profile
 from serve_app.ingress.routing.recommender import (
     BASE,
+    MIN_VALUES,
     TOPIC_MARGIN,
     VIEWS_MIN_WORDS,
     MemoryItem,
@@ -29,7 +30,9 @@ from serve_app.ingress.routing.recommender import (
 # the normalised embedders (minilm, minilm-intent: jointly with the about-not-for margin; base-lm: without it).
 # tfidf uses AppConfig.auto_min_similarity.
 DEFAULT_THRESHOLDS = {"minilm-intent": 3.6, "minilm": 2.9, "base-lm": 1.65}
-DEFAULT_TOPIC_MARGINS = {"minilm-intent": -0.14, "minilm": TOPIC_MARGIN, "base-lm": None}  # None: not validated, check off
+DEFAULT_TOPIC_MARGINS = {"minilm-intent": -0.2, "minilm": TOPIC_MARGIN, "base-lm": None}  # None: not validated, check off
+# features an expert needs stated (evidence.py): validated per method (minilm-intent: 1 scored 0.2 points above 2)
+DEFAULT_MIN_VALUES = {"minilm-intent": 1, "minilm": MIN_VALUES, "base-lm": MIN_VALUES}
 # long prompts also scored by their first/last sentence: validated for minilm; for minilm-intent it scored
 # 0.3 points lower on validation (bench/routing.py), so off
 DEFAULT_VIEWS_MIN_WORDS = {"minilm-intent": None, "minilm": VIEWS_MIN_WORDS, "base-lm": VIEWS_MIN_WORDS}
@@ -53,10 +56,11 @@ def build_recommender(cfg, tfidf_threshold: float = 0.12):
     margin = cfg.topic_margin if cfg.topic_margin is not None else DEFAULT_TOPIC_MARGINS[cfg.method]
     return Recommender(embedder, threshold, cfg.pooling, cfg.normalize, cfg.memory_similarity, cfg.memory_margin,
                        topic_margin=margin if cfg.about_not_for else None, require_evidence=cfg.expert_evidence,
-                       min_values=cfg.expert_min_values,
+                       min_values=(cfg.expert_min_values if cfg.expert_min_values is not None
+                                   else DEFAULT_MIN_VALUES[cfg.method]),
                        views_min_words=(cfg.views_min_words if cfg.views_min_words is not None
                                         else DEFAULT_VIEWS_MIN_WORDS[cfg.method]) or None)
 
 
-__all__ = ["BASE", "DEFAULT_THRESHOLDS", "DEFAULT_TOPIC_MARGINS", "DEFAULT_VIEWS_MIN_WORDS", "MemoryItem", "Profile", "Recommendation", "Recommender",
+__all__ = ["BASE", "DEFAULT_MIN_VALUES", "DEFAULT_THRESHOLDS", "DEFAULT_TOPIC_MARGINS", "DEFAULT_VIEWS_MIN_WORDS", "MemoryItem", "Profile", "Recommendation", "Recommender",
            "adapter_profile", "build_recommender", "check_examples", "expert_profile"]

@@ -14,7 +14,7 @@ and the documents are embedded by one :mod:`~serve_app.ingress.routing.embedders
    send the prompt to ``base``: **about, not for** -- the prompt must not be nearer, by more than
    ``topic_margin``, to a question *about* the candidate's subject than to its nearest own document
    (:mod:`~serve_app.ingress.routing.topics`); **something to read** -- an expert is chosen only if
-   the prompt states at least ``min_values`` values of its features (``require_evidence``,
+   the prompt states a value of at least ``min_values`` of its features (``require_evidence``,
    :mod:`~serve_app.ingress.routing.evidence`).
    A long prompt (``views_min_words`` words or more: a pasted contract, a diff, an email with the
    request around it) is also scored by its first and its last sentence, where people write what they
@@ -49,7 +49,7 @@ BASE = "base"
 POOLINGS = ("mean", "max")
 # chosen with the z threshold on the routing benchmark's validation split (bench/routing.py)
 TOPIC_MARGIN = -0.22
-MIN_VALUES = 2  # an expert needs this many stated values (validated: 1 lets "red wine" through to the wine expert)
+MIN_VALUES = 2  # features an expert needs stated (validated for minilm; minilm-intent: DEFAULT_MIN_VALUES in __init__)
 VIEWS_MIN_WORDS = 25  # prompts this long are also scored by their first and last sentence
 _SEGMENT = re.compile(r"(?<=[.!?:])\s+|\n+")
 

@@ -23,13 +23,19 @@ from bench.llamdex_encoders import ROOT, load_for_ablation
 PROBES = ROOT / "bench" / "data" / "llamdex_probe"
 
 
-def read_probe(dataset: str) -> list[dict]:
-    """The probe questions of ``dataset`` (names the missing file)."""
-    path = PROBES / f"{dataset}.jsonl"
+def read_probe(dataset: str, questions: Path | None = None) -> list[dict]:
+    """The probe questions of ``dataset``, or of the file ``questions`` in the same format (names the missing
+    file and the bad line)."""
+    path = questions or PROBES / f"{dataset}.jsonl"
     if not path.is_file():
-        raise SystemExit(f"--dataset: no probe for {dataset!r} ({path} is missing); fix: one of "
+        raise SystemExit(f"--questions: {path} is missing" if questions else
+                         f"--dataset: no probe for {dataset!r} ({path} is missing); fix: one of "
                          f"{sorted(p.stem for p in PROBES.glob('*.jsonl'))}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    bad = [i for i, q in enumerate(out, 1) if not isinstance(q.get("question"), str) or not isinstance(q.get("says"), dict)]
+    if bad:
+        raise SystemExit(f"{path}: line {bad[0]} needs {{\"question\": str, \"says\": {{feature: value}}}}")
+    return out
 
 
 def same(read, said) -> bool:
@@ -43,6 +49,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m bench.llamdex_probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="titanic", help="a dataset with a probe file in bench/data/llamdex_probe/")
+    p.add_argument("--questions", type=Path, default=None,
+                   help="score this JSONL instead of the dataset's probe (same format: question, says), e.g. a set "
+                        "written by someone who never saw the training grammar")
     p.add_argument("--connectors-dirs", nargs="+", required=True,
                    help="trained connectors directories (connectors/ + synthetic-expert/, as the accuracy bench caches "
                         "them), each optionally as label=path")
@@ -50,7 +59,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="results directory")
     p.add_argument("--name", default=None, help="results file stem (default llamdex_probe_<dataset>)")
     args = p.parse_args(argv)
-    probes = read_probe(args.dataset)
+    probes = read_probe(args.dataset, args.questions)
 
     from bench.common import command_line, write_results
     from bench.llamdex_encoders import load_bundle
@@ -81,9 +90,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   {"dataset": args.dataset, "questions": len(probes), "results": table, "misses": misses}, table,
                   f"Everyday constructs on {args.dataset}: read exactly, per feature (hand-written probe)",
                   command_line("bench.llamdex_probe", argv),
-                  notes=f"{len(probes)} hand-written questions (bench/data/llamdex_probe/{args.dataset}.jsonl), written while "
-                        "diagnosing make demo's misreads: a regression check for those constructs, not a held-out "
-                        "measure. 'not stated' counts as a miss. Every miss is in the JSON ('misses').")
+                  notes=(f"{len(probes)} hand-written questions (bench/data/llamdex_probe/{args.dataset}.jsonl), written "
+                         "while diagnosing make demo's misreads: a regression check for those constructs, not a held-out "
+                         "measure." if args.questions is None else f"{len(probes)} questions of {args.questions.name}.")
+                        + " 'not stated' counts as a miss. Every miss is in the JSON ('misses').")
     return table
 
 

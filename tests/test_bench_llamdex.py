@@ -165,3 +165,24 @@ def test_the_llamdex_probe_says_only_schema_values():
     assert same(4.0, 4) and same("first", "first") and not same(None, 0) and not same(8.0, 4)
     with pytest.raises(SystemExit, match="no probe for 'nope'"):
         read_probe("nope")
+
+
+def test_the_probe_reads_another_question_file_and_names_a_bad_line(tmp_path):
+    """``--questions``: any JSONL of {question, says} is scored instead of the dataset's probe; a line without
+    them is refused with its number, a missing file by its path."""
+    import json
+
+    import pytest
+
+    from bench.llamdex_probe import read_probe
+
+    good = tmp_path / "q.jsonl"
+    good.write_text(json.dumps({"question": "A woman of 30 in 3rd class - did she survive?",
+                                "says": {"sex": "female", "age": 30}}) + "\n")
+    assert read_probe("titanic", good)[0]["says"]["age"] == 30
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + json.dumps({"question": "no says"}) + "\n")
+    with pytest.raises(SystemExit, match="line 2 needs"):
+        read_probe("titanic", bad)
+    with pytest.raises(SystemExit, match="missing"):
+        read_probe("titanic", tmp_path / "none.jsonl")

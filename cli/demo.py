@@ -106,6 +106,8 @@ def run_demo(settings: Settings, budget_s: float = 600.0, retrain: bool = False)
     schema_path = ROOT / "examples" / "schemas" / "titanic.json"
 
     _step(3, "tenant side: DP expert (ε = 1) on the titanic training split, as a Ray Train job")
+    if not retrain and _latest(registry, "expert") is not None:
+        print("  reusing the published expert (`atelier demo --retrain` trains it afresh)")
     if retrain or _latest(registry, "expert") is None:
         _submit(settings, "train_jobs.experts", "--tenant", DEMO_TENANT, "--name", EXPERT, "--schema",
                 str(schema_path), "--paper-dataset", "titanic", "--epsilon", "1", "--store", settings.store_uri)
@@ -119,6 +121,8 @@ def run_demo(settings: Settings, budget_s: float = 600.0, retrain: bool = False)
                 model.id, "--time-budget", str(budget_s), "--threads", "2", "--cpus-per-tenant", "1",
                 "--store", settings.store_uri)
         conn = _latest(registry, "connectors")
+    else:  # an earlier run's connectors: say so, they may predate the code now checked out
+        print(f"  reusing {conn.ref}, published by an earlier run; `atelier demo --retrain` trains them afresh")
     print(f"  {conn.ref}: held-out synthetic accuracy {conn.metadata.get('heldout_synthetic', {})}")
     from llamdex.pipeline import OVERRUN_NOTE
 

@@ -132,7 +132,8 @@ class TorchEngine:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._bank_lock:  # visible at once to generate() (it checks adapters against this bank)
             if self._pending_bank is not None:  # superseded: the newer bank wins
-                self._pending_bank[2].set_result(None)
+                if not self._pending_bank[2].done():
+                    self._pending_bank[2].set_result(None)
             self._pending_bank = (bank, version, future)
         self._inbox.put(("wake", None, None))
         await asyncio.wrap_future(future)
@@ -258,13 +259,14 @@ class TorchEngine:
             failed: Exception | None = exc
         else:
             failed = None
-        with self._bank_lock:
+        with self._bank_lock:  # swap_bank resolves a superseded swap's future under the same lock
             if self._pending_bank is pending:  # a newer swap queued meanwhile stays pending
                 self._pending_bank = None
-        if failed is not None:
-            future.set_exception(failed)
-        else:
-            future.set_result(None)
+            if not future.done():
+                if failed is not None:
+                    future.set_exception(failed)
+                else:
+                    future.set_result(None)
 
     def _step(self) -> None:
         self._apply_pending_bank()

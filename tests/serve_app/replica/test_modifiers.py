@@ -206,6 +206,50 @@ def test_adapter_in_both_banks_is_never_refused_mid_swap(lively, adapters, monke
     assert answer.text == peft_reference(lively, adapters["acme/a1"], HI, 6, engine.stop_ids)
 
 
+def test_a_swap_queued_while_another_attaches_wins_and_both_return(lively, adapters, monkeypatch):
+    """Swap B arrives while swap A's bank is being attached: both calls return without error and the
+    engine ends on B (A's future is resolved once, by the superseding swap)."""
+    import threading
+    import time
+
+    import compression
+    from compression import load_peft_adapter, svd_bank
+
+    a1 = load_peft_adapter(adapters["acme/a1"], name="acme/a1")
+    model, tok = load(lively)
+    engine = TorchEngine(model, tok, TorchEngineConfig(max_batch_rows=4))
+    engine.set_bank(svd_bank([a1], rank=4), 1)
+    attaching, real_attach = threading.Event(), compression.attach_bank
+
+    def slow_attach(*args, **kwargs):
+        attaching.set()
+        time.sleep(0.3)
+        return real_attach(*args, **kwargs)
+
+    monkeypatch.setattr(compression, "attach_bank", slow_attach)
+    errors, apply = [], engine._apply_pending_bank
+
+    def spy():  # the engine loop logs and swallows a failed step: record it here
+        try:
+            apply()
+        except Exception as exc:
+            errors.append(exc)
+            raise
+
+    monkeypatch.setattr(engine, "_apply_pending_bank", spy)
+
+    async def main():
+        first = asyncio.create_task(engine.swap_bank(svd_bank([a1], rank=4), 2))
+        await asyncio.to_thread(attaching.wait, 10)
+        await asyncio.gather(first, engine.swap_bank(svd_bank([a1], rank=4), 3))
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert engine.bank_version == 3 and not errors, errors
+
+
 def test_bank_swap_while_rows_generate(lively, adapters):
     """Swap to a bank without a1 while an a1 row generates: that row finishes on the old bank (its
     answer equals peft), a2 (only in the new bank) waits for the swap, a1 asked meanwhile is refused."""

@@ -274,12 +274,9 @@ def previous_default(rev: str, data: Path, threads: int) -> Contender:
             raise SystemExit(f"--previous-default {rev}: {folder}/{name} is not in that revision "
                              f"({blob.stderr.decode().strip()}); give a commit that shipped the intent adapter")
         (adapter / name).write_bytes(blob.stdout)
-    tenant, profiles, _ = load_profiles(data, 8)
-    spec = json.loads((data / "customizations.json").read_text())
-    schemas = {f"{tenant}/{e['name']}": json.loads((ROOT / "examples" / "schemas" / f"{e['schema']}.json").read_text())
-               for e in spec["experts"]}
-    profiles = [dataclasses.replace(p, evidence=FeatureEvidence(schemas[p.model_id], bound=False))
-                if p.model_id in schemas else p for p in profiles]
+    _, profiles, _ = load_profiles(data, 8)
+    profiles = [dataclasses.replace(p, evidence=FeatureEvidence(p.evidence.schema, bound=False))
+                if p.evidence is not None else p for p in profiles]
     rec = Recommender(CachedEmbedder(MiniLMEmbedder(threads=threads, adapter=adapter)), 3.6, "mean", True,
                       topic_margin=-0.14, min_values=2, views_min_words=None)
     return Contender(f"the default shipped at {rev} (intent adapter of that revision, unbound evidence ≥ 2 values, "

@@ -42,15 +42,6 @@ def _says_something(phrase: str) -> bool:
     return len(text) > 2 and text not in ENGLISH_STOP_WORDS
 
 
-def _words_pattern(words: set[str]) -> re.Pattern | None:
-    """One whole-word, case-insensitive regex over ``words`` ("-", "_" and spaces alike), longest first."""
-    words = {w.strip() for w in words if len(w.strip()) > 1}
-    if not words:
-        return None
-    parts = (r"[-\s_]+".join(re.escape(p) for p in re.split(r"[-\s_]+", w)) for w in sorted(words, key=len, reverse=True))
-    return re.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", re.IGNORECASE)
-
-
 class FeatureEvidence:
     """Which of one schema's features a prompt states a value of."""
 
@@ -71,9 +62,9 @@ class FeatureEvidence:
             if f.type in ("int", "float") and bound:
                 words = {f.name.replace("_", " "), *(f.aliases or []), *(f.unit_aliases or []),
                          *(w for pair in f.nouns or [] for w in pair)} | ({f.unit} if f.unit else set())
-                pattern = _words_pattern(words)
-                if pattern is not None:
-                    self._numbers.append((f.name, f.lo, f.hi, pattern))
+                matcher = value_matcher((tuple(sorted(w for w in words if len(w.strip()) > 1)),))
+                if matcher is not None:
+                    self._numbers.append((f.name, f.lo, f.hi, matcher[0]))
 
     def stated(self, prompt: str) -> list[str]:
         """The names of the features whose value the prompt states (value phrases first, then numbers

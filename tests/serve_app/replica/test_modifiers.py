@@ -166,29 +166,40 @@ def test_adapter_index_follows_the_bank_version():
     assert m.index_in(TorchRuntime(None, None, Handle(["acme/b"]), 2)) == 0
 
 
-def test_adapter_in_both_banks_is_never_refused_mid_swap(lively, adapters, monkeypatch):
-    """An adapter in the old and the new bank is served throughout a swap, including while the
-    engine thread is between detaching the old bank and attaching the new one (CI once saw a 404
-    there). Attaching is slowed so a request deterministically arrives in that moment."""
+@pytest.fixture()
+def slow_attach(monkeypatch):
+    """Call it to make every later bank attach take 0.3 s; the event it returns is set when one starts, so a
+    test can act while the engine thread is between detaching the old bank and attaching the new one."""
     import threading
     import time
 
     import compression
+
+    def arm() -> threading.Event:
+        attaching, real_attach = threading.Event(), compression.attach_bank
+
+        def attach(*args, **kwargs):
+            attaching.set()
+            time.sleep(0.3)
+            return real_attach(*args, **kwargs)
+
+        monkeypatch.setattr(compression, "attach_bank", attach)
+        return attaching
+
+    return arm
+
+
+def test_adapter_in_both_banks_is_never_refused_mid_swap(lively, adapters, slow_attach):
+    """An adapter in the old and the new bank is served throughout a swap, including while the
+    engine thread is between detaching the old bank and attaching the new one (CI once saw a 404
+    there). Attaching is slowed so a request deterministically arrives in that moment."""
     from compression import load_peft_adapter, svd_bank
 
     a1 = load_peft_adapter(adapters["acme/a1"], name="acme/a1")
     model, tok = load(lively)
     engine = TorchEngine(model, tok, TorchEngineConfig(max_batch_rows=4))
     engine.set_bank(svd_bank([a1], rank=4), 1)
-    attaching = threading.Event()
-    real_attach = compression.attach_bank
-
-    def slow_attach(*args, **kwargs):
-        attaching.set()
-        time.sleep(0.3)
-        return real_attach(*args, **kwargs)
-
-    monkeypatch.setattr(compression, "attach_bank", slow_attach)
+    attaching = slow_attach()
 
     async def main():
         swap = asyncio.create_task(engine.swap_bank(svd_bank([a1], rank=4), 2))
@@ -206,27 +217,16 @@ def test_adapter_in_both_banks_is_never_refused_mid_swap(lively, adapters, monke
     assert answer.text == peft_reference(lively, adapters["acme/a1"], HI, 6, engine.stop_ids)
 
 
-def test_a_swap_queued_while_another_attaches_wins_and_both_return(lively, adapters, monkeypatch):
+def test_a_swap_queued_while_another_attaches_wins_and_both_return(lively, adapters, slow_attach, monkeypatch):
     """Swap B arrives while swap A's bank is being attached: both calls return without error and the
     engine ends on B (A's future is resolved once, by the superseding swap)."""
-    import threading
-    import time
-
-    import compression
     from compression import load_peft_adapter, svd_bank
 
     a1 = load_peft_adapter(adapters["acme/a1"], name="acme/a1")
     model, tok = load(lively)
     engine = TorchEngine(model, tok, TorchEngineConfig(max_batch_rows=4))
     engine.set_bank(svd_bank([a1], rank=4), 1)
-    attaching, real_attach = threading.Event(), compression.attach_bank
-
-    def slow_attach(*args, **kwargs):
-        attaching.set()
-        time.sleep(0.3)
-        return real_attach(*args, **kwargs)
-
-    monkeypatch.setattr(compression, "attach_bank", slow_attach)
+    attaching = slow_attach()
     errors, apply = [], engine._apply_pending_bank
 
     def spy():  # the engine loop logs and swallows a failed step: record it here

@@ -219,7 +219,8 @@ def test_adapter_in_both_banks_is_never_refused_mid_swap(lively, adapters, slow_
 
 def test_a_swap_queued_while_another_attaches_wins_and_both_return(lively, adapters, slow_attach, monkeypatch):
     """Swap B arrives while swap A's bank is being attached: both calls return without error and the
-    engine ends on B (A's future is resolved once, by the superseding swap)."""
+    engine ends on B, whose adapter then answers as peft does (A's future is resolved once, by the
+    superseding swap)."""
     from compression import load_peft_adapter, svd_bank
 
     a1 = load_peft_adapter(adapters["acme/a1"], name="acme/a1")
@@ -242,12 +243,14 @@ def test_a_swap_queued_while_another_attaches_wins_and_both_return(lively, adapt
         first = asyncio.create_task(engine.swap_bank(svd_bank([a1], rank=4), 2))
         await asyncio.to_thread(attaching.wait, 10)
         await asyncio.gather(first, engine.swap_bank(svd_bank([a1], rank=4), 3))
+        return await collect(engine, greedy(HI, 6), [AdapterModifier("acme/a1")])
 
     try:
-        asyncio.run(main())
+        answer = asyncio.run(main())
     finally:
         engine.shutdown()
     assert engine.bank_version == 3 and not errors, errors
+    assert answer.error is None and answer.text == peft_reference(lively, adapters["acme/a1"], HI, 6, engine.stop_ids)
 
 
 def test_bank_swap_while_rows_generate(lively, adapters):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from llamdex.codec import is_missing, to_bool
@@ -68,6 +69,7 @@ from llamdex.render import (
     Question,
     ValueWriter,
     article,
+    as_number,
     cap,
     lower_first,
     mark,
@@ -75,7 +77,7 @@ from llamdex.render import (
     unmark_all,
 )
 from llamdex.schema import FeatureSpec, TenantSchema
-from llamdex.vocabulary import ONES, labels, number_words, unit_forms, value_phrases
+from llamdex.vocabulary import ONES, labels, number_words, phrase_values, unit_forms, value_phrases
 
 _NEGATION = re.compile(r"\[([^\]]+)\]")  # BOOL_FALSE marks its negation word as [no]
 _SHORT = frozenset({"record", "csv", "terse"})
@@ -109,6 +111,43 @@ def speaks(text: str, phrases: frozenset[str]) -> bool:
     return any(_words(p) in plain for p in phrases)
 
 
+JOINT_SHARE = 0.5  # of rows where a phrase stating several features fits, the share that write it once for all
+
+
+@dataclass(frozen=True)
+class NumericPhrase:
+    """What a numeric feature's phrase says: the value of every feature that lists it (several when
+    shared: titanic's "travelling alone" is sibsp 0 and parch 0; bank's "never contacted before" is
+    pdays -1 and previous 0), and the category values its words imply ("her husband": female)."""
+
+    says: dict[int, float]
+    implies: dict[int, str]
+
+
+def numeric_phrases(schema: TenantSchema) -> dict[str, NumericPhrase]:
+    """Lower-case phrase -> :class:`NumericPhrase`, over every numeric feature's ``synonyms``. Why: a
+    phrase written for one feature must not contradict the rest of the row ("no family aboard" for
+    sibsp beside three children), or the encoder learns to skip it where a user means it."""
+    words: dict[str, set[tuple[int, str]]] = {}
+    for i, f in enumerate(schema.features):
+        if f.type == "category":
+            for c, phrases in zip(f.categories or [], value_phrases(f), strict=True):
+                for p in phrases:
+                    words.setdefault(p.lower(), set()).add((i, c))
+    table: dict[str, NumericPhrase] = {}
+    for i, f in enumerate(schema.features):
+        if f.type not in ("int", "float"):
+            continue
+        for v, phrases in zip(phrase_values(f), value_phrases(f), strict=True):
+            for p in phrases:
+                key = p.lower()
+                if key not in table:
+                    owners = [next(iter(words[w])) for w in re.findall(r"[\w']+", key) if len(words.get(w, ())) == 1]
+                    table[key] = NumericPhrase(says={}, implies=dict(owners))
+                table[key].says[i] = v
+    return table
+
+
 def _is_age(f: FeatureSpec) -> bool:
     """A numeric feature measured in years of life (its units include "years old" or "year-old")."""
     return f.type in ("int", "float") and bool({"years old", "year-old"} & {u.lower() for u in unit_forms(f)})
@@ -133,6 +172,8 @@ class TrainingGrammar:
                 for p in phrases:
                     owners[p.lower()] = owners.get(p.lower(), 0) + 1
         self._phrase_owners = owners
+        self._numeric_phrases = numeric_phrases(schema)
+        self._avoid: frozenset[str] = frozenset()  # the current row's (see _phrases_for)
 
     def _gender_feature(self) -> tuple[int, dict[str, str]] | None:
         """(feature index, category -> 'he'/'she') for a category whose synonyms include those pronouns."""
@@ -160,9 +201,20 @@ class TrainingGrammar:
                 pron = (gi, _PRONOUNS[mapping[value]])
         clauses: dict[str, str] = {}
         stated: set[str] = set()
-        for i, f in enumerate(self.schema.features):
+        for f in self.schema.features:
             if f.name not in row:
                 raise ValueError(f"row: feature {f.name!r} is absent; fix: include it (None/NaN if unknown)")
+        self._avoid, joint = self._phrases_for(row)
+        together: set[int] = set()
+        if joint and style != "csv" and rng.random() < JOINT_SHARE:  # one phrase states several features
+            phrase = rng.choice(joint)
+            together = set(self._numeric_phrases[phrase.lower()].says)
+            names = [self.schema.features[i].name for i in sorted(together)]
+            clauses["+".join(names)] = rng.choice(BOOL_PHRASE).format(phrase=mark(tuple(sorted(together)), phrase))
+            stated.update(names)
+        for i, f in enumerate(self.schema.features):
+            if i in together:
+                continue
             value = row[f.name]
             if is_missing(value) or rng.random() < share:
                 if pron is not None and i == pron[0]:
@@ -189,6 +241,23 @@ class TrainingGrammar:
                         spans={k: v[0] for k, v in spans.items()}, label_spans={k: v[0] for k, v in labs.items()},
                         stated=frozenset(stated), value_spans=spans)
 
+    def _phrases_for(self, row: Mapping[str, Any]) -> tuple[frozenset[str], list[str]]:
+        """(phrases no single feature may write in this row, phrases that state several features and
+        fit the row): a phrase fits when every feature it states holds its value and the category
+        values its words imply are the row's."""
+        def fits(use: NumericPhrase) -> bool:
+            feats = self.schema.features
+            return (all(not is_missing(row[feats[i].name]) and as_number(feats[i], row[feats[i].name]) == v
+                        for i, v in use.says.items())
+                    and all(row[feats[i].name] == c for i, c in use.implies.items()))
+        avoid, joint = set(), []
+        for key, use in self._numeric_phrases.items():
+            if len(use.says) > 1 or not fits(use):
+                avoid.add(key)
+            if len(use.says) > 1 and fits(use):
+                joint.append(key)
+        return frozenset(avoid), joint
+
     # -------------------------------------------------------------------------------------- clauses
     def _label(self, f: FeatureSpec, short: bool) -> str:
         if short and self.rng.random() < 0.6:
@@ -198,7 +267,7 @@ class TrainingGrammar:
     def _value(self, i: int, f: FeatureSpec, value: Any, short: bool) -> str:
         if f.type == "category":
             return mark(i, self.writer.category(f, value, short))
-        return mark(i, self.writer.number(f, value, unit_share=0.4 if short else 0.55))
+        return mark(i, self.writer.number(f, value, unit_share=0.4 if short else 0.55, avoid=self._avoid))
 
     def _joined(self, label: str, value: str, short: bool, plain: bool = False) -> str:
         """Label and value joined by a connector, in either order (``plain``: no clause-joining prefix,

@@ -97,6 +97,7 @@ BOOL_FALSE = ("[no] {label}", "[not] {label}", "[without] {label}", "[never] had
               "does[n't] have {label}", "{label}: [none]", "[no] {label} at all", "has [no] {label}",
               "[not] with {label}", "{label}? [none]", "[never] any {label}", "[no] sign of {label}",
               "{label} [not] present")
+# a phrase standing alone: a bool's own phrase, or a numeric phrase stating several features at once
 BOOL_PHRASE = ("{phrase}", "{phrase}, apparently", "and {phrase}", "{phrase} too", "also {phrase}",
                "they say {phrase}", "{phrase} as well", "it seems {phrase}")
 CATEGORY_BARE = ("{value}", "a {value} one", "{value}, as it happens", "{value} too", "and {value}",

@@ -38,12 +38,14 @@ CODE_SHARE = 0.25  # of an ordinal category's values in records, the share writt
 PRONOUNS = frozenset("he him his she her hers they them their theirs it its".split())
 VALUE, LABEL, CLOSE, INDEX_BASE = "\x02", "\x04", "\x03", 0xE000
 _OPENS = (VALUE, LABEL)
-_MARKS = re.compile("([\x02\x04])(.)(.*?)\x03", re.DOTALL)
+_MARKS = re.compile("([\x02\x04])([\ue000-\uf8ff]+)(.*?)\x03", re.DOTALL)
 
 
-def mark(index: int, text: str, what: str = VALUE) -> str:
-    """Wrap feature ``index``'s rendered value (or label) in markers that :func:`unmark` turns into a span."""
-    return f"{what}{chr(INDEX_BASE + index)}{text}{CLOSE}"
+def mark(index: int | tuple[int, ...], text: str, what: str = VALUE) -> str:
+    """Wrap feature ``index``'s rendered value (or label) in markers that :func:`unmark` turns into a span;
+    a tuple of indices marks one phrase that states several features ("travelling alone")."""
+    indices = index if isinstance(index, tuple) else (index,)
+    return what + "".join(chr(INDEX_BASE + i) for i in indices) + text + CLOSE
 
 
 def unmark(text: str) -> tuple[str, dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
@@ -62,7 +64,8 @@ def unmark_all(text: str) -> tuple[str, dict[int, list[tuple[int, int]]], dict[i
         parts.append(text[last:m.start()])
         pos += m.start() - last
         inner = m.group(3)
-        spans[m.group(1)].setdefault(ord(m.group(2)) - INDEX_BASE, []).append((pos, pos + len(inner)))
+        for index in m.group(2):
+            spans[m.group(1)].setdefault(ord(index) - INDEX_BASE, []).append((pos, pos + len(inner)))
         parts.append(inner)
         pos += len(inner)
         last = m.end()
@@ -174,13 +177,15 @@ class ValueWriter:
         return forms
 
     def number(self, f: FeatureSpec, value: Any, unit_share: float = 0.5, words: bool = True,
-               phrases: bool = True) -> str:
+               phrases: bool = True, avoid: frozenset[str] = frozenset()) -> str:
         """A numeric value: a bare form, maybe with its unit (or currency symbol), or one of the
-        feature's phrases for exactly this value ('never contacted before' for pdays -1)."""
+        feature's phrases for exactly this value ('never contacted before' for pdays -1) that is not
+        in ``avoid`` (lower case: phrases the rest of the row would contradict)."""
         rng = self.rng
         number = as_number(f, value)
         if phrases:
-            special = [p for v, ps in zip(phrase_values(f), value_phrases(f), strict=True) if v == number for p in ps]
+            special = [p for v, ps in zip(phrase_values(f), value_phrases(f), strict=True) if v == number
+                       for p in ps if p.lower() not in avoid]
             if special and rng.random() < 0.5:
                 return rng.choice(special)
         forms = self.numbers(f, value)

@@ -226,3 +226,44 @@ def test_records_write_an_ordinal_class_by_its_code(rows_by_schema):
     nursery = rows_by_schema["nursery"][0]
     children = next(f for f in nursery.features if f.name == "children")  # cardinal names: no code path
     assert {writer.category(children, "1", short=True) for _ in range(200)} <= set(value_phrases(children)[0])
+
+
+def test_a_phrase_several_features_share_is_written_once_for_all_and_only_when_the_row_agrees(rows_by_schema):
+    """Titanic's "travelling alone" says sibsp 0 *and* parch 0: the grammar writes it as one value of both
+    (one span, both features), and never for one of them while the other holds another value; a phrase
+    whose words imply a category ("her husband": female) is written only for rows holding that category."""
+    from llamdex.grammar import numeric_phrases
+
+    schema = rows_by_schema["titanic"][0]
+    table = numeric_phrases(schema)
+    shared = {p for p, use in table.items() if len(use.says) > 1}
+    assert {"travelling alone", "no family aboard"} <= shared
+    base = {"pclass": "third", "sex": "male", "age": 30.0, "fare": 8.05}
+    gen = QuestionGenerator(schema, seed=5)
+
+    def written(row: dict, n: int = 300) -> list[tuple[str, dict[str, list[tuple[int, int]]]]]:
+        out = []
+        for _ in range(n):
+            q = gen.compose(row, "train")
+            out.append((q.text, {f: q.all_spans(f) for f in ("sibsp", "parch")}))
+        return out
+
+    together = 0
+    for text, spans in written(base | {"sibsp": 0, "parch": 0}):
+        for a, b in spans["sibsp"]:
+            if text[a:b].lower() in shared:
+                assert (a, b) in spans["parch"], text  # one phrase, both features
+                together += 1
+    assert together > 30
+    for row in (base | {"sibsp": 0, "parch": 3}, base | {"sibsp": 2, "parch": 0}):
+        for text, spans in written(row):
+            said = {text[a:b].lower() for s in spans.values() for a, b in s}
+            assert not said & shared, text
+    sex = [f.name for f in schema.features].index("sex")
+    hers = {p for p, use in table.items() if use.implies.get(sex) == "female"}
+    assert {"her husband", "her sister"} <= hers
+    for text, spans in written(base | {"sibsp": 1, "parch": 0}, n=400):
+        assert not {text[a:b].lower() for a, b in spans["sibsp"]} & hers, text
+    woman = [text for text, spans in written(base | {"sex": "female", "sibsp": 1, "parch": 0}, n=400)
+             if {text[a:b].lower() for a, b in spans["sibsp"]} & hers]
+    assert woman

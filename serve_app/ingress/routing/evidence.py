@@ -8,8 +8,8 @@ prompt. So ``auto`` sends a prompt to an expert only when it states a value of a
 
 * a category's, bool's or numeric special value's phrase (its name, synonyms and ordinal forms:
   "third class", "a woman", "no mortgage", "never contacted before") -- except one- and two-letter
-  forms and English stop words ("may" the month is "may" the verb; "her", "third" and "one" say
-  nothing about *which* feature alone);
+  forms and phrases made only of English stop words ("may" the month is "may" the verb; "her",
+  "third", "one" and "something else" say nothing about *which* feature alone);
 * a number inside a numeric feature's range **bound to that feature**: the feature's name, an
   alias, its unit, a unit alias or a counted noun is written within :data:`BIND_CHARS` characters
   of it ("a 40-year-old", "balance: 1200", "3 calls", "pH 3.2"). A bare number is not evidence:
@@ -37,9 +37,10 @@ BIND_CHARS = 40  # a number and its feature's words are at most this far apart
 
 
 def _says_something(phrase: str) -> bool:
-    """A value phrase that names a value by itself: three letters or more and not an English stop word."""
-    text = phrase.strip().lower()
-    return len(text) > 2 and text not in ENGLISH_STOP_WORDS
+    """A value phrase that names a value by itself: it has a word of three letters or more that is not an
+    English stop word ("something else", a bank ``poutcome`` synonym, and titanic's "alone" or "on her own"
+    are everyday words; "travelling alone" and "never contacted before" are not)."""
+    return any(len(w) > 2 and w not in ENGLISH_STOP_WORDS for w in re.findall(r"[a-z0-9]+", phrase.lower()))
 
 
 class FeatureEvidence:

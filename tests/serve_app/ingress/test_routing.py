@@ -141,6 +141,10 @@ def test_a_number_is_evidence_only_beside_its_features_words():
     assert set(titanic.stated("She was 4 years old and travelled with 2 siblings; the fare was £15.")) == {
         "age", "sibsp", "fare"}
     assert bank.stated("The tenant may terminate this lease; see her third notice.") == []
+    assert bank.stated("What causes déjà vu? Is it a brain glitch or something else?") == []  # all stop words
+    assert bank.stated("She was never contacted before this campaign.") == ["pdays", "previous"]
+    assert titanic.stated("I live alone and like to be on my own.") == []
+    assert set(titanic.stated("An 18-year-old travelling alone.")) == {"sibsp", "parch", "age"}
     assert set(bank.stated("age=41, balance: 1200 euros, called 3 times, last contact in June")) == {
         "month", "age", "balance", "campaign"}
 

@@ -75,15 +75,6 @@ def train_or_load_expert(cache: Path, name: str, schema, train, epsilon: float |
     return model, spec
 
 
-def llamdex_source_hash() -> str:
-    """SHA-256 of the llamdex package's source and data files: part of the connectors' cache key, so a
-    change to the grammar, the vocabulary or the encoder retrains instead of reusing stale connectors."""
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "llamdex").glob("*.py")) + sorted((ROOT / "llamdex").glob("*.json")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def train_or_load_connectors(cache: Path, name: str, model, tok, resolved, schema, cfg):
     """Connectors trained from the schema alone (cached by config, schema, base-model hash and the
     llamdex source that trains them)."""
@@ -91,9 +82,10 @@ def train_or_load_connectors(cache: Path, name: str, model, tok, resolved, schem
     from llamdex.expert import load_expert, save_expert
     from llamdex.insertion import Bundle
     from llamdex.pipeline import train_connectors
+    from llamdex.provenance import source_fingerprint
 
     key = fingerprint({"cfg": dataclasses.asdict(cfg), "schema": schema.sha256(), "model": resolved.content_hash,
-                       "code": llamdex_source_hash()})
+                       "code": source_fingerprint()})
     out = cache / "connectors" / f"{name}-{key}"
     if not (out / "connectors" / "connectors.json").exists():
         log("connectors.start", dataset=name, dir=str(out))

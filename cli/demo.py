@@ -9,7 +9,8 @@
 5. deploy the Serve app (``atelier serve``) and ask the expert over HTTP: an OpenAI chat
    completion with ``model="demo/survival"`` and ``POST /v1/experts/demo/survival/predict``.
 
-Steps 3-4 are skipped when their artifacts already exist (``--retrain`` forces them).
+Steps 3-4 are skipped when their artifacts exist and are current (the expert's schema, the connectors'
+llamdex code and expert version: :func:`llamdex.provenance.stale_reason`); ``--retrain`` forces them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from cluster import local
 from cluster.models import resolve_model
 from cluster.registry import NotFound, Registry
 from cluster.settings import Settings
+from llamdex.provenance import source_fingerprint, stale_reason
+from llamdex.schema import load_schema
 
 DEMO_TENANT = "demo"
 EXPERT = "survival"
@@ -106,9 +109,13 @@ def run_demo(settings: Settings, budget_s: float = 600.0, retrain: bool = False)
     schema_path = ROOT / "examples" / "schemas" / "titanic.json"
 
     _step(3, "tenant side: DP expert (ε = 1) on the titanic training split, as a Ray Train job")
-    if not retrain and _latest(registry, "expert") is not None:
+    expert = _latest(registry, "expert")
+    stale = None if expert is None else stale_reason(expert.metadata, schema_sha256=load_schema(schema_path).sha256())
+    if expert is not None and not retrain and stale is None:
         print("  reusing the published expert (`atelier demo --retrain` trains it afresh)")
-    if retrain or _latest(registry, "expert") is None:
+    elif stale is not None and not retrain:
+        print(f"  the published expert {stale}: training it afresh")
+    if retrain or expert is None or stale is not None:
         _submit(settings, "train_jobs.experts", "--tenant", DEMO_TENANT, "--name", EXPERT, "--schema",
                 str(schema_path), "--paper-dataset", "titanic", "--epsilon", "1", "--store", settings.store_uri)
     expert = _latest(registry, "expert")
@@ -116,13 +123,17 @@ def run_demo(settings: Settings, budget_s: float = 600.0, retrain: bool = False)
 
     _step(4, f"server side: connectors from the schema + expert only (budget {budget_s:.0f} s)")
     conn = _latest(registry, "connectors")
-    if retrain or conn is None or conn.metadata.get("expert_version") != expert.version:
+    stale = None if conn is None else stale_reason(conn.metadata, code=source_fingerprint(),
+                                                   expert_version=expert.version)
+    if stale is not None and not retrain:
+        print(f"  the published connectors {stale}: training them afresh")
+    if retrain or conn is None or stale is not None:
         _submit(settings, "train_jobs.connectors", "--tenant", DEMO_TENANT, "--name", EXPERT, "--model",
                 model.id, "--time-budget", str(budget_s), "--threads", "2", "--cpus-per-tenant", "1",
                 "--store", settings.store_uri)
         conn = _latest(registry, "connectors")
-    else:  # an earlier run's connectors: say so, they may predate the code now checked out
-        print(f"  reusing {conn.ref}, published by an earlier run; `atelier demo --retrain` trains them afresh")
+    else:  # an earlier run's connectors, trained by this code for this expert
+        print(f"  reusing {conn.ref} (same llamdex code, same expert); `atelier demo --retrain` trains them afresh")
     print(f"  {conn.ref}: held-out synthetic accuracy {conn.metadata.get('heldout_synthetic', {})}")
     from llamdex.pipeline import OVERRUN_NOTE
 

@@ -51,6 +51,8 @@ def test_two_tenants_get_connectors_that_serve_their_expert(ray_session, tiny_mo
     manifest = registry.resolve("acme", "connectors", "survival")
     assert manifest.metadata["expert_version"] == 1 and manifest.metadata["layer"] == 2
     assert manifest.metadata["base_model"]["content_hash"] == tiny_model.content_hash
+    from llamdex.provenance import source_fingerprint, stale_reason
+    assert stale_reason(manifest.metadata, code=source_fingerprint(), expert_version=1) is None  # the demo reuses it
     spec = json.loads(registry.read_file(manifest, "connectors.json"))
     assert spec["layer"] == 2 and spec["num_slots"] == 3 and spec["tenant_schema"]["name"] == "titanic"
     model, tok = load_model(tiny_model)

@@ -49,7 +49,7 @@ def test_two_tenants_train_in_parallel_and_publish(ray_session, tmp_path):
         manifest = registry.resolve(tenant, "expert", "survival")
         spec = json.loads(registry.read_file(manifest, "expert.json"))
         assert spec["schema_name"] == "titanic" and registry.resolve(tenant, "schema", "titanic").version == 1
-        assert set(manifest.metadata) == {"description", "dp", "epsilon", "delta", "secure_rng"}
+        assert set(manifest.metadata) == {"description", "schema_sha256", "dp", "epsilon", "delta", "secure_rng"}
     # the non-DP expert learned (checked here, on the held-out split, not published by the job)
     model, _ = load_expert(registry.materialize(registry.resolve("globex", "expert", "survival"), tmp_path / "m"))
     schema, _, test = load_paper_dataset("titanic", ROOT / "examples" / "datasets", TITANIC)

@@ -117,6 +117,7 @@ def train_loop(config: dict) -> dict:
     from llamdex.connectors_io import save_connectors
     from llamdex.expert import load_expert
     from llamdex.pipeline import OVERRUN_NOTE, train_connectors
+    from llamdex.provenance import source_fingerprint
     from llamdex.stage_checkpoint import (
         EncoderCheckpoint,
         config_record,
@@ -171,6 +172,7 @@ def train_loop(config: dict) -> dict:
         files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     report = trained.spec.training
     meta = {"description": schema.description, "expert_version": expert_manifest.version,
+            "schema_sha256": schema.sha256(), "llamdex_code": source_fingerprint(),
             "base_model": resolved.to_record(), "layer": cfg.layer, "num_slots": cfg.num_slots,
             "heldout_synthetic": report.stage2 if report else {}, "seconds": report.seconds if report else {},
             "notes": report.notes if report else [], "epsilon": expert_spec.dp.epsilon}

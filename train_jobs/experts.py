@@ -235,7 +235,7 @@ def published_metadata(schema, out: dict) -> dict:
     """Registry metadata of a trained expert: public (schema description, the row count only if
     the tenant agreed) or DP (the ledger's headline numbers; the full ledger is in expert.json)."""
     ledger = out["ledger"]
-    meta = {"description": schema.description, "dp": ledger["mechanism"] != "none",
+    meta = {"description": schema.description, "schema_sha256": schema.sha256(), "dp": ledger["mechanism"] != "none",
             "epsilon": ledger["epsilon"], "delta": ledger["delta"], "secure_rng": ledger["secure_rng"]}
     if "rows" in out:
         meta["rows"] = out["rows"]

@@ -174,6 +174,7 @@ class TrainingGrammar:
         self._phrase_owners = owners
         self._numeric_phrases = numeric_phrases(schema)
         self._avoid: frozenset[str] = frozenset()  # the current row's (see _phrases_for)
+        self._stated: set[str] = set()
 
     def _gender_feature(self) -> tuple[int, dict[str, str]] | None:
         """(feature index, category -> 'he'/'she') for a category whose synonyms include those pronouns."""
@@ -205,6 +206,7 @@ class TrainingGrammar:
             if f.name not in row:
                 raise ValueError(f"row: feature {f.name!r} is absent; fix: include it (None/NaN if unknown)")
         self._avoid, joint = self._phrases_for(row)
+        self._stated = stated  # a phrase implying a category is written only once that feature is stated
         together: set[int] = set()
         if joint and style != "csv" and rng.random() < JOINT_SHARE:  # one phrase states several features
             phrase = rng.choice(joint)
@@ -254,9 +256,16 @@ class TrainingGrammar:
         for key, use in self._numeric_phrases.items():
             if len(use.says) > 1 or not fits(use):
                 avoid.add(key)
-            if len(use.says) > 1 and fits(use):
+            if len(use.says) > 1 and fits(use) and not use.implies:
                 joint.append(key)
         return frozenset(avoid), joint
+
+    def _avoid_now(self) -> frozenset[str]:
+        """The row's avoided phrases, plus those implying a category of a feature not (yet) stated: "her
+        husband" beside an unstated sex would teach the encoder that "her" there says nothing."""
+        names = [f.name for f in self.schema.features]
+        return self._avoid | {key for key, use in self._numeric_phrases.items()
+                              if any(names[j] not in self._stated for j in use.implies)}
 
     # -------------------------------------------------------------------------------------- clauses
     def _label(self, f: FeatureSpec, short: bool) -> str:
@@ -267,7 +276,7 @@ class TrainingGrammar:
     def _value(self, i: int, f: FeatureSpec, value: Any, short: bool) -> str:
         if f.type == "category":
             return mark(i, self.writer.category(f, value, short))
-        return mark(i, self.writer.number(f, value, unit_share=0.4 if short else 0.55, avoid=self._avoid))
+        return mark(i, self.writer.number(f, value, unit_share=0.4 if short else 0.55, avoid=self._avoid_now()))
 
     def _joined(self, label: str, value: str, short: bool, plain: bool = False) -> str:
         """Label and value joined by a connector, in either order (``plain``: no clause-joining prefix,

@@ -8,6 +8,12 @@ constructs, not a held-out measure (that is ``bench.llamdex_accuracy --split tes
 directory given is scored on the same questions in the same run: per feature, the share read exactly
 (a stated feature read as "not stated" counts as a miss), and every miss.
 
+When every question also carries the ``label`` of its row (a class name; the independent sets in
+``bench/data/llamdex_independent/`` do), the tenant's non-DP expert trained on the whole training side
+(as ``bench.llamdex_accuracy --split test`` trains it, from the same cache) is swapped into each set of
+connectors and the run also reports **accuracy**: Llamdex (the served answer) against the same expert
+on the features the questions say (the bound), the base LLM alone and the majority class.
+
     python -m bench.llamdex_probe --dataset titanic \\
         --connectors-dirs old=~/.cache/atelier/bench/llamdex/connectors/titanic-<old> new=~/.cache/.../titanic-<new>
 """
@@ -56,6 +62,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="trained connectors directories (connectors/ + synthetic-expert/, as the accuracy bench caches "
                         "them), each optionally as label=path")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--cache", default="~/.cache/atelier/bench/llamdex",
+                   help="the accuracy bench's cache (the non-DP expert, when the questions carry labels)")
+    p.add_argument("--seed", type=int, default=0, help="expert training seed (as the accuracy bench)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="results directory")
     p.add_argument("--name", default=None, help="results file stem (default llamdex_probe_<dataset>)")
     args = p.parse_args(argv)
@@ -67,11 +76,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     resolved, model, tok, splits = load_for_ablation(args)
     names = [f.name for f in splits.schema.features]
+    accuracy = labelled_baselines(args, model, tok, splits, probes)
     table, misses = [], {}
     for item in args.connectors_dirs:
         label, _, d = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
         bundle = load_bundle(argparse.Namespace(connectors_dir=d), resolved, model, tok, splits)
-        _, feats, stated = llamdex_scores(model, tok, bundle, [q["question"] for q in probes])
+        if accuracy is not None:
+            bundle = bundle.with_expert(*accuracy["expert"])
+        probs, feats, stated = llamdex_scores(model, tok, bundle, [q["question"] for q in probes])
         read = bundle.codec.decode(feats)
         row = {"connectors": label}
         wrong = []
@@ -84,8 +96,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       if not good]
         total = sum(len(q["says"]) for q in probes)
         row["all features"] = f"{total - len(wrong)}/{total}"
+        if accuracy is not None:
+            row["accuracy (Llamdex)"] = round(100 * float((probs.argmax(1) == accuracy["y"]).mean()), 1)
         table.append(row)
         misses[row["connectors"]] = wrong
+    if accuracy is not None:
+        for row in table:
+            row.update({k: v for k, v in accuracy.items() if k not in ("expert", "y")})
+            row["gap to the bound"] = round(row["expert on the features said (bound)"] - row["accuracy (Llamdex)"], 1)
     write_results(Path(args.out), args.name or f"llamdex_probe_{args.dataset}",
                   {"dataset": args.dataset, "questions": len(probes), "results": table, "misses": misses}, table,
                   f"Everyday constructs on {args.dataset}: read exactly, per feature (hand-written probe)",
@@ -95,6 +113,42 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "measure." if args.questions is None else f"{len(probes)} questions of {args.questions.name}.")
                         + " 'not stated' counts as a miss. Every miss is in the JSON ('misses').")
     return table
+
+
+def labelled_baselines(args: argparse.Namespace, model, tok, splits, probes: list[dict]) -> dict | None:
+    """When every question has a ``label``: the non-DP expert (whole training side, cached like the accuracy
+    bench's), the labels, and the baselines' accuracy (%) -- the expert on the features the questions say, the
+    base LLM alone on the same questions, the majority class of the training side. None without labels."""
+    if not all("label" in q for q in probes):
+        return None
+    import numpy as np
+    import pandas as pd
+
+    from bench.llamdex_accuracy import train_or_load_expert
+    from llamdex.codec import FeatureCodec
+    from llamdex.evaluation import base_llm_scores
+    from llamdex.expert import predict_proba
+    from llamdex.prompting import answer_tokens
+
+    schema = splits.schema
+    classes = [c.name for c in schema.target.classes]
+    unknown = sorted({q["label"] for q in probes} - set(classes))
+    if unknown:
+        raise SystemExit(f"--questions: label {unknown[0]!r} is not a class of {schema.name}; fix: one of {classes}")
+    y = np.array([classes.index(q["label"]) for q in probes])
+    expert, spec = train_or_load_expert(Path(args.cache).expanduser(), args.dataset, schema, splits.expert_rows("test"),
+                                        None, args.seed)
+    said = pd.DataFrame([{f.name: q["says"].get(f.name) for f in schema.features} for q in probes])
+    bound = predict_proba(expert, FeatureCodec(schema).encode(said)).argmax(1)
+    answers = answer_tokens(tok, classes)
+    base = base_llm_scores(model, tok, answers, [q["question"] for q in probes]).argmax(1)
+    majority = np.bincount(splits.expert_rows("test")[schema.target.name].to_numpy(dtype=np.int64)).argmax()
+
+    def pct(pred) -> float:
+        return round(100 * float((np.asarray(pred) == y).mean()), 1)
+
+    return {"expert": (expert, spec), "y": y, "expert on the features said (bound)": pct(bound),
+            "base LLM": pct(base), "majority class": pct(np.full(len(y), majority))}
 
 
 if __name__ == "__main__":

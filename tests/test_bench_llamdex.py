@@ -186,3 +186,34 @@ def test_the_probe_reads_another_question_file_and_names_a_bad_line(tmp_path):
         read_probe("titanic", bad)
     with pytest.raises(SystemExit, match="missing"):
         read_probe("titanic", tmp_path / "none.jsonl")
+
+
+def test_the_independent_sets_state_valid_values_and_carry_their_rows_labels():
+    """Each independent set says every feature of its schema with a valid value and carries its row's class
+    (for the probe's accuracy); a label that is not a class is refused by name before any model runs."""
+    import argparse
+    import json
+
+    import pytest
+
+    from bench.llamdex_encoders import ROOT
+    from bench.llamdex_probe import labelled_baselines, read_probe
+    from llamdex.datasets import load_splits
+
+    for path in sorted((ROOT / "bench" / "data" / "llamdex_independent").glob("*.jsonl")):
+        dataset = path.stem.split("_")[0]
+        splits = load_splits(dataset, ROOT / "examples" / "datasets")
+        classes = {c.name for c in splits.schema.target.classes}
+        probes = read_probe(dataset, path)
+        assert len(probes) >= 50 and len({q["question"] for q in probes}) == len(probes), path
+        for q in probes:
+            assert q["label"] in classes, (path, q["label"])
+            assert set(q["says"]) == {f.name for f in splits.schema.features}, path
+            for f in splits.schema.features:
+                v = q["says"][f.name]
+                assert v in f.categories if f.type == "category" else f.lo <= v <= f.hi, (path, f.name, v)
+    bad = [dict(probes[0], label="maybe")]
+    args = argparse.Namespace(cache="/nonexistent", dataset=dataset, seed=0)
+    with pytest.raises(SystemExit, match="label 'maybe' is not a class"):
+        labelled_baselines(args, None, None, splits, bad)
+    assert json.loads(path.read_text().splitlines()[0])["label"] in classes

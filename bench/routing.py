@@ -16,11 +16,11 @@ whose margin is chosen jointly with the threshold on validation; ``expert eviden
 one or two features whose value the prompt states, serve_app/ingress/routing/evidence.py; ``first/last
 sentence``: a long prompt is also scored by its first and last sentence) and the earlier method without
 them. ``--previous-default REV`` adds the router as it shipped at git revision REV (its intent adapter,
-evidence counting unbound numbers, its threshold and margin) as a baseline.
+its evidence rule, threshold and margin: :data:`SHIPPED`) as a baseline.
 
     python -m bench.routing                       # all contenders → docs/bench/routing.{json,md,png}
     python -m bench.routing --methods tfidf,minilm --threads 1
-    python -m bench.routing --methods tfidf,minilm,minilm-intent --previous-default 6ad0dae --threads 1
+    python -m bench.routing --methods tfidf,minilm,minilm-intent --previous-default 3525c1a --threads 1
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from bench.common import command_line, percentile, write_results
+from serve_app.ingress.routing.evidence import FeatureEvidence
 from serve_app.ingress.routing.profiles import Profile, adapter_profile, expert_profile
 from serve_app.ingress.routing.recommender import BASE, VIEWS_MIN_WORDS, MemoryItem, Recommender, Scores
 from serve_app.ingress.routing.tfidf import TfidfRecommender
@@ -259,13 +261,42 @@ def build_contenders(methods: list[str], data: Path, threads: int) -> tuple[str,
     return tenant, out
 
 
-def previous_default(rev: str, data: Path, threads: int) -> Contender:
-    """The router as it shipped at git revision ``rev`` (before evidence bound numbers to features): its
-    intent adapter read from git, evidence counting every in-range number, ≥ 2 values, its threshold and
-    margin (serve_app/ingress/routing/__init__.py at that revision: 3.6 / -0.14)."""
-    from serve_app.ingress.routing.embedders import CachedEmbedder, MiniLMEmbedder
-    from serve_app.ingress.routing.evidence import FeatureEvidence
+@dataclasses.dataclass(frozen=True)
+class ShippedRule:
+    """How ``auto`` decided at one revision, besides its intent adapter (read from git)."""
 
+    evidence: str  # "unbound": every in-range number counts; "bound, whole-phrase stop words": numbers bound to a
+    #                feature, a value phrase not counted only when the *whole* phrase is a stop word ("something else"
+    #                counted); the current rule is neither
+    min_values: int
+    threshold: float
+    margin: float
+
+
+SHIPPED = {  # serve_app/ingress/routing/{__init__,evidence}.py at each revision
+    "6ad0dae": ShippedRule("unbound", 2, 3.6, -0.14),
+    "3525c1a": ShippedRule("bound, whole-phrase stop words", 1, 3.6, -0.2),
+}
+
+
+class _WholePhraseEvidence(FeatureEvidence):
+    """Evidence as of 3525c1a: a value phrase is skipped only when the whole phrase is one stop word."""
+
+    @staticmethod
+    def says_something(phrase: str) -> bool:
+        text = phrase.strip().lower()
+        return len(text) > 2 and text not in ENGLISH_STOP_WORDS
+
+
+def previous_default(rev: str, data: Path, threads: int) -> Contender:
+    """The router as it shipped at git revision ``rev`` (one of :data:`SHIPPED`): its intent adapter read
+    from git, its evidence rule, its number of stated values, its threshold and margin."""
+    from serve_app.ingress.routing.embedders import CachedEmbedder, MiniLMEmbedder
+
+    rule = next((r for known, r in SHIPPED.items() if rev.startswith(known) or known.startswith(rev)), None)
+    if rule is None or len(rev) < 7:
+        raise SystemExit(f"--previous-default {rev}: its routing rule is not recorded; fix: one of {sorted(SHIPPED)} "
+                         "(add a revision to bench.routing.SHIPPED)")
     folder = "serve_app/ingress/routing/intent_minilm"
     adapter = Path(tempfile.mkdtemp(prefix="previous-intent-"))
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -275,12 +306,15 @@ def previous_default(rev: str, data: Path, threads: int) -> Contender:
                              f"({blob.stderr.decode().strip()}); give a commit that shipped the intent adapter")
         (adapter / name).write_bytes(blob.stdout)
     _, profiles, _ = load_profiles(data, 8)
-    profiles = [dataclasses.replace(p, evidence=FeatureEvidence(p.evidence.schema, bound=False))
-                if p.evidence is not None else p for p in profiles]
-    rec = Recommender(CachedEmbedder(MiniLMEmbedder(threads=threads, adapter=adapter)), 3.6, "mean", True,
-                      topic_margin=-0.14, min_values=2, views_min_words=None)
-    return Contender(f"the default shipped at {rev} (intent adapter of that revision, unbound evidence ≥ 2 values, "
-                     "3.6 / -0.14)", rec, profiles, fixed_threshold=3.6, fixed_margin=-0.14, baseline=True)
+    old = ((lambda schema: FeatureEvidence(schema, bound=False)) if rule.evidence == "unbound"
+           else _WholePhraseEvidence)
+    profiles = [dataclasses.replace(p, evidence=old(p.evidence.schema)) if p.evidence is not None else p
+                for p in profiles]
+    rec = Recommender(CachedEmbedder(MiniLMEmbedder(threads=threads, adapter=adapter)), rule.threshold, "mean", True,
+                      topic_margin=rule.margin, min_values=rule.min_values, views_min_words=None)
+    return Contender(f"the default shipped at {rev} (its intent adapter, {rule.evidence} evidence ≥ {rule.min_values} "
+                     f"value{'s' if rule.min_values > 1 else ''}, {rule.threshold} / {rule.margin})", rec, profiles,
+                     fixed_threshold=rule.threshold, fixed_margin=rule.margin, baseline=True)
 
 
 def main(argv: list[str] | None = None) -> dict:

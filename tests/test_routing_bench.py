@@ -144,3 +144,19 @@ def test_the_projection_and_judge_benches_describe_every_customization():
     tenant, profiles, _ = load_profiles(DATA, 0)
     said = descriptions(DATA, tenant)
     assert set(said) == {p.model_id for p in profiles} and all(len(v) > 5 for v in said.values())
+
+
+def test_the_previous_default_is_the_rule_shipped_at_that_revision():
+    """``--previous-default`` reproduces a recorded revision's rule (3525c1a counted "something else", a bank
+    poutcome synonym made of stop words, as a stated value; the current rule does not) and refuses others."""
+    import pytest
+
+    from bench.routing import SHIPPED, _WholePhraseEvidence, previous_default
+    from serve_app.ingress.routing.evidence import FeatureEvidence
+
+    bank = json.loads((Path(__file__).resolve().parent.parent / "examples" / "schemas" / "bank.json").read_text())
+    prompt = "What causes déjà vu? Is it a brain glitch or something else?"
+    assert _WholePhraseEvidence(bank).stated(prompt) == ["poutcome"] and FeatureEvidence(bank).stated(prompt) == []
+    assert SHIPPED["3525c1a"].min_values == 1 and SHIPPED["6ad0dae"].evidence == "unbound"
+    with pytest.raises(SystemExit, match="not recorded"):
+        previous_default("abc1234", DATA, 1)

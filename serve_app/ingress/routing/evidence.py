@@ -46,6 +46,8 @@ def _says_something(phrase: str) -> bool:
 class FeatureEvidence:
     """Which of one schema's features a prompt states a value of."""
 
+    says_something = staticmethod(_says_something)  # which value phrases count (a baseline may replace it)
+
     def __init__(self, schema: TenantSchema | dict, bound: bool = True):
         """``bound=False``: the rule before 2026-12-07 (a baseline of bench/routing.py): category and bool
         phrases of three letters or more, stop words included, and every distinct number inside some
@@ -56,7 +58,7 @@ class FeatureEvidence:
         self._numbers: list[tuple[str, float, float, re.Pattern]] = []  # bound: (feature, lo, hi, its words)
         self._ranges = [(f.lo, f.hi) for f in self.schema.features if f.type in ("int", "float")]
         for f in self.schema.features:
-            keep = _says_something if bound else (lambda p: len(p.strip()) > 2)
+            keep = self.says_something if bound else (lambda p: len(p.strip()) > 2)
             matcher = value_matcher(tuple(tuple(p for p in ps if keep(p)) for ps in value_phrases(f)))
             if matcher is not None and (bound or f.type in ("category", "bool")):
                 self._phrases.append((f.name, matcher[0]))

@@ -136,13 +136,14 @@ def labelled_baselines(args: argparse.Namespace, model, tok, splits, probes: lis
     if unknown:
         raise SystemExit(f"--questions: label {unknown[0]!r} is not a class of {schema.name}; fix: one of {classes}")
     y = np.array([classes.index(q["label"]) for q in probes])
-    expert, spec = train_or_load_expert(Path(args.cache).expanduser(), args.dataset, schema, splits.expert_rows("test"),
-                                        None, args.seed)
+    train = splits.train  # the whole training side, as the accuracy bench's test runs train the expert (the
+    # questions' rows are outside it; this tool reads no split's rows but the training side)
+    expert, spec = train_or_load_expert(Path(args.cache).expanduser(), args.dataset, schema, train, None, args.seed)
     said = pd.DataFrame([{f.name: q["says"].get(f.name) for f in schema.features} for q in probes])
     bound = predict_proba(expert, FeatureCodec(schema).encode(said)).argmax(1)
     answers = answer_tokens(tok, classes)
     base = base_llm_scores(model, tok, answers, [q["question"] for q in probes]).argmax(1)
-    majority = np.bincount(splits.expert_rows("test")[schema.target.name].to_numpy(dtype=np.int64)).argmax()
+    majority = np.bincount(train[schema.target.name].to_numpy(dtype=np.int64)).argmax()
 
     def pct(pred) -> float:
         return round(100 * float((np.asarray(pred) == y).mean()), 1)

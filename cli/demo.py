@@ -114,7 +114,7 @@ def run_demo(settings: Settings, budget_s: float = 600.0, retrain: bool = False)
     if expert is not None and not retrain and stale is None:
         print("  reusing the published expert (`atelier demo --retrain` trains it afresh)")
     elif stale is not None and not retrain:
-        print(f"  the published expert {stale}: training it afresh")
+        print(f"  not reusing the published expert ({stale}): training it afresh")
     if retrain or expert is None or stale is not None:
         _submit(settings, "train_jobs.experts", "--tenant", DEMO_TENANT, "--name", EXPERT, "--schema",
                 str(schema_path), "--paper-dataset", "titanic", "--epsilon", "1", "--store", settings.store_uri)
@@ -126,7 +126,7 @@ def run_demo(settings: Settings, budget_s: float = 600.0, retrain: bool = False)
     stale = None if conn is None else stale_reason(conn.metadata, code=source_fingerprint(),
                                                    expert_version=expert.version)
     if stale is not None and not retrain:
-        print(f"  the published connectors {stale}: training them afresh")
+        print(f"  not reusing the published connectors ({stale}): training them afresh")
     if retrain or conn is None or stale is not None:
         _submit(settings, "train_jobs.connectors", "--tenant", DEMO_TENANT, "--name", EXPERT, "--model",
                 model.id, "--time-budget", str(budget_s), "--threads", "2", "--cpus-per-tenant", "1",

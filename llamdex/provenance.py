@@ -26,10 +26,10 @@ def stale_reason(metadata: dict, *, code: str | None = None, schema_sha256: str 
     """Why a published artifact (its registry ``metadata``) no longer matches what would train it now --
     the llamdex code, the schema, the expert it was fitted to -- or None when it is current. Checks only
     the arguments given; an artifact that does not record one of them is stale."""
-    checks = (("llamdex_code", code, "was trained by other llamdex code"),
-              ("schema_sha256", schema_sha256, "was trained for another version of the schema"),
-              ("expert_version", expert_version, "was fitted to another expert version"))
+    checks = (("llamdex_code", code, "trained by other llamdex code"),
+              ("schema_sha256", schema_sha256, "trained for another version of the schema"),
+              ("expert_version", expert_version, "fitted to another expert version"))
     for key, now, why in checks:
         if now is not None and metadata.get(key) != now:
-            return why if key in metadata else f"does not record its {key.replace('_', ' ')} (published by older code)"
+            return why if key in metadata else f"no {key.replace('_', ' ')} recorded: published by older code"
     return None

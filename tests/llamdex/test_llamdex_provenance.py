@@ -17,7 +17,7 @@ def test_the_fingerprint_follows_the_llamdex_source(tmp_path, monkeypatch):
 def test_stale_reason_names_what_changed_and_accepts_a_current_artifact():
     meta = {"llamdex_code": "c1", "schema_sha256": "s1", "expert_version": 3}
     assert stale_reason(meta, code="c1", schema_sha256="s1", expert_version=3) is None
-    assert stale_reason(meta, code="c2") == "was trained by other llamdex code"
-    assert stale_reason(meta, schema_sha256="s2") == "was trained for another version of the schema"
-    assert stale_reason(meta, code="c1", expert_version=4) == "was fitted to another expert version"
-    assert "published by older code" in stale_reason({"expert_version": 3}, code="c1", expert_version=3)
+    assert stale_reason(meta, code="c2") == "trained by other llamdex code"
+    assert stale_reason(meta, schema_sha256="s2") == "trained for another version of the schema"
+    assert stale_reason(meta, code="c1", expert_version=4) == "fitted to another expert version"
+    assert "no llamdex code recorded: published by older code" == stale_reason({"expert_version": 3}, code="c1", expert_version=3)

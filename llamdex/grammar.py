@@ -173,6 +173,9 @@ class TrainingGrammar:
                     owners[p.lower()] = owners.get(p.lower(), 0) + 1
         self._phrase_owners = owners
         self._numeric_phrases = numeric_phrases(schema)
+        names = [f.name for f in schema.features]
+        self._implying = {key: {names[j] for j in use.implies} for key, use in self._numeric_phrases.items()
+                          if use.implies}  # phrase -> the features whose category its words imply
         self._avoid: frozenset[str] = frozenset()  # the current row's (see _phrases_for)
         self._stated: set[str] = set()
 
@@ -263,9 +266,7 @@ class TrainingGrammar:
     def _avoid_now(self) -> frozenset[str]:
         """The row's avoided phrases, plus those implying a category of a feature not (yet) stated: "her
         husband" beside an unstated sex would teach the encoder that "her" there says nothing."""
-        names = [f.name for f in self.schema.features]
-        return self._avoid | {key for key, use in self._numeric_phrases.items()
-                              if any(names[j] not in self._stated for j in use.implies)}
+        return self._avoid | {key for key, implied in self._implying.items() if not implied <= self._stated}
 
     # -------------------------------------------------------------------------------------- clauses
     def _label(self, f: FeatureSpec, short: bool) -> str:

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     names = [f.name for f in splits.schema.features]
     accuracy = labelled_baselines(args, model, tok, splits, probes)
     table, misses = [], {}
+    index = {q["question"]: k for k, q in enumerate(probes)}
     for item in args.connectors_dirs:
         label, _, d = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
         bundle = load_bundle(argparse.Namespace(connectors_dir=d), resolved, model, tok, splits)
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       if not good]
         total = sum(len(q["says"]) for q in probes)
         row["all features"] = f"{total - len(wrong)}/{total}"
+        for style in dict.fromkeys(q["style"] for q in probes if "style" in q):  # per writing style, when tagged
+            said = sum(len(q["says"]) for q in probes if q.get("style") == style)
+            missed = sum(probes[k].get("style") == style for k in (index[w["question"]] for w in wrong))
+            row[f"features read, {style}"] = f"{said - missed}/{said}"
         if accuracy is not None:
             row["accuracy (Llamdex)"] = round(100 * float((probs.argmax(1) == accuracy["y"]).mean()), 1)
         table.append(row)

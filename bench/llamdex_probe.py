@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--connectors-dirs", nargs="+", required=True,
                    help="trained connectors directories (connectors/ + synthetic-expert/, as the accuracy bench caches "
                         "them), each optionally as label=path")
+    p.add_argument("--meaning", choices=("off", "on", "both"), default="both",
+                   help="score the connectors without / with the meaning reader (llamdex.meaning: unstated categories "
+                        "read from the user's words, as served), or both in the same run")
+    p.add_argument("--meaning-config", default="{}",
+                   help="JSON of llamdex.meaning.MeaningConfig (threshold, margin, over_label); default: the shipped values")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--cache", default="~/.cache/atelier/bench/llamdex",
                    help="the accuracy bench's cache (the non-DP expert, when the questions carry labels)")
@@ -72,18 +77,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from bench.common import command_line, write_results
     from bench.llamdex_encoders import load_bundle
+    from llamdex.embedding import shared_minilm
     from llamdex.evaluation import llamdex_scores
+    from llamdex.meaning import MeaningConfig
 
     resolved, model, tok, splits = load_for_ablation(args)
     names = [f.name for f in splits.schema.features]
     accuracy = labelled_baselines(args, model, tok, splits, probes)
     table, misses = [], {}
     index = {q["question"]: k for k, q in enumerate(probes)}
-    for item in args.connectors_dirs:
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.meaning]
+    meaning_config = MeaningConfig(**json.loads(args.meaning_config))
+    for item, reads_meaning in ((i, m) for i in args.connectors_dirs for m in variants):
         label, _, d = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
         bundle = load_bundle(argparse.Namespace(connectors_dir=d), resolved, model, tok, splits)
         if accuracy is not None:
             bundle = bundle.with_expert(*accuracy["expert"])
+        if reads_meaning:
+            bundle = bundle.with_meaning(shared_minilm(), meaning_config)
+            label += " + meaning reader"
         probs, feats, stated = llamdex_scores(model, tok, bundle, [q["question"] for q in probes])
         read = bundle.codec.decode(feats)
         row = {"connectors": label}

@@ -31,11 +31,25 @@ from causal_lm import backbone, left_pad, num_layers
 from llamdex.codec import FeatureCodec
 from llamdex.connectors import Decoder
 from llamdex.connectors_io import ConnectorsSpec, load_connectors
+from llamdex.embedding import shared_minilm
 from llamdex.encoder import Encoder
 from llamdex.expert import ExpertError, ExpertMLP, ExpertSpec, load_expert, predict_proba
 from llamdex.literals import LiteralBatch, layout, token_literals
 from llamdex.llm_ops import overwrite_at_layer
+from llamdex.meaning import MeaningConfig, MeaningRead, MeaningReader, user_text
 from llamdex.prompting import chat_prompt_ids
+from llamdex.schema import load_schema
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a bundle made of prompts' layer-k states: slot vectors (B, n, d), expert input (B, m),
+    which features each prompt states (B, F) bool, and the categories read by meaning per row."""
+
+    slots: torch.Tensor
+    features: torch.Tensor
+    stated: torch.Tensor
+    by_meaning: list[dict[str, MeaningRead]]
 
 
 @dataclass(frozen=True)
@@ -50,15 +64,46 @@ class Bundle:
     expert_spec: ExpertSpec | None = None
     origin: tuple[str, str] | None = None
     """(expert dir, connectors dir) it was loaded from (an engine in another process reloads it there)."""
+    meaning: MeaningReader | None = None
+    """Reads categories the encoder left unstated by meaning (:mod:`llamdex.meaning`); None = off."""
 
     @torch.no_grad()
+    def read(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None,
+             literals: LiteralBatch | None = None) -> Reading:
+        """Prompt hidden states at layer k (B, T, d) + mask [+ the prompt's input embeddings]
+        [+ its literal channels] -> :class:`Reading`. With a meaning reader (and literals carrying the
+        prompts' texts), a category the encoder left unstated is read from the user's words when the
+        reader is sure, before the expert runs."""
+        raw = self.encoder(hidden, mask, embeds, literals)
+        features, stated = self.encoder.activate(raw), self.encoder.stated(raw)
+        by_meaning: list[dict[str, MeaningRead]] = [{} for _ in range(hidden.shape[0])]
+        if self.meaning is not None and literals is not None and literals.texts:
+            features, stated = features.clone(), stated.clone()
+            heads = self.encoder.cfg.features
+            starts = [sum(h.width for h in heads[:i]) for i in range(len(heads))]
+            for r, text in enumerate(literals.texts):
+                said = [h.name for h, s in zip(heads, stated[r].tolist(), strict=True) if s]
+                by_meaning[r] = self.meaning.read(user_text(text, self.spec.system_prompt), skip=said)
+                for i, h in enumerate(heads):
+                    if h.name in by_meaning[r] and h.categories:
+                        col = starts[i] + h.categories.index(by_meaning[r][h.name].value)
+                        features[r, starts[i]:starts[i] + h.width] = 0
+                        features[r, col] = 1
+                        stated[r, i] = True
+        return Reading(self.decoder(self.expert(features)), features, stated, by_meaning)
+
     def slots(self, hidden: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None,
               literals: LiteralBatch | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompt hidden states at layer k (B, T, d) + mask [+ the prompt's input embeddings]
-        [+ its literal channels] -> (slot vectors (B, n, d), features (B, m), stated (B, F) bool)."""
-        raw = self.encoder(hidden, mask, embeds, literals)
-        features = self.encoder.activate(raw)
-        return self.decoder(self.expert(features)), features, self.encoder.stated(raw)
+        """:meth:`read` as (slot vectors (B, n, d), features (B, m), stated (B, F) bool)."""
+        reading = self.read(hidden, mask, embeds, literals)
+        return reading.slots, reading.features, reading.stated
+
+    def with_meaning(self, embedder, config: MeaningConfig | None = None) -> Bundle:
+        """This bundle reading unstated categories by meaning with ``embedder`` (e.g.
+        :func:`llamdex.embedding.shared_minilm`); ``embedder=None`` turns the reader off."""
+        if embedder is None:
+            return replace(self, meaning=None)
+        return replace(self, meaning=MeaningReader(load_schema(self.spec.tenant_schema), embedder, config))
 
     def with_expert(self, expert: ExpertMLP, expert_spec: ExpertSpec | None = None) -> Bundle:
         """This bundle with another expert (the tenant's real/DP one replacing the synthetic one),
@@ -78,12 +123,17 @@ class Bundle:
         return replace(self, expert=expert.eval().requires_grad_(False), expert_spec=expert_spec)
 
 
-def load_bundle(expert_dir: str | Path, connectors_dir: str | Path, expected_model_hash: str) -> Bundle:
+def load_bundle(expert_dir: str | Path, connectors_dir: str | Path, expected_model_hash: str,
+                meaning: MeaningConfig | None = MeaningConfig()) -> Bundle:
     """Connectors (refused unless built for ``expected_model_hash``) + the tenant's expert, whose
-    layout is checked against the connectors' schema (feature order, columns, sizes, classes)."""
+    layout is checked against the connectors' schema (feature order, columns, sizes, classes); with
+    ``meaning`` (the default: on, validated thresholds), unstated categories are read by meaning
+    through the process's shared all-MiniLM-L6-v2; None turns that off."""
     encoder, decoder, spec = load_connectors(connectors_dir, expected_model_hash)
     expert, expert_spec = load_expert(expert_dir, schema=spec.tenant_schema)
     bundle = Bundle(encoder, decoder, expert, spec, spec.codec(), origin=(str(expert_dir), str(connectors_dir)))
+    if meaning is not None and encoder.copies:
+        bundle = bundle.with_meaning(shared_minilm(), meaning)
     return bundle.with_expert(expert, expert_spec)
 
 
@@ -99,7 +149,7 @@ def _check(model, bundles: list[Bundle]) -> None:
 def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
              experts: Sequence[Bundle | None], use_cache: bool, tokenizer=None):
     """One forward with slots appended/overwritten; returns (output, mask, positions, {row: features},
-    {row: which features the question stated})."""
+    {row: which features the question stated}, {row: categories read by meaning})."""
     bundles = [b for b in experts if b is not None]
     _check(model, bundles)
     prompt_literals = None
@@ -127,6 +177,7 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
             positions[r, hi:] = position_ids[r, -1] + 1 + torch.arange(n)
     features: dict[int, torch.Tensor] = {}
     stated: dict[int, torch.Tensor] = {}
+    by_meaning: dict[int, dict[str, MeaningRead]] = {}
 
     def overwrite(layer: int):
         def fn(h: torch.Tensor) -> torch.Tensor:
@@ -137,10 +188,11 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
                 lits = None
                 if prompt_literals is not None and bundle.encoder.copies:  # real tokens end at column `cut`
                     lits = layout([prompt_literals[r] for r in rows], bundle.encoder.cfg.vocabulary, cut, left=True)
-                slots, feats, said = bundle.slots(h[rows, :cut], mask[rows, :cut], hidden[rows, :cut], lits)
-                h[rows, cut:] = slots.to(h.dtype)
-                features.update(zip(rows, feats, strict=True))
-                stated.update(zip(rows, said, strict=True))
+                reading = bundle.read(h[rows, :cut], mask[rows, :cut], hidden[rows, :cut], lits)
+                h[rows, cut:] = reading.slots.to(h.dtype)
+                features.update(zip(rows, reading.features, strict=True))
+                stated.update(zip(rows, reading.stated, strict=True))
+                by_meaning.update(zip(rows, reading.by_meaning, strict=True))
             return h
         return fn
 
@@ -149,7 +201,7 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
             stack.enter_context(overwrite_at_layer(model, layer, overwrite(layer)))
         out = model(inputs_embeds=hidden, attention_mask=mask, position_ids=positions, use_cache=use_cache,
                     logits_to_keep=1)
-    return out, mask, positions, features, stated
+    return out, mask, positions, features, stated, by_meaning
 
 
 def prefill_with_experts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -164,7 +216,7 @@ def prefill_with_experts(model, input_ids: torch.Tensor, attention_mask: torch.T
     """
     if len(experts) != input_ids.shape[0]:
         raise ValueError(f"experts: {len(experts)} entries for {input_ids.shape[0]} rows; fix: one per row")
-    out, mask, positions, _, _ = _forward(model, input_ids, attention_mask, position_ids, experts, use_cache=True,
+    out, mask, positions, _, _, _ = _forward(model, input_ids, attention_mask, position_ids, experts, use_cache=True,
                                        tokenizer=tokenizer)
     return out.logits[:, -1, :], out.past_key_values, mask, positions
 
@@ -187,7 +239,8 @@ def predict_many(model, tokenizer, bundles: Sequence[Bundle], questions: Sequenc
     prompts = [chat_prompt_ids(tokenizer, b.spec.system_prompt, [q])[0] for b, q in zip(bundles, questions, strict=True)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask, pos = left_pad(prompts, pad)
-    out, _, _, feats, stated = _forward(model, ids, mask, pos, list(bundles), use_cache=False, tokenizer=tokenizer)
+    out, _, _, feats, stated, by_meaning = _forward(model, ids, mask, pos, list(bundles), use_cache=False,
+                                                    tokenizer=tokenizer)
     results = []
     for r, bundle in enumerate(bundles):
         logits = out.logits[r, -1, bundle.spec.class_token_ids].float()
@@ -199,6 +252,8 @@ def predict_many(model, tokenizer, bundles: Sequence[Bundle], questions: Sequenc
                         "probabilities": dict(zip(names, torch.softmax(logits, -1).tolist(), strict=True)),
                         "features": {k: (v if said[k] else None) for k, v in read.items()},
                         "stated": [k for k in read if said[k]], "not_stated": [k for k in read if not said[k]],
+                        "read_by_meaning": {k: {"value": m.value, "clause": m.clause, "similarity": m.similarity}
+                                            for k, m in by_meaning.get(r, {}).items()},
                         "encoded_features": feats[r].tolist(),
                         "expert_probabilities": dict(zip(names, expert_probs, strict=True))})
     return results

@@ -227,11 +227,13 @@ def candidates(kinds: torch.Tensor, mentions: torch.Tensor, feature_kinds: list[
 @dataclass(frozen=True)
 class LiteralBatch:
     """Literal channels of a batch laid out like the hidden states: kinds (B, T), values (B, T) and
-    per-feature value mentions (B, F, T) for one schema's vocabulary."""
+    per-feature value mentions (B, F, T) for one schema's vocabulary; ``texts``: each prompt's decoded
+    text (for :mod:`llamdex.meaning`)."""
 
     kinds: torch.Tensor
     values: torch.Tensor
     mentions: torch.Tensor
+    texts: tuple[str, ...] = ()
 
 
 def layout(items: list[PromptLiterals], vocabulary: tuple[tuple[tuple[str, ...], ...], ...], width: int | None = None,
@@ -246,7 +248,7 @@ def layout(items: list[PromptLiterals], vocabulary: tuple[tuple[tuple[str, ...],
         cols = slice(width - len(p.kinds), width) if left else slice(0, len(p.kinds))
         kinds[r, cols], values[r, cols] = p.kinds, p.values
         mentions[r, :, cols] = p.mentions(vocabulary)
-    return LiteralBatch(kinds, values, mentions)
+    return LiteralBatch(kinds, values, mentions, tuple(p.text for p in items))
 
 
 def value_tokens(lits: PromptLiterals, question: str, spans: dict[str, list[tuple[int, int]]],

@@ -129,6 +129,11 @@ def evaluate_dataset(name: str, model, tok, resolved, args, cfg) -> dict:
     experts = {eps: train_or_load_expert(cache, name, schema, train, eps, args.seed)
                for eps in [None, *args.epsilons]}
     bundle, spec = train_or_load_connectors(cache, name, model, tok, resolved, schema, cfg)
+    plain = bundle
+    if args.meaning == "on":  # as served (llamdex.insertion.load_bundle): unstated categories read by meaning
+        from llamdex.embedding import shared_minilm
+
+        bundle = bundle.with_meaning(shared_minilm())
     ts = eval_set(splits, args.split, None, args.test_rows, seed=args.seed)
     log("dataset.scoring", dataset=name, split=args.split, family=ts.family, rows=len(ts.questions),
         of=len(getattr(splits, args.split)))
@@ -161,6 +166,11 @@ def evaluate_dataset(name: str, model, tok, resolved, args, cfg) -> dict:
             llamdex_pred = probs.argmax(1)
             fidelity = extraction_fidelity(bundle.codec, feats, ts.x, reference)
             stated = stated_rates(schema, ts.composed, said)
+            if bundle.meaning is not None:  # the same rows without the meaning reader, beside
+                start = time.perf_counter()
+                probs, _, _ = llamdex_scores(model, tok, plain.with_expert(expert, expert_spec), ts.questions)
+                rows[WITHOUT_MEANING_ROW] = {"accuracy": accuracy(probs, ts.y), "seconds_per_question": (
+                    time.perf_counter() - start) / len(ts.questions)}
     fluency = None
     if args.chat_rows:
         expert, expert_spec = experts[None]
@@ -237,6 +247,7 @@ def stated_rates(schema, composed, said) -> dict[str, dict[str, float]]:
 
 
 OLD_FAMILY_ROW = "Llamdex, non-DP expert — old held-out family (same rows)"
+WITHOUT_MEANING_ROW = "Llamdex, non-DP expert, without the meaning reader (same rows)"
 
 
 def table(results: list[dict]) -> list[dict]:
@@ -368,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilons", default="1,5", help="DP experts' target ε (a non-DP expert is always trained)")
     p.add_argument("--chat-rows", type=int, default=40,
                    help="rows whose chat reply (forced answer, then greedy) is generated and checked for fluency")
+    p.add_argument("--meaning", choices=("on", "off"), default="on",
+                   help="Llamdex rows with the meaning reader (llamdex.meaning), as served; 'on' also scores the "
+                        "non-DP expert without it, beside")
     p.add_argument("--seed", type=int, default=0, help="expert seed and test-subset seed")
     p.add_argument("--batch-size", type=int, default=16, help="LLM batch size for scoring")
     p.add_argument("--threads", type=int, default=2, help="torch threads")

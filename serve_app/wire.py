@@ -112,6 +112,8 @@ class PredictResult(_Wire):
     features: dict[str, Any]
     stated: list[str] = []
     not_stated: list[str] = []
+    read_by_meaning: dict[str, dict[str, Any]] = {}
+    """Stated categories read from the user's own words by the meaning reader (value, clause, similarity)."""
     expert_probabilities: dict[str, float]
     expert_key: str
     expert_version: int

@@ -128,6 +128,7 @@ def test_predict_matches_llamdex_in_process(app):
     assert body["object"] == "expert.prediction" and body["pool"] == "small" and body["usage"]["prompt_tokens"] > 10
     assert set(body["features"]) == {"age", "fare", "sex", "alone"}
     assert (body["stated"], body["not_stated"]) == (want["stated"], want["not_stated"])  # issue 16
+    assert body["read_by_meaning"] == want["read_by_meaning"]
     assert sorted(body["stated"] + body["not_stated"]) == sorted(body["features"])
     assert all(body["features"][k] is None for k in body["not_stated"])
 

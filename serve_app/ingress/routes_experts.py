@@ -62,6 +62,9 @@ class PredictResponse(BaseModel):
     stated: list[str] = Field(default_factory=list, description="features the question states (read from it)")
     not_stated: list[str] = Field(default_factory=list, description="features the question does not state: the "
                                   "expert got the schema's default (numeric/bool) or 'missing' (category)")
+    read_by_meaning: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "stated categories read from the user's own words by the meaning reader (llamdex.meaning): the value, "
+        "the clause it was read from and its cosine similarity; the torch engine reports them, vLLM pools do not"))
     expert_probabilities: dict[str, float] = Field(description="the tenant expert's output on those features")
     versions: ExpertVersions
     privacy: dict | None = Field(None, description="the DP ledger of this expert version (dp, epsilon, delta, "
@@ -99,7 +102,7 @@ async def predict(tenant: str, name: str, body: PredictRequest, who: Principal =
     return PredictResponse(
         id=new_id("pred"), created=now(), model=model, label=result.label,
         probabilities=result.probabilities, features=result.features,
-        stated=result.stated, not_stated=result.not_stated,
+        stated=result.stated, not_stated=result.not_stated, read_by_meaning=result.read_by_meaning,
         expert_probabilities=result.expert_probabilities,
         versions=ExpertVersions(expert=result.expert_version, connectors=result.connectors_version,
                                 key=result.expert_key),

@@ -257,6 +257,7 @@ class LLMReplica:
         return PredictReply(result=PredictResult(
             label=result["label"], probabilities=result["probabilities"], features=result["features"],
             stated=result.get("stated", []), not_stated=result.get("not_stated", []),
+            read_by_meaning=result.get("read_by_meaning", {}),
             expert_probabilities=result["expert_probabilities"], expert_key=str(key),
             expert_version=key.expert_version, connectors_version=key.connectors_version,
             layer=bundle.spec.layer, num_slots=bundle.spec.num_slots, prompt_tokens=n_tokens,

@@ -113,7 +113,8 @@ class MeaningReader:
     def read(self, text: str, skip: Sequence[str] = ()) -> dict[str, MeaningRead]:
         """The category features of ``text`` read by meaning, except those in ``skip`` (the ones the
         encoder already read)."""
-        todo = [i for i, f in enumerate(self.features) if f.name not in set(skip)]
+        skipped = set(skip)
+        todo = [i for i, f in enumerate(self.features) if f.name not in skipped]
         pieces = clauses(text)
         if not todo or not pieces or not len(self._values):
             return {}

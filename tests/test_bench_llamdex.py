@@ -217,3 +217,31 @@ def test_the_independent_sets_state_valid_values_and_carry_their_rows_labels():
     with pytest.raises(SystemExit, match="label 'maybe' is not a class"):
         labelled_baselines(args, None, None, splits, bad)
     assert json.loads(path.read_text().splitlines()[0])["label"] in classes
+
+
+def test_the_meaning_grid_counts_recovered_wrong_and_false_fills(tmp_path):
+    """bench.llamdex_meaning on two validation-style questions: only categories the probe row read as "not
+    stated" may be filled, each counted right or wrong against what the question says; a probe row that
+    already reads by meaning is refused."""
+    import pytest
+
+    from bench import llamdex_meaning
+
+    says = {"parents": "usual", "has_nurs": "proper", "form": "complete", "children": "2", "housing": "convenient",
+            "finance": "inconv", "social": "nonprob", "health": "recommended"}
+    questions = [{"question": "The family is in serious debt. Our house is large and quiet.", "says": says}]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(q) for q in questions))
+    misses = [{"question": questions[0]["question"], "feature": f, "says": says[f], "read": "not stated"}
+              for f in ("finance", "housing")]
+    probe = {"results": [{"connectors": "c"}], "misses": {"c": misses}}
+    (tmp_path / "p.json").write_text(json.dumps(probe))
+    table = llamdex_meaning.main(["--questions", str(tmp_path / "q.jsonl"), "--probe", str(tmp_path / "p.json"),
+                                  "--synthetic", "5", "--out", str(tmp_path), "--name", "m"])
+    assert len(table) == 9 and sum(r["default"] == "yes" for r in table) == 1
+    default = next(r for r in table if r["default"] == "yes")
+    assert default["recovered"] == "2/2" and default["wrong fills"] == 0
+    probe["results"][0]["connectors"] = "c + meaning reader"
+    (tmp_path / "p.json").write_text(json.dumps(probe))
+    with pytest.raises(SystemExit, match="already reads by meaning"):
+        llamdex_meaning.main(["--questions", str(tmp_path / "q.jsonl"), "--probe", str(tmp_path / "p.json"),
+                              "--out", str(tmp_path)])

@@ -64,3 +64,27 @@ def test_embedded_smollm2_converts_and_answers(smollm2):
     with torch.no_grad():
         out = lm.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1]:])
+
+
+def test_tiny_random_weights_do_not_depend_on_other_threads(tmp_path):
+    """Another thread drawing from torch's global RNG while the model is built (a test session's engine
+    threads do) must not change the weights: they come from a private generator."""
+    import threading
+
+    import torch
+
+    first = build_tiny_random(tmp_path / "a").content_hash
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            torch.randn(16)
+
+    thread = threading.Thread(target=draw)
+    thread.start()
+    try:
+        second = build_tiny_random(tmp_path / "b").content_hash
+    finally:
+        stop.set()
+        thread.join()
+    assert first == second

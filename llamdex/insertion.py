@@ -80,15 +80,14 @@ class Bundle:
         if self.meaning is not None and literals is not None and literals.texts:
             features, stated = features.clone(), stated.clone()
             heads = self.encoder.cfg.features
-            starts = [sum(h.width for h in heads[:i]) for i in range(len(heads))]
             for r, text in enumerate(literals.texts):
                 said = [h.name for h, s in zip(heads, stated[r].tolist(), strict=True) if s]
                 by_meaning[r] = self.meaning.read(user_text(text, self.spec.system_prompt), skip=said)
                 for i, h in enumerate(heads):
                     if h.name in by_meaning[r] and h.categories:
-                        col = starts[i] + h.categories.index(by_meaning[r][h.name].value)
-                        features[r, starts[i]:starts[i] + h.width] = 0
-                        features[r, col] = 1
+                        cols = self.codec.slices[h.name]
+                        features[r, cols] = 0
+                        features[r, cols.start + h.categories.index(by_meaning[r][h.name].value)] = 1
                         stated[r, i] = True
         return Reading(self.decoder(self.expert(features)), features, stated, by_meaning)
 

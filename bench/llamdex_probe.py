@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--meaning", choices=("off", "on", "both"), default="both",
                    help="score the connectors without / with the meaning reader (llamdex.meaning: unstated categories "
                         "read from the user's words, as served), or both in the same run")
-    p.add_argument("--meaning-config", default="{}",
-                   help="JSON of llamdex.meaning.MeaningConfig (threshold, margin, over_label); default: the shipped values")
+    p.add_argument("--meaning-config", nargs="+", default=["{}"],
+                   help="JSON of llamdex.meaning.MeaningConfig (threshold, margin, over_label, fallback); default: the "
+                        "shipped values. Several, each optionally as label=JSON, score each reader in the same run")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--cache", default="~/.cache/atelier/bench/llamdex",
                    help="the accuracy bench's cache (the non-DP expert, when the questions carry labels)")
@@ -86,16 +87,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     accuracy = labelled_baselines(args, model, tok, splits, probes)
     table, misses = [], {}
     index = {q["question"]: k for k, q in enumerate(probes)}
-    variants = {"off": [False], "on": [True], "both": [False, True]}[args.meaning]
-    meaning_config = MeaningConfig(**json.loads(args.meaning_config))
-    for item, reads_meaning in ((i, m) for i in args.connectors_dirs for m in variants):
+    readers = meaning_configs(args.meaning_config, MeaningConfig)
+    variants = {"off": [None], "on": readers, "both": [None, *readers]}[args.meaning]
+    for item, reader in ((i, m) for i in args.connectors_dirs for m in variants):
         label, _, d = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
         bundle = load_bundle(argparse.Namespace(connectors_dir=d), resolved, model, tok, splits)
         if accuracy is not None:
             bundle = bundle.with_expert(*accuracy["expert"])
-        if reads_meaning:
-            bundle = bundle.with_meaning(shared_minilm(), meaning_config)
-            label += " + meaning reader"
+        if reader is not None:
+            bundle = bundle.with_meaning(shared_minilm(), reader[1])
+            label += f" + meaning reader{reader[0]}"
         probs, feats, stated = llamdex_scores(model, tok, bundle, [q["question"] for q in probes])
         read = bundle.codec.decode(feats)
         row = {"connectors": label}
@@ -130,6 +131,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "measure." if args.questions is None else f"{len(probes)} questions of {args.questions.name}.")
                         + " 'not stated' counts as a miss. Every miss is in the JSON ('misses').")
     return table
+
+
+def meaning_configs(items: list[str], config_type) -> list[tuple[str, object]]:
+    """(label suffix, config) per ``--meaning-config`` item (``JSON`` or ``label=JSON``); one unlabelled item gets
+    no suffix (the shipped reader), several get their label or their JSON."""
+    out = []
+    for item in items:
+        label, _, text = item.partition("=") if not item.lstrip().startswith("{") else ("", "", item)
+        try:
+            config = config_type(**json.loads(text))
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(f"--meaning-config {item!r}: {exc}; fix: JSON of MeaningConfig fields, e.g. "
+                             '\'fallback={"fallback": true}\'') from exc
+        out.append((f" ({label or text.strip()})" if len(items) > 1 else "", config))
+    return out
 
 
 def labelled_baselines(args: argparse.Namespace, model, tok, splits, probes: list[dict]) -> dict | None:

@@ -22,6 +22,9 @@ encoder left unstated takes value v from clause c only when all of these hold:
 * c is closer to v than to any value of any other feature (a clause about housing never fills
   finance, and a clause about a stated feature never fills an unstated one).
 
+c is the clause closest to one of the feature's values; with ``fallback`` the closest clause that
+passes every check (a message may mention a feature twice, once in passing).
+
 The three thresholds are chosen on a validation set only (docs/llamdex.md, "Meaning reader"); a
 read says which clause it came from and how close it was, and the predict response reports it.
 Only categories are read this way: numbers and bools have literal forms the encoder copies.
@@ -58,6 +61,9 @@ class MeaningConfig(BaseModel):
     threshold: float = Field(default=0.3, ge=-1, le=1)
     margin: float = Field(default=0.03, ge=0, le=2)
     over_label: float = Field(default=0.025, ge=-2, le=2)
+    fallback: bool = False
+    """When the clause closest to a feature's values fails a check, read the closest clause that passes
+    them all (else only the closest clause is tried)."""
 
 
 @dataclass(frozen=True)
@@ -131,12 +137,17 @@ class MeaningReader:
             f = self.features[i]
             k = len(f.categories or [])
             scores = best[:, i, :k]
-            c, v = np.unravel_index(int(scores.argmax()), scores.shape)
-            top = float(scores[c, v])
-            runner_up = float(np.sort(scores[c])[-2]) if k > 1 else -2.0
-            others = np.delete(per_feature[c], i)
-            label = float((emb[c] @ self._labels[i].T).max())
-            if (top >= cfg.threshold and top - runner_up >= cfg.margin and top - label >= cfg.over_label
-                    and (not len(others) or top >= float(others.max()))):
-                out[f.name] = MeaningRead(f.name, str(f.categories[v]), pieces[c], round(top, 4))
+            ranked = np.sort(scores, axis=1)
+            top = ranked[:, -1]
+            runner_up = ranked[:, -2] if k > 1 else np.full(len(pieces), -2.0, np.float32)
+            others = np.delete(per_feature, i, axis=1).max(1) if per_feature.shape[1] > 1 else np.full(len(pieces), -2.0)
+            label = (emb @ self._labels[i].T).max(1)
+            passes = ((top >= cfg.threshold) & (top - runner_up >= cfg.margin) & (top - label >= cfg.over_label)
+                      & (top >= others))
+            candidates = np.flatnonzero(passes) if cfg.fallback else np.asarray([int(top.argmax())])
+            candidates = candidates[passes[candidates]]
+            if len(candidates):
+                c = int(candidates[top[candidates].argmax()])
+                v = int(scores[c].argmax())
+                out[f.name] = MeaningRead(f.name, str(f.categories[v]), pieces[c], round(float(top[c]), 4))
         return out

@@ -245,3 +245,19 @@ def test_the_meaning_grid_counts_recovered_wrong_and_false_fills(tmp_path):
     with pytest.raises(SystemExit, match="already reads by meaning"):
         llamdex_meaning.main(["--questions", str(tmp_path / "q.jsonl"), "--probe", str(tmp_path / "p.json"),
                               "--out", str(tmp_path)])
+
+
+def test_the_probe_scores_several_meaning_configs_each_labelled():
+    """``--meaning-config`` items (JSON or label=JSON) become readers scored in one run; one item keeps the plain
+    label; a field MeaningConfig does not have is refused by name."""
+    import pytest
+
+    from bench.llamdex_probe import meaning_configs
+    from llamdex.meaning import MeaningConfig
+
+    assert meaning_configs(["{}"], MeaningConfig) == [("", MeaningConfig())]
+    two = meaning_configs(['{"margin": 0.05}', 'fallback={"fallback": true}'], MeaningConfig)
+    assert [label for label, _ in two] == [' ({"margin": 0.05})', " (fallback)"]
+    assert two[0][1].margin == 0.05 and two[1][1].fallback and not two[0][1].fallback
+    with pytest.raises(SystemExit, match="nope"):
+        meaning_configs(['x={"nope": 1}'], MeaningConfig)

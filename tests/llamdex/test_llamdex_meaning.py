@@ -62,6 +62,20 @@ def test_stricter_thresholds_read_less(nursery):
     assert len(nursery.read(text)) == 2 and strict.read(text) == {}
 
 
+def test_fallback_reads_the_closest_clause_that_passes_every_check():
+    """"The finances, well." is the clause closest to finance's values but names the topic only (it fails the
+    margin checks); without ``fallback`` finance stays not stated, with it the next clause that passes every
+    check is read. A bare label alone still fills nothing either way."""
+    schema = load_schema(SCHEMAS / "nursery.json")
+    text = "The finances, well. We are in serious debt."
+    plain = MeaningReader(schema, shared_minilm(), MeaningConfig(fallback=False))
+    falls_back = MeaningReader(schema, shared_minilm(), MeaningConfig(fallback=True))
+    assert "finance" not in plain.read(text)
+    read = falls_back.read(text)["finance"]
+    assert read.value == "inconv" and read.clause == "We are in serious debt"
+    assert falls_back.read("Housing:") == {} and falls_back.read("Family finances: not given.") == {}
+
+
 def test_clauses_cut_sentences_and_drop_chat_markup():
     prompt = "<|im_start|>system\nAnswer.<|im_end|>\n<|im_start|>user\nWe are broke, and the flat is tiny (two rooms)." \
              "<|im_end|>\n<|im_start|>assistant\n"

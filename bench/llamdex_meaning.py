@@ -1,6 +1,6 @@
 """Choose the meaning reader's thresholds (llamdex.meaning) on validation data.
 
-For each (margin, over_label) on a grid, the reader runs on the categories an encoder left unstated in
+For each (fallback, margin, over_label) on a grid, the reader runs on the categories an encoder left unstated in
 a labelled question set (taken from a ``bench.llamdex_probe`` run *without* the reader: its misses
 read "not stated") and on 200 training-grammar questions about validation rows, for the categories
 those questions leave out. Three counts per setting: features recovered (read right), wrong fills
@@ -21,7 +21,8 @@ from pathlib import Path
 from bench.llamdex_encoders import ROOT
 
 MARGINS = (0.0, 0.03, 0.05)
-OVER_LABEL = (0.0, 0.025, 0.05)
+OVER_LABEL = (-2.0, 0.0, 0.025, 0.05)  # -2: no label check
+FALLBACK = (False, True)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -61,20 +62,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     left_out = sum(len(set(categories) - set(q.stated)) for q in synthetic)
     embedder = shared_minilm()
     table = []
-    for margin in MARGINS:
-        for over_label in OVER_LABEL:
-            cfg = MeaningConfig(threshold=args.threshold, margin=margin, over_label=over_label)
-            reader = MeaningReader(schema, embedder, cfg)
-            right = wrong = 0
-            for q in questions:
-                skip = [c for c in categories if (q["question"], c) not in unstated]
-                for name, read in reader.read(q["question"], skip).items():
-                    right += str(q["says"][name]) == read.value
-                    wrong += str(q["says"][name]) != read.value
-            false = sum(len(reader.read(q.text, [c for c in categories if c in q.stated])) for q in synthetic)
-            table.append({"margin": margin, "over_label": over_label, "recovered": f"{right}/{len(unstated)}",
-                          "wrong fills": wrong, "recovered − wrong": right - wrong,
-                          "false fills": f"{false}/{left_out}", "default": "yes" if cfg == MeaningConfig() else ""})
+    for margin, over_label, fallback in ((m, o, f) for f in FALLBACK for m in MARGINS for o in OVER_LABEL):
+        cfg = MeaningConfig(threshold=args.threshold, margin=margin, over_label=over_label, fallback=fallback)
+        reader = MeaningReader(schema, embedder, cfg)
+        right = wrong = 0
+        for q in questions:
+            skip = [c for c in categories if (q["question"], c) not in unstated]
+            for name, read in reader.read(q["question"], skip).items():
+                right += str(q["says"][name]) == read.value
+                wrong += str(q["says"][name]) != read.value
+        false = sum(len(reader.read(q.text, [c for c in categories if c in q.stated])) for q in synthetic)
+        table.append({"fallback": fallback, "margin": margin, "over_label": over_label if over_label > -2 else "off",
+                      "recovered": f"{right}/{len(unstated)}",
+                      "wrong fills": wrong, "recovered − wrong": right - wrong,
+                      "false fills": f"{false}/{left_out}", "default": "yes" if cfg == MeaningConfig() else ""})
     write_results(Path(args.out), args.name or f"llamdex_meaning_{args.dataset}",
                   {"dataset": args.dataset, "questions": str(args.questions), "probe_row": label,
                    "unstated": len(unstated), "synthetic_left_out": left_out, "results": table}, table,

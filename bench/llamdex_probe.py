@@ -110,9 +110,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       if not good]
         total = sum(len(q["says"]) for q in probes)
         row["all features"] = f"{total - len(wrong)}/{total}"
+        unsaid = [(k, i) for k, q in enumerate(probes) for i, name in enumerate(names) if name not in q["says"]]
+        if unsaid:  # questions that leave features out: a value read for one of those is made up
+            made_up = [(k, i) for k, i in unsaid if stated[k, i]]
+            row["not said, read anyway"] = f"{len(made_up)}/{len(unsaid)}"
+            wrong += [{"question": probes[k]["question"], "feature": names[i], "says": "not stated",
+                       "read": read[k][names[i]]} for k, i in made_up]
         for style in dict.fromkeys(q["style"] for q in probes if "style" in q):  # per writing style, when tagged
             said = sum(len(q["says"]) for q in probes if q.get("style") == style)
-            missed = sum(probes[k].get("style") == style for k in (index[w["question"]] for w in wrong))
+            missed = sum(probes[index[w["question"]]].get("style") == style for w in wrong if w["says"] != "not stated")
             row[f"features read, {style}"] = f"{said - missed}/{said}"
         if accuracy is not None:
             row["accuracy (Llamdex)"] = round(100 * float((probs.argmax(1) == accuracy["y"]).mean()), 1)

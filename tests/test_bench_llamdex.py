@@ -189,7 +189,7 @@ def test_the_probe_reads_another_question_file_and_names_a_bad_line(tmp_path):
 
 
 def test_the_independent_sets_state_valid_values_and_carry_their_rows_labels():
-    """Each independent set says every feature of its schema with a valid value and carries its row's class
+    """Each independent set says every feature of its schema (nursery_validation_c: three to six of them) with a valid value and carries its row's class
     (for the probe's accuracy); a label that is not a class is refused by name before any model runs."""
     import argparse
     import json
@@ -208,8 +208,10 @@ def test_the_independent_sets_state_valid_values_and_carry_their_rows_labels():
         assert len(probes) >= 50 and len({q["question"] for q in probes}) == len(probes), path
         for q in probes:
             assert q["label"] in classes, (path, q["label"])
-            assert set(q["says"]) == {f.name for f in splits.schema.features}, path
-            for f in splits.schema.features:
+            names = {f.name for f in splits.schema.features}
+            partial = path.stem.endswith("_c") and dataset == "nursery"  # the one set that leaves features out
+            assert set(q["says"]) == names if not partial else set(q["says"]) < names and len(q["says"]) >= 3, path
+            for f in (f for f in splits.schema.features if f.name in q["says"]):
                 v = q["says"][f.name]
                 assert v in f.categories if f.type == "category" else f.lo <= v <= f.hi, (path, f.name, v)
     bad = [dict(probes[0], label="maybe")]
@@ -219,7 +221,7 @@ def test_the_independent_sets_state_valid_values_and_carry_their_rows_labels():
     assert json.loads(path.read_text().splitlines()[0])["label"] in classes
 
 
-def test_the_meaning_grid_counts_recovered_wrong_and_false_fills(tmp_path):
+def test_the_meaning_grid_counts_recovered_wrong_and_false_fills(tmp_path, monkeypatch):
     """bench.llamdex_meaning on two validation-style questions: only categories the probe row read as "not
     stated" may be filled, each counted right or wrong against what the question says; a probe row that
     already reads by meaning is refused."""
@@ -227,6 +229,8 @@ def test_the_meaning_grid_counts_recovered_wrong_and_false_fills(tmp_path):
 
     from bench import llamdex_meaning
 
+    monkeypatch.setattr(llamdex_meaning, "MARGINS", (0.03, 0.05))  # a small grid: the counting is what is tested
+    monkeypatch.setattr(llamdex_meaning, "OVER_LABEL", (-2.0, 0.025))
     says = {"parents": "usual", "has_nurs": "proper", "form": "complete", "children": "2", "housing": "convenient",
             "finance": "inconv", "social": "nonprob", "health": "recommended"}
     questions = [{"question": "The family is in serious debt. Our house is large and quiet.", "says": says}]
@@ -237,7 +241,8 @@ def test_the_meaning_grid_counts_recovered_wrong_and_false_fills(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(probe))
     table = llamdex_meaning.main(["--questions", str(tmp_path / "q.jsonl"), "--probe", str(tmp_path / "p.json"),
                                   "--synthetic", "5", "--out", str(tmp_path), "--name", "m"])
-    assert len(table) == 9 and sum(r["default"] == "yes" for r in table) == 1
+    assert len(table) == 8 and sum(r["default"] == "yes" for r in table) == 1  # 2 fallback × 2 margins × 2 over_label
+    assert {r["over_label"] for r in table} == {"off", 0.025} and {r["fallback"] for r in table} == {False, True}
     default = next(r for r in table if r["default"] == "yes")
     assert default["recovered"] == "2/2" and default["wrong fills"] == 0
     probe["results"][0]["connectors"] = "c + meaning reader"

@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     left_out = sum(len(set(categories) - set(q.stated)) for q in synthetic)
     embedder = shared_minilm()
     table = []
+    reader = MeaningReader(schema, embedder)  # phrases embedded once; each grid point only swaps the thresholds
     for margin, over_label, fallback in ((m, o, f) for f in FALLBACK for m in MARGINS for o in OVER_LABEL):
         cfg = MeaningConfig(threshold=args.threshold, margin=margin, over_label=over_label, fallback=fallback)
-        reader = MeaningReader(schema, embedder, cfg)
+        reader.config = cfg
         right = wrong = 0
         for q in questions:
             skip = [c for c in categories if (q["question"], c) not in unstated]

@@ -23,8 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.llamdex_encoders import ROOT, load_for_ablation
+
+if TYPE_CHECKING:
+    from llamdex.meaning import MeaningConfig
 
 PROBES = ROOT / "bench" / "data" / "llamdex_probe"
 
@@ -75,19 +79,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--name", default=None, help="results file stem (default llamdex_probe_<dataset>)")
     args = p.parse_args(argv)
     probes = read_probe(args.dataset, args.questions)
+    readers = meaning_configs(args.meaning_config)  # a bad config fails before any model loads
 
     from bench.common import command_line, write_results
     from bench.llamdex_encoders import load_bundle
     from llamdex.embedding import shared_minilm
     from llamdex.evaluation import llamdex_scores
-    from llamdex.meaning import MeaningConfig
 
     resolved, model, tok, splits = load_for_ablation(args)
     names = [f.name for f in splits.schema.features]
     accuracy = labelled_baselines(args, model, tok, splits, probes)
     table, misses = [], {}
     index = {q["question"]: k for k, q in enumerate(probes)}
-    readers = meaning_configs(args.meaning_config, MeaningConfig)
     variants = {"off": [None], "on": readers, "both": [None, *readers]}[args.meaning]
     for item, reader in ((i, m) for i in args.connectors_dirs for m in variants):
         label, _, d = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
@@ -139,14 +142,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return table
 
 
-def meaning_configs(items: list[str], config_type) -> list[tuple[str, object]]:
+def meaning_configs(items: list[str]) -> list[tuple[str, MeaningConfig]]:
     """(label suffix, config) per ``--meaning-config`` item (``JSON`` or ``label=JSON``); one unlabelled item gets
     no suffix (the shipped reader), several get their label or their JSON."""
+    from llamdex.meaning import MeaningConfig
+
     out = []
     for item in items:
         label, _, text = item.partition("=") if not item.lstrip().startswith("{") else ("", "", item)
         try:
-            config = config_type(**json.loads(text))
+            config = MeaningConfig(**json.loads(text))
         except (ValueError, TypeError) as exc:
             raise SystemExit(f"--meaning-config {item!r}: {exc}; fix: JSON of MeaningConfig fields, e.g. "
                              '\'fallback={"fallback": true}\'') from exc

@@ -139,15 +139,13 @@ class MeaningReader:
             scores = best[:, i, :k]
             ranked = np.sort(scores, axis=1)
             top = ranked[:, -1]
-            runner_up = ranked[:, -2] if k > 1 else np.full(len(pieces), -2.0, np.float32)
-            others = np.delete(per_feature, i, axis=1).max(1) if per_feature.shape[1] > 1 else np.full(len(pieces), -2.0)
+            runner_up = ranked[:, -2] if k > 1 else np.full_like(top, -2.0)
+            others = np.delete(per_feature, i, axis=1).max(1) if len(self.features) > 1 else np.full_like(top, -2.0)
             label = (emb @ self._labels[i].T).max(1)
             passes = ((top >= cfg.threshold) & (top - runner_up >= cfg.margin) & (top - label >= cfg.over_label)
                       & (top >= others))
-            candidates = np.flatnonzero(passes) if cfg.fallback else np.asarray([int(top.argmax())])
-            candidates = candidates[passes[candidates]]
-            if len(candidates):
-                c = int(candidates[top[candidates].argmax()])
+            c = int(np.where(passes, top, -np.inf).argmax() if cfg.fallback else top.argmax())
+            if passes[c]:
                 v = int(scores[c].argmax())
                 out[f.name] = MeaningRead(f.name, str(f.categories[v]), pieces[c], round(float(top[c]), 4))
         return out

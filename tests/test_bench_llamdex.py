@@ -189,8 +189,8 @@ def test_the_probe_reads_another_question_file_and_names_a_bad_line(tmp_path):
 
 
 def test_the_independent_sets_state_valid_values_and_carry_their_rows_labels():
-    """Each independent set says every feature of its schema (nursery_validation_c: three to six of them) with a valid value and carries its row's class
-    (for the probe's accuracy); a label that is not a class is refused by name before any model runs."""
+    """Each independent set says every feature of its schema (nursery_validation_c: three to six of them) with a
+    valid value and carries its row's class (for the probe's accuracy); a label that is not a class is refused by name before any model runs."""
     import argparse
     import json
 
@@ -209,7 +209,7 @@ def test_the_independent_sets_state_valid_values_and_carry_their_rows_labels():
         for q in probes:
             assert q["label"] in classes, (path, q["label"])
             names = {f.name for f in splits.schema.features}
-            partial = path.stem.endswith("_c") and dataset == "nursery"  # the one set that leaves features out
+            partial = path.stem == "nursery_validation_c"  # the one set that leaves features out
             assert set(q["says"]) == names if not partial else set(q["says"]) < names and len(q["says"]) >= 3, path
             for f in (f for f in splits.schema.features if f.name in q["says"]):
                 v = q["says"][f.name]
@@ -260,9 +260,9 @@ def test_the_probe_scores_several_meaning_configs_each_labelled():
     from bench.llamdex_probe import meaning_configs
     from llamdex.meaning import MeaningConfig
 
-    assert meaning_configs(["{}"], MeaningConfig) == [("", MeaningConfig())]
-    two = meaning_configs(['{"margin": 0.05}', 'fallback={"fallback": true}'], MeaningConfig)
+    assert meaning_configs(["{}"]) == [("", MeaningConfig())]
+    two = meaning_configs(['{"margin": 0.05}', 'fallback={"fallback": true}'])
     assert [label for label, _ in two] == [' ({"margin": 0.05})', " (fallback)"]
     assert two[0][1].margin == 0.05 and two[1][1].fallback and not two[0][1].fallback
     with pytest.raises(SystemExit, match="nope"):
-        meaning_configs(['x={"nope": 1}'], MeaningConfig)
+        meaning_configs(['x={"nope": 1}'])
